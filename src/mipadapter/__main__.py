@@ -1,0 +1,3 @@
+from mipadapter.cli.main import entry
+
+entry()

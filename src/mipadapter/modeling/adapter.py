@@ -1,0 +1,152 @@
+"""The adapter container: image projection + one processor per cross-attention layer of a UNet."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mipadapter.config import AdapterConfig
+from mipadapter.modeling.processor import MIPAttnProcessor
+from mipadapter.modeling.projection import build_image_projection
+
+PROCESSOR_SUFFIX = ".processor"
+
+
+@dataclass(frozen=True)
+class CrossAttentionLayer:
+    """A cross-attention layer of a UNet.
+
+    name: its key in ``unet.attn_processors`` without the ``.processor`` suffix; index: its position in
+    that dict (self-attention included: the ``k`` of h94's ``"{k}.to_k_ip.weight"``); hidden_size: the
+    layer's inner width; cross_attention_dim: the width of its text tokens.
+    """
+
+    name: str
+    index: int
+    hidden_size: int
+    cross_attention_dim: int
+
+
+def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
+    """Every cross-attention layer of ``unet`` in ``attn_processors`` order."""
+    modules = dict(unet.named_modules())
+    layers = []
+    for index, key in enumerate(unet.attn_processors):
+        name = key.removesuffix(PROCESSOR_SUFFIX)
+        attention = modules[name]
+        if getattr(attention, "is_cross_attention", False):
+            layers.append(CrossAttentionLayer(name, index, attention.to_k.out_features, attention.to_k.in_features))
+    if not layers:
+        raise ValueError(f"{type(unet).__name__} has no cross-attention layers to attach an adapter to")
+    return layers
+
+
+def _module_key(layer_name: str) -> str:
+    return layer_name.replace(".", "__")
+
+
+class MIPAdapter(nn.Module):
+    """Image projection and per-layer processors of one adapter, for one UNet architecture.
+
+    Build with ``MIPAdapter.for_unet``; ``attach`` installs the processors into the UNet (self-attention
+    layers keep theirs) and ``detach`` puts back what was there. Constructors do no I/O.
+    """
+
+    def __init__(self, config: AdapterConfig, layers: list[CrossAttentionLayer]) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_specs = list(layers)
+        self.image_proj = build_image_projection(config)
+        self.layers = nn.ModuleDict(
+            {
+                _module_key(layer.name): MIPAttnProcessor(layer.hidden_size, layer.cross_attention_dim, config.text_weight)
+                for layer in layers
+            }
+        )
+        self._previous: dict[str, object] | None = None
+        self._unet_ref: weakref.ref | None = None  # a weakref: a Module attribute would adopt the UNet
+        self._check_widths()
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, config: AdapterConfig) -> MIPAdapter:
+        return cls(config, cross_attention_layers(unet))
+
+    def _check_widths(self) -> None:
+        widths = {layer.cross_attention_dim for layer in self.layer_specs}
+        if widths != {self.config.cross_attention_dim}:
+            raise ValueError(
+                f"adapter tokens are {self.config.cross_attention_dim} wide but the UNet's cross-attention "
+                f"layers take {sorted(widths)}: this adapter belongs to another base model"
+            )
+
+    def processor(self, layer_name: str) -> MIPAttnProcessor:
+        return self.layers[_module_key(layer_name)]
+
+    def processors(self) -> Mapping[str, MIPAttnProcessor]:
+        """layer name → processor, in ``attn_processors`` order."""
+        return {layer.name: self.processor(layer.name) for layer in self.layer_specs}
+
+    @property
+    def is_attached(self) -> bool:
+        return self._previous is not None
+
+    def attach(self, unet: nn.Module) -> None:
+        """Install the processors into ``unet``'s cross-attention layers."""
+        if self.is_attached:
+            raise RuntimeError("this adapter is already attached to a UNet; detach it first")
+        found = cross_attention_layers(unet)
+        if [layer.name for layer in found] != [layer.name for layer in self.layer_specs]:
+            raise ValueError("this adapter was built for a UNet with different cross-attention layers")
+        current = unet.attn_processors
+        self._previous = {layer.name: current[layer.name + PROCESSOR_SUFFIX] for layer in self.layer_specs}
+        unet.set_attn_processor(
+            {
+                key: self.processor(key.removesuffix(PROCESSOR_SUFFIX))
+                if key.removesuffix(PROCESSOR_SUFFIX) in self._previous
+                else processor
+                for key, processor in current.items()
+            }
+        )
+        self._unet_ref = weakref.ref(unet)
+
+    def detach(self) -> None:
+        """Put back the processors the UNet had before ``attach``."""
+        if not self.is_attached:
+            raise RuntimeError("this adapter is not attached")
+        unet = self._unet_ref()
+        if unet is None:
+            raise RuntimeError("the UNet this adapter was attached to no longer exists")
+        current = unet.attn_processors
+        unet.set_attn_processor(
+            {key: self._previous.get(key.removesuffix(PROCESSOR_SUFFIX), processor) for key, processor in current.items()}
+        )
+        self._previous = None
+        self._unet_ref = None
+
+    @torch.no_grad()
+    def init_from_base(self, unet: nn.Module) -> None:
+        """Start training from the UNet itself: ``to_k_ip``/``to_v_ip`` copy each layer's ``to_k``/``to_v``,
+        and ``text_to_weight`` starts at zero (a flat gate, ``g`` = 1)."""
+        modules = dict(unet.named_modules())
+        for layer in self.layer_specs:
+            attention, processor = modules[layer.name], self.processor(layer.name)
+            processor.to_k_ip.weight.copy_(attention.to_k.weight)
+            processor.to_v_ip.weight.copy_(attention.to_v.weight)
+            if processor.text_to_weight is not None:
+                processor.text_to_weight.weight.zero_()
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Image-encoder features ([k, D] basic, [k, L, D] plus) → image tokens [k, t, c_kv]."""
+        expected_ndim = 3 if self.config.uses_hidden_states else 2
+        if features.ndim != expected_ndim or features.shape[-1] != self.config.image_embed_dim:
+            want = "[k, L, D]" if expected_ndim == 3 else "[k, D]"
+            raise ValueError(
+                f"{self.config.projection} projection takes features shaped {want} with D = "
+                f"{self.config.image_embed_dim}, got {tuple(features.shape)}"
+            )
+        weight = next(self.image_proj.parameters())
+        return self.image_proj(features.to(weight.dtype))
