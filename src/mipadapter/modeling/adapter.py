@@ -39,7 +39,9 @@ def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
         name = key.removesuffix(PROCESSOR_SUFFIX)
         attention = modules[name]
         if getattr(attention, "is_cross_attention", False):
-            layers.append(CrossAttentionLayer(name, index, attention.to_k.out_features, attention.to_k.in_features))
+            layers.append(
+                CrossAttentionLayer(name, index, attention.to_k.out_features, attention.to_k.in_features)
+            )
     if not layers:
         raise ValueError(f"{type(unet).__name__} has no cross-attention layers to attach an adapter to")
     return layers
@@ -63,7 +65,9 @@ class MIPAdapter(nn.Module):
         self.image_proj = build_image_projection(config)
         self.layers = nn.ModuleDict(
             {
-                _module_key(layer.name): MIPAttnProcessor(layer.hidden_size, layer.cross_attention_dim, config.text_weight)
+                _module_key(layer.name): MIPAttnProcessor(
+                    layer.hidden_size, layer.cross_attention_dim, config.text_weight
+                )
                 for layer in layers
             }
         )
@@ -122,7 +126,10 @@ class MIPAdapter(nn.Module):
             raise RuntimeError("the UNet this adapter was attached to no longer exists")
         current = unet.attn_processors
         unet.set_attn_processor(
-            {key: self._previous.get(key.removesuffix(PROCESSOR_SUFFIX), processor) for key, processor in current.items()}
+            {
+                key: self._previous.get(key.removesuffix(PROCESSOR_SUFFIX), processor)
+                for key, processor in current.items()
+            }
         )
         self._previous = None
         self._unet_ref = None

@@ -50,7 +50,9 @@ class RelevanceRecorder:
         maps = relevance[-self.keep_last :].detach().float()
         maps = maps / maps.amax(dim=-1, keepdim=True).clamp_min(1e-12)  # each layer's map on [0, 1]
         maps = maps.reshape(*maps.shape[:2], *grid)
-        maps = torch.nn.functional.interpolate(maps, size=self.latent_size, mode="bilinear", align_corners=False)
+        maps = torch.nn.functional.interpolate(
+            maps, size=self.latent_size, mode="bilinear", align_corners=False
+        )
         self.sums[grid] = self.sums[grid] + maps if grid in self.sums else maps
         self.counts[grid] = self.counts.get(grid, 0) + 1
 
@@ -120,7 +122,9 @@ class SubjectConditioning:
             expected["has_region"] = (tuple(self.has_region.shape), (n,))
         bad = {name: shapes for name, shapes in expected.items() if shapes[0] != shapes[1]}
         if bad:
-            detail = "; ".join(f"{name} has shape {got}, expected {want}" for name, (got, want) in bad.items())
+            detail = "; ".join(
+                f"{name} has shape {got}, expected {want}" for name, (got, want) in bad.items()
+            )
             raise ValueError(f"inconsistent subject conditioning: {detail}")
         if int(self.owner.max()) >= n or int(self.owner.min()) < 0:
             raise ValueError(f"owner indices {self.owner.tolist()} must lie in [0, {n})")
@@ -131,7 +135,9 @@ class SubjectConditioning:
 
     @property
     def needs_relevance(self) -> bool:
-        return self.rule != MergeRule.UNIFORM or self.recorder is not None or self.text_perturbation is not None
+        return (
+            self.rule != MergeRule.UNIFORM or self.recorder is not None or self.text_perturbation is not None
+        )
 
     def memo(self, key: object, compute: Callable[[], object]) -> object:
         """Per-call constants (keys of names and image tokens) computed once per layer, not per step.

@@ -105,7 +105,9 @@ class MIPAttnProcessor(nn.Module):
                 "(check classifier-free guidance and num_images_per_prompt)"
             )
         grid = spatial if spatial is not None else layer_grid(cond.latent_size, positions)
-        ip_keys, ip_values = cond.memo((id(self), "ip"), lambda: self._image_keys_values(cond.image_tokens, heads))
+        ip_keys, ip_values = cond.memo(
+            (id(self), "ip"), lambda: self._image_keys_values(cond.image_tokens, heads)
+        )
         image_out = ops.subject_attention(query, ip_keys, ip_values)  # [b, N, h, p, d]
 
         relevance = None
@@ -130,7 +132,9 @@ class MIPAttnProcessor(nn.Module):
                 raise ValueError("use_text_weight is set but this adapter has no text_to_weight layers")
             flat = text_out.transpose(1, 2).reshape(b, positions, heads * head_dim)  # [b, p, c]
             gate = ops.text_gate(self.text_to_weight(flat).squeeze(-1))  # [b, p]
-        text_factor, weights = ops.merge_weights(cond.rule, cond.scales.to(query.dtype), routing, gate, positions)
+        text_factor, weights = ops.merge_weights(
+            cond.rule, cond.scales.to(query.dtype), routing, gate, positions
+        )
         weights = ops.expand_to_conditions(weights, cond.owner, cond.share)  # [b, N, p]
         return ops.merge_outputs(text_out, image_out, text_factor, weights)
 

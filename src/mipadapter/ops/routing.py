@@ -64,7 +64,9 @@ def resize_regions(regions: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return resized.reshape(b, n, size[0] * size[1])
 
 
-def apply_regions(relevance: torch.Tensor, regions: torch.Tensor, has_region: torch.Tensor, mode: RegionMode) -> torch.Tensor:
+def apply_regions(
+    relevance: torch.Tensor, regions: torch.Tensor, has_region: torch.Tensor, mode: RegionMode
+) -> torch.Tensor:
     """Override relevance maps with user regions for the subjects that have one.
 
     relevance, regions [b, n, p]; has_region [n] (bool); mode replace or multiply → [b, n, p].

@@ -1,0 +1,76 @@
+"""Encoders run once per call: subject names through the text encoder(s), photos through the image encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mipadapter.alignment import SubjectAlignmentError, name_token_ids
+
+
+def tokenizers_of(pipe) -> list:
+    """The pipeline's tokenizers (SDXL has two, SD1.5 one)."""
+    return [
+        tok
+        for tok in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
+        if tok is not None
+    ]
+
+
+def _encode_texts(pipe, texts: list[str], device) -> torch.Tensor:
+    """Texts → the pipeline's own prompt embeddings [k, S, c] (same layers as the prompt itself)."""
+    if getattr(pipe, "tokenizer_2", None) is not None:
+        embeds = pipe.encode_prompt(
+            prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )[0]
+    else:
+        embeds = pipe.encode_prompt(texts, device, 1, False)[0]
+    return embeds
+
+
+def encode_names(pipe, names: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each name encoded on its own; the rows of its name tokens (after BOS), padded to the longest.
+
+    An empty name stands for "no subject" (the unconditional half of CFG): its one row is the
+    end-of-text token in the place where a name would start.
+    Returns embeds [n, m, c] and mask [n, m] (bool).
+    """
+    lengths = []
+    for name in names:
+        counts = {len(name_token_ids(tok, name)) for tok in tokenizers_of(pipe)}
+        if len(counts) != 1:
+            raise SubjectAlignmentError(
+                f"the text encoders split subject {name!r} into different token counts {sorted(counts)}"
+            )
+        lengths.append(max(counts.pop(), 1))
+    embeds = _encode_texts(pipe, list(names), device)  # [n, S, c]
+    longest = max(lengths)
+    rows = torch.arange(longest, device=embeds.device)
+    mask = rows[None, :] < torch.tensor(lengths, device=embeds.device)[:, None]  # [n, m]
+    gathered = embeds[:, 1 : 1 + longest]  # [n, m, c]; BOS is row 0
+    return gathered * mask[..., None].to(gathered.dtype), mask
+
+
+def encode_photos(image_encoder, feature_extractor, photos: Sequence, hidden_states: bool) -> torch.Tensor:
+    """Photos → image-encoder features: [k, D] (projected embedding) or [k, L, D] (penultimate hidden states)."""
+    parameter = next(image_encoder.parameters())
+    pixels = feature_extractor([photo.convert("RGB") for photo in photos], return_tensors="pt")[
+        "pixel_values"
+    ]
+    pixels = pixels.to(device=parameter.device, dtype=parameter.dtype)
+    output = image_encoder(pixels, output_hidden_states=hidden_states)
+    return output.hidden_states[-2] if hidden_states else output.image_embeds
+
+
+def unconditional_features(
+    image_encoder, feature_extractor, hidden_states: bool, like: torch.Tensor
+) -> torch.Tensor:
+    """Features for the unconditional half of CFG, as IP-Adapter does it: a zero embedding for basic
+    adapters, the hidden states of an all-zero pixel input for plus adapters. [1, D] or [1, L, D]."""
+    if not hidden_states:
+        return torch.zeros_like(like[:1])
+    parameter = next(image_encoder.parameters())
+    size = feature_extractor.crop_size
+    pixels = torch.zeros(1, 3, size["height"], size["width"], device=parameter.device, dtype=parameter.dtype)
+    return image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
