@@ -159,3 +159,18 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def convert_checkpoint(source: str | Path, destination: str | Path, unet: nn.Module, format: str = FORMAT_NAME) -> Path:
+    """Rewrite a checkpoint in another layout, keeping its tensors' dtype and values bit-exactly.
+
+    ``unet`` supplies the layer names and indices (weights are not read, so a UNet built on the ``meta``
+    device from its config will do).
+    """
+    path = resolve_file(source)
+    loaded = read_file(path)
+    config = loaded.config or convert.infer_h94_config(loaded.state)
+    dtype = next(iter(loaded.state.values())).dtype
+    adapter = MIPAdapter(config, cross_attention_layers(unet)).to(dtype)
+    load_state(adapter, loaded, str(path))
+    return save_adapter(adapter, destination, format)
