@@ -20,10 +20,12 @@ def split_hub_path(source: str) -> tuple[str, str | None]:
 
 
 def _not_found(source: str, what: str, flag: str, error: Exception) -> ModelNotFoundError:
+    detail = (str(error).splitlines() or ["no detail"])[0]
+    if len(detail) > 160:
+        detail = detail[:157] + "…"
     return ModelNotFoundError(
-        f"could not fetch the {what} {source!r} from the Hugging Face Hub ({type(error).__name__}: "
-        f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it where you have network "
-        f"and pass its local path with {flag}"
+        f"could not fetch the {what} {source!r} from the Hugging Face Hub ({type(error).__name__}: {detail}); "
+        f"download it where you have network and pass its local path with {flag}"
     )
 
 
