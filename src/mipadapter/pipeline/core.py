@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +99,11 @@ class MIPAdapterPipeline:
 
         location, subfolder = resolve_folder(base_model, "base model", "--base-model")
         try:
-            pipe = DiffusionPipeline.from_pretrained(
-                location, subfolder=subfolder, torch_dtype=torch_dtype, **pipeline_kwargs
-            )
+            with warnings.catch_warnings():  # newer diffusers rename torch_dtype; both spellings work
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                pipe = DiffusionPipeline.from_pretrained(
+                    location, subfolder=subfolder, torch_dtype=torch_dtype, **pipeline_kwargs
+                )
         except OSError as error:
             raise fetch_failed(base_model, "base model", "--base-model", error) from error
         location, subfolder = resolve_folder(image_encoder, "image encoder", "--image-encoder")
