@@ -36,14 +36,20 @@ class MIPAdapterOutput:
     relevance_by_resolution: list[dict[str, dict[tuple[int, int], np.ndarray]]] | None = None
 
 
-def _default_feature_extractor():
+def _clip_processor_class():
     try:
         from transformers import (
             CLIPImageProcessorPil as processor_class,  # transformers ≥ 5 without torchvision
         )
     except ImportError:
         from transformers import CLIPImageProcessor as processor_class
-    return processor_class()
+    return processor_class
+
+
+def default_feature_extractor(image_encoder):
+    """CLIP preprocessing at the encoder's input size (h94's encoder folders ship no processor config)."""
+    side = image_encoder.config.image_size
+    return _clip_processor_class()(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
 class MIPAdapterPipeline:
@@ -63,7 +69,7 @@ class MIPAdapterPipeline:
         self.pipe = pipe
         self.adapter = adapter
         self.image_encoder = image_encoder
-        self.feature_extractor = feature_extractor or _default_feature_extractor()
+        self.feature_extractor = feature_extractor or default_feature_extractor(image_encoder)
         adapter.attach(pipe.unet)
 
     # ------------------------------------------------------------------ loading
@@ -101,9 +107,9 @@ class MIPAdapterPipeline:
         try:
             with warnings.catch_warnings():  # newer diffusers rename torch_dtype; both spellings work
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = DiffusionPipeline.from_pretrained(
-                    location, subfolder=subfolder, torch_dtype=torch_dtype, **pipeline_kwargs
-                )
+                if subfolder:
+                    pipeline_kwargs["subfolder"] = subfolder
+                pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype, **pipeline_kwargs)
         except OSError as error:
             raise fetch_failed(base_model, "base model", "--base-model", error) from error
         location, subfolder = resolve_folder(image_encoder, "image encoder", "--image-encoder")
@@ -116,7 +122,7 @@ class MIPAdapterPipeline:
         loaded = load_adapter(adapter_source, pipe.unet, **overrides)
         if torch_dtype is not None:
             loaded.to(torch_dtype)
-        return cls(pipe, loaded, encoder, _load_feature_extractor(location, subfolder))
+        return cls(pipe, loaded, encoder, _load_feature_extractor(location, subfolder, encoder))
 
     def to(self, *args, **kwargs) -> MIPAdapterPipeline:
         """Move the diffusers pipeline, the adapter and the image encoder (``torch.nn.Module.to`` arguments)."""
@@ -325,16 +331,12 @@ class MIPAdapterPipeline:
         )
 
 
-def _load_feature_extractor(location: str, subfolder: str | None):
-    """The image encoder's own preprocessing config where its folder has one, else CLIP's defaults."""
+def _load_feature_extractor(location: str, subfolder: str | None, image_encoder):
+    """The image encoder's own preprocessing config where its folder has one, else CLIP's at its size."""
     folder = Path(location) / (subfolder or "")
     if (folder / "preprocessor_config.json").is_file():
-        try:
-            from transformers import CLIPImageProcessorPil as processor_class
-        except ImportError:
-            from transformers import CLIPImageProcessor as processor_class
-        return processor_class.from_pretrained(str(folder))
-    return _default_feature_extractor()
+        return _clip_processor_class().from_pretrained(str(folder))
+    return default_feature_extractor(image_encoder)
 
 
 def _relevance_arrays(recorder: RelevanceRecorder, names: list[str], image_size: tuple[int, int]):
