@@ -1,0 +1,173 @@
+"""The authors' object selection rules, one implementation for data construction and training.
+
+Given the detected objects of one image (name, box, detector score), keep those that make good
+subjects. The defaults are the authors' constants (their training dataset code):
+
+* box area between 8% and 70% of the image, box width/height between 0.3 and 3, all strict;
+* detector score above 0.3;
+* the name is one word and occurs in the caption — here as a whole word, case-insensitively (theirs is
+  a raw substring test, which lets "cat" match "category");
+* candidates are taken by descending score; one whose box and an already kept box overlap by more than
+  80% of the smaller box (one nested in the other) is dropped;
+* names are distinct (the authors drop a two-object sample whose names are equal; keeping the best-
+  scored object of each name is the same rule for any number of objects);
+* at most 2 objects.
+
+Not here: the authors' mask-based checks (how much of the box the segment fills); they need a mask,
+and the selection must work on boxes alone, before segmentation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+# Rejection reasons, as reported next to each dropped object.
+EMPTY_NAME = "empty_name"
+MULTI_WORD_NAME = "multi_word_name"
+DEGENERATE_BOX = "degenerate_box"
+LOW_SCORE = "low_score"
+AREA_TOO_SMALL = "area_too_small"
+AREA_TOO_LARGE = "area_too_large"
+ASPECT_RATIO = "aspect_ratio"
+NAME_NOT_IN_CAPTION = "name_not_in_caption"
+NESTED = "nested"
+DUPLICATE_NAME = "duplicate_name"
+TOO_MANY = "too_many"
+
+
+class DetectedObject(Protocol):
+    """Anything with a name, an [x1, y1, x2, y2] pixel box and a detector score."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def box(self) -> Sequence[float]: ...
+
+    @property
+    def score(self) -> float: ...
+
+
+T = TypeVar("T", bound=DetectedObject)
+
+
+@dataclass(frozen=True)
+class ObjectFilterConfig:
+    """Thresholds of `select_objects`; a bound of None switches its rule off."""
+
+    min_area_frac: float | None = 0.08
+    max_area_frac: float | None = 0.7
+    min_aspect_ratio: float | None = 0.3  # box width / height
+    max_aspect_ratio: float | None = 3.0
+    min_score: float | None = 0.3
+    name_in_caption: bool = True
+    single_word_names: bool = True
+    nested_overlap: float | None = (
+        0.8  # intersection / smaller box area above which one box is nested in the other
+    )
+    distinct_names: bool = True
+    max_objects: int | None = 2
+
+    def __post_init__(self) -> None:
+        for name in ("min_area_frac", "max_area_frac", "nested_overlap"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"ObjectFilterConfig.{name} must be in [0, 1], got {value!r}")
+        for name in ("min_aspect_ratio", "max_aspect_ratio"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"ObjectFilterConfig.{name} must be > 0, got {value!r}")
+        if self.max_objects is not None and self.max_objects < 1:
+            raise ValueError(f"ObjectFilterConfig.max_objects must be >= 1 or None, got {self.max_objects!r}")
+
+
+def name_in_caption(name: str, caption: str) -> bool:
+    """Whether `name` occurs in `caption` as whole word(s), ignoring case ("cat" is not in "category")."""
+    words = name.strip().split()
+    if not words:
+        return False
+    # any run of whitespace in the name matches any run in the caption
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+    return re.search(pattern, caption, flags=re.IGNORECASE) is not None
+
+
+def box_overlap_of_smaller(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection area of boxes `a` and `b` divided by the smaller box's area (1.0 = one inside the other)."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return width * height / smaller
+
+
+def _own_rejection(
+    obj: DetectedObject, image_area: float, caption: str, config: ObjectFilterConfig
+) -> str | None:
+    """The first per-object rule `obj` fails, or None."""
+    name = obj.name.strip()
+    if not name:
+        return EMPTY_NAME
+    if config.single_word_names and len(name.split()) > 1:
+        return MULTI_WORD_NAME
+    x1, y1, x2, y2 = (float(v) for v in obj.box)
+    width, height = x2 - x1, y2 - y1
+    if width <= 0 or height <= 0:
+        return DEGENERATE_BOX
+    if config.min_score is not None and not obj.score > config.min_score:
+        return LOW_SCORE
+    area = width * height / image_area
+    if config.min_area_frac is not None and not area > config.min_area_frac:
+        return AREA_TOO_SMALL
+    if config.max_area_frac is not None and not area < config.max_area_frac:
+        return AREA_TOO_LARGE
+    aspect = width / height
+    if config.min_aspect_ratio is not None and not aspect > config.min_aspect_ratio:
+        return ASPECT_RATIO
+    if config.max_aspect_ratio is not None and not aspect < config.max_aspect_ratio:
+        return ASPECT_RATIO
+    if config.name_in_caption and not name_in_caption(name, caption):
+        return NAME_NOT_IN_CAPTION
+    return None
+
+
+def select_objects(
+    objects: Sequence[T],
+    image_size: tuple[int, int],
+    caption: str,
+    config: ObjectFilterConfig = ObjectFilterConfig(),
+) -> tuple[list[T], list[tuple[T, str]]]:
+    """Choose the subjects of one image.
+
+    objects: detections, each with `.name`, `.box` ([x1, y1, x2, y2] pixels) and `.score`.
+    image_size: (width, height) of the image the boxes refer to.
+    Returns (kept, rejected): kept in descending score order (ties keep input order); rejected as
+    (object, reason) pairs, reasons from this module's constants, in the order they were decided.
+    """
+    width, height = image_size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image_size must be positive (width, height), got {image_size!r}")
+    kept: list[T] = []
+    rejected: list[tuple[T, str]] = []
+    order = sorted(
+        range(len(objects)), key=lambda i: -float(objects[i].score)
+    )  # stable: ties keep input order
+    for index in order:
+        obj = objects[index]
+        reason = _own_rejection(obj, float(width * height), caption, config)
+        if reason is None and config.nested_overlap is not None:
+            if any(box_overlap_of_smaller(k.box, obj.box) > config.nested_overlap for k in kept):
+                reason = NESTED
+        if reason is None and config.distinct_names:
+            if any(k.name.strip().lower() == obj.name.strip().lower() for k in kept):
+                reason = DUPLICATE_NAME
+        if reason is None and config.max_objects is not None and len(kept) >= config.max_objects:
+            reason = TOO_MANY
+        if reason is None:
+            kept.append(obj)
+        else:
+            rejected.append((obj, reason))
+    return kept, rejected
