@@ -1,0 +1,157 @@
+"""Loading the frozen models and building the trainable adapter (explicit I/O, no device choice).
+
+The caller moves modules to its device; `build_adapter` starts from a checkpoint (h94 IP-Adapter,
+the authors' MIP file, or ours) or from the UNet's own ``to_k``/``to_v``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mipadapter.config import AdapterConfig
+from mipadapter.modeling import MIPAdapter
+from mipadapter.training.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """Everything a run loads from the base pipeline and image encoder (float32, CPU, eval mode)."""
+
+    arch: str
+    unet: nn.Module
+    vae: nn.Module
+    text_encoders: list[nn.Module]
+    tokenizers: list
+    image_encoder: nn.Module
+    noise_scheduler: object
+    inference_scheduler: object
+
+    @property
+    def reference_size(self) -> int:
+        return int(self.image_encoder.config.image_size)
+
+
+def detect_arch(unet: nn.Module) -> str:
+    """``sdxl`` for a UNet with SDXL's micro-conditioning (``text_time``), else ``sd15``."""
+    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd15"
+
+
+def freeze(*modules: nn.Module) -> None:
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()
+
+
+def components_from_pipeline(pipe, image_encoder: nn.Module, arch: str = "auto") -> Components:
+    """Components of an already built diffusers pipeline (what the tests and ``--tiny`` runs use)."""
+    from diffusers import DDPMScheduler
+
+    detected = detect_arch(pipe.unet)
+    if arch not in ("auto", detected):
+        raise ValueError(f"model.arch is {arch!r} but the base model's UNet is {detected}")
+    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if detected == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if detected == "sdxl" else [])
+    freeze(pipe.unet, pipe.vae, image_encoder, *text_encoders)
+    return Components(
+        arch=detected,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        image_encoder=image_encoder,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        inference_scheduler=pipe.scheduler,
+    )
+
+
+def load_components(config: ModelConfig) -> Components:
+    """Load the base pipeline (folder or Hub id) and the image encoder (folder or ``owner/repo/subfolder``)."""
+    from diffusers import DiffusionPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    from mipadapter.checkpoint.hub import resolve_folder
+
+    base, base_sub = resolve_folder(config.base_model, "base model", "model.base_model")
+    extra = {"subfolder": base_sub} if base_sub else {}
+    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, **extra)
+    where, sub = resolve_folder(config.image_encoder, "image encoder", "model.image_encoder")
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+        where, subfolder=sub or "", dtype=torch.float32
+    )
+    return components_from_pipeline(pipe, image_encoder, config.arch)
+
+
+def _image_embed_dim(image_encoder: nn.Module, projection: str) -> int:
+    cfg = image_encoder.config
+    return int(cfg.hidden_size if projection == "plus" else cfg.projection_dim)
+
+
+def build_adapter(config: ModelConfig, unet: nn.Module, image_encoder: nn.Module) -> MIPAdapter:
+    """The adapter to train, before ``attach``.
+
+    With ``adapter_init`` the checkpoint is loaded strictly (our format, h94's or the authors'); a file
+    without ``text_to_weight`` gets zero-initialised gates (``g`` = 1) when ``text_weight`` is set. Without
+    it, ``to_k_ip``/``to_v_ip`` copy the layers' ``to_k``/``to_v`` and the projection is fresh.
+    """
+    from mipadapter.checkpoint import load_adapter
+
+    if config.adapter_init is None:
+        cross = unet.config.cross_attention_dim
+        adapter_config = AdapterConfig(
+            projection=config.projection,
+            image_embed_dim=_image_embed_dim(image_encoder, config.projection),
+            cross_attention_dim=cross if isinstance(cross, int) else cross[0],
+            num_tokens=config.num_tokens,
+            text_weight=config.text_weight,
+            **(
+                dict(resampler_dim=cross, resampler_depth=4, resampler_heads=max(1, cross // 64))
+                if config.projection == "plus"
+                else {}
+            ),
+        )
+        adapter = MIPAdapter.for_unet(unet, adapter_config)
+        adapter.init_from_base(unet)
+        return adapter
+
+    loaded = load_adapter(config.adapter_init, unet)
+    expected_dim = _image_embed_dim(image_encoder, loaded.config.projection)
+    if loaded.config.image_embed_dim != expected_dim:
+        raise ValueError(
+            f"{config.adapter_init} reads {loaded.config.image_embed_dim}-d image features but the image "
+            f"encoder {config.image_encoder} gives {expected_dim}: pair the checkpoint with its own encoder"
+        )
+    if loaded.config.text_weight == config.text_weight:
+        return loaded
+    adapter = MIPAdapter.for_unet(unet, dataclasses.replace(loaded.config, text_weight=config.text_weight))
+    missing, unexpected = adapter.load_state_dict(loaded.state_dict(), strict=False)
+    if config.text_weight:
+        logger.info("%s has no text_to_weight: the gates start at zero (g = 1)", config.adapter_init)
+        with torch.no_grad():
+            for processor in adapter.processors().values():
+                processor.text_to_weight.weight.zero_()
+    else:
+        logger.warning(
+            "model.text_weight is false: the text_to_weight of %s is not used", config.adapter_init
+        )
+    bad = [k for k in missing if "text_to_weight" not in k] + [
+        k for k in unexpected if "text_to_weight" not in k
+    ]
+    if bad:
+        raise RuntimeError(f"unexpected keys moving {config.adapter_init} into the training adapter: {bad}")
+    return adapter
+
+
+def set_trainable(adapter: MIPAdapter, train_image_proj: bool) -> list[nn.Parameter]:
+    """Freeze everything but ``to_k_ip``, ``to_v_ip``, ``text_to_weight`` (and the projection when asked);
+    returns the trainable parameters in a fixed order."""
+    adapter.requires_grad_(False)
+    adapter.layers.requires_grad_(True)
+    adapter.image_proj.requires_grad_(train_image_proj)
+    return [p for p in adapter.parameters() if p.requires_grad]

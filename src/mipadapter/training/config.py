@@ -1,0 +1,407 @@
+"""The training configuration: one frozen dataclass tree, read from YAML or TOML, unknown keys are errors.
+
+A file maps 1:1 onto `TrainConfig`: each top-level table is one section (`model`, `data`, `optim`,
+`run`, `validation`, `export`), each key one field. Missing keys take the defaults below (the
+authors' recipe, DESIGN.md §1); an unknown key, a wrong type or a bad value stops with an error that
+names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mipadapter.config import MergeRule
+from mipadapter.object_filters import ObjectFilterConfig
+
+ARCHS = ("auto", "sdxl", "sd15")
+PROJECTIONS = ("basic", "plus")
+DATA_FORMATS = ("authors", "manifest")
+PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+EXPORT_FORMATS = ("mipadapter", "authors", "diffusers")
+TRAIN_RULES = (MergeRule.OFFICIAL.value, MergeRule.PAPER.value)
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that does not fit `TrainConfig`; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to start from.
+
+    base_model: a diffusers pipeline folder or Hub id (SDXL or SD1.5). image_encoder: the CLIP image
+    encoder folder or ``owner/repo/subfolder``. adapter_init: an IP-Adapter / MIP-Adapter checkpoint to
+    start from (file or ``owner/repo/file``); None starts ``to_k_ip``/``to_v_ip`` from each layer's
+    ``to_k``/``to_v`` with a fresh projection (which then has to be trained: set train_image_proj).
+    projection/num_tokens: the projection built when adapter_init is None. text_weight: train MIP's
+    ``text_to_weight`` gate (zero-initialised: a flat gate at the start).
+    """
+
+    base_model: str
+    image_encoder: str
+    adapter_init: str | None = None
+    arch: str = "auto"
+    projection: str = "basic"
+    num_tokens: int = 4
+    text_weight: bool = True
+    train_image_proj: bool = False
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """`mipadapter.object_filters.ObjectFilterConfig` fields (same names, same meaning), plus a
+    mask check: an object whose segment fills less than ``min_mask_fill`` of its box is dropped."""
+
+    min_area_frac: float | None = 0.08
+    max_area_frac: float | None = 0.7
+    min_aspect_ratio: float | None = 0.3
+    max_aspect_ratio: float | None = 3.0
+    min_score: float | None = 0.3
+    name_in_caption: bool = True
+    single_word_names: bool = True
+    nested_overlap: float | None = 0.8
+    distinct_names: bool = True
+    min_mask_fill: float = 0.0
+
+    def object_filter(self) -> ObjectFilterConfig:
+        """The object filter without a count cap (subjects are capped after the mask checks)."""
+        names = {f.name for f in dataclasses.fields(ObjectFilterConfig)} - {"max_objects"}
+        return ObjectFilterConfig(**{name: getattr(self, name) for name in names}, max_objects=None)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how samples are made.
+
+    format ``authors``: root holds ``images/<id>.png``, ``masks/<id>.png`` (instance label map) and
+    ``jsons/<id>.json``; ids_file (optional) lists the ids to use (``.txt`` one a line, ``.json`` a list,
+    or the authors' ``.pkl`` list of strings, read by a restricted unpickler). format ``manifest``: root is
+    the JSONL manifest (`mipadapter.manifest`). Subjects per sample: ``min_subjects`` to
+    ``max_subjects`` (images with fewer valid objects are skipped). resolution: the square training
+    size; flip_prob: the references' horizontal flip; random_crop: place the square crop at random
+    among the positions holding the subjects (else centred on them).
+    """
+
+    root: str
+    format: str = "authors"
+    ids_file: str | None = None
+    resolution: int = 512
+    min_subjects: int = 1
+    max_subjects: int = 2
+    flip_prob: float = 0.5
+    random_crop: bool = True
+    num_workers: int = 4
+    scan_workers: int = 8
+    limit: int | None = None
+    filters: FilterConfig = field(default_factory=FilterConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The step and the optimiser (defaults: the authors' recipe).
+
+    rule: the merge rule trained (``official`` for the authors' checkpoints, or ``paper``).
+    drop_text / drop_image / drop_both: condition dropout probabilities (disjoint events).
+    batch_size: per process. max_grad_norm: None switches clipping off.
+    """
+
+    rule: str = "official"
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    max_steps: int = 12000
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    drop_text: float = 0.05
+    drop_image: float = 0.05
+    drop_both: float = 0.05
+    noise_offset: float = 0.0
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Outputs: checkpoints every ``checkpoint_every`` optimiser steps (the last ``keep_last`` kept),
+    metrics every ``log_every`` steps to ``<output_dir>/logs/metrics.jsonl`` (and TensorBoard when
+    installed). resume: ``auto`` continues from the newest checkpoint in output_dir if there is one,
+    ``never`` refuses a non-empty checkpoint folder, or a checkpoint folder path."""
+
+    output_dir: str
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    resume: str = "auto"
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class ValidationSubject:
+    """One reference of a validation prompt: the subject's name in the prompt and its photo."""
+
+    name: str
+    image: str
+
+
+@dataclass(frozen=True)
+class ValidationPrompt:
+    prompt: str
+    subjects: tuple[ValidationSubject, ...]
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Images from fixed prompts and references every ``every`` steps (0: never), same seed each time."""
+
+    every: int = 0
+    prompts: tuple[ValidationPrompt, ...] = ()
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0
+    scale: float = 1.0
+    seed: int = 420
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Files written at the end of training (and by ``export_checkpoint``) under ``<output_dir>/export``.
+
+    ``mipadapter``: ours (safetensors, loads with `mipadapter.load_adapter`); ``authors``: their nested
+    ``.bin``; ``diffusers``: h94's IP-Adapter ``.bin`` without text_to_weight. dtype: ``fp16`` (as the
+    published files) or ``fp32``.
+    """
+
+    formats: tuple[str, ...] = ("mipadapter", "authors", "diffusers")
+    dtype: str = "fp16"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    run: RunConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections (all when none): what a resumed run must share."""
+        data = self.to_dict()
+        picked = {name: data[name] for name in (sections or data)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check(condition: bool, key: str, value: Any, want: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Check values that types alone do not (ranges, choices, combinations)."""
+    m, d, o, r = config.model, config.data, config.optim, config.run
+    _check(m.arch in ARCHS, "model.arch", m.arch, f"one of {ARCHS}")
+    _check(m.projection in PROJECTIONS, "model.projection", m.projection, f"one of {PROJECTIONS}")
+    _check(m.num_tokens >= 1, "model.num_tokens", m.num_tokens, ">= 1")
+    if m.adapter_init is None and not m.train_image_proj:
+        raise ConfigError(
+            "model.adapter_init is empty, so the image projection starts random; it must then be trained: "
+            "set model.train_image_proj: true (or give an IP-Adapter checkpoint as model.adapter_init)"
+        )
+    _check(d.format in DATA_FORMATS, "data.format", d.format, f"one of {DATA_FORMATS}")
+    _check(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", d.resolution, "a multiple of 8")
+    _check(1 <= d.min_subjects <= d.max_subjects, "data.min_subjects", d.min_subjects, "in [1, max_subjects]")
+    _check(0.0 <= d.flip_prob <= 1.0, "data.flip_prob", d.flip_prob, "in [0, 1]")
+    _check(d.num_workers >= 0 and d.scan_workers >= 1, "data.num_workers", d.num_workers, ">= 0")
+    _check(d.limit is None or d.limit >= 1, "data.limit", d.limit, "None or >= 1")
+    _check(
+        0.0 <= d.filters.min_mask_fill <= 1.0,
+        "data.filters.min_mask_fill",
+        d.filters.min_mask_fill,
+        "in [0, 1]",
+    )
+    try:
+        d.filters.object_filter()
+    except ValueError as error:
+        raise ConfigError(f"data.filters: {error}") from None
+    _check(o.rule in TRAIN_RULES, "optim.rule", o.rule, f"one of {TRAIN_RULES}")
+    _check(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", o.lr_schedule, f"one of {LR_SCHEDULES}")
+    _check(
+        o.mixed_precision in PRECISIONS, "optim.mixed_precision", o.mixed_precision, f"one of {PRECISIONS}"
+    )
+    for name in ("learning_rate", "adam_epsilon"):
+        _check(getattr(o, name) > 0, f"optim.{name}", getattr(o, name), "> 0")
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+        _check(getattr(o, name) >= 1, f"optim.{name}", getattr(o, name), ">= 1")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _check(
+        o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", o.max_grad_norm, "None or > 0"
+    )
+    drops = (o.drop_text, o.drop_image, o.drop_both)
+    _check(
+        all(p >= 0 for p in drops) and sum(drops) <= 1,
+        "optim.drop_text/drop_image/drop_both",
+        drops,
+        "non-negative with a sum <= 1",
+    )
+    _check(r.checkpoint_every >= 1, "run.checkpoint_every", r.checkpoint_every, ">= 1")
+    _check(r.keep_last >= 1, "run.keep_last", r.keep_last, ">= 1")
+    _check(r.log_every >= 1, "run.log_every", r.log_every, ">= 1")
+    v = config.validation
+    _check(v.every >= 0, "validation.every", v.every, ">= 0")
+    if v.every and not v.prompts:
+        raise ConfigError("validation.every is set but validation.prompts is empty")
+    for f in config.export.formats:
+        _check(f in EXPORT_FORMATS, "export.formats", f, f"one of {EXPORT_FORMATS}")
+    _check(config.export.dtype in ("fp16", "fp32"), "export.dtype", config.export.dtype, "fp16 or fp32")
+    if "authors" in config.export.formats and not m.text_weight:
+        raise ConfigError(
+            "export.formats has 'authors', whose layout carries text_to_weight: set model.text_weight"
+        )
+
+
+# --- building the dataclass tree from plain data ------------------------------------------------------
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses; errors name ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {options}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a table of {tp.__name__} fields, got {value!r}")
+        return build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key} must be a {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping: unknown keys and missing required keys are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    where = f"{prefix}." if prefix else ""
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {[where + k for k in unknown]}; {cls.__name__} takes {sorted(fields)}"
+        )
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing required key(s) {[where + k for k in missing]}")
+    kwargs = {name: _convert(value, hints[name], where + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"{prefix or cls.__name__}: {error}") from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a table")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["optim.max_steps=10", "run.output_dir=out"]`` → [(key, YAML-parsed value)]."""
+    import yaml
+
+    pairs = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"an override is KEY=VALUE (e.g. optim.max_steps=100), got {item!r}")
+        pairs.append((key.strip(), yaml.safe_load(text)))
+    return pairs
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (``.yaml``/``.yml``) or TOML (``.toml``) file as plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    elif suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    else:
+        raise ConfigError(f"config file {path.name!r}: use .yaml, .yml or .toml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a table at the top level")
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[tuple[str, Any]] = ()) -> TrainConfig:
+    data = json.loads(json.dumps(data))  # a deep copy of plain data
+    for key, value in overrides:
+        _set_dotted(data, key, value)
+    return build(TrainConfig, data)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML/TOML training config, apply ``KEY=VALUE`` overrides, and check it."""
+    return config_from_dict(read_config_file(path), parse_overrides(overrides))

@@ -1,0 +1,399 @@
+"""The accelerate training loop: one process per GPU (``accelerate launch``), main process writes.
+
+A run lives in ``run.output_dir``::
+
+    data/index.jsonl, data/report.json    the filtered training index (a manifest) and what was skipped
+    checkpoints/step-XXXXXXXX/            resumable checkpoints (see `checkpointing`)
+    logs/metrics.jsonl                    loss, lr, throughput, skip counts (+ logs/tensorboard/)
+    validation/step-XXXXXXXX/NN.png       validation images
+    export/                               the final adapter in the chosen formats (see `export`)
+
+Killed and started again with the same command, a run continues from its newest checkpoint: adapter
+weights, optimizer, LR schedule, gradient scaler, every RNG and the data position are restored, so the
+continued run computes what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mipadapter.manifest import atomic_write_text, read_manifest, write_manifest
+from mipadapter.training import checkpointing as ckpt
+from mipadapter.training.batching import (
+    Collator,
+    EmptyBatch,
+    ResumableBatchSampler,
+    SubjectDataset,
+    TrainBatch,
+)
+from mipadapter.training.components import Components, build_adapter, load_components, set_trainable
+from mipadapter.training.config import TrainConfig
+from mipadapter.training.export import export_adapter
+from mipadapter.training.metrics import MetricsLog
+from mipadapter.training.samples import SampleSettings
+from mipadapter.training.sources import SubjectRules, authors_candidates, build_index, manifest_candidates
+from mipadapter.training.step import AdapterUNet, FrozenModels, training_loss
+from mipadapter.training.text import TextConditioner
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# data settings that change what a run trains on (worker counts do not)
+_DATA_KEYS_IGNORED = ("num_workers", "scan_workers")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    finished: bool
+    output_dir: Path
+    last_checkpoint: Path | None
+    exports: dict[str, Path] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def data_fingerprint(config: TrainConfig) -> str:
+    data = config.to_dict()["data"]
+    for key in _DATA_KEYS_IGNORED:
+        data.pop(key)
+    return json.dumps(data, sort_keys=True)
+
+
+def prepare_index(config: TrainConfig, write: bool) -> list:
+    """The training index of this run: read from ``data/index.jsonl`` when a previous start of the same
+    run built it (same data settings), else built from the source (and written when ``write``)."""
+    d = config.data
+    folder = Path(config.run.output_dir) / "data"
+    index_path, report_path = folder / "index.jsonl", folder / "report.json"
+    fingerprint = data_fingerprint(config)
+    if index_path.is_file() and report_path.is_file():
+        saved = json.loads(report_path.read_text(encoding="utf-8"))
+        if saved.get("data_config") != fingerprint:
+            raise ValueError(
+                f"{report_path} was built with other data settings ({saved.get('data_config')}); this run "
+                f"has {fingerprint}: restore them or use a new run.output_dir"
+            )
+        return read_manifest(index_path)
+    if d.format == "authors":
+        keys, read = authors_candidates(d.root, d.ids_file)
+    else:
+        keys, read = manifest_candidates(d.root)
+    rules = SubjectRules(d.filters.object_filter(), d.filters.min_mask_fill, d.min_subjects, d.max_subjects)
+    records, report = build_index(keys, read, rules, workers=d.scan_workers, limit=d.limit)
+    logger.info("training data: %s", report.summary())
+    if write:
+        write_manifest(records, index_path)
+        atomic_write_text(report_path, json.dumps({**report.to_dict(), "data_config": fingerprint}, indent=2))
+    return records
+
+
+# --- resume -------------------------------------------------------------------------------------------
+
+
+def resume_source(config: TrainConfig) -> Path | None:
+    run = config.run
+    if run.resume == "never":
+        if ckpt.list_checkpoints(run.output_dir):
+            raise FileExistsError(
+                f"{run.output_dir} already holds checkpoints and run.resume is 'never': use a new output_dir"
+            )
+        return None
+    if run.resume == "auto":
+        return ckpt.latest_checkpoint(run.output_dir)
+    path = Path(run.resume)
+    if not (path / ckpt.STATE_FILE).is_file():
+        raise FileNotFoundError(f"run.resume {run.resume!r} is not a complete checkpoint folder")
+    return path
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig,
+    *,
+    components: Components | None = None,
+    stop_after: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train (or continue training) the adapter described by ``config``.
+
+    components: already loaded models (tests, notebooks); by default loaded from ``config.model``.
+    stop_after: run at most this many optimiser steps in this call, then checkpoint and return (for
+    time-limited jobs; the next call continues). on_step(step, loss): called after every step on every
+    process (an exception from it ends the run as a kill would).
+    """
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    o, r = config.optim, config.run
+    output_dir = Path(r.output_dir)
+    accelerator = Accelerator(mixed_precision=o.mixed_precision)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    source = resume_source(config)
+    _seed_everything(o.seed + rank)
+    generator = torch.Generator().manual_seed(o.seed * 7919 + rank)  # noise, timesteps, latent samples
+
+    with accelerator.main_process_first():
+        records = prepare_index(config, write=main)
+    components = components if components is not None else load_components(config.model)
+
+    if source is not None:
+        from mipadapter.checkpoint import load_adapter
+
+        adapter = load_adapter(source / ckpt.ADAPTER_FILE, components.unet)
+        if adapter.config.text_weight != config.model.text_weight:
+            raise ValueError(
+                f"{source} has text_weight={adapter.config.text_weight}, the config says otherwise"
+            )
+    else:
+        adapter = build_adapter(config.model, components.unet, components.image_encoder)
+    params = set_trainable(adapter, config.model.train_image_proj)
+    adapter.attach(components.unet)
+    try:
+        weight_dtype = DTYPES[o.mixed_precision]
+        cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
+        components.unet.to(device, **cast)
+        components.vae.to(device)  # float32: the SDXL VAE overflows in fp16
+        components.image_encoder.to(device, **cast)
+        for encoder in components.text_encoders:
+            encoder.to(device, **cast)
+        adapter.to(device, torch.float32)
+        if o.gradient_checkpointing:
+            components.unet.enable_gradient_checkpointing()
+
+        model = AdapterUNet(components.unet, adapter, o.rule)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=o.learning_rate,
+            betas=(o.adam_beta1, o.adam_beta2),
+            eps=o.adam_epsilon,
+            weight_decay=o.weight_decay,
+        )
+        schedule = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[o.lr_schedule]
+        lr_scheduler = get_scheduler(
+            schedule, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=o.max_steps
+        )
+        model, optimizer = accelerator.prepare(model, optimizer)
+        frozen = FrozenModels(
+            vae=components.vae,
+            text=TextConditioner(components.text_encoders, components.arch),
+            image_encoder=components.image_encoder,
+            noise_scheduler=components.noise_scheduler,
+            uses_hidden_states=adapter.config.uses_hidden_states,
+            weight_dtype=weight_dtype,
+        )
+
+        state = ckpt.TrainerState(fingerprint=config.fingerprint("model"), world_size=world)
+        if source is not None:
+            loaded = ckpt.read_checkpoint(source, rank)
+            if loaded.state.fingerprint != state.fingerprint:
+                raise ValueError(
+                    f"{source} was trained with other model settings; restore them or use a new output_dir"
+                )
+            optimizer.load_state_dict(loaded.optimizer)
+            lr_scheduler.load_state_dict(loaded.scheduler["lr_scheduler"])
+            if accelerator.scaler is not None and "scaler" in loaded.scheduler:
+                accelerator.scaler.load_state_dict(loaded.scheduler["scaler"])
+            if loaded.rng is not None and loaded.state.world_size == world:
+                ckpt.set_rng_state(loaded.rng, generator)
+            else:
+                logger.warning(
+                    "%s was written by %d processes, this run has %d: RNG streams restart",
+                    source,
+                    loaded.state.world_size,
+                    world,
+                )
+                generator.manual_seed(o.seed * 7919 + rank + 104729 * loaded.state.step)
+            batches = loaded.state.batches * loaded.state.world_size // world  # same samples seen
+            state = ckpt.TrainerState(
+                step=loaded.state.step,
+                batches=batches,
+                skipped_samples=loaded.state.skipped_samples,
+                skipped_batches=loaded.state.skipped_batches,
+                fingerprint=state.fingerprint,
+                world_size=world,
+            )
+            if main:
+                logger.info("resuming from %s (step %d)", source, state.step)
+
+        settings = SampleSettings(
+            resolution=config.data.resolution,
+            reference_size=components.reference_size,
+            flip_prob=config.data.flip_prob,
+            random_crop=config.data.random_crop,
+            drop_text=o.drop_text,
+            drop_image=o.drop_image,
+            drop_both=o.drop_both,
+        )
+        sampler = ResumableBatchSampler(len(records), o.batch_size, o.seed, rank, world, start=state.batches)
+        loader = torch.utils.data.DataLoader(
+            SubjectDataset(records, settings),
+            batch_sampler=sampler,
+            collate_fn=Collator(components.tokenizers, components.reference_size),
+            num_workers=config.data.num_workers,
+        )
+        batches = iter(loader)
+        log = MetricsLog(output_dir, r.tensorboard) if main else None
+        progress = None
+        if main and r.progress_bar:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=o.max_steps, initial=state.step, desc="train", dynamic_ncols=True)
+
+        result = TrainResult(step=state.step, finished=False, output_dir=output_dir, last_checkpoint=source)
+        skipped = Counter(state.skipped_samples)
+        last_good: TrainBatch | None = None
+        steps_this_run = 0
+        samples_per_step = o.batch_size * o.gradient_accumulation_steps * world
+
+        def save() -> Path:
+            folder = ckpt.temp_dir(output_dir, state.step)
+            if main:
+                ckpt.prepare_temp(output_dir, state.step)
+            accelerator.wait_for_everyone()
+            ckpt.write_rng(folder, rank, generator)
+            if main:
+                scheduler_state = {"lr_scheduler": lr_scheduler.state_dict()}
+                if accelerator.scaler is not None:
+                    scheduler_state["scaler"] = accelerator.scaler.state_dict()
+                ckpt.write_main(folder, adapter, optimizer, scheduler_state, state)
+            accelerator.wait_for_everyone()
+            target = ckpt.final_dir(output_dir, state.step)
+            if main:
+                state.skipped_samples = dict(skipped)
+                target = ckpt.finish(folder, output_dir, state, r.keep_last)
+            accelerator.wait_for_everyone()
+            return target
+
+        try:
+            while state.step < o.max_steps and (stop_after is None or steps_this_run < stop_after):
+                started = time.perf_counter()
+                losses = []
+                for micro in range(o.gradient_accumulation_steps):
+                    batch = next(batches)
+                    state.batches += 1
+                    skipped.update(batch.skipped)
+                    weight = 1.0
+                    if isinstance(batch, EmptyBatch):
+                        state.skipped_batches += 1
+                        if last_good is None:
+                            raise RuntimeError(
+                                f"the first batch of this run had no usable sample ({dict(batch.skipped)}): the data "
+                                "changed since it was indexed; rebuild the index (delete output_dir/data)"
+                            )
+                        batch, weight = last_good, 0.0  # keeps processes in step; contributes nothing
+                    else:
+                        batch = batch.to(device)
+                        last_good = batch
+                    sync = micro == o.gradient_accumulation_steps - 1
+                    context = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+                    with context:
+                        loss = training_loss(model, frozen, batch, generator, o.noise_offset)
+                        accelerator.backward(loss * (weight / o.gradient_accumulation_steps))
+                    if weight:
+                        losses.append(loss.detach())
+                if o.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, o.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                steps_this_run += 1
+
+                mean_loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
+                loss_value = float(mean_loss)
+                result.losses.append(loss_value)
+                if on_step is not None:
+                    on_step(state.step, loss_value)
+                elapsed = time.perf_counter() - started
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(
+                        loss=f"{loss_value:.4f}", samples_s=f"{samples_per_step / elapsed:.1f}"
+                    )
+                if state.step % r.log_every == 0 or state.step == o.max_steps:
+                    global_loss = float(accelerator.reduce(mean_loss.detach().clone(), reduction="mean"))
+                    if log is not None:
+                        log.log(
+                            state.step,
+                            {
+                                "loss": global_loss,
+                                "lr": lr_scheduler.get_last_lr()[0],
+                                "samples_per_s": samples_per_step / elapsed,
+                                "step_time_s": elapsed,
+                                "epoch": state.batches / sampler.batches_per_epoch,
+                                "skipped_samples": sum(skipped.values()),
+                                "skipped_batches": state.skipped_batches,
+                            },
+                        )
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {state.step}")
+                if state.step % r.checkpoint_every == 0 or state.step == o.max_steps:
+                    result.last_checkpoint = save()
+                if config.validation.every and state.step % config.validation.every == 0:
+                    if main:
+                        from mipadapter.training.validation import render_validation
+
+                        render_validation(
+                            components,
+                            adapter,
+                            config.validation,
+                            o.rule,
+                            config.data.resolution,
+                            output_dir / "validation" / f"step-{state.step:08d}",
+                        )
+                    accelerator.wait_for_everyone()
+            if state.step < o.max_steps and (
+                result.last_checkpoint is None or state.step > _step_of(result.last_checkpoint)
+            ):
+                result.last_checkpoint = save()  # stopped by stop_after: keep the place
+        finally:
+            if progress is not None:
+                progress.close()
+            if log is not None:
+                log.close()
+
+        result.step = state.step
+        result.finished = state.step >= o.max_steps
+        if result.finished and main:
+            result.exports = export_adapter(
+                adapter, output_dir / "export", config.export.formats, config.export.dtype
+            )
+            if skipped:
+                logger.info("samples skipped while training: %s", dict(skipped))
+        accelerator.wait_for_everyone()
+    finally:
+        adapter.detach()
+        if o.gradient_checkpointing:
+            components.unet.disable_gradient_checkpointing()
+    return result
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.split("-")[-1])

@@ -1,0 +1,387 @@
+"""Training data sources: the authors' released layout and our manifest, both read into `ImageRecord`s,
+then filtered into a training index (the chosen subjects of each usable image).
+
+Bad data never stops a run and is never retried: each image that cannot be used is skipped and counted
+under one reason (`SKIP_REASONS`); only an index with no usable image at all is an error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from mipadapter.manifest import ImageRecord, ManifestError, ObjectRecord, record_from_dict
+from mipadapter.object_filters import ObjectFilterConfig, select_objects
+
+MISSING_FILE = "missing_file"
+CORRUPT_JSON = "corrupt_json"
+UNREADABLE_IMAGE = "unreadable_image"
+NO_VALID_OBJECT = "no_valid_object"
+EMPTY_MASK = "empty_mask"
+SKIP_REASONS = (MISSING_FILE, CORRUPT_JSON, UNREADABLE_IMAGE, NO_VALID_OBJECT, EMPTY_MASK)
+
+# object-level reasons added to those of `mipadapter.object_filters`
+OBJECT_EMPTY_MASK = "empty_mask"
+OBJECT_LOW_MASK_FILL = "low_mask_fill"
+OBJECT_CROP_DOES_NOT_FIT = "crop_does_not_fit"
+OBJECT_OVER_MAX_SUBJECTS = "over_max_subjects"
+
+
+class DataError(ValueError):
+    """A sample that cannot be used; ``reason`` is one of `SKIP_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NoValidDataError(ValueError):
+    """No usable image is left after filtering; the message gives the counts by reason."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One image before filtering: a parsed record with every detected object, or why it failed."""
+
+    source: str  # an id or "<manifest> line N", for messages
+    record: ImageRecord | None
+    error: DataError | None = None
+    label_map: bool = False  # masks are instance label maps whose labels are found from each box
+
+
+@dataclass
+class ScanReport:
+    """What the scan kept and skipped: images by reason, rejected objects by reason."""
+
+    total: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    objects_rejected: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # reason → first message seen
+
+    def to_dict(self) -> dict:
+        return {
+            "total": self.total,
+            "kept": self.kept,
+            "skipped": dict(sorted(self.skipped.items())),
+            "objects_rejected": dict(sorted(self.objects_rejected.items())),
+            "examples": self.examples,
+        }
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{self.kept} of {self.total} images usable; skipped: {skipped}"
+
+
+# --- id lists ----------------------------------------------------------------------------------------
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Loads only plain containers, strings and numbers: any class or function reference is refused."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: an id list holds plain data only")
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """Image ids from ``.txt`` (one a line), ``.json`` (a list) or the authors' ``.pkl`` (a list of strings,
+    read by an unpickler that refuses every class and function, so a hostile file cannot run code)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        ids: object = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif suffix == ".json":
+        ids = json.loads(path.read_text(encoding="utf-8"))
+    elif suffix == ".pkl":
+        ids = _PlainDataUnpickler(io.BytesIO(path.read_bytes())).load()
+    else:
+        raise ValueError(f"id list {path.name!r}: use .txt, .json or .pkl")
+    if not isinstance(ids, list | tuple) or not all(isinstance(i, str | int) for i in ids):
+        raise ValueError(f"id list {str(path)!r} must be a list of ids (strings), got {type(ids).__name__}")
+    return [str(i) for i in ids]
+
+
+# --- readers ------------------------------------------------------------------------------------------
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as error:
+        raise DataError(UNREADABLE_IMAGE, f"{path}: not a readable image ({error})") from None
+
+
+def read_authors_candidate(root: Path, image_id: str) -> Candidate:
+    """One image of the authors' layout: ``jsons/<id>.json`` (``original_size`` [W, H], ``text``,
+    ``final_masks`` entries with ``label``, ``logit``, ``box``), ``images/<id>.png``, ``masks/<id>.png``.
+    The objects' mask is the label map; each object's label is resolved later from its box."""
+    json_path = root / "jsons" / f"{image_id}.json"
+    image_path = root / "images" / f"{image_id}.png"
+    mask_path = root / "masks" / f"{image_id}.png"
+    try:
+        for path in (json_path, image_path, mask_path):
+            if not path.is_file():
+                raise DataError(MISSING_FILE, f"{image_id}: {path} does not exist")
+        try:
+            data = json.loads(json_path.read_text(encoding="utf-8"))
+            entries = [e for e in data.get("final_masks", []) if "box" in e]
+            objects = tuple(
+                ObjectRecord(
+                    name=str(e["label"]), box=tuple(e["box"]), score=float(e["logit"]), mask=str(mask_path)
+                )
+                for e in entries
+            )
+            original = data.get("original_size")
+            caption = data["text"]
+            if not isinstance(caption, str):
+                raise TypeError(f"'text' is {type(caption).__name__}, not a string")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DataError(CORRUPT_JSON, f"{json_path}: {type(error).__name__}: {error}") from None
+        width, height = _image_size(image_path)
+        record = ImageRecord(
+            id=image_id,
+            image=str(image_path),
+            width=width,
+            height=height,
+            caption=caption,
+            objects=objects,
+            original_size=tuple(original) if original else None,
+        )
+        return Candidate(image_id, record, label_map=True)
+    except DataError as error:
+        return Candidate(image_id, None, error)
+
+
+def authors_candidates(
+    root: str | Path, ids_file: str | None
+) -> tuple[list[str], Callable[[str], Candidate]]:
+    """The ids to read (from ``ids_file``, else every ``jsons/*.json``) and the reader of one id."""
+    root = Path(root)
+    if not (root / "jsons").is_dir():
+        raise FileNotFoundError(f"{root} has no jsons/ folder: not the authors' data layout")
+    ids = read_ids(ids_file) if ids_file else sorted(p.stem for p in (root / "jsons").glob("*.json"))
+    return ids, lambda image_id: read_authors_candidate(root, image_id)
+
+
+def manifest_candidates(path: str | Path) -> tuple[list[str], Callable[[str], Candidate]]:
+    """The lines of a JSONL manifest and the parser of one line (paths made absolute, image size checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
+    folder = path.resolve().parent
+    lines = [
+        (n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()
+    ]
+    by_key = {f"{path.name} line {n}": line for n, line in lines}
+
+    def read(key: str) -> Candidate:
+        try:
+            try:
+                record = record_from_dict(json.loads(by_key[key]), key)
+            except (json.JSONDecodeError, ManifestError) as error:
+                raise DataError(CORRUPT_JSON, f"{key}: {error}") from None
+            image = folder / record.image
+            if not image.is_file():
+                raise DataError(MISSING_FILE, f"{key}: image {image} does not exist")
+            objects = []
+            for obj in record.objects:
+                mask = str(folder / obj.mask) if obj.mask is not None else None
+                if mask is not None and not Path(mask).is_file():
+                    raise DataError(MISSING_FILE, f"{key}: mask {mask} of {obj.name!r} does not exist")
+                objects.append(replace(obj, mask=mask))
+            width, height = _image_size(image)
+            scale_x, scale_y = width / record.width, height / record.height
+            if (width, height) != (record.width, record.height):  # boxes refer to the recorded size
+                objects = [
+                    replace(
+                        o,
+                        box=(o.box[0] * scale_x, o.box[1] * scale_y, o.box[2] * scale_x, o.box[3] * scale_y),
+                    )
+                    for o in objects
+                ]
+            record = replace(record, image=str(image), width=width, height=height, objects=tuple(objects))
+            return Candidate(key, record)
+        except DataError as error:
+            return Candidate(key, None, error)
+
+    return list(by_key), read
+
+
+# --- masks and choosing subjects ----------------------------------------------------------------------
+
+
+def load_label_map(path: str | Path) -> np.ndarray:
+    """A mask PNG as a 2-D integer array [H, W] (binary masks: 0 / non-zero; label maps: labels)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except OSError as error:
+        raise DataError(UNREADABLE_IMAGE, f"{path}: not a readable mask ({error})") from None
+    if array.ndim == 3:  # a colour PNG of a binary mask: any non-zero channel is the object
+        array = array.any(axis=-1).astype(np.uint8)
+    return array.astype(np.int64, copy=False)
+
+
+def int_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """Pixel bounds [x1, y1, x2, y2) covering the box, clamped to the image."""
+    x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x2, y2 = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
+    return x1, y1, x2, y2
+
+
+def dominant_label(labels: np.ndarray, box: Sequence[float]) -> int | None:
+    """The most frequent non-zero label inside ``box`` (the authors' choice of an object's segment)."""
+    x1, y1, x2, y2 = int_box(box, labels.shape[1], labels.shape[0])
+    inside = labels[y1:y2, x1:x2].ravel()
+    inside = inside[inside > 0]
+    if inside.size == 0:
+        return None
+    values, counts = np.unique(inside, return_counts=True)
+    return int(values[counts.argmax()])
+
+
+def object_mask(labels: np.ndarray, label: int | None) -> np.ndarray:
+    """Boolean mask [H, W] of one object: pixels equal to ``label``, or non-zero for a binary mask."""
+    return labels == label if label is not None else labels > 0
+
+
+def crop_range(
+    boxes: Sequence[Sequence[float]], width: int, height: int
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Offsets (left range, top range) of the ``min(W, H)`` square crops that hold every box, or None."""
+    side = min(width, height)
+    x1 = min(math.floor(b[0]) for b in boxes)
+    y1 = min(math.floor(b[1]) for b in boxes)
+    x2 = max(math.ceil(b[2]) for b in boxes)
+    y2 = max(math.ceil(b[3]) for b in boxes)
+    left = (max(0, min(x2, width) - side), min(max(x1, 0), width - side))
+    top = (max(0, min(y2, height) - side), min(max(y1, 0), height - side))
+    if left[0] > left[1] or top[0] > top[1]:
+        return None
+    return left, top
+
+
+@dataclass(frozen=True)
+class SubjectRules:
+    filters: ObjectFilterConfig
+    min_mask_fill: float
+    min_subjects: int
+    max_subjects: int
+
+
+def choose_subjects(
+    record: ImageRecord, rules: SubjectRules, rejected: Counter, label_map: bool = False
+) -> ImageRecord:
+    """The record with only its training subjects, best first, each mask resolved and non-empty.
+
+    Order: the object filters (no count cap), then mask checks (a segment inside the box, filling at
+    least ``min_mask_fill`` of it), then the cap at ``max_subjects``, then the lowest-ranked subjects are
+    dropped until one square crop holds all boxes. Raises `DataError` when fewer than ``min_subjects``
+    are left. Object rejections are added to ``rejected``. label_map: objects without a ``mask_label``
+    take the most frequent non-zero label inside their box (the authors' label maps); otherwise a mask
+    without a label is binary.
+    """
+    kept, dropped = select_objects(
+        list(record.objects), (record.width, record.height), record.caption, rules.filters
+    )
+    rejected.update(reason for _, reason in dropped)
+    if len(kept) < rules.min_subjects:
+        raise DataError(
+            NO_VALID_OBJECT, f"{record.id}: {len(kept)} objects pass the filters, need {rules.min_subjects}"
+        )
+    label_maps: dict[str, np.ndarray] = {}
+    checked: list[ObjectRecord] = []
+    empty = 0
+    for obj in kept:
+        if obj.mask is None:
+            rejected[OBJECT_EMPTY_MASK] += 1
+            empty += 1
+            continue
+        if obj.mask not in label_maps:
+            label_maps[obj.mask] = load_label_map(obj.mask)
+        labels = label_maps[obj.mask]
+        label = obj.mask_label
+        if label is None and label_map:
+            label = dominant_label(labels, obj.box)
+            if label is None:
+                rejected[OBJECT_EMPTY_MASK] += 1
+                empty += 1
+                continue
+        x1, y1, x2, y2 = int_box(obj.box, labels.shape[1], labels.shape[0])
+        filled = object_mask(labels[y1:y2, x1:x2], label).sum()
+        if filled == 0:
+            rejected[OBJECT_EMPTY_MASK] += 1
+            empty += 1
+            continue
+        if filled < rules.min_mask_fill * max(1, (x2 - x1) * (y2 - y1)):
+            rejected[OBJECT_LOW_MASK_FILL] += 1
+            continue
+        checked.append(replace(obj, mask_label=label))
+    if len(checked) > rules.max_subjects:
+        rejected[OBJECT_OVER_MAX_SUBJECTS] += len(checked) - rules.max_subjects
+    checked = checked[: rules.max_subjects]
+    while checked and crop_range([o.box for o in checked], record.width, record.height) is None:
+        checked.pop()
+        rejected[OBJECT_CROP_DOES_NOT_FIT] += 1
+    if len(checked) < rules.min_subjects:
+        reason = EMPTY_MASK if empty and len(checked) + empty >= rules.min_subjects else NO_VALID_OBJECT
+        raise DataError(reason, f"{record.id}: {len(checked)} subjects left after mask and crop checks")
+    return replace(record, objects=tuple(checked))
+
+
+def build_index(
+    keys: Sequence[str],
+    read: Callable[[str], Candidate],
+    rules: SubjectRules,
+    workers: int = 8,
+    limit: int | None = None,
+) -> tuple[list[ImageRecord], ScanReport]:
+    """Read, filter and choose the subjects of every key; order follows ``keys``.
+
+    limit: read only the first ``limit`` keys. Raises `NoValidDataError` (with the counts) when no image
+    is usable.
+    """
+    report = ScanReport()
+    keys = list(keys)[:limit] if limit is not None else list(keys)
+
+    def one(key: str) -> tuple[ImageRecord | None, DataError | None, Counter]:
+        rejected: Counter = Counter()
+        candidate = read(key)
+        if candidate.error is not None:
+            return None, candidate.error, rejected
+        try:
+            return choose_subjects(candidate.record, rules, rejected, candidate.label_map), None, rejected
+        except DataError as error:
+            return None, error, rejected
+
+    records: list[ImageRecord] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for record, error, rejected in pool.map(one, keys):
+            report.total += 1
+            report.objects_rejected.update(rejected)
+            if error is not None:
+                report.skipped[error.reason] += 1
+                report.examples.setdefault(error.reason, str(error))
+            else:
+                records.append(record)
+    report.kept = len(records)
+    if not records:
+        examples = "; ".join(f"{k}: {v}" for k, v in report.examples.items())
+        raise NoValidDataError(
+            f"no usable training image: {report.summary()}" + (f" (e.g. {examples})" if examples else "")
+        )
+    return records, report

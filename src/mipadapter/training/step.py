@@ -1,0 +1,194 @@
+"""The training step: frozen encoders under no_grad, the adapter-equipped UNet with gradients.
+
+Everything is batched: the references of all subjects of all samples go through the image encoder in
+one call, all names through the text encoders in one call, and the UNet runs once; the processors
+handle every subject of every layer in batched tensor ops. No Python loop over layers or subjects.
+
+Variable subject counts: a padded subject has scale 0 (no image contribution under any rule). Under
+``official`` the subjects' weights are ``A_i / Σ_k A_k``, and a padded subject's relevance would still
+enter that sum; it is zeroed with a region (multiply mode, 1 for real subjects, 0 for padding), so a
+padded sample computes exactly what the unpadded one does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mipadapter.config import MergeRule, RegionMode
+from mipadapter.modeling import MIPAdapter, SubjectConditioning
+from mipadapter.modeling.conditioning import CROSS_ATTENTION_KWARG
+from mipadapter.training.batching import TrainBatch
+from mipadapter.training.text import TextConditioner
+
+
+def subject_conditioning(
+    image_tokens: torch.Tensor,
+    subject_mask: torch.Tensor,
+    name_embeds: torch.Tensor,
+    name_mask: torch.Tensor,
+    rule: MergeRule | str,
+    use_text_weight: bool,
+    latent_size: tuple[int, int],
+) -> SubjectConditioning:
+    """The conditioning of a padded training batch (one photo per subject).
+
+    image_tokens [B, n, t, c]; subject_mask [B, n] (bool); name_embeds [B, n, m, c]; name_mask [B, n, m].
+    """
+    b, n = subject_mask.shape
+    device = image_tokens.device
+    rule = MergeRule.parse(rule)
+    regions = has_region = None
+    if rule == MergeRule.OFFICIAL and not bool(subject_mask.all()):
+        regions = subject_mask.to(image_tokens.dtype)[:, :, None, None].expand(
+            b, n, *latent_size
+        )  # [B, n, H, W]
+        has_region = torch.ones(n, dtype=torch.bool, device=device)
+    return SubjectConditioning(
+        image_tokens=image_tokens,
+        owner=torch.arange(n, device=device),
+        share=torch.ones(n, device=device),
+        scales=subject_mask.to(image_tokens.dtype),
+        name_embeds=name_embeds,
+        name_mask=name_mask,
+        rule=rule,
+        use_text_weight=use_text_weight,
+        latent_size=latent_size,
+        regions=regions,
+        has_region=has_region,
+        region_mode=RegionMode.MULTIPLY,
+    )
+
+
+class AdapterUNet(nn.Module):
+    """The frozen UNet with the adapter attached: the one module accelerate prepares (under DDP only the
+    trainable adapter parameters are synchronised)."""
+
+    def __init__(self, unet: nn.Module, adapter: MIPAdapter, rule: MergeRule | str) -> None:
+        super().__init__()
+        self.unet = unet
+        self.adapter = adapter
+        self.rule = MergeRule.parse(rule)
+
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        added_cond_kwargs: dict | None,
+        image_features: torch.Tensor,
+        subject_mask: torch.Tensor,
+        name_embeds: torch.Tensor,
+        name_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """noisy_latents [B, 4, h, w]; image_features [B, n, D] or [B, n, L, D] → prediction [B, 4, h, w]."""
+        b, n = subject_mask.shape
+        tokens = self.adapter.project(image_features.flatten(0, 1))  # [B·n, t, c]
+        tokens = tokens.view(b, n, *tokens.shape[1:])  # [B, n, t, c]
+        cond = subject_conditioning(
+            tokens,
+            subject_mask,
+            name_embeds,
+            name_mask,
+            self.rule,
+            self.adapter.config.text_weight,
+            tuple(noisy_latents.shape[-2:]),
+        )
+        return self.unet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=prompt_embeds,
+            added_cond_kwargs=added_cond_kwargs,
+            cross_attention_kwargs={CROSS_ATTENTION_KWARG: cond},
+        ).sample
+
+
+@dataclass
+class FrozenModels:
+    """The frozen parts of a pipeline used in a step; ``weight_dtype`` is what the encoders run in."""
+
+    vae: nn.Module
+    text: TextConditioner
+    image_encoder: nn.Module
+    noise_scheduler: object  # a DDPMScheduler
+    uses_hidden_states: bool
+    weight_dtype: torch.dtype = torch.float32
+
+    @property
+    def arch(self) -> str:
+        return self.text.arch
+
+
+@torch.no_grad()
+def encode_images(image_encoder: nn.Module, references: torch.Tensor, hidden_states: bool) -> torch.Tensor:
+    """references [B, n, 3, S, S] → features [B, n, D] (projected embeds) or [B, n, L, D] (penultimate
+    hidden states, for Plus projections), in one encoder call."""
+    b, n = references.shape[:2]
+    param = next(image_encoder.parameters())
+    pixels = references.flatten(0, 1).to(param.device, param.dtype)  # [B·n, 3, S, S]
+    if hidden_states:
+        features = image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+    else:
+        features = image_encoder(pixels).image_embeds
+    return features.view(b, n, *features.shape[1:])
+
+
+@torch.no_grad()
+def encode_latents(vae: nn.Module, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """pixel_values [B, 3, R, R] in [-1, 1] → scaled latents [B, 4, R/8, R/8], sampled with ``generator``
+    (a CPU generator: the draw does not depend on the device)."""
+    param = next(vae.parameters())
+    posterior = vae.encode(pixel_values.to(param.device, param.dtype)).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+    latents = posterior.mean + posterior.std * noise
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def training_loss(
+    model: nn.Module,
+    frozen: FrozenModels,
+    batch: TrainBatch,
+    generator: torch.Generator,
+    noise_offset: float = 0.0,
+) -> torch.Tensor:
+    """Epsilon (or v) prediction MSE of one batch with uniform timesteps; random draws from ``generator``."""
+    device = batch.pixel_values.device
+    dtype = frozen.weight_dtype
+    latents = encode_latents(frozen.vae, batch.pixel_values, generator).to(dtype)  # [B, 4, h, w]
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator)
+    noise = noise.to(device, dtype)
+    scheduler = frozen.noise_scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+
+    with torch.no_grad():
+        prompt_embeds, pooled = frozen.text.encode_prompts(batch.prompt_ids)
+        name_embeds = frozen.text.encode_names(batch.name_ids, batch.name_mask)
+        features = encode_images(frozen.image_encoder, batch.references, frozen.uses_hidden_states)
+        keep = (~batch.drop_image).to(features.dtype).view(b, *([1] * (features.ndim - 1)))
+        features = features * keep  # a dropped image is a zero embedding, as at inference
+    added = None
+    if frozen.arch == "sdxl":
+        added = {"text_embeds": pooled.to(dtype), "time_ids": batch.time_ids.to(device, dtype)}
+    prediction = model(
+        noisy,
+        timesteps,
+        prompt_embeds.to(dtype),
+        added,
+        features,
+        batch.subject_mask,
+        name_embeds.to(dtype),
+        batch.name_mask,
+    )
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction.float(), target.float())

@@ -1,0 +1,134 @@
+"""The training step: padding invariance, a falling loss on a fixed batch, only adapter weights move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from synthetic_data import write_authors_layout
+
+from mipadapter.config import AdapterConfig
+from mipadapter.modeling import MIPAdapter
+from mipadapter.testing import TINY_SDXL, tiny_checkpoint_files, tiny_sdxl_pipeline
+from mipadapter.training.batching import Collator, SubjectDataset
+from mipadapter.training.components import build_adapter, components_from_pipeline, set_trainable
+from mipadapter.training.config import FilterConfig, ModelConfig
+from mipadapter.training.samples import SampleSettings
+from mipadapter.training.sources import SubjectRules, authors_candidates, build_index
+from mipadapter.training.step import AdapterUNet, FrozenModels, training_loss
+from mipadapter.training.text import TextConditioner
+
+
+@pytest.fixture(scope="module")
+def unet64():
+    torch.manual_seed(0)
+    unet = tiny_sdxl_pipeline().unet.double()
+    config = AdapterConfig("basic", TINY_SDXL.basic_image_encoder.projection_dim, 96, 4, text_weight=True)
+    adapter = MIPAdapter.for_unet(unet, config).double()
+    for parameter in adapter.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    adapter.attach(unet)
+    yield unet, adapter
+    adapter.detach()
+
+
+@pytest.mark.parametrize("rule", ["official", "paper"])
+def test_padded_subjects_change_nothing(unet64, rule):
+    """A 2-subject sample padded to 3 subjects gives the same predictions (to float64 rounding)."""
+    unet, adapter = unet64
+    model = AdapterUNet(unet, adapter, rule)
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    latents, timesteps, prompt = rand(1, 4, 8, 8), torch.tensor([500]), rand(1, 77, 96)
+    added = {
+        "text_embeds": rand(1, 32),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]], dtype=torch.float64),
+    }
+    features, names = rand(1, 2, 40), rand(1, 2, 2, 96)
+    name_mask = torch.tensor([[[True, False], [True, True]]])
+    alone = model(
+        latents, timesteps, prompt, added, features, torch.ones(1, 2, dtype=torch.bool), names, name_mask
+    )
+    padded = model(
+        latents, timesteps, prompt, added,
+        torch.cat([features, rand(1, 1, 40)], 1), torch.tensor([[True, True, False]]),
+        torch.cat([names, rand(1, 1, 2, 96)], 1), torch.cat([name_mask, torch.tensor([[[True, False]]])], 1),
+    )  # fmt: skip
+    torch.testing.assert_close(padded, alone, rtol=1e-12, atol=1e-13)
+    # the same sample inside a batch beside a 3-subject sample
+    other = [rand(1, 4, 8, 8), rand(1, 77, 96), rand(1, 3, 40), rand(1, 3, 2, 96)]
+    batched = model(
+        torch.cat([latents, other[0]]), torch.tensor([500, 300]), torch.cat([prompt, other[1]]),
+        {k: torch.cat([v, v]) for k, v in added.items()},
+        torch.cat([torch.cat([features, rand(1, 1, 40)], 1), other[2]]),
+        torch.tensor([[True, True, False], [True, True, True]]),
+        torch.cat([torch.cat([names, rand(1, 1, 2, 96)], 1), other[3]]),
+        torch.cat([torch.cat([name_mask, torch.tensor([[[True, False]]])], 1), torch.ones(1, 3, 2, dtype=torch.bool)]),
+    )  # fmt: skip
+    torch.testing.assert_close(batched[:1], alone, rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("step")
+    write_authors_layout(tmp / "data", 4)
+    pipe = tiny_sdxl_pipeline()
+    encoder, _ = TINY_SDXL.basic_image_encoder.build()
+    files = tiny_checkpoint_files(tmp / "ckpt", pipe, dtype=None)
+    components = components_from_pipeline(pipe, encoder)
+    records, _ = build_index(
+        *authors_candidates(tmp / "data", None), SubjectRules(FilterConfig().object_filter(), 0.0, 1, 3)
+    )
+    settings = SampleSettings(64, components.reference_size, drop_text=0, drop_image=0, drop_both=0)
+    dataset = SubjectDataset(records, settings)
+    batch = Collator(components.tokenizers, components.reference_size)([dataset[(i, i)] for i in range(2)])
+    return components, files, batch
+
+
+def test_loss_falls_and_only_trainable_parameters_change(fixed_batch):
+    components, files, batch = fixed_batch
+    config = ModelConfig(base_model="-", image_encoder="-", adapter_init=str(files.basic_bin))
+    adapter = build_adapter(config, components.unet, components.image_encoder)
+    params = set_trainable(adapter, train_image_proj=False)
+    trainable = {name for name, p in adapter.named_parameters() if p.requires_grad}
+    assert trainable and all(("to_k_ip" in n or "to_v_ip" in n or "text_to_weight" in n) for n in trainable)
+    frozen_modules = {
+        "unet": components.unet, "vae": components.vae, "image_encoder": components.image_encoder,
+        "text_encoder": components.text_encoders[0], "text_encoder_2": components.text_encoders[1],
+    }  # fmt: skip
+    before = {
+        f"{key}.{name}": t.detach().clone()
+        for key, module in frozen_modules.items()
+        for name, t in module.state_dict().items()
+    }
+    before.update({f"adapter.{n}": t.detach().clone() for n, t in adapter.state_dict().items()})
+    adapter.attach(components.unet)
+    try:
+        model = AdapterUNet(components.unet, adapter, "official")
+        frozen = FrozenModels(
+            components.vae, TextConditioner(components.text_encoders, "sdxl"), components.image_encoder,
+            components.noise_scheduler, uses_hidden_states=False,
+        )  # fmt: skip
+        optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
+        losses = []
+        for _ in range(30):
+            generator = torch.Generator().manual_seed(0)  # the same noise and timesteps every step
+            loss = training_loss(model, frozen, batch, generator)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    finally:
+        adapter.detach()
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert sum(losses[-5:]) < sum(losses[:5])
+    after = {
+        f"{key}.{name}": t
+        for key, module in frozen_modules.items()
+        for name, t in module.state_dict().items()
+    }
+    after.update({f"adapter.{n}": t for n, t in adapter.state_dict().items()})
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"adapter.{n}" for n in trainable}
