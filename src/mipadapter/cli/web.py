@@ -1,0 +1,57 @@
+"""`mipadapter web`: the Gradio demo page, models loaded once, bound to 127.0.0.1 unless told otherwise."""
+
+from __future__ import annotations
+
+import argparse
+
+from mipadapter.config import DEFAULT_PRESET, PRESETS
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "web",
+        help="serve a web page for multi-subject generation (needs the [web] extra)",
+        description="Serve the demo page: subjects with photos, a prompt, images and routing maps.",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"
+    )
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help="default models")
+    parser.add_argument("--base-model", help="diffusers base model: Hub id or local folder")
+    parser.add_argument("--adapter", help="adapter checkpoint: local file or owner/repo/path/file")
+    parser.add_argument("--image-encoder", help="CLIP image encoder: local folder or owner/repo/subfolder")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 …"
+    )
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    parser.add_argument("--max-subjects", type=int, default=4, help="subjects one request may give")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest photo file accepted")
+    parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model")
+    parser.add_argument(
+        "--tiny", action="store_true", help="built-in tiny random models, offline (try the page anywhere)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_subjects < 1 or args.max_upload_mb <= 0 or args.queue_size < 1:
+        raise ValueError("--max-subjects and --queue-size must be ≥ 1 and --max-upload-mb > 0")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must lie in 0..65535, got {args.port}")
+    try:
+        from mipadapter.web.app import build_app, launch
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] == "gradio":
+            raise RuntimeError("the web demo needs gradio: pip install 'mipadapter[web]'") from None
+        raise
+    from mipadapter.cli.options import load_pipeline, pick_device_dtype
+    from mipadapter.web.handler import Limits
+
+    device, dtype = pick_device_dtype(args.device, args.dtype, tiny=args.tiny)
+    pipe, models = load_pipeline(args, device, dtype)  # once, for every request
+    upload_bytes = int(args.max_upload_mb * 2**20)
+    limits = Limits.for_pipeline(pipe, max_subjects=args.max_subjects, max_upload_bytes=upload_bytes)
+    app = build_app(pipe, limits, models, default_steps=4 if args.tiny else 30)
+    launch(app, host=args.host, port=args.port, max_file_size=upload_bytes, queue_size=args.queue_size)
+    return 0

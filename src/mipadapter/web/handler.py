@@ -1,0 +1,390 @@
+"""The web demo's handler: a plain function from what the page holds to images and routing maps.
+
+Nothing here imports gradio: the page (``mipadapter.web.app``) flattens its widgets into a
+``GenerateRequest``, calls ``generate`` and shows the ``GenerateResult``; tests call ``generate``
+directly. Problems a person can fix (a name missing from the prompt, an unreadable upload, too many
+subjects …) come back as messages attached to the subject slot that caused them, never as exceptions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mipadapter.alignment import SubjectAlignmentError
+
+logger = logging.getLogger(__name__)
+
+PHOTO_SIDE = 1024
+"""Photos are shrunk to at most this side on upload (the image encoder sees 224² anyway)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server.
+
+    Output sides lie in ``[min_side, max_side]`` and are multiples of ``side_multiple`` pixels.
+    """
+
+    max_subjects: int = 4
+    max_photos: int = 4  # per subject
+    max_upload_bytes: int = 10 * 2**20  # per photo file
+    max_photo_pixels: int = 40_000_000  # per photo (width × height, before shrinking)
+    min_side: int = 512
+    max_side: int = 1536
+    side_multiple: int = 32
+    max_steps: int = 100
+    max_images: int = 4
+
+    @classmethod
+    def for_pipeline(cls, pipe, **overrides) -> Limits:
+        """Output sizes around the model's native side (half to one and a half times it)."""
+        side, multiple = native_side(pipe), side_multiple(pipe)
+        sizes = {
+            "min_side": max(multiple, side // 2 // multiple * multiple),
+            "max_side": max(multiple, side * 3 // 2 // multiple * multiple),
+            "side_multiple": multiple,
+        }
+        return cls(**{**sizes, **overrides})
+
+
+def native_side(pipe) -> int:
+    """The output side the base model was trained at (pixels): UNet sample size × VAE scale factor."""
+    return int(pipe.pipe.unet.config.sample_size * pipe.pipe.vae_scale_factor)
+
+
+def side_multiple(pipe) -> int:
+    """Output sides must be multiples of this: the VAE factor times the UNet's total downsampling."""
+    levels = len(pipe.pipe.unet.config.block_out_channels)
+    return int(pipe.pipe.vae_scale_factor * 2 ** (levels - 1))
+
+
+@dataclass
+class SubjectForm:
+    """One subject slot of the page, as the page holds it.
+
+    photos: uploaded file paths (or PIL images); box: four numbers ``x0, y0, x1, y1`` in output pixels,
+    each ``None`` when left blank; painted: the region editor's value (a dict with ``layers`` of RGBA
+    arrays, as gradio's ImageEditor gives, or one [H, W(, C)] array / PIL image), ``None`` if unused.
+    """
+
+    name: str = ""
+    photos: Sequence[Any] = ()
+    strength: float | None = None
+    box: Sequence[Any] | None = None
+    painted: Any = None
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str
+    subjects: Sequence[SubjectForm]
+    rule: str | None = None
+    seed: int = 420
+    steps: int = 30
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+
+
+@dataclass
+class GenerateResult:
+    """images: the generated images; maps: (image tinted by one subject's routing map, caption) pairs,
+    for every image every subject; subject_errors: slot index → message; error: a message about the
+    request as a whole (the prompt, the size …); status: one line for the page."""
+
+    images: list = field(default_factory=list)
+    maps: list[tuple[Any, str]] = field(default_factory=list)
+    subject_errors: dict[int, str] = field(default_factory=dict)
+    error: str | None = None
+    status: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.subject_errors and self.error is None
+
+
+class _Problems:
+    """Collects messages per slot (``None`` for the request as a whole)."""
+
+    def __init__(self) -> None:
+        self.by_slot: dict[int, list[str]] = {}
+        self.general: list[str] = []
+
+    def add(self, slot: int | None, message: str) -> None:
+        (self.general if slot is None else self.by_slot.setdefault(slot, [])).append(message)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_slot or self.general)
+
+    def result(self) -> GenerateResult:
+        subject_errors = {slot: " ".join(messages) for slot, messages in sorted(self.by_slot.items())}
+        error = " ".join(self.general) or None
+        status = "Not generated."
+        if error:
+            status += f" {error}"
+        if subject_errors:
+            slots = ", ".join(str(slot + 1) for slot in subject_errors)
+            status += f" See the message{'s' if len(subject_errors) > 1 else ''} at subject {slots}."
+        return GenerateResult(subject_errors=subject_errors, error=error, status=status)
+
+
+def is_blank(form: SubjectForm) -> bool:
+    """An untouched slot: no name, no photo, no box, nothing painted."""
+    return (
+        not (form.name or "").strip()
+        and not list(form.photos or ())
+        and not any(value not in (None, "") for value in (form.box or ()))
+        and painted_mask(form.painted) is None
+    )
+
+
+def _bytes(count: int) -> str:
+    return f"{count / 2**20:.1f} MB" if count >= 2**20 else f"{count / 2**10:.1f} kB"
+
+
+def read_photo(item: Any, limits: Limits):
+    """An uploaded file (path, or an object with ``.name``/``.path``) or PIL image → RGB PIL image.
+
+    Raises ValueError with a readable reason (too large, not an image …); the caller names the subject.
+    """
+    from PIL import Image
+
+    if hasattr(item, "size") and hasattr(item, "convert"):
+        image, label = item, "a photo"
+    else:
+        path = Path(getattr(item, "path", None) or getattr(item, "name", None) or item)
+        label = path.name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise ValueError(f"{label} could not be read (the upload is missing)") from None
+        if size > limits.max_upload_bytes:
+            raise ValueError(f"{label} is {_bytes(size)}; the limit is {_bytes(limits.max_upload_bytes)}")
+        try:
+            image = Image.open(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            raise ValueError(f"{label} is not a readable image (JPEG, PNG, WebP …)") from None
+    width, height = image.size
+    if width * height > limits.max_photo_pixels:
+        raise ValueError(
+            f"{label} is {width}×{height} pixels; the limit is {limits.max_photo_pixels / 1e6:.0f} megapixels"
+        )
+    try:
+        image.draft("RGB", (PHOTO_SIDE, PHOTO_SIDE))  # JPEG: decode at a reduced scale
+        image = image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise ValueError(f"{label} is not a readable image (the file is damaged)") from None
+    image.thumbnail((PHOTO_SIDE, PHOTO_SIDE))
+    return image
+
+
+def parse_box(values: Sequence[Any] | None) -> tuple[float, float, float, float] | None:
+    """Four box fields → ``(x0, y0, x1, y1)``; all blank → None. Raises ValueError if only some are filled."""
+    values = list(values or ())
+    if not any(value not in (None, "") for value in values):
+        return None
+    if len(values) != 4 or any(value in (None, "") for value in values):
+        raise ValueError("fill in all four box fields x0, y0, x1, y1 (or leave all four blank)")
+    try:
+        box = tuple(float(value) for value in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"the box fields must be numbers, got {values}") from None
+    if not all(math.isfinite(value) for value in box):
+        raise ValueError(f"the box fields must be finite numbers, got {values}")
+    return box  # type: ignore[return-value]
+
+
+def painted_mask(value: Any) -> np.ndarray | None:
+    """A region editor's value → [H, W] float mask in [0, 1] (painted = 1); None if nothing is painted.
+
+    value: gradio ImageEditor's dict (its ``layers`` are RGBA arrays or PIL images; the background is
+    ignored), or a single array / PIL image (alpha if it has one, else brightness).
+    """
+    if value is None:
+        return None
+    layers = value.get("layers") if isinstance(value, dict) else [value]
+    masks = []
+    for layer in layers or ():
+        if layer is None:
+            continue
+        if hasattr(layer, "convert"):
+            layer = np.asarray(layer.convert("RGBA") if "A" in layer.getbands() else layer.convert("L"))
+        array = np.asarray(layer, dtype=np.float32)
+        if array.ndim == 3:
+            array = array[..., 3] if array.shape[-1] == 4 else array.max(axis=-1)
+        if array.ndim != 2:
+            raise ValueError(f"a painted region must be an image, got an array of shape {array.shape}")
+        masks.append(array / 255.0 if array.max() > 1 else array)
+    if not masks or not any(float(mask.max()) > 0 for mask in masks):
+        return None
+    shape = masks[0].shape
+    if any(mask.shape != shape for mask in masks):
+        raise ValueError("the painted layers have different sizes")
+    return np.clip(np.max(np.stack(masks), axis=0), 0.0, 1.0)
+
+
+def _owner_of(message: str, names: dict[int, str]) -> int | None:
+    """The slot whose subject a library error names (``subject 'cat' …``), longest name first."""
+    for slot, name in sorted(names.items(), key=lambda item: -len(item[1])):
+        if f"{name!r}" in message:
+            return slot
+    return None
+
+
+def generate(
+    pipe,
+    request: GenerateRequest,
+    limits: Limits | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> GenerateResult:
+    """Check the request, run ``pipe`` (a ``MIPAdapterPipeline``) and tint each image by each subject's
+    routing map. progress: called as ``progress(step, total)`` after every denoising step."""
+    import torch
+
+    from mipadapter.config import MergeRule
+    from mipadapter.figures import PALETTE, overlay_map
+    from mipadapter.pipeline import Subject
+    from mipadapter.pipeline.encoding import tokenizers_of
+
+    limits = limits or Limits.for_pipeline(pipe)
+    problems = _Problems()
+    prompt = (request.prompt or "").strip()
+    if not prompt:
+        problems.add(None, "Write a prompt that names each subject.")
+
+    width = request.width or native_side(pipe)
+    height = request.height or native_side(pipe)
+    for label, side in (("width", width), ("height", height)):
+        if not limits.min_side <= side <= limits.max_side or side % limits.side_multiple:
+            problems.add(
+                None,
+                f"The {label} must be a multiple of {limits.side_multiple} between {limits.min_side} and "
+                f"{limits.max_side} pixels, got {side}.",
+            )
+    if not 1 <= int(request.steps) <= limits.max_steps:
+        problems.add(None, f"Steps must lie between 1 and {limits.max_steps}, got {request.steps}.")
+    if not 1 <= int(request.num_images) <= limits.max_images:
+        problems.add(None, f"Images must lie between 1 and {limits.max_images}, got {request.num_images}.")
+    rule = None
+    if request.rule:
+        try:
+            rule = MergeRule.parse(request.rule)
+        except ValueError as error:
+            problems.add(None, f"{error}.")
+
+    filled = [(slot, form) for slot, form in enumerate(request.subjects) if not is_blank(form)]
+    if not filled:
+        problems.add(None, "Add at least one subject: a name and one or more photos.")
+    if len(filled) > limits.max_subjects:
+        extra = ", ".join(str(slot + 1) for slot, _ in filled[limits.max_subjects :])
+        problems.add(
+            None,
+            f"Too many subjects: {len(filled)} given, this server takes at most {limits.max_subjects} "
+            f"(remove subject {extra}).",
+        )
+
+    subjects, names, photos_of = [], {}, {}
+    for slot, form in filled:
+        name = (form.name or "").strip()
+        label = f"subject {name!r}" if name else f"subject {slot + 1}"
+        if not name:
+            problems.add(slot, "Give this subject a name: the words the prompt uses for it (e.g. 'cat').")
+        elif name in names.values():
+            problems.add(slot, f"Another subject is already called {name!r}: give each its own name.")
+        photos = []
+        uploads = list(form.photos or ())
+        if not uploads:
+            problems.add(slot, f"Upload at least one photo of {label}.")
+        elif len(uploads) > limits.max_photos:
+            problems.add(
+                slot, f"Too many photos of {label}: at most {limits.max_photos}, got {len(uploads)}."
+            )
+        else:
+            for upload in uploads:
+                try:
+                    photos.append(read_photo(upload, limits))
+                except ValueError as error:
+                    problems.add(slot, f"Photo of {label}: {error}.")
+        region = None
+        try:
+            box, mask = parse_box(form.box), painted_mask(form.painted)
+            if box is not None and mask is not None:
+                raise ValueError("give a box or a painted region, not both")
+            region = box if box is not None else mask
+        except ValueError as error:
+            problems.add(slot, f"Region of {label}: {error}.")
+        strength = form.strength
+        if strength is not None and not (math.isfinite(float(strength)) and float(strength) >= 0):
+            problems.add(slot, f"The strength of {label} must be a number ≥ 0, got {strength}.")
+        if name:
+            names[slot] = name
+        if name and photos and slot not in problems.by_slot:
+            subjects.append(
+                Subject(name, photos, scale=None if strength is None else float(strength), region=region)
+            )
+            photos_of[name] = photos
+
+    if prompt:  # every missing name at once, each next to its subject
+        tokenizers = tokenizers_of(pipe.pipe)
+        from mipadapter.alignment import align_subjects
+
+        for slot, name in names.items():
+            try:
+                align_subjects(tokenizers, prompt, [name])
+            except SubjectAlignmentError as error:
+                problems.add(slot, f"{error}.")
+    if problems:
+        return problems.result()
+
+    total = int(request.steps)
+
+    def on_step_end(_pipe, step, _timestep, callback_kwargs):
+        if progress is not None:
+            progress(step + 1, total)
+        return callback_kwargs
+
+    try:
+        output = pipe(
+            prompt,
+            subjects,
+            rule=rule,
+            num_inference_steps=total,
+            height=height,
+            width=width,
+            num_images_per_prompt=int(request.num_images),
+            generator=torch.Generator().manual_seed(int(request.seed)),
+            return_relevance=True,
+            show_progress=False,
+            callback_on_step_end=on_step_end,
+        )
+    except (ValueError, TypeError) as error:  # SubjectAlignmentError is a ValueError
+        slot = _owner_of(str(error), names)
+        problems.add(slot, str(error) if slot is None else f"{error}.")
+        return problems.result()
+
+    maps = []
+    for index, (image, relevance) in enumerate(zip(output.images, output.relevance, strict=True)):
+        for position, subject in enumerate(subjects):
+            color = PALETTE[position % len(PALETTE)]
+            caption = subject.name if len(output.images) == 1 else f"{subject.name} (image {index + 1})"
+            maps.append((overlay_map(image, relevance[subject.name], color), caption))
+    count = len(output.images)
+    described = [
+        repr(s.name)
+        + ("" if s.region is None else " (box)" if isinstance(s.region, tuple) else " (painted region)")
+        for s in subjects
+    ]
+    status = (
+        f"Generated {count} image{'s' if count > 1 else ''} of {width}×{height} in {total} steps "
+        f"(seed {int(request.seed)}, rule {(rule or pipe.adapter.config.default_rule).value}) with "
+        + ", ".join(described)
+        + "."
+    )
+    return GenerateResult(images=list(output.images), maps=maps, status=status)
