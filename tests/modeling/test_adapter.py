@@ -1,0 +1,182 @@
+"""``MIPAdapter``: which layers it takes over, attach/detach, initialisation, and the image projections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from mipadapter.config import AdapterConfig
+from mipadapter.modeling import MIPAdapter, MIPAttnProcessor, build_image_projection, cross_attention_layers
+from mipadapter.testing import TINY_SD15, TINY_SDXL, tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+BUILDERS = {"sdxl": tiny_sdxl_pipeline, "sd15": tiny_sd15_pipeline}
+SPECS = {"sdxl": TINY_SDXL, "sd15": TINY_SD15}
+
+
+def basic_config(arch: str, text_weight: bool = True) -> AdapterConfig:
+    spec = SPECS[arch]
+    return AdapterConfig(
+        "basic", spec.basic_image_encoder.projection_dim, spec.cross_attention_dim, 4, text_weight
+    )
+
+
+def random_adapter(unet, arch: str, seed: int = 0) -> MIPAdapter:
+    adapter = MIPAdapter.for_unet(unet, basic_config(arch))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for param in adapter.parameters():
+            torch.nn.init.normal_(param, std=0.1)
+    return adapter
+
+
+def unet_inputs(pipe, arch: str, batch: int = 2):
+    g = torch.Generator().manual_seed(0)
+    cross = pipe.unet.config.cross_attention_dim
+    kwargs = dict(
+        sample=torch.randn(batch, 4, 8, 8, generator=g),
+        timestep=torch.tensor(500),
+        encoder_hidden_states=torch.randn(batch, 77, cross, generator=g),
+    )
+    if arch == "sdxl":
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, TINY_SDXL.text_projection_dim, generator=g),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch),
+        }
+    return kwargs
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_cross_attention_layers_follow_attn_processors(arch):
+    unet = BUILDERS[arch]().unet
+    layers = cross_attention_layers(unet)
+    names = list(unet.attn_processors)
+    assert len(layers) == SPECS[arch].num_cross_attention_layers
+    for layer in layers:
+        assert names[layer.index] == layer.name + ".processor" and layer.name.endswith("attn2")
+        module = unet.get_submodule(layer.name)
+        assert (layer.hidden_size, layer.cross_attention_dim) == (
+            module.to_k.out_features,
+            SPECS[arch].cross_attention_dim,
+        )
+    assert [layer.index for layer in layers] == list(range(1, 2 * len(layers), 2))
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_attach_takes_cross_attention_only_and_detach_restores_exactly(arch):
+    pipe = BUILDERS[arch]()
+    unet = pipe.unet
+    before = dict(unet.attn_processors)
+    inputs = unet_inputs(pipe, arch)
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+    adapter = random_adapter(unet, arch)
+    adapter.attach(unet)
+    assert adapter.is_attached
+    attached = unet.attn_processors
+    for key, processor in attached.items():
+        if key.endswith("attn2.processor"):
+            assert processor is adapter.processor(key.removesuffix(".processor"))
+        else:
+            assert processor is before[key]
+    # with no conditioning in the call, the adapter's processors are plain cross-attention
+    with torch.no_grad():
+        assert torch.equal(unet(**inputs).sample, expected)
+    adapter.detach()
+    assert not adapter.is_attached
+    after = unet.attn_processors
+    assert list(after) == list(before)
+    assert all(after[key] is before[key] for key in before)  # the very same objects, not look-alikes
+    assert {type(p) for p in after.values()} == {AttnProcessor2_0}
+    with torch.no_grad():
+        assert torch.equal(unet(**inputs).sample, expected)
+    # the adapter's weights stayed out of the UNet's parameters and state dict
+    assert not any("to_k_ip" in key for key in unet.state_dict())
+
+
+def test_attach_and_detach_guard_against_misuse():
+    pipe = tiny_sdxl_pipeline()
+    adapter = random_adapter(pipe.unet, "sdxl")
+    with pytest.raises(RuntimeError, match="not attached"):
+        adapter.detach()
+    adapter.attach(pipe.unet)
+    with pytest.raises(RuntimeError, match="already attached"):
+        adapter.attach(pipe.unet)
+    adapter.detach()
+    other = tiny_sd15_pipeline().unet
+    with pytest.raises(ValueError, match="different cross-attention layers"):
+        adapter.attach(other)
+    with pytest.raises(ValueError, match="another base model"):
+        MIPAdapter.for_unet(other, basic_config("sdxl"))  # 96-wide tokens for a 48-wide UNet
+
+
+def test_init_from_base_copies_to_k_to_v_and_zeroes_the_gate():
+    unet = tiny_sd15_pipeline().unet
+    adapter = random_adapter(unet, "sd15")
+    adapter.init_from_base(unet)
+    for layer in adapter.layer_specs:
+        attention, processor = unet.get_submodule(layer.name), adapter.processor(layer.name)
+        assert torch.equal(processor.to_k_ip.weight, attention.to_k.weight)
+        assert torch.equal(processor.to_v_ip.weight, attention.to_v.weight)
+        assert not processor.to_k_ip.weight.data_ptr() == attention.to_k.weight.data_ptr()  # a copy
+        assert torch.count_nonzero(processor.text_to_weight.weight) == 0
+
+
+def test_processors_are_ordered_and_sized_per_layer():
+    unet = tiny_sdxl_pipeline().unet
+    adapter = MIPAdapter.for_unet(unet, basic_config("sdxl", text_weight=False))
+    processors = adapter.processors()
+    assert list(processors) == [layer.name for layer in cross_attention_layers(unet)]
+    for layer in adapter.layer_specs:
+        processor = processors[layer.name]
+        assert isinstance(processor, MIPAttnProcessor) and processor.text_to_weight is None
+        assert tuple(processor.to_k_ip.weight.shape) == (layer.hidden_size, TINY_SDXL.cross_attention_dim)
+
+
+def test_basic_projection_is_linear_reshape_layernorm():
+    """h94's ImageProjModel: Linear(D → t·c), reshape to t tokens, LayerNorm over c."""
+    config = AdapterConfig("basic", 10, 12, 4)
+    projection = build_image_projection(config)
+    state = {key: torch.randn_like(value) for key, value in projection.state_dict().items()}
+    projection.load_state_dict(state)
+    features = torch.randn(3, 10)
+    tokens = (features @ state["image_embeds.weight"].T + state["image_embeds.bias"]).reshape(3, 4, 12)
+    mean = tokens.mean(-1, keepdim=True)
+    var = tokens.var(-1, unbiased=False, keepdim=True)
+    expected = (tokens - mean) / torch.sqrt(var + 1e-5) * state["norm.weight"] + state["norm.bias"]
+    torch.testing.assert_close(projection(features), expected)
+
+
+def test_project_checks_feature_shapes():
+    unet = tiny_sdxl_pipeline().unet
+    adapter = MIPAdapter.for_unet(unet, basic_config("sdxl"))
+    assert adapter.project(torch.randn(3, 40)).shape == (3, 4, 96)
+    with pytest.raises(ValueError, match=r"\[k, D\] with D = 40, got \(3, 41\)"):
+        adapter.project(torch.randn(3, 41))
+    with pytest.raises(ValueError, match=r"\[k, D\]"):
+        adapter.project(torch.randn(3, 17, 40))
+    plus = MIPAdapter.for_unet(
+        unet,
+        AdapterConfig("plus", 48, 96, 16, resampler_dim=64, resampler_depth=2, resampler_heads=2),
+    )
+    assert plus.project(torch.randn(2, 17, 48)).shape == (2, 16, 96)
+    with pytest.raises(ValueError, match=r"\[k, L, D\]"):
+        plus.project(torch.randn(2, 48))
+
+
+def test_adapter_config_validates_and_round_trips_json():
+    config = AdapterConfig("plus", 48, 96, 16, True, 64, 4, 2, default_scale=0.65)
+    assert AdapterConfig.from_json(config.to_json()) == config
+    assert config.default_rule.value == "official" and config.uses_hidden_states
+    assert AdapterConfig("basic", 40, 96, 4).default_rule.value == "paper"
+    with pytest.raises(ValueError, match="resampler"):
+        AdapterConfig("plus", 48, 96, 16)
+    with pytest.raises(ValueError, match="resampler"):
+        AdapterConfig("basic", 40, 96, 4, resampler_dim=64)
+    with pytest.raises(ValueError, match="projection"):
+        AdapterConfig("perceiver", 40, 96, 4)
+    with pytest.raises(ValueError, match="num_tokens"):
+        AdapterConfig("basic", 40, 96, 0)
+    with pytest.raises(ValueError, match="unknown AdapterConfig fields"):
+        AdapterConfig.from_json('{"projection": "basic", "image_embed_dim": 4, "cross_attention_dim": 8, '
+                                '"num_tokens": 4, "colour": "red"}')  # fmt: skip

@@ -1,0 +1,391 @@
+"""``MIPAttnProcessor`` on a real diffusers ``Attention`` module against a loop reference of DESIGN.md §1.
+
+The reference below recomputes the whole layer by hand in float64: text attention, each condition's
+image attention with ``to_k_ip``/``to_v_ip``, the subjects' relevance maps from their name tokens keyed
+with the layer's ``to_k``, user regions, the learned text gate, the merge rule, then ``to_out``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from mipadapter.modeling import MIPAttnProcessor, SubjectConditioning
+from mipadapter.modeling.conditioning import RelevanceRecorder, layer_grid
+
+HIDDEN, HEADS, CROSS, TEXT_TOKENS, IMAGE_TOKENS, NAME_TOKENS, BATCH = 16, 2, 12, 5, 4, 2, 2
+LATENT = (6, 10)  # UNet input; the layer under test runs at half resolution: 3x5 = 15 positions
+GRID = (3, 5)
+
+
+def np64(tensor) -> np.ndarray:
+    return tensor.detach().double().numpy()
+
+
+def softmax(logits):
+    top = max(logits)
+    exps = [math.exp(x - top) for x in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def area_resize(region: np.ndarray, size) -> np.ndarray:
+    """[H, W] → [h·w] by adaptive average pooling."""
+    big_h, big_w = region.shape
+    h, w = size
+    out = []
+    for y in range(h):
+        y0, y1 = (y * big_h) // h, -((-(y + 1) * big_h) // h)
+        for x in range(w):
+            x0, x1 = (x * big_w) // w, -((-(x + 1) * big_w) // w)
+            out.append(region[y0:y1, x0:x1].mean())
+    return np.array(out)
+
+
+def attend(queries, keys, values, head, d):
+    """One head of attention, position by position: queries [p, c], keys/values [s, c] → [p, d]."""
+    cols = slice(head * d, (head + 1) * d)
+    out = []
+    for q in queries:
+        probs = softmax([float(np.dot(q[cols], k[cols])) / math.sqrt(d) for k in keys])
+        out.append(sum(prob * v[cols] for prob, v in zip(probs, values, strict=True)))
+    return np.array(out)
+
+
+def reference_layer(
+    attn: Attention, proc: MIPAttnProcessor, hidden, text, cond: SubjectConditioning | None, text_factor=1.0
+):
+    """hidden [b, p, c], text [b, s, c_kv] → [b, p, c], the formula of DESIGN.md §1 written out.
+
+    text_factor scales Z_text before the merge (what a ``text_perturbation`` may do)."""
+    heads = attn.heads
+    wq, wk, wv = np64(attn.to_q.weight), np64(attn.to_k.weight), np64(attn.to_v.weight)
+    wo, bo = np64(attn.to_out[0].weight), np64(attn.to_out[0].bias)
+    x, e = np64(hidden), np64(text)
+    b, p, c = x.shape
+    d = c // heads
+    out = np.zeros((b, p, c))
+    for bi in range(b):
+        q, k, v = x[bi] @ wq.T, e[bi] @ wk.T, e[bi] @ wv.T
+        z_text = text_factor * np.concatenate(
+            [attend(q, k, v, hh, d) for hh in range(heads)], axis=1
+        )  # [p, c]
+        merged = z_text
+        if cond is not None:
+            merged = route_one_row(attn, proc, cond, bi, q, z_text)
+        out[bi] = merged @ wo.T + bo
+    return out
+
+
+def route_one_row(attn, proc, cond: SubjectConditioning, bi: int, q: np.ndarray, z_text: np.ndarray):
+    heads, (p, c) = attn.heads, z_text.shape
+    d = c // heads
+    n = cond.scales.shape[1]
+    rule = cond.rule.value
+    wk = np64(attn.to_k.weight)
+    wk_ip, wv_ip = np64(proc.to_k_ip.weight), np64(proc.to_v_ip.weight)
+    # each condition's image attention [p, c]
+    z_img = []
+    for tokens in np64(cond.image_tokens[bi]):
+        k_ip, v_ip = tokens @ wk_ip.T, tokens @ wv_ip.T
+        z_img.append(np.concatenate([attend(q, k_ip, v_ip, hh, d) for hh in range(heads)], axis=1))
+    # relevance A_i [p]: softmax over positions per name token and head, averaged
+    relevance = np.zeros((n, p))
+    names, mask = np64(cond.name_embeds[bi]), cond.name_mask[bi].numpy()
+    for i in range(n):
+        rows = [names[i, j] @ wk.T for j in range(names.shape[1]) if mask[i, j]]
+        for key in rows:
+            for hh in range(heads):
+                cols = slice(hh * d, (hh + 1) * d)
+                relevance[i] += softmax(
+                    [float(np.dot(key[cols], q[pos, cols])) / math.sqrt(d) for pos in range(p)]
+                )
+        relevance[i] /= len(rows) * heads
+    routing = np.ones((n, p)) if rule == "uniform" else relevance
+    if cond.regions is not None:
+        for i in range(n):
+            if bool(cond.has_region[i]):
+                region = area_resize(np64(cond.regions[bi, i]), GRID)
+                routing[i] = region if cond.region_mode.value == "replace" else routing[i] * region
+    gate = np.ones(p)
+    if cond.use_text_weight:
+        w = np64(proc.text_to_weight.weight)[0]
+        f = np.array([1 / (1 + math.exp(-float(np.dot(z_text[pos], w)))) for pos in range(p)])
+        gate = f / f.mean()
+    scales = np64(cond.scales[bi])
+    merged = np.zeros((p, c))
+    for pos in range(p):
+        weights = []
+        for i in range(n):
+            if rule == "uniform":
+                weights.append(scales[i] * routing[i, pos])
+            elif rule == "paper":
+                weights.append(scales[i] * routing[i, pos] / routing[i].mean())
+            else:
+                total = routing[:, pos].sum()
+                weights.append(scales[i] * (routing[i, pos] / total if total > 0 else 0.0) * gate[pos])
+        merged[pos] = (gate[pos] if rule == "paper" else 1.0) * z_text[pos]
+        for cnd, (owner, share) in enumerate(zip(cond.owner.tolist(), cond.share.tolist(), strict=True)):
+            merged[pos] += weights[owner] * share * z_img[cnd][pos]
+    return merged
+
+
+# ----------------------------------------------------------------------------------------- set-up
+
+
+def make_layer(text_weight: bool = True, seed: int = 0):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        attn = Attention(query_dim=HIDDEN, cross_attention_dim=CROSS, heads=HEADS, dim_head=HIDDEN // HEADS)
+        proc = MIPAttnProcessor(HIDDEN, CROSS, text_weight=text_weight)
+        for param in proc.parameters():  # larger than the default init, so every term matters
+            torch.nn.init.normal_(param, std=0.5)
+    attn.eval()
+    attn.set_processor(proc)
+    return attn, proc
+
+
+def make_conditioning(
+    rule: str,
+    text_weight: bool,
+    region_mode: str | None = None,
+    photos: str = "one",
+    n: int = 3,
+    seed: int = 0,
+    **extra,
+) -> SubjectConditioning:
+    g = torch.Generator().manual_seed(seed)
+    counts = [1] * n if photos == "one" else [1 + (i + 1) % 3 for i in range(n)]  # 2, 3, 1, ...
+    owner = torch.tensor([i for i, k in enumerate(counts) for _ in range(k)])
+    share = torch.tensor([1.0 / k for k in counts for _ in range(k)])
+    lengths = torch.randint(1, NAME_TOKENS + 1, (BATCH, n), generator=g)
+    regions = has_region = None
+    if region_mode is not None:
+        regions = torch.rand(BATCH, n, *LATENT, generator=g)
+        has_region = torch.arange(n) % 2 == 0  # subjects 0, 2, ... have a region
+    return SubjectConditioning(
+        image_tokens=torch.randn(BATCH, len(owner), IMAGE_TOKENS, CROSS, generator=g),
+        owner=owner,
+        share=share,
+        scales=torch.rand(BATCH, n, generator=g) + 0.2,
+        name_embeds=torch.randn(BATCH, n, NAME_TOKENS, CROSS, generator=g) * 2,
+        name_mask=torch.arange(NAME_TOKENS)[None, None] < lengths[..., None],
+        rule=rule,
+        use_text_weight=text_weight,
+        latent_size=LATENT,
+        regions=regions,
+        has_region=has_region,
+        region_mode=region_mode or "replace",
+        **extra,
+    )
+
+
+def inputs(seed: int = 1, positions: int = GRID[0] * GRID[1]):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, positions, HIDDEN, generator=g), torch.randn(
+        BATCH, TEXT_TOKENS, CROSS, generator=g
+    )
+
+
+def rel_err(fast: torch.Tensor, reference: np.ndarray) -> float:
+    fast = np64(fast)
+    return float(np.linalg.norm(fast - reference) / np.linalg.norm(reference))
+
+
+# ----------------------------------------------------------------------------------------- the formula
+
+
+@pytest.mark.parametrize("photos", ["one", "each"])
+@pytest.mark.parametrize("region_mode", [None, "replace", "multiply"])
+@pytest.mark.parametrize("text_weight", [False, True])
+@pytest.mark.parametrize("rule", ["uniform", "paper", "official"])
+def test_processor_matches_the_formula(rule, text_weight, region_mode, photos):
+    attn, proc = make_layer()
+    cond = make_conditioning(rule, text_weight, region_mode, photos)
+    hidden, text = inputs()
+    with torch.no_grad():
+        out = attn(hidden, text, ip_hidden_states=cond)
+    assert out.shape == hidden.shape
+    assert rel_err(out, reference_layer(attn, proc, hidden, text, cond)) <= 1e-5
+
+
+@pytest.mark.parametrize("rule", ["uniform", "paper", "official"])
+def test_processor_on_4d_input_with_one_subject(rule):
+    """A [b, c, h, w] input takes its grid from its own shape (here 3x5 of a 6x10 latent)."""
+    attn, proc = make_layer(seed=3)
+    cond = make_conditioning(rule, True, "replace", n=1, seed=4)
+    hidden, text = inputs(seed=5)
+    spatial = hidden.transpose(1, 2).reshape(BATCH, HIDDEN, *GRID)
+    with torch.no_grad():
+        out = attn(spatial, text, ip_hidden_states=cond)
+    assert out.shape == spatial.shape
+    flat = out.reshape(BATCH, HIDDEN, -1).transpose(1, 2)
+    assert rel_err(flat, reference_layer(attn, proc, hidden, text, cond)) <= 1e-5
+
+
+def test_uniform_with_one_subject_is_decoupled_cross_attention():
+    """With one subject, uniform is IP-Adapter: Z_text + s·Z_img, whatever the name says."""
+    attn, proc = make_layer(text_weight=False)
+    cond = make_conditioning("uniform", False, n=1)
+    other = make_conditioning("uniform", False, n=1)
+    other.image_tokens, other.scales = cond.image_tokens, cond.scales  # only names and masks differ
+    hidden, text = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            attn(hidden, text, ip_hidden_states=cond), attn(hidden, text, ip_hidden_states=other)
+        )
+
+
+def test_official_with_one_subject_is_a_gated_ip_adapter():
+    """w_1 = A_1 / A_1 = 1: official with one subject is Z_text + s·g⊙Z_img (no relevance involved)."""
+    attn, proc = make_layer(text_weight=True)
+    cond = make_conditioning("official", True, n=1)
+    hidden, text = inputs()
+    shuffled = make_conditioning("official", True, n=1, seed=9)
+    shuffled.image_tokens, shuffled.scales = cond.image_tokens, cond.scales
+    with torch.no_grad():
+        torch.testing.assert_close(
+            attn(hidden, text, ip_hidden_states=cond), attn(hidden, text, ip_hidden_states=shuffled)
+        )
+
+
+def test_processor_hands_relevance_to_recorder_and_perturbation():
+    attn, proc = make_layer()
+    seen = {}
+
+    def perturb(z_text, relevance):
+        seen["shapes"] = (tuple(z_text.shape), tuple(relevance.shape))
+        return z_text * 0.5
+
+    recorder = RelevanceRecorder(LATENT, keep_last=1)
+    cond = make_conditioning("official", True, recorder=recorder, text_perturbation=perturb)
+    hidden, text = inputs()
+    with torch.no_grad():
+        out = attn(hidden, text, ip_hidden_states=cond)
+    assert seen["shapes"] == ((BATCH, HEADS, 15, HIDDEN // HEADS), (BATCH, 3, 15))
+    assert rel_err(out, reference_layer(attn, proc, hidden, text, cond, text_factor=0.5)) <= 1e-5
+    maps = recorder.average()  # the last row only, at the latent size, each map peaking at 1
+    assert maps.shape == (1, 3, *LATENT)
+    torch.testing.assert_close(maps.flatten(2).amax(-1), torch.ones(1, 3))
+
+
+# ----------------------------------------------------------------------------------------- plain mode
+
+
+@pytest.mark.parametrize("cross", [True, False])
+@pytest.mark.parametrize("four_d", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_without_conditioning_equals_attn_processor_2_0(cross, four_d, masked):
+    torch.manual_seed(0)
+    attn = Attention(
+        query_dim=HIDDEN, cross_attention_dim=CROSS if cross else None, heads=HEADS, dim_head=HIDDEN // HEADS
+    ).eval()
+    hidden, text = inputs()
+    context = text if cross else None
+    if four_d:
+        hidden = hidden.transpose(1, 2).reshape(BATCH, HIDDEN, *GRID)
+    mask = None
+    if masked:  # an additive key mask, as a UNet passes encoder_attention_mask
+        keys = TEXT_TOKENS if cross else GRID[0] * GRID[1]
+        mask = torch.zeros(BATCH, 1, keys)
+        mask[0, :, keys - 2 :] = -10000.0
+    attn.set_processor(AttnProcessor2_0())
+    with torch.no_grad():
+        expected = attn(hidden, context, attention_mask=mask)
+        attn.set_processor(MIPAttnProcessor(HIDDEN, CROSS if cross else HIDDEN, text_weight=True))
+        got = attn(hidden, context, attention_mask=mask)
+    assert torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------------------- per-call memo
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_image_and_name_keys_computed_once_per_call_under_no_grad():
+    attn, proc = make_layer()
+    ip_calls, k_calls = count_calls(proc.to_k_ip), count_calls(attn.to_k)
+    cond = make_conditioning("official", True)
+    hidden, text = inputs()
+    with torch.no_grad():
+        first = attn(hidden, text, ip_hidden_states=cond)
+        second = attn(hidden, text, ip_hidden_states=cond)  # a second denoising step
+    assert torch.equal(first, second)
+    assert ip_calls[0] == 1  # image keys: once for the call
+    assert k_calls[0] == 2 + 1  # text keys every step, name keys once
+    fresh = make_conditioning("official", True)  # a new call recomputes
+    with torch.no_grad():
+        attn(hidden, text, ip_hidden_states=fresh)
+    assert ip_calls[0] == 2
+
+
+def test_training_recomputes_keys_and_trains_the_adapter_weights():
+    attn, proc = make_layer()
+    ip_calls = count_calls(proc.to_k_ip)
+    cond = make_conditioning("official", True)
+    hidden, text = inputs()
+    for _ in range(2):
+        attn(hidden, text, ip_hidden_states=cond).square().mean().backward()
+    assert ip_calls[0] == 2  # with gradients on, nothing is cached across steps
+    for param in (proc.to_k_ip.weight, proc.to_v_ip.weight, proc.text_to_weight.weight):
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+def test_processor_errors_are_explicit():
+    attn, proc = make_layer(text_weight=False)
+    hidden, text = inputs()
+    with pytest.raises(TypeError, match="SubjectConditioning"):
+        attn(hidden, text, ip_hidden_states=torch.zeros(BATCH, 4, CROSS))
+    with pytest.raises(ValueError, match="text_to_weight"):
+        attn(hidden, text, ip_hidden_states=make_conditioning("official", True))
+    with pytest.raises(ValueError, match="batch rows"):
+        attn(hidden[:1], text[:1], ip_hidden_states=make_conditioning("official", False))
+
+
+def test_conditioning_checks_its_shapes():
+    good = make_conditioning("paper", False)
+    fields = {
+        name: getattr(good, name) for name in ("image_tokens", "owner", "share", "scales", "name_embeds")
+    }
+    fields |= dict(name_mask=good.name_mask, rule="paper", use_text_weight=False, latent_size=LATENT)
+    with pytest.raises(ValueError, match=r"scales has shape \(1, 3\), expected \(2, 3\)"):
+        SubjectConditioning(**{**fields, "scales": good.scales[:1]})
+    with pytest.raises(ValueError, match="share has shape"):
+        SubjectConditioning(**{**fields, "share": good.share[:2]})
+    with pytest.raises(ValueError, match="owner indices"):
+        SubjectConditioning(**{**fields, "owner": torch.tensor([0, 1, 3])})
+    with pytest.raises(ValueError, match="unknown merge rule"):
+        SubjectConditioning(**{**fields, "rule": "average"})
+    with pytest.raises(ValueError, match="regions has shape"):
+        SubjectConditioning(
+            **fields, regions=torch.ones(BATCH, 3, 4, 4), has_region=torch.ones(3, dtype=torch.bool)
+        )
+
+
+@pytest.mark.parametrize(
+    "latent, positions, grid",
+    [
+        ((8, 8), 64, (8, 8)),
+        ((8, 8), 16, (4, 4)),
+        ((6, 10), 15, (3, 5)),
+        ((5, 7), 12, (3, 4)),
+        ((5, 7), 4, (2, 2)),
+    ],
+)
+def test_layer_grid(latent, positions, grid):
+    assert layer_grid(latent, positions) == grid
+
+
+def test_layer_grid_rejects_a_foreign_size():
+    with pytest.raises(ValueError, match="does not fit"):
+        layer_grid((8, 8), 15)

@@ -1,0 +1,396 @@
+"""``mipadapter.ops.routing`` against slow, obviously-correct loop references (DESIGN.md §1).
+
+Every reference below loops over batch, subject/condition, head and position, and writes softmax and
+attention out by hand, in float64 numpy. The fast functions run in float32 and must agree to a
+relative error of 1e-5 (norm of the difference over norm of the reference).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mipadapter import ops
+from mipadapter.config import MergeRule, RegionMode
+
+RULES = ("uniform", "paper", "official")
+# latent size of the UNet input → grid of the layer under test (p = 16 and p = 15, one non-square)
+SHAPES = {"square": ((8, 8), (4, 4)), "non_square": ((6, 10), (3, 5))}
+HEADS, HEAD_DIM, IMAGE_TOKENS, NAME_TOKENS, BATCH = 2, 4, 3, 3, 2
+
+
+def rel_err(fast: torch.Tensor, reference: np.ndarray) -> float:
+    fast = fast.detach().double().numpy()
+    return float(np.linalg.norm(fast - reference) / np.linalg.norm(reference))
+
+
+def np64(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().double().numpy()
+
+
+# ----------------------------------------------------------------------------------------- references
+
+
+def softmax(logits: list[float]) -> list[float]:
+    top = max(logits)
+    exps = [math.exp(x - top) for x in logits]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def ref_subject_attention(query, keys, values) -> np.ndarray:
+    """query [b, h, p, d]; keys, values [b, N, h, t, d] → [b, N, h, p, d]."""
+    q, k, v = np64(query), np64(keys), np64(values)
+    b, num_cond, h, t, d = k.shape
+    p = q.shape[2]
+    out = np.zeros((b, num_cond, h, p, d))
+    for bi in range(b):
+        for c in range(num_cond):
+            for hh in range(h):
+                for pos in range(p):
+                    logits = [float(np.dot(q[bi, hh, pos], k[bi, c, hh, j])) / math.sqrt(d) for j in range(t)]
+                    probs = softmax(logits)
+                    out[bi, c, hh, pos] = sum(probs[j] * v[bi, c, hh, j] for j in range(t))
+    return out
+
+
+def ref_relevance(query, name_keys, name_mask) -> np.ndarray:
+    """softmax over positions of each name token's key against the queries, averaged over the name's
+    valid tokens and the heads: [b, n, p]."""
+    q, k, mask = np64(query), np64(name_keys), name_mask.numpy()
+    b, n, h, m, d = k.shape
+    p = q.shape[2]
+    out = np.zeros((b, n, p))
+    for bi in range(b):
+        for i in range(n):
+            tokens = [j for j in range(m) if mask[bi, i, j]]
+            total = np.zeros(p)
+            for j in tokens:
+                for hh in range(h):
+                    logits = [
+                        float(np.dot(k[bi, i, hh, j], q[bi, hh, pos])) / math.sqrt(d) for pos in range(p)
+                    ]
+                    total += np.array(softmax(logits))
+            out[bi, i] = total / (len(tokens) * h)
+    return out
+
+
+def ref_text_gate(logits) -> np.ndarray:
+    x = np64(logits)
+    out = np.zeros_like(x)
+    for bi in range(x.shape[0]):
+        f = [1.0 / (1.0 + math.exp(-v)) for v in x[bi]]
+        mean = sum(f) / len(f)
+        out[bi] = [v / mean for v in f]
+    return out
+
+
+def ref_area_resize(regions, size) -> np.ndarray:
+    """Adaptive average pooling (what "area" interpolation is): [b, n, H, W] → [b, n, h·w]."""
+    r = np64(regions)
+    b, n, big_h, big_w = r.shape
+    h, w = size
+    out = np.zeros((b, n, h * w))
+    for bi in range(b):
+        for i in range(n):
+            for y in range(h):
+                y0, y1 = (y * big_h) // h, -((-(y + 1) * big_h) // h)
+                for x in range(w):
+                    x0, x1 = (x * big_w) // w, -((-(x + 1) * big_w) // w)
+                    cells = [r[bi, i, yy, xx] for yy in range(y0, y1) for xx in range(x0, x1)]
+                    out[bi, i, y * w + x] = sum(cells) / len(cells)
+    return out
+
+
+def ref_merge(rule, text_out, image_out, scales, relevance, gate, regions, has_region, mode, owner, share):
+    """The whole merge of DESIGN.md §1, position by position.
+
+    text_out [b, h, p, d]; image_out [b, N, h, p, d]; scales [b, n]; relevance [b, n, p] (float64);
+    gate [b, p] or None; regions [b, n, p] (already on the layer grid) or None; owner, share [N].
+    """
+    z_text, z_img, s = np64(text_out), np64(image_out), np64(scales)
+    b, h, p, d = z_text.shape
+    n = s.shape[1]
+    owner, share = owner.tolist(), share.double().tolist()
+    # routing maps R_i: relevance (ones under uniform), overridden by regions where a subject has one
+    routing = np.ones((b, n, p)) if rule == "uniform" else relevance.copy()
+    if regions is not None:
+        for bi in range(b):
+            for i in range(n):
+                if has_region[i]:
+                    for pos in range(p):
+                        region = regions[bi, i, pos]
+                        routing[bi, i, pos] = region if mode == "replace" else routing[bi, i, pos] * region
+    out = np.zeros((b, h, p, d))
+    for bi in range(b):
+        means = [sum(routing[bi, i]) / p for i in range(n)]
+        for pos in range(p):
+            g = 1.0 if gate is None else gate[bi, pos]
+            weight = []
+            for i in range(n):
+                if rule == "uniform":
+                    weight.append(s[bi, i] * routing[bi, i, pos])
+                elif rule == "paper":
+                    weight.append(s[bi, i] * routing[bi, i, pos] / means[i])
+                else:
+                    total = sum(routing[bi, k, pos] for k in range(n))
+                    share_i = routing[bi, i, pos] / total if total > 0 else 0.0
+                    weight.append(s[bi, i] * share_i * g)
+            text_factor = g if rule == "paper" else 1.0
+            for hh in range(h):
+                value = text_factor * z_text[bi, hh, pos]
+                for c in range(len(owner)):
+                    value = value + weight[owner[c]] * share[c] * z_img[bi, c, hh, pos]
+                out[bi, hh, pos] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+
+def conditions_of(n: int, photos: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """owner, share for ``n`` subjects: one condition each, or 1-3 photos each routed separately."""
+    if photos == "one":
+        return torch.arange(n), torch.ones(n)
+    counts = [1 + (i * 2 + 1) % 3 for i in range(n)]  # 2, 1, 3, 2, 1 ...
+    owner = torch.tensor([i for i, k in enumerate(counts) for _ in range(k)])
+    share = torch.tensor([1.0 / k for k in counts for _ in range(k)])
+    return owner, share
+
+
+def random_inputs(n: int, num_cond: int, positions: int, latent: tuple[int, int], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    b, h, d, t, m = BATCH, HEADS, HEAD_DIM, IMAGE_TOKENS, NAME_TOKENS
+    query = torch.randn(b, h, positions, d, generator=g)
+    keys = torch.randn(b, num_cond, h, t, d, generator=g)
+    values = torch.randn(b, num_cond, h, t, d, generator=g)
+    name_keys = torch.randn(b, n, h, m, d, generator=g) * 2
+    lengths = torch.randint(1, m + 1, (b, n), generator=g)
+    name_mask = torch.arange(m)[None, None, :] < lengths[..., None]  # [b, n, m], 1..m tokens each
+    text_out = torch.randn(b, h, positions, d, generator=g)
+    text_logits = torch.randn(b, positions, generator=g) * 2
+    scales = torch.rand(b, n, generator=g) + 0.25  # differ per row and per subject
+    # soft regions with holes; every subject keeps some mass at every layer grid
+    regions = torch.rand(b, n, *latent, generator=g) * (torch.rand(b, n, *latent, generator=g) > 0.4)
+    regions[..., 0, 0] = 1.0
+    has_region = torch.rand(n, generator=g) > 0.4
+    has_region[0] = True
+    return dict(
+        query=query,
+        keys=keys,
+        values=values,
+        name_keys=name_keys,
+        name_mask=name_mask,
+        text_out=text_out,
+        text_logits=text_logits,
+        scales=scales,
+        regions=regions,
+        has_region=has_region,
+    )
+
+
+# ----------------------------------------------------------------------------------------- functions
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_cond", [1, 2, 5])
+def test_subject_attention_matches_loop(shape, num_cond):
+    _, grid = SHAPES[shape]
+    x = random_inputs(1, num_cond, grid[0] * grid[1], SHAPES[shape][0], seed=num_cond)
+    fast = ops.subject_attention(x["query"], x["keys"], x["values"])
+    assert fast.shape == (BATCH, num_cond, HEADS, grid[0] * grid[1], HEAD_DIM)
+    assert rel_err(fast, ref_subject_attention(x["query"], x["keys"], x["values"])) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_relevance_maps_match_loop(shape, n):
+    latent, grid = SHAPES[shape]
+    x = random_inputs(n, n, grid[0] * grid[1], latent, seed=10 + n)
+    query = x["query"].clone().requires_grad_(True)
+    fast = ops.relevance_maps(query, x["name_keys"], x["name_mask"])
+    assert fast.shape == (BATCH, n, grid[0] * grid[1]) and fast.dtype == query.dtype
+    assert rel_err(fast, ref_relevance(x["query"], x["name_keys"], x["name_mask"])) <= 1e-5
+    torch.testing.assert_close(fast.sum(-1), torch.ones(BATCH, n))  # each map is a distribution over p
+    assert not fast.requires_grad  # a routing signal: no gradient flows through it
+
+
+def test_relevance_maps_use_only_valid_name_tokens():
+    x = random_inputs(2, 2, 16, (8, 8), seed=3)
+    mask = torch.zeros(BATCH, 2, NAME_TOKENS, dtype=torch.bool)
+    mask[..., 0] = True
+    garbage = x["name_keys"].clone()
+    garbage[:, :, :, 1:] = 1e3 * torch.randn_like(garbage[:, :, :, 1:])  # padded rows must not matter
+    torch.testing.assert_close(
+        ops.relevance_maps(x["query"], garbage, mask), ops.relevance_maps(x["query"], x["name_keys"], mask)
+    )
+
+
+def test_relevance_maps_reject_a_subject_without_name_tokens():
+    x = random_inputs(2, 2, 16, (8, 8), seed=4)
+    mask = x["name_mask"].clone()
+    mask[1, 1] = False
+    with pytest.raises(ValueError, match="name token"):
+        ops.relevance_maps(x["query"], x["name_keys"], mask)
+
+
+def test_text_gate_matches_loop():
+    logits = torch.randn(3, 15, generator=torch.Generator().manual_seed(0)) * 3
+    fast = ops.text_gate(logits)
+    assert rel_err(fast, ref_text_gate(logits)) <= 1e-6
+    torch.testing.assert_close(fast.mean(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "latent, grid", [((8, 8), (4, 4)), ((6, 10), (3, 5)), ((5, 7), (3, 4)), ((8, 12), (8, 12))]
+)
+def test_resize_regions_match_area_loop(latent, grid):
+    regions = torch.rand(2, 3, *latent, generator=torch.Generator().manual_seed(1))
+    fast = ops.resize_regions(regions, grid)
+    assert fast.shape == (2, 3, grid[0] * grid[1])
+    assert rel_err(fast, ref_area_resize(regions, grid)) <= 1e-6
+
+
+def test_resize_regions_keep_a_one_cell_region():
+    regions = torch.zeros(1, 1, 8, 12)
+    regions[0, 0, 5, 7] = 1.0
+    resized = ops.resize_regions(regions, (2, 3))
+    assert float(resized.max()) > 0 and int((resized > 0).sum()) == 1
+
+
+@pytest.mark.parametrize("mode", ["replace", "multiply"])
+def test_apply_regions_matches_loop(mode):
+    g = torch.Generator().manual_seed(2)
+    relevance, regions = torch.rand(2, 4, 15, generator=g), torch.rand(2, 4, 15, generator=g)
+    has_region = torch.tensor([True, False, True, False])
+    fast = ops.apply_regions(relevance, regions, has_region, RegionMode(mode))
+    for bi in range(2):
+        for i in range(4):
+            for pos in range(15):
+                old, region = float(relevance[bi, i, pos]), float(regions[bi, i, pos])
+                want = old if not has_region[i] else (region if mode == "replace" else old * region)
+                assert float(fast[bi, i, pos]) == pytest.approx(want, rel=1e-6)
+
+
+def test_expand_to_conditions_matches_loop():
+    weights = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(3))
+    owner, share = torch.tensor([0, 2, 2, 1, 2]), torch.tensor([1.0, 1 / 3, 1 / 3, 1.0, 1 / 3])
+    fast = ops.expand_to_conditions(weights, owner, share)
+    for bi in range(2):
+        for c in range(5):
+            torch.testing.assert_close(fast[bi, c], weights[bi, int(owner[c])] * float(share[c]))
+
+
+def test_merge_weights_official_shares_sum_to_the_scale_times_gate():
+    g = torch.Generator().manual_seed(4)
+    relevance = torch.rand(2, 3, 15, generator=g) + 0.01
+    gate = ops.text_gate(torch.randn(2, 15, generator=g))
+    scales = torch.tensor([[0.5, 0.5, 0.5], [2.0, 2.0, 2.0]])
+    text_factor, weights = ops.merge_weights(MergeRule.OFFICIAL, scales, relevance, gate, 15)
+    assert text_factor is None  # official leaves Z_text as it is
+    torch.testing.assert_close(weights.sum(1), scales[:, :1] * gate)
+
+
+def test_merge_weights_uniform_and_paper_edge_cases():
+    scales = torch.tensor([[0.3, 0.7]])
+    text_factor, weights = ops.merge_weights("uniform", scales, None, None, 6)
+    assert text_factor is None and torch.equal(weights, scales[..., None].expand(1, 2, 6))
+    with pytest.raises(ValueError, match="relevance"):
+        ops.merge_weights("paper", scales, None, None, 6)
+    with pytest.raises(ValueError):
+        ops.merge_weights("bogus", scales, torch.rand(1, 2, 6), None, 6)
+    # paper divides by the map's mean: a constant map gives the bare scale
+    _, weights = ops.merge_weights("paper", scales, torch.full((1, 2, 6), 0.2), None, 6)
+    torch.testing.assert_close(weights, scales[..., None].expand(1, 2, 6))
+
+
+def test_official_positions_no_subject_claims_get_no_image():
+    """With every subject confined to a region (replace), positions outside all regions keep Z_text."""
+    x = random_inputs(2, 2, 16, (4, 4), seed=5)
+    regions = torch.zeros(BATCH, 2, 16)
+    regions[:, 0, :4], regions[:, 1, 4:8] = 1.0, 1.0  # rows 0 and 1 of the 4x4 grid
+    relevance = ops.relevance_maps(x["query"], x["name_keys"], x["name_mask"])
+    routing = ops.apply_regions(relevance, regions, torch.tensor([True, True]), RegionMode.REPLACE)
+    text_factor, weights = ops.merge_weights("official", x["scales"], routing, None, 16)
+    image_out = ops.subject_attention(x["query"], x["keys"][:, :2], x["values"][:, :2])
+    merged = ops.merge_outputs(x["text_out"], image_out, text_factor, weights)
+    assert torch.isfinite(merged).all()
+    torch.testing.assert_close(merged[:, :, 8:], x["text_out"][:, :, 8:], rtol=0, atol=0)
+    assert not torch.allclose(merged[:, :, :8], x["text_out"][:, :, :8])
+
+
+# ----------------------------------------------------------------------------------------- composed
+
+
+def run_fast(rule, text_weight, region_mode, x, owner, share, latent, grid):
+    """The ops in the order the processor composes them."""
+    positions = grid[0] * grid[1]
+    image_out = ops.subject_attention(x["query"], x["keys"], x["values"])
+    relevance = ops.relevance_maps(x["query"], x["name_keys"], x["name_mask"])
+    routing = relevance if rule != "uniform" else None
+    if region_mode is not None:
+        regions = ops.resize_regions(x["regions"], grid)
+        base = routing if routing is not None else torch.ones_like(regions)
+        routing = ops.apply_regions(base, regions, x["has_region"], RegionMode(region_mode))
+    gate = ops.text_gate(x["text_logits"]) if text_weight else None
+    text_factor, weights = ops.merge_weights(MergeRule(rule), x["scales"], routing, gate, positions)
+    weights = ops.expand_to_conditions(weights, owner, share)
+    return ops.merge_outputs(x["text_out"], image_out, text_factor, weights)
+
+
+def run_reference(rule, text_weight, region_mode, x, owner, share, latent, grid, cached=None):
+    relevance, image_out = cached or (
+        ref_relevance(x["query"], x["name_keys"], x["name_mask"]),
+        ref_subject_attention(x["query"], x["keys"], x["values"]),
+    )
+    gate = ref_text_gate(x["text_logits"]) if text_weight else None
+    regions = ref_area_resize(x["regions"], grid) if region_mode is not None else None
+    return ref_merge(
+        rule, x["text_out"], torch.from_numpy(image_out), x["scales"], relevance, gate, regions,
+        x["has_region"].tolist(), region_mode, owner, share,
+    )  # fmt: skip
+
+
+@functools.cache
+def case(n: int, photos: str, shape: str):
+    """Inputs and the rule-independent loop references (attention, relevance), shared by the rules."""
+    latent, grid = SHAPES[shape]
+    owner, share = conditions_of(n, photos)
+    x = random_inputs(n, len(owner), grid[0] * grid[1], latent, seed=10 * n + len(owner) + len(shape))
+    references = (
+        ref_relevance(x["query"], x["name_keys"], x["name_mask"]),
+        ref_subject_attention(x["query"], x["keys"], x["values"]),
+    )
+    return x, owner, share, references
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("photos", ["one", "several"])
+@pytest.mark.parametrize("region_mode", [None, "replace", "multiply"])
+@pytest.mark.parametrize("text_weight", [False, True])
+@pytest.mark.parametrize("rule", RULES)
+def test_merge_matches_loop_reference(rule, text_weight, region_mode, photos, n, shape):
+    latent, grid = SHAPES[shape]
+    x, owner, share, references = case(n, photos, shape)
+    fast = run_fast(rule, text_weight, region_mode, x, owner, share, latent, grid)
+    assert fast.shape == x["text_out"].shape and fast.dtype == torch.float32
+    reference = run_reference(rule, text_weight, region_mode, x, owner, share, latent, grid, references)
+    assert rel_err(fast, reference) <= 1e-5
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_ops_follow_float64_inputs(rule):
+    """No hidden float32: float64 inputs give float64 results at float64 accuracy."""
+    latent, grid = SHAPES["non_square"]
+    owner, share = conditions_of(3, "several")
+    x = {
+        k: (v.double() if v.is_floating_point() else v) for k, v in random_inputs(3, 6, 15, latent, 7).items()
+    }
+    fast = run_fast(rule, True, "multiply", x, owner, share, latent, grid)
+    assert fast.dtype == torch.float64
+    assert rel_err(fast, run_reference(rule, True, "multiply", x, owner, share, latent, grid)) <= 1e-12
