@@ -1,0 +1,263 @@
+"""`mipadapter eval`: benchmark runs (Concept101, DreamBench), the relevance experiment, reports.
+
+mipadapter eval concept101 --benchmark-dir DIR --out RUN [--variants official|rules|table4|all,...]
+mipadapter eval dreambench --dataset-dir DIR --subjects single|multi --out RUN
+mipadapter eval relevance --benchmark-dir DIR --out RUN
+mipadapter eval report RUN [RUN ...] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _model_arguments(parser: argparse.ArgumentParser, *, ip: bool = True) -> None:
+    from mipadapter.config import DEFAULT_PRESET, PRESETS
+
+    group = parser.add_argument_group("models")
+    group.add_argument(
+        "--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help="the adapter under test"
+    )
+    group.add_argument("--base-model")
+    group.add_argument("--adapter")
+    group.add_argument("--image-encoder")
+    if ip:
+        group.add_argument(
+            "--ip-preset", choices=sorted(PRESETS), default="ip-sdxl", help="plain IP-Adapter baseline"
+        )
+        group.add_argument("--ip-base-model")
+        group.add_argument("--ip-adapter")
+        group.add_argument("--ip-image-encoder")
+    group.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP for CLIP-T / CLIP-I")
+    group.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT-S/16 for the DINO score")
+    group.add_argument("--detector", default="IDEA-Research/grounding-dino-base", help="Grounding DINO model")
+    group.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda …")
+    group.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    group.add_argument("--tiny", action="store_true", help="tiny random models, offline (a smoke test)")
+
+
+def _generation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--steps", type=int, default=30)
+    group.add_argument("--guidance", type=float, help="guidance scale (default: the base model's usual)")
+    group.add_argument("--scale", type=float, help="image scale of every subject (default: the adapter's)")
+    group.add_argument("--height", type=int)
+    group.add_argument("--width", type=int)
+    group.add_argument("--negative-prompt")
+    group.add_argument("--multi-image", choices=["mean", "each"], default="mean")
+
+
+def _run_arguments(parser: argparse.ArgumentParser, default_images: int) -> None:
+    parser.add_argument("--out", required=True, help="run folder (an existing one is resumed)")
+    parser.add_argument(
+        "--variants",
+        default="official",
+        help="comma-separated variants or groups: official, paper, uniform, ip-adapter, ip-adapter-weighted, "
+        "t4-local-add, t4-relevance, t4-text-weight; groups rules, table4, baselines, all",
+    )
+    parser.add_argument(
+        "--rule", choices=["official", "paper", "uniform"], help="shorthand for --variants RULE"
+    )
+    parser.add_argument("--seeds", type=_ints, default=[420], help="comma-separated, e.g. 420,421,422")
+    parser.add_argument("--images-per-prompt", type=int, default=default_images)
+    parser.add_argument(
+        "--figures", action="store_true", help="record routing maps; draw figures and contact sheets"
+    )
+    parser.add_argument("--no-score", action="store_true", help="only generate")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="benchmarks, the relevance experiment and reports", description=__doc__.splitlines()[0]
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    c101 = verbs.add_parser("concept101", help="CustomConcept101 multi-object benchmark (CLIP-T ×2.5)")
+    c101.add_argument(
+        "--benchmark-dir", required=True, help="dataset_multiconcept.json, prompts/, benchmark_dataset/"
+    )
+    c101.add_argument("--combinations", type=_ints, help="only these combination indices")
+    c101.add_argument("--on-quirk", choices=["flag", "skip"], default="flag", help="known dataset errors")
+    _run_arguments(c101, 1)
+    _generation_arguments(c101)
+    _model_arguments(c101)
+
+    db = verbs.add_parser("dreambench", help="DreamBench single- or multi-subject benchmark (CLIP-T raw)")
+    db.add_argument("--dataset-dir", required=True, help="subject folders and prompts_and_classes.txt")
+    db.add_argument("--subjects", choices=["single", "multi"], default="single")
+    db.add_argument("--only", help="comma-separated subject folders (default: all present)")
+    db.add_argument(
+        "--pairs",
+        type=Path,
+        help="multi: a file of 'subject_a,subject_b' lines (default: a seeded draw of 30)",
+    )
+    db.add_argument(
+        "--unique-token", default="", help="DreamBooth's identifier token (empty for encoder methods)"
+    )
+    _run_arguments(db, 4)
+    _generation_arguments(db)
+    _model_arguments(db)
+
+    rel = verbs.add_parser("relevance", help="the paper's §4 relevance experiment on Concept101 prompts")
+    rel.add_argument("--benchmark-dir", required=True)
+    rel.add_argument("--out", required=True)
+    rel.add_argument("--combinations", type=_ints)
+    rel.add_argument("--seed", type=int, default=420)
+    rel.add_argument("--noise-level", type=float, default=0.5, help="noise std as a fraction of rms(Z_text)")
+    rel.add_argument("--noise-seed", type=int, default=0)
+    rel.add_argument("--box-threshold", type=float, default=0.35)
+    rel.add_argument("--text-threshold", type=float, default=0.25)
+    _generation_arguments(rel)
+    _model_arguments(rel, ip=False)
+
+    rep = verbs.add_parser("report", help="markdown tables of run folders (one per CLIP-T convention)")
+    rep.add_argument("runs", nargs="+", type=Path)
+    rep.add_argument("--markdown", action="store_true", help="markdown (the only format; kept for clarity)")
+    rep.add_argument("--output", type=Path, help="write the report here instead of printing it")
+    parser.set_defaults(func=run)
+
+
+def _options(args):
+    from mipadapter.cli.options import pick_device_dtype
+    from mipadapter.eval.api import ModelOptions
+
+    device, dtype = pick_device_dtype(args.device, args.dtype, args.tiny)
+    return ModelOptions(
+        preset=args.preset,
+        base_model=args.base_model,
+        adapter=args.adapter,
+        image_encoder=args.image_encoder,
+        ip_preset=getattr(args, "ip_preset", "ip-sdxl"),
+        ip_base_model=getattr(args, "ip_base_model", None),
+        ip_adapter=getattr(args, "ip_adapter", None),
+        ip_image_encoder=getattr(args, "ip_image_encoder", None),
+        clip=args.clip,
+        dino=args.dino,
+        detector=args.detector,
+        box_threshold=getattr(args, "box_threshold", 0.35),
+        text_threshold=getattr(args, "text_threshold", 0.25),
+        device=device,
+        torch_dtype=dtype,
+        tiny=args.tiny,
+    )
+
+
+def _settings(args):
+    from mipadapter.eval.variants import GenerationSettings
+
+    return GenerationSettings(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        negative_prompt=args.negative_prompt,
+        scale=args.scale,
+        multi_image=args.multi_image,
+    )
+
+
+def _common(args) -> dict:
+    return {
+        "options": _options(args),
+        "variants": args.rule or args.variants,
+        "seeds": args.seeds,
+        "images_per_prompt": args.images_per_prompt,
+        "settings": _settings(args),
+        "figures": args.figures,
+        "score": not args.no_score,
+        "progress": True,
+    }
+
+
+def _summary(results) -> str:
+    if results is None:
+        return "generated (not scored)"
+    lines = []
+    for name, variant in results["variants"].items():
+        agg = variant["aggregate"]
+        lines.append(
+            f"{name}: CLIP-T {agg['clip_t']['mean']:.4f} CLIP-I {agg['clip_i']['mean']:.4f} "
+            f"(min {agg['clip_i_min']['mean']:.4f}) DINO {agg['dino']['mean']:.4f} (min {agg['dino_min']['mean']:.4f})"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.verb == "concept101":
+        from mipadapter.eval.api import evaluate_concept101
+
+        results = evaluate_concept101(
+            args.benchmark_dir,
+            args.out,
+            combinations=args.combinations,
+            on_quirk=args.on_quirk,
+            **_common(args),
+        )
+        print(_summary(results))
+    elif args.verb == "dreambench":
+        from mipadapter.eval.api import evaluate_dreambench
+
+        pairs = None
+        if args.pairs is not None:
+            pairs = [
+                tuple(part.strip() for part in line.split(","))
+                for line in args.pairs.read_text().splitlines()
+                if line.strip()
+            ]
+            bad = [pair for pair in pairs if len(pair) != 2]
+            if bad:
+                raise ValueError(f"{args.pairs}: each line must be 'subject_a,subject_b', got {bad[0]}")
+        only = [part.strip() for part in args.only.split(",")] if args.only else None
+        results = evaluate_dreambench(
+            args.dataset_dir,
+            args.out,
+            mode=args.subjects,
+            subjects=only,
+            pairs=pairs,
+            unique_token=args.unique_token,
+            **_common(args),
+        )
+        print(_summary(results))
+    elif args.verb == "relevance":
+        from mipadapter.eval.api import evaluate_relevance
+
+        results = evaluate_relevance(
+            args.benchmark_dir,
+            args.out,
+            options=_options(args),
+            combinations=args.combinations,
+            seed=args.seed,
+            level=args.noise_level,
+            noise_seed=args.noise_seed,
+            settings=_settings(args),
+            progress=True,
+        )
+        print(
+            json.dumps(
+                {
+                    "S_relevance": results["S_relevance"],
+                    "detected": results["detected"],
+                    "pairs": results["pairs"],
+                }
+            )
+        )
+    elif args.verb == "report":
+        from mipadapter.eval.report import report
+
+        text = report(args.runs)
+        if args.output:
+            args.output.write_text(text)
+        else:
+            print(text)
+    else:  # argparse restricts the verbs
+        raise ValueError(f"unknown eval verb {args.verb!r}")
+    return 0

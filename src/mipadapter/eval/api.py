@@ -1,0 +1,210 @@
+"""Model loading for evaluation runs, for the CLI: which pipelines, encoders and detector a run uses.
+
+`ModelOptions` names the models (hub ids or local paths; presets fill the rest) plus the device and
+dtype the *caller* chose. ``tiny=True`` swaps every model for tiny random ones (an offline smoke test).
+`evaluate_concept101`, `evaluate_dreambench` and `evaluate_relevance` build lazy loaders from the
+options and call the runners.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mipadapter.encoders import CLIP_MODEL_ID, DINO_MODEL_ID, FeatureEncoders
+from mipadapter.eval.detect import GROUNDING_DINO_ID, Detector, load_grounding_dino
+from mipadapter.eval.relevance import run_relevance
+from mipadapter.eval.runner import run_concept101, run_dreambench
+from mipadapter.eval.variants import resolve_variants
+
+__all__ = [
+    "ModelOptions",
+    "evaluate_concept101",
+    "evaluate_dreambench",
+    "evaluate_relevance",
+    "tiny_encoders",
+]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The models of an evaluation. ``preset`` / ``ip_preset`` fill what is not given (see
+    ``mipadapter.config.PRESETS``); ``device`` / ``torch_dtype`` are applied when given (None: leave the
+    models where they load, on the CPU in float32)."""
+
+    preset: str = "mip-sdxl"
+    base_model: str | None = None
+    adapter: str | None = None
+    image_encoder: str | None = None
+    ip_preset: str = "ip-sdxl"
+    ip_base_model: str | None = None
+    ip_adapter: str | None = None
+    ip_image_encoder: str | None = None
+    clip: str = CLIP_MODEL_ID
+    dino: str = DINO_MODEL_ID
+    detector: str = GROUNDING_DINO_ID
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+    device: Any = None
+    torch_dtype: torch.dtype | None = None
+    tiny: bool = False
+
+    def describe(self, model: str) -> dict[str, str]:
+        """The ids a results file records for ``"mip"`` or ``"ip"``."""
+        from mipadapter.config import PRESETS
+
+        if self.tiny:
+            return {
+                "base_model": "tiny-sdxl (random)",
+                "adapter": f"tiny-{model} (random)",
+                "image_encoder": "tiny",
+            }
+        preset = PRESETS[self.preset if model == "mip" else self.ip_preset]
+        given = self._given(model)
+        return {
+            "preset": self.preset if model == "mip" else self.ip_preset,
+            "base_model": str(given[0] or preset.base_model),
+            "adapter": str(given[1] or preset.adapter),
+            "image_encoder": str(given[2] or preset.image_encoder),
+        }
+
+    def _given(self, model: str) -> tuple[str | None, str | None, str | None]:
+        if model == "mip":
+            return self.base_model, self.adapter, self.image_encoder
+        return self.ip_base_model, self.ip_adapter, self.ip_image_encoder
+
+    def pipeline_factory(self, model: str) -> Callable[[], Any]:
+        def load():
+            if self.tiny:
+                from mipadapter.testing.mip import tiny_mip_pipeline
+
+                pipe = tiny_mip_pipeline(
+                    "sdxl", "basic", text_weight=model == "mip", seed=0 if model == "mip" else 1
+                )
+            else:
+                from mipadapter.pipeline import MIPAdapterPipeline
+
+                # only what the user gave: the preset fills the rest (and its scale for its adapter)
+                given = self._given(model)
+                pipe = MIPAdapterPipeline.from_pretrained(
+                    *given,
+                    preset=self.preset if model == "mip" else self.ip_preset,
+                    torch_dtype=self.torch_dtype,
+                )
+            if self.device is not None:
+                pipe.to(self.device)
+            return pipe
+
+        return load
+
+    def encoders(self) -> FeatureEncoders:
+        if self.tiny:
+            return tiny_encoders()
+        return FeatureEncoders.from_pretrained(self.clip, self.dino, device=self.device)
+
+    def load_detector(self) -> Detector:
+        if self.tiny:
+            return _CentreBoxDetector()
+        return load_grounding_dino(
+            self.detector,
+            box_threshold=self.box_threshold,
+            text_threshold=self.text_threshold,
+            device=self.device,
+        )
+
+
+class _CentreBoxDetector:
+    """Tiny mode's detector: the centre half of the image for every label."""
+
+    model_id = "centre-box (tiny mode)"
+
+    def detect(self, image, labels):
+        w, h = image.size
+        return [(w / 4, h / 4, 3 * w / 4, 3 * h / 4) for _ in labels]
+
+
+def tiny_encoders(seed: int = 0) -> FeatureEncoders:
+    """Tiny random CLIP (width 16, projection 12, 32-px images) and DINO-shaped ViT encoders, offline."""
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    from mipadapter.encoders import ClipFeatures, DinoFeatures
+    from mipadapter.testing import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(vocab="fallback", model_max_length=32)
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        clip = CLIPModel(
+            CLIPConfig(
+                text_config=dict(
+                    **tower,
+                    vocab_size=len(tokenizer),
+                    max_position_embeddings=32,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                ),
+                vision_config=dict(**tower, image_size=32, patch_size=8),
+                projection_dim=12,
+            )
+        )
+        dino = ViTModel(ViTConfig(**tower, image_size=32, patch_size=8), add_pooling_layer=False)
+    return FeatureEncoders(
+        ClipFeatures(clip, tokenizer, model_id="tiny-clip (random)"),
+        DinoFeatures(dino, model_id="tiny-dino (random)"),
+    )
+
+
+def _run_kwargs(options: ModelOptions, variants: Sequence[str] | str) -> dict[str, Any]:
+    chosen = resolve_variants(variants if isinstance(variants, str) else list(variants))
+    models = sorted({v.model for v in chosen})
+    needs_detector = any(v.region == "detected" for v in chosen)
+    return {
+        "variants": variants,
+        "pipelines": {model: options.pipeline_factory(model) for model in models},
+        "encoders": options.encoders(),
+        "detector": options.load_detector() if needs_detector else None,
+        "models": {model: options.describe(model) for model in models},
+    }
+
+
+def evaluate_concept101(
+    benchmark_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    options: ModelOptions,
+    variants: Sequence[str] | str = "official",
+    **kwargs: Any,
+) -> dict[str, Any] | None:
+    """`run_concept101` with the models of ``options``."""
+    return run_concept101(benchmark_dir, out_dir, **_run_kwargs(options, variants), **kwargs)
+
+
+def evaluate_dreambench(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    options: ModelOptions,
+    variants: Sequence[str] | str = "official",
+    **kwargs: Any,
+) -> dict[str, Any] | None:
+    """`run_dreambench` with the models of ``options``."""
+    return run_dreambench(dataset_dir, out_dir, **_run_kwargs(options, variants), **kwargs)
+
+
+def evaluate_relevance(
+    benchmark_dir: str | Path, out_dir: str | Path, *, options: ModelOptions, **kwargs: Any
+) -> dict[str, Any]:
+    """`run_relevance` with the main (``mip``) model and the detector of ``options``."""
+    return run_relevance(
+        benchmark_dir,
+        out_dir,
+        pipeline=options.pipeline_factory("mip"),
+        detector=options.load_detector(),
+        models={"mip": options.describe("mip")},
+        **kwargs,
+    )

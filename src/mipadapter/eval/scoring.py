@@ -1,0 +1,100 @@
+"""Score generated images with CLIP-T, CLIP-I and DINO: one record per image (see `schema`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mipadapter.eval import metrics
+from mipadapter.eval.cases import Case, SubjectSpec
+from mipadapter.eval.generate import ImageKey
+
+__all__ = ["score_images"]
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def score_images(
+    out_dir: str | Path,
+    cases: Sequence[Case],
+    variant_names: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    images_per_prompt: int,
+    encoders: Any,
+    references: Callable[[SubjectSpec], list[Image.Image]],
+    convention: str,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Per-image records for every image of ``variant_names`` × ``cases`` × ``seeds`` × k.
+
+    encoders: a `mipadapter.encoders.FeatureEncoders` (``.clip``, ``.dino``); references(subject): the
+    photos the metrics compare with (whole photos). Raises if an image is missing.
+    """
+    out_dir = Path(out_dir)
+    metrics.clip_t_convention(0.0, convention)  # fail early on a bad convention name
+    clip, dino = encoders.clip, encoders.dino
+    ref_clip: dict[str, np.ndarray] = {}
+    ref_dino: dict[str, np.ndarray] = {}
+    for case in cases:
+        if len(set(case.subject_keys)) != len(case.subject_keys):
+            raise ValueError(f"case {case.index} repeats a subject key: {case.subject_keys}")
+        for subject in case.subjects:
+            if subject.key not in ref_clip:
+                photos = references(subject)
+                ref_clip[subject.key] = clip.image_features(photos).cpu().numpy()
+                ref_dino[subject.key] = dino.image_features(photos).cpu().numpy()
+    prompts = sorted({case.prompt for case in cases})
+    text_features = dict(zip(prompts, clip.text_features(prompts).cpu().numpy(), strict=True))
+
+    items = [
+        (ImageKey(variant, case.index, seed, k), case)
+        for variant in variant_names
+        for case in cases
+        for seed in seeds
+        for k in range(images_per_prompt)
+    ]
+    missing = [str(key.path(out_dir)) for key, _ in items if not key.path(out_dir).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images to score do not exist, e.g. {missing[:3]}")
+    records = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        images = [_open(key.path(out_dir)) for key, _ in chunk]
+        image_clip = clip.image_features(images).cpu().numpy()  # [b, e]
+        image_dino = dino.image_features(images).cpu().numpy()  # [b, e']
+        prompt_feats = np.stack([text_features[case.prompt] for _, case in chunk])
+        cosines = metrics.paired_cosine(image_clip, prompt_feats)
+        for row, (key, case) in enumerate(chunk):
+            records.append(
+                {
+                    "variant": key.variant,
+                    "case": key.case,
+                    "seed": key.seed,
+                    "k": key.k,
+                    "file": str(key.path(out_dir).relative_to(out_dir)),
+                    "prompt": case.prompt,
+                    "group": case.group,
+                    "names": [s.name for s in case.subjects],
+                    "subjects": case.subject_keys,
+                    "clip_t_cos": float(cosines[row]),
+                    "clip_t": float(metrics.clip_t_convention(cosines[row], convention)),
+                    "clip_i": {
+                        s.key: float(metrics.image_alignment(image_clip[row : row + 1], ref_clip[s.key])[0])
+                        for s in case.subjects
+                    },
+                    "dino": {
+                        s.key: float(metrics.image_alignment(image_dino[row : row + 1], ref_dino[s.key])[0])
+                        for s in case.subjects
+                    },
+                    "quirks": list(case.quirks),
+                }
+            )
+    return records
