@@ -52,8 +52,9 @@ class MIPAttnProcessor(nn.Module):
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # [b, p, c]
             spatial = (height, width)
         batch, positions, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, positions, batch)
+        if attention_mask is not None:  # padded to the key length, as AttnProcessor2_0 does
+            key_length = positions if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+            attention_mask = attn.prepare_attention_mask(attention_mask, key_length, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -108,12 +109,12 @@ class MIPAttnProcessor(nn.Module):
         ip_keys, ip_values = cond.memo(
             (id(self), "ip"), lambda: self._image_keys_values(cond.image_tokens, heads)
         )
-        image_out = ops.subject_attention(query, ip_keys, ip_values)  # [b, N, h, p, d]
 
         relevance = None
         if cond.needs_relevance:
+            cond.memo("name_mask_checked", lambda: ops.routing.check_name_mask(cond.name_mask))  # once per call
             name_keys = cond.memo((id(self), "names"), lambda: self._name_keys(attn, cond))
-            relevance = ops.relevance_maps(query, name_keys, cond.name_mask)  # [b, n, p]
+            relevance = ops.relevance_maps(query, name_keys, cond.name_mask, check=False)  # [b, n, p]
         routing = relevance if cond.rule != MergeRule.UNIFORM else None
         if cond.regions is not None:
             regions = cond.regions_on(grid).to(query.dtype)
@@ -136,15 +137,21 @@ class MIPAttnProcessor(nn.Module):
             cond.rule, cond.scales.to(query.dtype), routing, gate, positions
         )
         weights = ops.expand_to_conditions(weights, cond.owner, cond.share)  # [b, N, p]
-        return ops.merge_outputs(text_out, image_out, text_factor, weights)
+        # = merge_outputs(text_out, subject_attention(...), ...) without the [b, N, h, p, d] outputs
+        image = ops.routing.routed_attention(query, ip_keys, ip_values, weights, scale=1.0)  # [b, h, p, d]
+        if text_factor is None:
+            return text_out + image
+        return text_out * text_factor.to(text_out.dtype)[:, None, :, None] + image
 
     def _image_keys_values(self, image_tokens: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_tokens [b, N, t, c_kv] → keys, values [b, N, h, t, d]."""
+        """image_tokens [b, N, t, c_kv] → keys (pre-scaled by 1/sqrt(d)), values [b, h, t·N, d] in the
+        token-major order ``ops.routing.routed_attention`` takes."""
         b, num_cond, tokens, _ = image_tokens.shape
-        flat = image_tokens.reshape(b * num_cond, tokens, -1).to(self.to_k_ip.weight.dtype)
-        keys = self.to_k_ip(flat).view(b, num_cond, tokens, heads, -1).transpose(2, 3)
-        values = self.to_v_ip(flat).view(b, num_cond, tokens, heads, -1).transpose(2, 3)
-        return keys, values
+        flat = image_tokens.transpose(1, 2).reshape(b, tokens * num_cond, -1)  # [b, t·N, c_kv], token-major
+        flat = flat.to(self.to_k_ip.weight.dtype)
+        keys = self.to_k_ip(flat).view(b, tokens * num_cond, heads, -1).transpose(1, 2)  # [b, h, t·N, d]
+        values = self.to_v_ip(flat).view(b, tokens * num_cond, heads, -1).transpose(1, 2)
+        return keys * keys.shape[-1] ** -0.5, values
 
     @staticmethod
     def _name_keys(attn, cond: SubjectConditioning) -> torch.Tensor:

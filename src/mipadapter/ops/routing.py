@@ -25,20 +25,33 @@ def subject_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     return F.scaled_dot_product_attention(expanded, keys, values)
 
 
-def relevance_maps(query: torch.Tensor, name_keys: torch.Tensor, name_mask: torch.Tensor) -> torch.Tensor:
+def check_name_mask(name_mask: torch.Tensor) -> None:
+    """Raise unless every subject has at least one name token; name_mask [b, n, m] (bool).
+
+    It reads a device value back (a host sync, and a graph break under ``torch.compile``), so callers in a
+    hot loop check once per call, not once per layer and step.
+    """
+    if not bool(name_mask.any(dim=-1).all()):
+        raise ValueError("every subject needs at least one name token in name_mask")
+
+
+def relevance_maps(
+    query: torch.Tensor, name_keys: torch.Tensor, name_mask: torch.Tensor, *, check: bool = True
+) -> torch.Tensor:
     """Object relevance ``A_i``: how much each position attends from each subject's name tokens.
 
     ``softmax_p(K_name Q^T / sqrt(d))`` averaged over the name's valid tokens and over heads.
     query [b, h, p, d]; name_keys [b, n, h, m, d]; name_mask [b, n, m] (bool, True = a name token)
     → [b, n, p] in the query's dtype; each map sums to 1 over p. No gradient flows through it.
+    check: run ``check_name_mask`` here; False when the caller already did for this mask.
     """
     b, n, h, m, d = name_keys.shape
-    if not bool(name_mask.any(dim=-1).all()):
-        raise ValueError("every subject needs at least one name token in name_mask")
+    if check:
+        check_name_mask(name_mask)
     with torch.no_grad():
         keys = name_keys.permute(0, 2, 1, 3, 4).reshape(b, h, n * m, d)  # [b, h, n·m, d]
         logits = torch.matmul(keys, query.transpose(-1, -2)) / math.sqrt(d)  # [b, h, n·m, p]
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         probs = probs.mean(dim=1).reshape(b, n, m, -1)  # [b, n, m, p], averaged over heads
         weights = name_mask.to(probs.dtype)
         maps = (probs * weights.unsqueeze(-1)).sum(dim=2) / weights.sum(dim=2, keepdim=True)  # [b, n, p]
@@ -128,3 +141,34 @@ def merge_outputs(
     if text_factor is None:
         return text_out + merged
     return text_out * text_factor.to(text_out.dtype)[:, None, :, None] + merged
+
+
+def routed_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """``Σ_N weights_N⊙Attn(Q, K_N, V_N)`` without materialising any condition's own output.
+
+    The fast path of ``subject_attention`` followed by the image part of ``merge_outputs``: one matmul of
+    the queries with every condition's keys, a softmax within each condition, the weights folded into
+    those probabilities, one matmul with every condition's values. Memory and time grow with ``N·t``
+    (a few tokens per condition), not with ``N·p·d`` as ``[b, N, h, p, d]`` outputs would.
+
+    query [b, h, p, d]; keys, values [b, h, t·N, d] in token-major order (row ``j`` holds token ``j // N``
+    of condition ``j % N``; the reshape of ``[b, t, N, c]`` tokens); weights [b, N, p]; scale: the logit
+    scale, ``1/sqrt(d)`` when None (as in SDPA) → [b, h, p, d].
+    """
+    b, h, p, d = query.shape
+    num_cond = weights.shape[1]
+    if keys.shape[2] % num_cond or keys.shape[:2] != (b, h) or values.shape != keys.shape:
+        raise ValueError(
+            f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must be [b, h, t·N, d] with "
+            f"b={b}, h={h}, N={num_cond} (from weights {tuple(weights.shape)})"
+        )
+    tokens = keys.shape[2] // num_cond
+    logits = torch.matmul(query, keys.transpose(-1, -2))  # [b, h, p, t·N]
+    if scale is None or scale != 1.0:
+        logits = logits * (1.0 / math.sqrt(d) if scale is None else scale)
+    # Softmax over each condition's t tokens; token-major columns put t on dim -2, which CPUs reduce faster.
+    probs = torch.softmax(logits.view(b, h, p, tokens, num_cond), dim=-2)  # [b, h, p, t, N]
+    probs = probs * weights.to(probs.dtype).transpose(1, 2)[:, None, :, None, :]  # × weights [b, 1, p, 1, N]
+    return torch.matmul(probs.view(b, h, p, tokens * num_cond), values)  # [b, h, p, d]
