@@ -77,7 +77,8 @@ class SubjectConditioning:
         image_tokens [b, N, t, c_kv]: projected image tokens of each condition (photo or photo mean).
         owner [N] (long): the subject each condition belongs to.
         share [N]: the condition's share of its subject (1/k for k photos routed separately, else 1).
-        scales [b, n]: the image scale ``s_i`` of each subject (0 on rows that carry no image).
+        scales [b, n]: the image scale ``s_i`` of each subject, on every row (the unconditional rows of
+            CFG carry the same scales with zero-image tokens, as IP-Adapter does).
         name_embeds [b, n, m, c_kv]: text-encoder rows of each subject's name tokens (padded to m).
         name_mask [b, n, m] (bool): which rows of ``name_embeds`` are real name tokens.
         rule: the merge rule; use_text_weight: whether a trained ``text_to_weight`` gates the merge.

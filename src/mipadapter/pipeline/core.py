@@ -213,20 +213,24 @@ class MIPAdapterPipeline:
         conditioning.text_perturbation = text_perturbation
         cross_attention_kwargs = dict(pipeline_kwargs.pop("cross_attention_kwargs", None) or {})
         cross_attention_kwargs[CROSS_ATTENTION_KWARG] = conditioning
+        previous_progress = dict(getattr(pipe, "_progress_bar_config", {}))
         pipe.set_progress_bar_config(disable=not show_progress)
-        result = pipe(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            output_type=output_type,
-            cross_attention_kwargs=cross_attention_kwargs,
-            **pipeline_kwargs,
-        )
+        try:
+            result = pipe(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                num_images_per_prompt=num_images_per_prompt,
+                generator=generator,
+                output_type=output_type,
+                cross_attention_kwargs=cross_attention_kwargs,
+                **pipeline_kwargs,
+            )
+        finally:
+            pipe._progress_bar_config = previous_progress  # the wrapped pipeline's own setting, as it was
         logger.debug("generated %d rows (%d CFG halves)", num_images_per_prompt * halves, halves)
         output = MIPAdapterOutput(images=result.images)
         if return_relevance:
