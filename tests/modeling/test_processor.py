@@ -389,3 +389,36 @@ def test_layer_grid(latent, positions, grid):
 def test_layer_grid_rejects_a_foreign_size():
     with pytest.raises(ValueError, match="does not fit"):
         layer_grid((8, 8), 15)
+
+
+@pytest.mark.parametrize("rule", ["uniform", "paper", "official"])
+@pytest.mark.parametrize("region_mode", [None, "multiply"])
+def test_padding_subjects_marked_absent_change_nothing(rule, region_mode):
+    """A row padded with an extra subject marked absent computes what the unpadded row computes."""
+    attn, _ = make_layer(text_weight=True)
+    hidden, text = inputs()
+    full = make_conditioning(rule, True, region_mode, n=3)
+    kept = [0, 1]
+    alone = SubjectConditioning(
+        image_tokens=full.image_tokens[:, kept],
+        owner=torch.arange(2),
+        share=torch.ones(2),
+        scales=full.scales[:, kept],
+        name_embeds=full.name_embeds[:, kept],
+        name_mask=full.name_mask[:, kept],
+        rule=rule,
+        use_text_weight=True,
+        latent_size=LATENT,
+        regions=None if full.regions is None else full.regions[:, kept],
+        has_region=None if full.has_region is None else full.has_region[kept],
+        region_mode=full.region_mode,
+    )
+    present = torch.tensor([[True, True, False]] * BATCH)
+    padded = SubjectConditioning(**{**vars(full), "_memo": {}, "present": present})
+    with torch.no_grad():
+        expected = attn(hidden, text, ip_hidden_states=alone)
+        got = attn(hidden, text, ip_hidden_states=padded)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    without_mask = SubjectConditioning(**{**vars(full), "_memo": {}})
+    with torch.no_grad():
+        assert not torch.allclose(attn(hidden, text, ip_hidden_states=without_mask), expected, atol=1e-4)

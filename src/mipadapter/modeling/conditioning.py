@@ -85,6 +85,9 @@ class SubjectConditioning:
         latent_size (H, W): the UNet input's spatial size, to place each layer's positions on a grid.
         regions [b, n, H, W] or None: user masks at latent resolution; has_region [n] (bool).
         region_mode: how regions act on relevance.
+        present [b, n] (bool) or None: False marks a padding subject (batches of uneven subject counts);
+            its routing weight is zero under every rule, so a padded row computes what the unpadded one
+            would.
         recorder: collects routing maps when the caller asked for them.
         text_perturbation: optional ``f(Z_text [b, h, p, d], relevance [b, n, p]) -> Z_text`` applied
             before the merge (the relevance experiment perturbs the text branch with it).
@@ -102,6 +105,7 @@ class SubjectConditioning:
     regions: torch.Tensor | None = None
     has_region: torch.Tensor | None = None
     region_mode: RegionMode = RegionMode.REPLACE
+    present: torch.Tensor | None = None
     recorder: RelevanceRecorder | None = None
     text_perturbation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     _memo: dict = field(default_factory=dict, repr=False)
@@ -118,6 +122,8 @@ class SubjectConditioning:
             "name_embeds": (tuple(self.name_embeds.shape[:2]), (b, n)),
             "name_mask": (tuple(self.name_mask.shape), tuple(self.name_embeds.shape[:3])),
         }
+        if self.present is not None:
+            expected["present"] = (tuple(self.present.shape), (b, n))
         if self.regions is not None:
             expected["regions"] = (tuple(self.regions.shape), (b, n, *self.latent_size))
             expected["has_region"] = (tuple(self.has_region.shape), (n,))

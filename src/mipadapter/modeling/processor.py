@@ -12,7 +12,10 @@ from mipadapter.modeling.conditioning import SubjectConditioning, layer_grid
 
 
 class MIPAttnProcessor(nn.Module):
-    """Decoupled cross-attention with multi-subject routing (SDPA throughout).
+    """Decoupled cross-attention with multi-subject routing.
+
+    The text branch runs on SDPA; all subjects' image attention runs in one folded matmul
+    (``ops.routing.routed_attention``: a few tokens per subject make that cheaper than SDPA per subject).
 
     Without a ``SubjectConditioning`` in the call it computes plain text cross-attention, exactly as
     diffusers' ``AttnProcessor2_0``. With one, each condition's image tokens are attended with the
@@ -122,6 +125,9 @@ class MIPAttnProcessor(nn.Module):
             routing = ops.apply_regions(base, regions, cond.has_region, cond.region_mode)
             if relevance is not None:
                 relevance = ops.apply_regions(relevance, regions, cond.has_region, cond.region_mode)
+        if cond.present is not None:  # padding subjects take no share of any position
+            present = cond.present.to(query.dtype).unsqueeze(-1)  # [b, n, 1]
+            routing = present.expand(-1, -1, positions) if routing is None else routing * present
         if cond.recorder is not None:
             cond.recorder.add(relevance, grid)
         if cond.text_perturbation is not None:

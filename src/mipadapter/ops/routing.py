@@ -112,7 +112,8 @@ def merge_weights(
     if relevance is None:
         raise ValueError(f"merge rule {rule.value!r} needs relevance maps")
     if rule == MergeRule.PAPER:
-        return gate, scales * (relevance / relevance.mean(dim=-1, keepdim=True))
+        mean = relevance.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(relevance.dtype).tiny)
+        return gate, scales * (relevance / mean)  # a zeroed map (a padding subject) stays zero
     total = relevance.sum(dim=1, keepdim=True)  # [b, 1, p]
     # Positions no subject claims (possible only with user regions) get no image contribution.
     shares = torch.where(total > 0, relevance / total.clamp_min(torch.finfo(relevance.dtype).tiny), 0.0)

@@ -4,10 +4,9 @@ Everything is batched: the references of all subjects of all samples go through 
 one call, all names through the text encoders in one call, and the UNet runs once; the processors
 handle every subject of every layer in batched tensor ops. No Python loop over layers or subjects.
 
-Variable subject counts: a padded subject has scale 0 (no image contribution under any rule). Under
-``official`` the subjects' weights are ``A_i / Σ_k A_k``, and a padded subject's relevance would still
-enter that sum; it is zeroed with a region (multiply mode, 1 for real subjects, 0 for padding), so a
-padded sample computes exactly what the unpadded one does.
+Variable subject counts: padded subjects have scale 0 and are marked absent in the conditioning's
+``present`` mask, which zeroes their routing weight under every rule (under ``official`` their relevance
+would otherwise enter ``Σ_k A_k``), so a padded sample computes what the unpadded one does.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mipadapter.config import MergeRule, RegionMode
+from mipadapter.config import MergeRule
 from mipadapter.modeling import MIPAdapter, SubjectConditioning
 from mipadapter.modeling.conditioning import CROSS_ATTENTION_KWARG
 from mipadapter.training.batching import TrainBatch
@@ -38,15 +37,8 @@ def subject_conditioning(
 
     image_tokens [B, n, t, c]; subject_mask [B, n] (bool); name_embeds [B, n, m, c]; name_mask [B, n, m].
     """
-    b, n = subject_mask.shape
+    n = subject_mask.shape[1]
     device = image_tokens.device
-    rule = MergeRule.parse(rule)
-    regions = has_region = None
-    if rule == MergeRule.OFFICIAL and not bool(subject_mask.all()):
-        regions = subject_mask.to(image_tokens.dtype)[:, :, None, None].expand(
-            b, n, *latent_size
-        )  # [B, n, H, W]
-        has_region = torch.ones(n, dtype=torch.bool, device=device)
     return SubjectConditioning(
         image_tokens=image_tokens,
         owner=torch.arange(n, device=device),
@@ -54,12 +46,10 @@ def subject_conditioning(
         scales=subject_mask.to(image_tokens.dtype),
         name_embeds=name_embeds,
         name_mask=name_mask,
-        rule=rule,
+        rule=MergeRule.parse(rule),
         use_text_weight=use_text_weight,
         latent_size=latent_size,
-        regions=regions,
-        has_region=has_region,
-        region_mode=RegionMode.MULTIPLY,
+        present=None if bool(subject_mask.all()) else subject_mask,
     )
 
 
