@@ -133,6 +133,7 @@ class SubjectConditioning:
                 f"{name} has shape {got}, expected {want}" for name, (got, want) in bad.items()
             )
             raise ValueError(f"inconsistent subject conditioning: {detail}")
+        ops.check_name_mask(self.name_mask)  # once per call here, not per layer and step (a host sync)
         if int(self.owner.max()) >= n or int(self.owner.min()) < 0:
             raise ValueError(f"owner indices {self.owner.tolist()} must lie in [0, {n})")
 

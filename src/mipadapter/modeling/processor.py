@@ -115,9 +115,10 @@ class MIPAttnProcessor(nn.Module):
 
         relevance = None
         if cond.needs_relevance:
-            cond.memo("name_mask_checked", lambda: ops.routing.check_name_mask(cond.name_mask))  # once per call
             name_keys = cond.memo((id(self), "names"), lambda: self._name_keys(attn, cond))
-            relevance = ops.relevance_maps(query, name_keys, cond.name_mask, check=False)  # [b, n, p]
+            relevance = ops.relevance_maps(
+                query, name_keys, cond.name_mask, check=False
+            )  # [b, n, p]; checked at construction
         routing = relevance if cond.rule != MergeRule.UNIFORM else None
         if cond.regions is not None:
             regions = cond.regions_on(grid).to(query.dtype)
@@ -144,7 +145,7 @@ class MIPAttnProcessor(nn.Module):
         )
         weights = ops.expand_to_conditions(weights, cond.owner, cond.share)  # [b, N, p]
         # = merge_outputs(text_out, subject_attention(...), ...) without the [b, N, h, p, d] outputs
-        image = ops.routing.routed_attention(query, ip_keys, ip_values, weights, scale=1.0)  # [b, h, p, d]
+        image = ops.routed_attention(query, ip_keys, ip_values, weights, scale=1.0)  # [b, h, p, d]
         if text_factor is None:
             return text_out + image
         return text_out * text_factor.to(text_out.dtype)[:, None, :, None] + image

@@ -7,22 +7,26 @@ routed as their own condition), ``p`` latent positions at a layer, ``h`` heads, 
 
 from mipadapter.ops.routing import (
     apply_regions,
+    check_name_mask,
     expand_to_conditions,
     merge_outputs,
     merge_weights,
     relevance_maps,
     resize_regions,
+    routed_attention,
     subject_attention,
     text_gate,
 )
 
 __all__ = [
     "apply_regions",
+    "check_name_mask",
     "expand_to_conditions",
     "merge_outputs",
     "merge_weights",
     "relevance_maps",
     "resize_regions",
+    "routed_attention",
     "subject_attention",
     "text_gate",
 ]

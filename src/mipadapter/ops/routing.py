@@ -145,7 +145,11 @@ def merge_outputs(
 
 
 def routed_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, scale: float | None = None
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """``Σ_N weights_N⊙Attn(Q, K_N, V_N)`` without materialising any condition's own output.
 

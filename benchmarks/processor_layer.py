@@ -1,0 +1,121 @@
+"""One cross-attention layer: ``MIPAttnProcessor`` against diffusers' text-only and IP-Adapter processors.
+
+The UNet-step benchmark (``unet_step.py``) is the reference; this one isolates the processor, where the
+routing costs live, so that a change to them is visible on a CPU whose whole-UNet timings swing by a few
+percent. Each case builds one diffusers ``Attention`` at a mid-config layer shape, gives all three processors
+the same weights and inputs, and times them round-robin with process CPU time (one thread by default),
+taking the median over rounds of the best of ``--inner`` calls.
+
+    python benchmarks/processor_layer.py
+    python benchmarks/processor_layer.py --device cuda --dtype fp16 --cases 4096x10:2:official,1024x20:8:official
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+from mipadapter.modeling import MIPAttnProcessor, SubjectConditioning
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# positions x heads : subjects : rule — the mid config's layers at 512 px (32² with 2 heads, 16² with 4)
+DEFAULT_CASES = "1024x2:2:official,1024x2:8:official,256x4:2:official,1024x2:2:uniform"
+
+
+def best_ms(fn: Callable[[], object], inner: int, device: torch.device) -> float:
+    times = []
+    for _ in range(inner):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.process_time()
+            fn()
+            times.append((time.process_time() - begin) * 1e3)
+    return min(times)
+
+
+def run_case(positions: int, heads: int, subjects: int, rule: str, args, device, dtype) -> dict:
+    batch, head_dim, cross, tokens, name_tokens = 2, 64, 2048, 4, 3
+    hidden = heads * head_dim
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        attn = Attention(query_dim=hidden, cross_attention_dim=cross, heads=heads, dim_head=head_dim)
+        ours = MIPAttnProcessor(hidden, cross, text_weight=True)
+    attn, ours = attn.to(dtype).eval(), ours.to(dtype)
+    ip = IPAdapterAttnProcessor2_0(hidden, cross, num_tokens=(tokens * subjects,))
+    ip.to_k_ip[0], ip.to_v_ip[0] = ours.to_k_ip, ours.to_v_ip  # the same adapter weights
+    side = int(positions**0.5)
+    if side * side != positions:
+        raise ValueError(f"positions must be a square number, got {positions}")
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    name_mask = torch.zeros(batch, subjects, name_tokens, dtype=torch.bool, device=device)
+    name_mask[..., :2] = True
+    cond = SubjectConditioning(
+        image_tokens=rand(batch, subjects, tokens, cross), owner=torch.arange(subjects, device=device),
+        share=torch.ones(subjects, device=device, dtype=dtype), scales=torch.ones(batch, subjects, device=device, dtype=dtype),
+        name_embeds=rand(batch, subjects, name_tokens, cross), name_mask=name_mask, rule=rule,
+        use_text_weight=rule != "uniform", latent_size=(side, side),
+    )  # fmt: skip
+    hidden_states, text = rand(batch, positions, hidden), rand(batch, 77, cross)
+    text_only = AttnProcessor2_0()
+    calls = {
+        "text_only": lambda: text_only(attn, hidden_states, text),
+        "ip_concat": lambda: ip(attn, hidden_states, (text, [cond.image_tokens])),
+        "ours": lambda: ours(attn, hidden_states, text, ip_hidden_states=cond),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for fn in calls.values():
+            fn()  # warm-up; fills our per-call memo as the first denoising step does
+        for _ in range(args.rounds):
+            for name, fn in calls.items():
+                times[name].append(best_ms(fn, args.inner, device))
+    ms = {name: statistics.median(values) for name, values in times.items()}
+    extra_ip, extra_ours = ms["ip_concat"] - ms["text_only"], ms["ours"] - ms["text_only"]
+    return {
+        "case": f"{positions}x{heads}:{subjects}:{rule}",
+        **{f"{name}_ms": value for name, value in ms.items()},
+        "ours_vs_ip": ms["ours"] / ms["ip_concat"],
+        "extra_vs_ip_extra": extra_ours / extra_ip if extra_ip > 0 else None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="positions x heads : subjects : rule, comma-separated")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--inner", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    print(f"{'case':<22}{'text ms':>9}{'ip ms':>9}{'ours ms':>9}{'ours÷ip':>9}{'extra÷ip extra':>16}")
+    for spec in args.cases.split(","):
+        shape, subjects, rule = spec.split(":")
+        positions, heads = (int(v) for v in shape.split("x"))
+        row = run_case(positions, heads, int(subjects), rule, args, device, dtype)
+        extra = row["extra_vs_ip_extra"]
+        print(f"{row['case']:<22}{row['text_only_ms']:>9.2f}{row['ip_concat_ms']:>9.2f}{row['ours_ms']:>9.2f}"
+              f"{row['ours_vs_ip']:>9.3f}{'-' if extra is None else format(extra, '.2f'):>16}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
