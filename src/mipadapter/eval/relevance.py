@@ -132,12 +132,7 @@ def _generate(
     output = pipe(
         case.prompt,
         subjects,
-        multi_image=settings.multi_image,
-        negative_prompt=settings.negative_prompt,
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
-        height=settings.height,
-        width=settings.width,
+        **settings.call_kwargs(),
         generator=torch.Generator().manual_seed(seed),
         text_perturbation=perturbation,
         show_progress=False,

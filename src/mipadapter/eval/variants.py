@@ -43,6 +43,17 @@ class GenerationSettings:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def call_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``MIPAdapterPipeline.__call__`` these settings fix."""
+        return {
+            "multi_image": self.multi_image,
+            "negative_prompt": self.negative_prompt,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+        }
+
 
 @dataclass(frozen=True)
 class Variant:
