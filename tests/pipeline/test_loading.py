@@ -114,3 +114,19 @@ def test_missing_models_name_themselves_and_their_flag(saved, tmp_path, monkeypa
     with pytest.raises(ModelNotFoundError) as error:
         MIPAdapterPipeline.from_pretrained(sources["base"], sources["adapter"], sources["encoder"])
     assert missing[which] in str(error.value) and flags[which] in str(error.value)
+
+
+def test_preset_scale_applies_to_files_without_a_config_and_ours_keep_their_own(saved, tmp_path):
+    from mipadapter import save_adapter
+
+    root, files = saved
+    authors = MIPAdapterPipeline.from_pretrained(
+        root / "base", files.mip_basic_bin, files.basic_image_encoder, preset="mip-sdxl-plus"
+    )
+    assert authors.adapter.config.default_scale == 0.65
+    ours = tmp_path / "ours.safetensors"
+    save_adapter(authors.adapter, ours)
+    again = MIPAdapterPipeline.from_pretrained(
+        root / "base", ours, files.basic_image_encoder, preset="mip-sdxl"
+    )
+    assert again.adapter.config.default_scale == 0.65

@@ -78,18 +78,21 @@ def _rules(adapter: MIPAdapter, layout: str) -> list[keymaps.KeyRule]:
     )
 
 
-def load_adapter(source: str | Path, unet: nn.Module, **config_overrides) -> MIPAdapter:
+def load_adapter(source: str | Path, unet: nn.Module, default_scale: float | None = None) -> MIPAdapter:
     """Build the adapter a checkpoint describes for ``unet`` and load its weights strictly.
 
-    source: a local file or a Hub file ``owner/repo/path/file``. ``config_overrides`` replace fields the
-    file does not carry, such as ``default_scale``. A missing, unexpected or mis-shaped key raises a
+    source: a local file or a Hub file ``owner/repo/path/file``. default_scale: the image scale to use
+    when a subject gives none, for files that carry no config of their own (h94 and the authors'
+    files; ours keep the scale they were saved with). A missing, unexpected or mis-shaped key raises a
     ``CheckpointError`` that lists them.
     """
     path = resolve_file(source)
     loaded = read_file(path)
-    config = loaded.config or convert.infer_h94_config(loaded.state)
-    if config_overrides:
-        config = dataclasses.replace(config, **config_overrides)
+    config = loaded.config
+    if config is None:
+        config = convert.infer_h94_config(loaded.state)
+        if default_scale is not None:
+            config = dataclasses.replace(config, default_scale=float(default_scale))
     adapter = MIPAdapter(config, cross_attention_layers(unet))
     load_state(adapter, loaded, str(path))
     return adapter

@@ -87,7 +87,9 @@ class MIPAdapterPipeline:
         """Load the three models from Hub ids or local paths (a ``preset`` fills the ones not given).
 
         base_model: a diffusers model folder or Hub id; adapter: a checkpoint file, local or
-        ``owner/repo/file``; image_encoder: a folder or ``owner/repo/subfolder``.
+        ``owner/repo/file``; image_encoder: a folder or ``owner/repo/subfolder``. The preset's image scale
+        (0.75 for ``mip-sdxl``, 0.65 for ``mip-sdxl-plus``, as the authors use) becomes the default scale
+        of h94/authors files; files in our format keep their own.
         """
         from diffusers import DiffusionPipeline
         from transformers import CLIPVisionModelWithProjection
@@ -101,7 +103,6 @@ class MIPAdapterPipeline:
         base_model = str(base_model or defaults.base_model)
         image_encoder = str(image_encoder or defaults.image_encoder)
         adapter_source = adapter or defaults.adapter
-        overrides = {"default_scale": defaults.scale} if adapter is None else {}
 
         location, subfolder = resolve_folder(base_model, "base model", "--base-model")
         try:
@@ -119,7 +120,7 @@ class MIPAdapterPipeline:
             )
         except OSError as error:
             raise fetch_failed(image_encoder, "image encoder", "--image-encoder", error) from error
-        loaded = load_adapter(adapter_source, pipe.unet, **overrides)
+        loaded = load_adapter(adapter_source, pipe.unet, default_scale=defaults.scale)
         if torch_dtype is not None:
             loaded.to(torch_dtype)
         return cls(pipe, loaded, encoder, _load_feature_extractor(location, subfolder, encoder))
