@@ -88,6 +88,16 @@ def _param(model: torch.nn.Module) -> torch.Tensor:
     return next(model.parameters())
 
 
+def _batched_image_features(model, images, batch_size: int, preprocessing: dict, forward) -> torch.Tensor:
+    """Preprocess and encode images in batches on the model's device and dtype → float32 [n, e]."""
+    param = _param(model)
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = preprocess_images(images[start : start + batch_size], **preprocessing)
+        chunks.append(forward(pixels.to(device=param.device, dtype=param.dtype)).float())
+    return torch.cat(chunks)
+
+
 class ClipFeatures:
     """CLIP image and text features (the projected embeddings) for CLIP-T and CLIP-I.
 
@@ -108,19 +118,13 @@ class ClipFeatures:
     @torch.no_grad()
     def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """n PIL images → float32 [n, projection_dim]."""
-        param = _param(self.model)
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = preprocess_images(
-                images[start : start + self.batch_size],
-                resize=self.image_size,
-                crop=self.image_size,
-                mean=CLIP_MEAN,
-                std=CLIP_STD,
-            )
-            pixels = pixels.to(device=param.device, dtype=param.dtype)
-            chunks.append(_pooled(self.model.get_image_features(pixel_values=pixels)).float())
-        return torch.cat(chunks)
+        return _batched_image_features(
+            self.model,
+            images,
+            self.batch_size,
+            dict(resize=self.image_size, crop=self.image_size, mean=CLIP_MEAN, std=CLIP_STD),
+            lambda pixels: _pooled(self.model.get_image_features(pixel_values=pixels)),
+        )
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
@@ -159,20 +163,14 @@ class DinoFeatures:
     @torch.no_grad()
     def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """n PIL images → float32 [n, hidden_size]."""
-        param = _param(self.model)
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = preprocess_images(
-                images[start : start + self.batch_size],
-                resize=self.resize,
-                crop=self.crop,
-                mean=IMAGENET_MEAN,
-                std=IMAGENET_STD,
-            )
-            pixels = pixels.to(device=param.device, dtype=param.dtype)
-            hidden = self.model(pixel_values=pixels).last_hidden_state  # [b, 1 + patches, c]
-            chunks.append(hidden[:, 0].float())
-        return torch.cat(chunks)
+        return _batched_image_features(
+            self.model,
+            images,
+            self.batch_size,
+            dict(resize=self.resize, crop=self.crop, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            # the CLS token of the last layer: last_hidden_state [b, 1 + patches, c] → [b, c]
+            lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0],
+        )
 
 
 def load_clip(
