@@ -28,11 +28,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mipadapter.fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
 SCORE_KEYS = ("s_single", "s_pair", "s_quality")
@@ -241,30 +242,6 @@ def record_from_dict(data: Any, where: str = "record") -> ImageRecord:
 
 
 # --- files ------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part.
-
-    Writes a temporary file in the same folder (same filesystem, so the rename is atomic), fsyncs it,
-    then renames it over `path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _lines(records: Iterable[ImageRecord]) -> str:

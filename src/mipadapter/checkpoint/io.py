@@ -12,8 +12,6 @@ The h94-style layouts are written as a nested ``.bin`` (``torch.save``) or flat 
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from mipadapter.checkpoint import convert, keymaps
 from mipadapter.checkpoint.convert import CheckpointError
 from mipadapter.checkpoint.hub import resolve_file
 from mipadapter.config import AdapterConfig
+from mipadapter.fileio import atomic_write
 from mipadapter.modeling.adapter import MIPAdapter, cross_attention_layers
 
 FORMAT_NAME = "mipadapter"
@@ -134,9 +133,7 @@ def save_adapter(adapter: MIPAdapter, path: str | Path, format: str = FORMAT_NAM
     state = adapter_state(adapter, layout)
     if format == "diffusers":
         state = {key: value for key, value in state.items() if not key.endswith(keymaps.TEXT_WEIGHT_PARAM)}
-    _atomic_write(
-        path, lambda tmp: _write(tmp, state, suffix, adapter.config if layout == FORMAT_NAME else None)
-    )
+    atomic_write(path, lambda tmp: _write(tmp, state, suffix, adapter.config if layout == FORMAT_NAME else None))
     return path
 
 
@@ -150,18 +147,6 @@ def _write(path: Path, state: Mapping[str, torch.Tensor], suffix: str, config: A
         save_file(dict(state), str(path), metadata=metadata)
     else:
         torch.save(convert.nest_flat(state), str(path))
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def convert_checkpoint(source: str | Path, destination: str | Path, unet: nn.Module, format: str = FORMAT_NAME) -> Path:

@@ -28,7 +28,8 @@ from mipadapter.data.masks import (
 )
 from mipadapter.data.phrases import caption_nouns
 from mipadapter.data.stages import Backends, Detection
-from mipadapter.manifest import ImageRecord, ObjectRecord, atomic_write_bytes
+from mipadapter.fileio import atomic_write_bytes
+from mipadapter.manifest import ImageRecord, ObjectRecord
 from mipadapter.object_filters import select_objects
 from mipadapter.ops.quality import object_similarity, s_pair, s_single
 

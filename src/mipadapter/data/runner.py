@@ -35,7 +35,8 @@ from typing import Any
 from mipadapter.data import pipeline, ranking, sources
 from mipadapter.data.config import DataConfig
 from mipadapter.data.stages import Backends
-from mipadapter.manifest import ImageRecord, atomic_write_text, read_manifest, write_manifest
+from mipadapter.fileio import atomic_write_text
+from mipadapter.manifest import ImageRecord, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image
 from mipadapter.eval.cases import Case, SubjectSpec
 from mipadapter.eval.detect import Detector
 from mipadapter.eval.variants import GenerationSettings, Variant
+from mipadapter.fileio import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -67,21 +67,14 @@ class ImageKey:
         return Path(out_dir) / kind / self.variant / f"{self.stem}{suffix}"
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_image(image: Image.Image, path: Path) -> None:
     """Write a PNG atomically."""
-    _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def write_json(data: Any, path: Path) -> None:
     """Write JSON atomically (indented, keys in insertion order)."""
-    _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n", fsync=False)
 
 
 def save_maps(
@@ -102,7 +95,7 @@ def save_maps(
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **arrays)
 
-    _atomic(Path(path), write)
+    atomic_write(path, write)
 
 
 def load_maps(path: Path) -> tuple[list[str], list[np.ndarray], list[dict[tuple[int, int], np.ndarray]]]:

@@ -39,6 +39,8 @@ from typing import Literal
 
 from transformers import CLIPTokenizer
 
+from mipadapter.fileio import atomic_write_text
+
 __all__ = [
     "CLIP_MAX_LENGTH",
     "CLIP_VOCAB_SIZE",
@@ -141,18 +143,6 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and a rename (safe across processes)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def clip_vocab_files(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
     """Write (once) and return ``(vocab.json, merges.txt)`` of the real CLIP tokenizer.
 
@@ -185,8 +175,8 @@ def clip_vocab_files(cache_dir: str | os.PathLike[str] | None = None) -> tuple[P
         )
 
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")
-    _write_atomic(vocab_path, json.dumps(encoder, ensure_ascii=False))
+    atomic_write_text(merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write_text(vocab_path, json.dumps(encoder, ensure_ascii=False))
     return vocab_path, merges_path
 
 

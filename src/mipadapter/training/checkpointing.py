@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mipadapter.manifest import atomic_write_text
+from mipadapter.fileio import atomic_write_text
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_FILE = "adapter.safetensors"

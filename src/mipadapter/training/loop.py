@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mipadapter.manifest import atomic_write_text, read_manifest, write_manifest
+from mipadapter.fileio import atomic_write_text
+from mipadapter.manifest import read_manifest, write_manifest
 from mipadapter.training import checkpointing as ckpt
 from mipadapter.training.batching import (
     Collator,
