@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +12,11 @@ import numpy as np
 import torch
 
 from mipadapter.alignment import align_subjects
-from mipadapter.config import PRESETS, MergeRule, MultiImageMode, RegionMode
+from mipadapter.config import MergeRule, MultiImageMode, RegionMode
 from mipadapter.modeling.adapter import MIPAdapter
 from mipadapter.modeling.conditioning import CROSS_ATTENTION_KWARG, RelevanceRecorder, SubjectConditioning
 from mipadapter.pipeline.encoding import encode_names, encode_photos, tokenizers_of, unconditional_features
+from mipadapter.pipeline.loading import default_feature_extractor
 from mipadapter.pipeline.subjects import Subject, region_mask
 
 logger = logging.getLogger(__name__)
@@ -34,22 +34,6 @@ class MIPAdapterOutput:
     images: Any
     relevance: list[dict[str, np.ndarray]] | None = None
     relevance_by_resolution: list[dict[str, dict[tuple[int, int], np.ndarray]]] | None = None
-
-
-def _clip_processor_class():
-    try:
-        from transformers import (
-            CLIPImageProcessorPil as processor_class,  # transformers ≥ 5 without torchvision
-        )
-    except ImportError:
-        from transformers import CLIPImageProcessor as processor_class
-    return processor_class
-
-
-def default_feature_extractor(image_encoder):
-    """CLIP preprocessing at the encoder's input size (h94's encoder folders ship no processor config)."""
-    side = image_encoder.config.image_size
-    return _clip_processor_class()(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
 class MIPAdapterPipeline:
@@ -91,39 +75,12 @@ class MIPAdapterPipeline:
         (0.75 for ``mip-sdxl``, 0.65 for ``mip-sdxl-plus``, as the authors use) becomes the default scale
         of h94/authors files; files in our format keep their own.
         """
-        from diffusers import DiffusionPipeline
-        from transformers import CLIPVisionModelWithProjection
+        from mipadapter.pipeline.loading import load_components
 
-        from mipadapter.checkpoint import load_adapter
-        from mipadapter.checkpoint.hub import fetch_failed, resolve_folder
-
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        defaults = PRESETS[preset]
-        base_model = str(base_model or defaults.base_model)
-        image_encoder = str(image_encoder or defaults.image_encoder)
-        adapter_source = adapter or defaults.adapter
-
-        location, subfolder = resolve_folder(base_model, "base model", "--base-model")
-        try:
-            with warnings.catch_warnings():  # newer diffusers rename torch_dtype; both spellings work
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                if subfolder:
-                    pipeline_kwargs["subfolder"] = subfolder
-                pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype, **pipeline_kwargs)
-        except OSError as error:
-            raise fetch_failed(base_model, "base model", "--base-model", error) from error
-        location, subfolder = resolve_folder(image_encoder, "image encoder", "--image-encoder")
-        try:
-            encoder = CLIPVisionModelWithProjection.from_pretrained(
-                location, subfolder=subfolder or "", dtype=torch_dtype
-            )
-        except OSError as error:
-            raise fetch_failed(image_encoder, "image encoder", "--image-encoder", error) from error
-        loaded = load_adapter(adapter_source, pipe.unet, default_scale=defaults.scale)
-        if torch_dtype is not None:
-            loaded.to(torch_dtype)
-        return cls(pipe, loaded, encoder, _load_feature_extractor(location, subfolder, encoder))
+        pipe, adapter, encoder, feature_extractor = load_components(
+            base_model, adapter, image_encoder, preset=preset, torch_dtype=torch_dtype, **pipeline_kwargs
+        )
+        return cls(pipe, adapter, encoder, feature_extractor)
 
     def to(self, *args, **kwargs) -> MIPAdapterPipeline:
         """Move the diffusers pipeline, the adapter and the image encoder (``torch.nn.Module.to`` arguments)."""
@@ -334,14 +291,6 @@ class MIPAdapterPipeline:
             region_mode=modes.pop() if modes else RegionMode.REPLACE,
             recorder=RelevanceRecorder(latent_size, keep_last=rows_cond) if record else None,
         )
-
-
-def _load_feature_extractor(location: str, subfolder: str | None, image_encoder):
-    """The image encoder's own preprocessing config where its folder has one, else CLIP's at its size."""
-    folder = Path(location) / (subfolder or "")
-    if (folder / "preprocessor_config.json").is_file():
-        return _clip_processor_class().from_pretrained(str(folder))
-    return default_feature_extractor(image_encoder)
 
 
 def _relevance_arrays(recorder: RelevanceRecorder, names: list[str], image_size: tuple[int, int]):
