@@ -1,0 +1,213 @@
+"""The generation recipe: built from a real tiny call, written into PNG and JPEG, read back, refused when bad."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from mipadapter.fileio import current_umask
+from mipadapter.pipeline import Subject
+from mipadapter.recipe import (
+    RECIPE_VERSION,
+    ModelRecord,
+    RecipeError,
+    RecipeSubject,
+    build_recipe,
+    file_sha256,
+    read_recipe,
+    recorded_region,
+    verify_inputs,
+    write_image,
+)
+from mipadapter.testing.mip import tiny_mip_pipeline
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+CAT, BACKPACK = ASSETS / "cat.jpg", ASSETS / "backpack.jpg"
+MODELS = ModelRecord("tiny-sdxl (random)", "tiny-mip (random)", "tiny", preset=None, tiny="sdxl")
+
+
+@pytest.fixture(scope="module")
+def generated():
+    """One tiny two-image call with a box region and a mask region; its pipeline, output and call."""
+    pipe = tiny_mip_pipeline("sdxl")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    call = dict(
+        prompt="a cat wearing a backpack",
+        num_inference_steps=1,
+        num_images_per_prompt=2,
+    )
+    subjects = [
+        Subject("cat", [Image.open(CAT)], scale=0.5, region=(0, 0, 32, 64)),
+        Subject("backpack", [Image.open(BACKPACK)], region=mask),
+    ]
+    output = pipe(
+        call["prompt"],
+        subjects,
+        generator=torch.Generator().manual_seed(3),
+        show_progress=False,
+        **{k: v for k, v in call.items() if k != "prompt"},
+    )
+    return pipe, output, call, mask
+
+
+def recipe_of(generated, mask_region) -> dict:
+    pipe, output, call, _ = generated
+    return build_recipe(
+        pipe,
+        output,
+        seed=3,
+        subjects=[
+            RecipeSubject("cat", [CAT], scale=0.5, region=(0, 0, 32, 64)),
+            RecipeSubject("backpack", [BACKPACK], region=mask_region),
+        ],
+        models=MODELS,
+        call=call,
+    )
+
+
+def test_recipe_records_the_resolved_call(generated):
+    pipe, _, _, mask = generated
+    recipe = recipe_of(generated, mask)
+    assert recipe["recipe_version"] == RECIPE_VERSION
+    # what the tiny SDXL pipeline resolved: guidance 5.0 (never null), its native 64² size
+    assert recipe["guidance"] == 5.0 and (recipe["height"], recipe["width"]) == (64, 64)
+    assert recipe["steps"] == 1 and recipe["num_images"] == 2 and recipe["seed"] == 3
+    assert recipe["rule"] == "official" and recipe["text_weight"] is True and recipe["multi_image"] == "mean"
+    assert recipe["scheduler"] == type(pipe.pipe.scheduler).__name__
+    cat, backpack = recipe["subjects"]
+    assert cat["scale"] == 0.5 and backpack["scale"] == pipe.adapter.config.default_scale
+    assert cat["region"] == [0.0, 0.0, 32.0, 64.0]
+    assert cat["photos"] == [{"path": str(CAT.resolve()), "sha256": file_sha256(CAT)}]
+    assert recipe["models"]["tiny"] == "sdxl" and recipe["dtype"] == "float32" and recipe["device"] == "cpu"
+    assert set(recipe["versions"]) == {"mipadapter", "torch", "diffusers", "transformers"}
+    assert recipe["versions"]["torch"] == torch.__version__
+    # a mask without a file travels inside the recipe and comes back pixel for pixel
+    assert np.array_equal(np.asarray(recorded_region(backpack["region"])), np.asarray(mask))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".jpeg"])
+def test_round_trip_through_png_and_jpeg(generated, tmp_path, suffix):
+    _, output, _, mask = generated
+    recipe = recipe_of(generated, mask)
+    path = write_image(output.images[1], tmp_path / f"out{suffix}", recipe, image_index=1)
+    assert read_recipe(path) == {**recipe, "image_index": 1}
+    with Image.open(path) as written:
+        assert written.format == ("PNG" if suffix == ".png" else "JPEG")  # never PNG bytes under .jpg
+        if suffix == ".png":
+            assert np.array_equal(np.asarray(written), np.asarray(output.images[1]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out{suffix}"]  # no temporary file left
+
+
+def test_written_images_follow_the_umask(generated, tmp_path):
+    _, output, _, mask = generated
+    old = os.umask(0o027)
+    try:
+        path = write_image(output.images[0], tmp_path / "out.png", recipe_of(generated, mask))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current_umask() == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_mask_file_regions_are_recorded_by_path_and_hash(generated, tmp_path):
+    mask_file = tmp_path / "mask.png"
+    generated[3].save(mask_file)
+    recipe = recipe_of(generated, mask_file)
+    assert recipe["subjects"][1]["region"] == {
+        "path": str(mask_file.resolve()),
+        "sha256": file_sha256(mask_file),
+    }
+    assert np.array_equal(
+        np.asarray(recorded_region(recipe["subjects"][1]["region"])), np.asarray(generated[3])
+    )
+
+
+def test_verify_inputs_names_a_changed_or_missing_photo(generated, tmp_path):
+    photo = tmp_path / "cat.jpg"
+    photo.write_bytes(CAT.read_bytes())
+    recipe = recipe_of(generated, None)
+    recipe["subjects"][0]["photos"] = [{"path": str(photo), "sha256": file_sha256(photo)}]
+    verify_inputs(recipe, "out.png")  # unchanged: passes
+    photo.write_bytes(BACKPACK.read_bytes())
+    with pytest.raises(RecipeError, match=r"subject #1 'cat'.*cat\.jpg.*has changed since 'out\.png'"):
+        verify_inputs(recipe, "out.png")
+    photo.unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"subject #1 'cat'.*cat\.jpg.*recorded in 'out\.png', is missing"
+    ):
+        verify_inputs(recipe, "out.png")
+
+
+def test_write_refuses_unknown_extensions_and_leaves_nothing(generated, tmp_path):
+    _, output, _, mask = generated
+    with pytest.raises(ValueError, match=r"out\.gif.*\.png, \.jpg, \.jpeg"):
+        write_image(output.images[0], tmp_path / "out.gif", recipe_of(generated, mask))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(generated, tmp_path):
+    class Broken:
+        def save(self, *args, **kwargs):
+            Path(args[0]).write_bytes(b"half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_image(Broken(), tmp_path / "out.png", recipe_of(generated, None))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _png_with_text(path: Path, text: str | None) -> Path:
+    info = PngInfo()
+    if text is not None:
+        info.add_text("mipadapter", text)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def _bad_files(tmp_path: Path, good: dict) -> dict[str, tuple[Path, str]]:
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "text.png").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.gif")
+    wrong_type = {**good, "steps": "thirty"}
+    wrong_subject = {**good, "subjects": [{**good["subjects"][0], "photos": ["cat.jpg"]}]}
+    old = {"prompt": "a cat", "guidance": None, "version": "0.1.0"}
+    return {
+        "missing": (tmp_path / "missing.png", "not found"),
+        "folder": (tmp_path / "folder.png", "is a folder"),
+        "not an image": (tmp_path / "text.png", "is not an image file"),
+        "gif": (tmp_path / "plain.gif", "is a GIF image"),
+        "no recipe": (_png_with_text(tmp_path / "none.png", None), "carries no mipadapter recipe"),
+        "bad json": (_png_with_text(tmp_path / "json.png", "{oops"), "is not valid JSON"),
+        "old metadata": (_png_with_text(tmp_path / "old.png", json.dumps(old)), "older mipadapter"),
+        "wrong type": (_png_with_text(tmp_path / "type.png", json.dumps(wrong_type)), "'steps' must be"),
+        "wrong subject": (_png_with_text(tmp_path / "subj.png", json.dumps(wrong_subject)), "subject #1"),
+        "truncated": (tmp_path / "cut.png", "cannot be read"),
+    }
+
+
+def test_bad_files_are_refused_with_one_line_naming_the_file(generated, tmp_path):
+    good = recipe_of(generated, None)
+    whole = write_image(generated[1].images[0], tmp_path / "whole.png", good)
+    cases = _bad_files(tmp_path, good)
+    data = whole.read_bytes()
+    cases["truncated"][0].write_bytes(data[: len(data) - 40])  # the image data and IEND cut off
+    for label, (path, message) in cases.items():
+        with pytest.raises((RecipeError, FileNotFoundError)) as error:
+            read_recipe(path)
+        text = str(error.value)
+        assert message in text and path.name in text and "\n" not in text, (label, text)
+
+
+def test_jpeg_without_our_comment_is_refused(tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(path, comment=b"some camera")
+    with pytest.raises(RecipeError, match=r"photo\.jpg' carries no mipadapter recipe"):
+        read_recipe(path)
