@@ -87,6 +87,7 @@ class AdapterUNet(nn.Module):
             self.adapter.config.text_weight,
             tuple(noisy_latents.shape[-2:]),
         )
+        self.adapter.prepare(cond)  # image keys/values with gradients, name keys frozen: once per step
         return self.unet(
             noisy_latents,
             timesteps,
