@@ -173,29 +173,56 @@ class DinoFeatures:
         )
 
 
+def _pretrained(model_cls, source: str, what: str, where: str, **kwargs):
+    """``model_cls.from_pretrained`` on a folder or Hub id resolved through ``mipadapter.hub`` (cache
+    first, one line at once when offline)."""
+    from mipadapter.hub import fetch_failed, resolve_folder
+
+    location, subfolder = resolve_folder(source, what, where)
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    try:
+        return model_cls.from_pretrained(location, **kwargs)
+    except OSError as error:
+        raise fetch_failed(source, what, where, error) from error
+
+
 def load_clip(
-    model_id_or_path: str = CLIP_MODEL_ID, *, torch_dtype: torch.dtype | None = None, device: Any = None
+    model_id_or_path: str = CLIP_MODEL_ID,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: Any = None,
+    where: str = "model_id_or_path",
 ) -> ClipFeatures:
-    """Load CLIP weights and tokenizer (hub id or local folder); ``device`` only if the caller gives one."""
+    """Load CLIP weights and tokenizer (hub id or local folder); ``device`` only if the caller gives one.
+
+    where: how errors name the model's source (an argument name, a flag or a config key).
+    """
     from transformers import CLIPModel, CLIPTokenizer
 
-    model = CLIPModel.from_pretrained(model_id_or_path, dtype=torch_dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(model_id_or_path)
+    source = str(model_id_or_path)
+    model = _pretrained(CLIPModel, source, "CLIP model", where, dtype=torch_dtype)
+    tokenizer = _pretrained(CLIPTokenizer, source, "CLIP model", where)
     if device is not None:
         model = model.to(device)
-    return ClipFeatures(model, tokenizer, model_id=str(model_id_or_path))
+    return ClipFeatures(model, tokenizer, model_id=source)
 
 
 def load_dino(
-    model_id_or_path: str = DINO_MODEL_ID, *, torch_dtype: torch.dtype | None = None, device: Any = None
+    model_id_or_path: str = DINO_MODEL_ID,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: Any = None,
+    where: str = "model_id_or_path",
 ) -> DinoFeatures:
     """Load DINO ViT weights (hub id or local folder) without the unused pooler."""
     from transformers import ViTModel
 
-    model = ViTModel.from_pretrained(model_id_or_path, add_pooling_layer=False, dtype=torch_dtype)
+    source = str(model_id_or_path)
+    model = _pretrained(ViTModel, source, "DINO model", where, add_pooling_layer=False, dtype=torch_dtype)
     if device is not None:
         model = model.to(device)
-    return DinoFeatures(model, model_id=str(model_id_or_path))
+    return DinoFeatures(model, model_id=source)
 
 
 class FeatureEncoders:
@@ -217,11 +244,14 @@ class FeatureEncoders:
         *,
         torch_dtype: torch.dtype | None = None,
         device: Any = None,
+        clip_where: str = "clip_id",
+        dino_where: str = "dino_id",
     ) -> FeatureEncoders:
-        """Encoders that load ``clip_id`` / ``dino_id`` when first used."""
+        """Encoders that load ``clip_id`` / ``dino_id`` when first used (errors name them as
+        ``clip_where`` / ``dino_where``: a CLI passes its flags)."""
         return cls(
-            lambda: load_clip(clip_id, torch_dtype=torch_dtype, device=device),
-            lambda: load_dino(dino_id, torch_dtype=torch_dtype, device=device),
+            lambda: load_clip(clip_id, torch_dtype=torch_dtype, device=device, where=clip_where),
+            lambda: load_dino(dino_id, torch_dtype=torch_dtype, device=device, where=dino_where),
         )
 
     @property

@@ -14,12 +14,11 @@ from safetensors.torch import load_file, save_file
 from mipadapter.checkpoint import (
     AdapterFile,
     CheckpointError,
-    ModelNotFoundError,
+    check_adapter_file,
     convert_checkpoint,
     infer_h94_config,
     load_adapter,
     read_file,
-    resolve_file,
     save_adapter,
 )
 from mipadapter.checkpoint.io import load_state
@@ -358,7 +357,9 @@ def test_bin_files_never_unpickle_code(checkpoint_files, shared_unet, tmp_path):
     path = tmp_path / "evil.bin"
     torch.save(state, path)
     SIDE_EFFECTS.clear()
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(
+        CheckpointError, match=r"refused unread \(it would import test_checkpoints\._record\)"
+    ):
         load_adapter(path, shared_unet("sd15"))
     assert SIDE_EFFECTS == []
 
@@ -372,42 +373,60 @@ def test_unreadable_files_raise_checkpoint_errors(shared_unet, tmp_path):
     with pytest.raises(CheckpointError, match="unsupported checkpoint extension"):
         load_adapter(tmp_path / "weights.onnx", unet)
     (tmp_path / "garbage.bin").write_bytes(b"not a zip, not a pickle")
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_adapter(tmp_path / "garbage.bin", unet)
 
 
-# ----------------------------------------------------------------------------------------- hub paths
+def _bad_checkpoints(tmp_path, files) -> dict[str, tuple[str, str]]:
+    """name → (file contents written by a writer, the words the one-line error must contain)."""
+    good_st = files.basic_safetensors.read_bytes()
+    good_bin = files.mip_basic_bin.read_bytes()
+    evil = copy.deepcopy(files.states["basic"])
+    evil["ip_adapter"]["1.to_k_ip.weight"] = Payload()
+    torch.save(evil, tmp_path / "evil.bin")
+    torch.save(torch.zeros(3), tmp_path / "tensor.bin")
+    torch.save({"image_proj": {"odd": torch.zeros(1)}, "ip_adapter": {}}, tmp_path / "layout.bin")
+    (tmp_path / "header.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "cut.safetensors").write_bytes(good_st[:-16])
+    (tmp_path / "cut.bin").write_bytes(good_bin[: len(good_bin) // 2])
+    (tmp_path / "empty.bin").write_bytes(b"")
+    return {
+        "evil.bin": "holds pickled Python objects, not just tensors, and is refused unread",
+        "tensor.bin": "holds exactly ['image_proj', 'ip_adapter'], found Tensor",
+        "layout.bin": "unrecognised image_proj layout",
+        "header.safetensors": "is not a readable safetensors file (Error while deserializing header",
+        "cut.safetensors": "is not a readable safetensors file",
+        "cut.bin": "is not a readable PyTorch checkpoint",
+        "empty.bin": "is not a readable PyTorch checkpoint",
+    }
 
 
-def test_resolve_file_local_and_hub_names(tmp_path, monkeypatch):
-    import huggingface_hub
+def test_bad_files_are_one_line_naming_the_file_without_unpickling_advice(
+    checkpoint_files, shared_unet, tmp_path
+):
+    for name, words in _bad_checkpoints(tmp_path, checkpoint_files("sdxl")).items():
+        SIDE_EFFECTS.clear()
+        with pytest.raises(CheckpointError) as error:
+            check_adapter_file(tmp_path / name, shared_unet("sdxl"))
+        message = str(error.value)
+        assert str(tmp_path / name) in message and words in message, (name, message)
+        assert "\n" not in message and "weights_only" not in message and "trust" not in message, message
+        assert SIDE_EFFECTS == []
 
-    local = tmp_path / "a.bin"
-    local.write_bytes(b"")
-    assert resolve_file(local) == local
-    with pytest.raises(ModelNotFoundError, match="is a folder"):
-        resolve_file(tmp_path)
-    with pytest.raises(ModelNotFoundError, match="names a repository"):
-        resolve_file("owner/repo")
-    with pytest.raises(ModelNotFoundError, match="neither an existing local path nor a Hub id"):
-        resolve_file("no-such-file.bin")
 
-    def offline(repo_id, filename, **kwargs):
-        raise OSError(f"cannot reach the Hub for {repo_id}/{filename}")
+def test_checking_needs_only_the_unet_config(checkpoint_files, shared_unet, tmp_path):
+    """A UNet built on the meta device from its config is enough to accept or refuse a file."""
+    from diffusers import UNet2DConditionModel
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(ModelNotFoundError, match=r"'hqhQAQ/MIP-Adapter/model_sdxl\.bin'.*--adapter"):
-        resolve_file("hqhQAQ/MIP-Adapter/model_sdxl.bin")
-
-    seen = {}
-
-    def cached(repo_id, filename, **kwargs):
-        seen["args"] = (repo_id, filename)
-        return str(local)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cached)
-    assert resolve_file("h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.bin") == local
-    assert seen["args"] == ("h94/IP-Adapter", "sdxl_models/ip-adapter_sdxl.bin")
+    with torch.device("meta"):
+        skeleton = UNet2DConditionModel.from_config(shared_unet("sdxl").config)
+    files = checkpoint_files("sdxl")
+    checked = check_adapter_file(files.mip_plus_bin, skeleton, default_scale=0.65)
+    assert checked.config.projection == "plus" and checked.config.default_scale == 0.65
+    with torch.device("meta"):
+        other = UNet2DConditionModel.from_config(shared_unet("sd15").config)
+    with pytest.raises(ValueError, match="another base model"):
+        check_adapter_file(files.mip_basic_bin, other)
 
 
 # ----------------------------------------------------------------------------------------- diffusers export

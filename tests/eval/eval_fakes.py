@@ -12,6 +12,18 @@ import numpy as np
 import torch
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "dreambooth"
+# Real benchmark files (not redistributed here): a folder holding customconcept101/ and dreambooth/;
+# the tests that read them are skipped without it.
+REAL_DATA_ENV = "MIPADAPTER_TEST_DATA"
+
+
+def real_data(name: str) -> Path | None:
+    """``$MIPADAPTER_TEST_DATA/<name>`` when set and present, else None."""
+    import os
+
+    base = os.environ.get(REAL_DATA_ENV)
+    path = Path(base) / name if base else None
+    return path if path is not None and path.is_dir() else None
 
 
 def build_tiny_encoders(seed: int = 0):
@@ -38,8 +50,24 @@ class CountingPipeline:
         return self.pipe(prompt, subjects, **kwargs)
 
 
+def write_box_files(root: Path, folder: str = "json_data") -> Path:
+    """The authors' json_data layout for every photo under ``root/benchmark_dataset``: a box covering the
+    middle of the photo resized to short side 800 (``mask[1]["box"]``, with a fraction to truncate)."""
+    out = root / folder
+    for photo in sorted((root / "benchmark_dataset").glob("*/*.jpg")):
+        target = out / photo.parent.name / (photo.name.split(".")[0] + ".json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        entries = [
+            {"value": 0, "label": "background"},
+            {"value": 1, "label": "thing", "logit": 0.9, "box": [100.7, 220.2, 651.9, 540.99]},
+        ]
+        target.write_text(json.dumps({"caption": "a thing", "mask": entries}))
+    return out
+
+
 def make_concept101(root: Path) -> Path:
-    """A two-combination CustomConcept101 folder: (backpack, teapot) and (cat, dog), 2 prompts each.
+    """A two-combination CustomConcept101 folder: (backpack, teapot) and (cat, dog), 2 prompts each,
+    with the authors' ``json_data`` crop boxes of every photo (`write_box_files`).
 
     The second combination names its second concept ``sofa`` while pointing at ``pet_dog1``: the kind of
     mismatch the real file has at index 4, which must be flagged."""
@@ -82,6 +110,54 @@ def make_concept101(root: Path) -> Path:
         ],
     ]
     (root / "dataset_multiconcept.json").write_text(json.dumps(entries, indent=1))
+    write_box_files(root)
+    return root
+
+
+def make_scene_pet(root: Path) -> Path:
+    """Two scene+pet combinations built like the real file's 82 and 83 (a scene, then a pet; 12 templates
+    of which one names the scene twice and the pet never, as Concept101's scene_pet prompts do). The
+    templates here are our own words with that structure (the benchmark's files are not redistributed)."""
+    concepts = {"scene_barn": "backpack", "pet_dog1": "dog", "scene_lighthouse": "teapot", "pet_cat1": "cat"}
+    for folder, asset in concepts.items():
+        target = root / "benchmark_dataset" / folder
+        target.mkdir(parents=True)
+        for photo in sorted((ASSETS / asset).glob("*.jpg")):
+            shutil.copy(photo, target / photo.name)
+    (root / "prompts").mkdir()
+    templates = [
+        "a picture of {0} and the {1}.",
+        "{1} sitting before {0}.",
+        "{1} with a red scarf before {0}.",
+        "{1} before {0} under heavy rain.",
+        "A view of {0} at noon with {0} glowing warmly.",  # never names the second subject
+        "hills behind and {1} before {0}.",
+        "An oil painting of the {1} before the {0}.",
+        "A pencil sketch of the {1} before {0}.",
+        "pixel art of the {1} before {0}.",
+        "A bronze statue of the {1} before {0}.",
+        "{1} chasing a butterfly before {0}.",
+        "{0} in spring, {1} chasing a ball. ",
+    ]
+    (root / "prompts" / "scene_pet.txt").write_text("\n".join(templates) + "\n")
+
+    def concept(folder, cls):
+        return {"class_prompt": cls, "instance_data_dir": f"./benchmark_dataset/{folder}"}
+
+    entries = [
+        [
+            concept("scene_barn", "barn"),
+            concept("pet_dog1", "dog"),
+            {"prompt_filename_compose": "prompts/scene_pet.txt"},
+        ],
+        [
+            concept("scene_lighthouse", "lighthouse"),
+            concept("pet_cat1", "cat"),
+            {"prompt_filename_compose": "prompts/scene_pet.txt"},
+        ],
+    ]
+    (root / "dataset_multiconcept.json").write_text(json.dumps(entries, indent=1))
+    write_box_files(root)
     return root
 
 
@@ -129,11 +205,25 @@ class FakePipeline:
         return torch.stack([first, second])[None]  # [1, 2, 16]
 
     def __call__(self, prompt, subjects, **kwargs):
+        import re
         from types import SimpleNamespace
 
         from PIL import Image
 
         self.calls.append({"prompt": prompt, "subjects": list(subjects), **kwargs})
+        warnings = []
+        for index, subject in enumerate(subjects):  # the pipeline's rule: whole words, any case
+            if not re.search(rf"(?<!\w){re.escape(subject.name)}(?!\w)", prompt, flags=re.IGNORECASE):
+                if kwargs.get("require_names_in_prompt", True):
+                    raise ValueError(f"subject {subject.name!r} does not occur in the prompt {prompt!r}")
+                warnings.append(
+                    SimpleNamespace(
+                        subject=subject.name,
+                        index=index,
+                        kind="not_named",
+                        message=f"{subject.name!r} not named",
+                    )
+                )
         count = kwargs.get("num_images_per_prompt", 1)
         perturb = kwargs.get("text_perturbation")
         if perturb is None:
@@ -150,4 +240,16 @@ class FakePipeline:
             maps = {s.name: np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32) for s in subjects}
             relevance = [maps] * count
             by_res = [{name: {(4, 4): value, (2, 2): 1 - value} for name, value in maps.items()}] * count
-        return SimpleNamespace(images=images, relevance=relevance, relevance_by_resolution=by_res)
+        attention = None
+        if kwargs.get("return_image_attention"):
+            maps = {s.name: np.linspace(1, 0, 32 * 32, dtype=np.float32).reshape(32, 32) for s in subjects}
+            attention = [maps] * count
+        settings = {"prompt": prompt, "negative_prompt": kwargs.get("negative_prompt")}
+        return SimpleNamespace(
+            images=images,
+            relevance=relevance,
+            relevance_by_resolution=by_res,
+            image_attention=attention,
+            warnings=warnings,
+            settings=settings,
+        )

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import numpy as np
 import pytest
-from eval_fakes import make_concept101, make_dreambench
+from eval_fakes import ASSETS, REAL_DATA_ENV, make_concept101, make_dreambench, real_data
 from PIL import Image
 
 from mipadapter.eval.cases import cases_from_json, cases_to_json
@@ -17,9 +17,18 @@ from mipadapter.eval.datasets import (
     dreambench_pairs,
     read_dreambench_table,
 )
-from mipadapter.eval.references import crop_pad_white, load_references
+from mipadapter.eval.references import (
+    BoxSource,
+    box_file,
+    conditioning_references,
+    crop_reference,
+    fit_pad_white,
+    metric_references,
+    read_box_file,
+)
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+CONCEPT101 = real_data("customconcept101")
+DREAMBOOTH = real_data("dreambooth")
 
 
 def test_concept101_cases_prompts_indices_and_quirks(tmp_path):
@@ -56,39 +65,105 @@ def test_concept101_errors_name_the_problem(tmp_path):
         concept101_cases(root, on_quirk="ignore")
 
 
-@pytest.mark.skipif(not (SHARED / "customconcept101").exists(), reason="shared data not present")
+@pytest.mark.skipif(CONCEPT101 is None, reason=f"set {REAL_DATA_ENV} to a folder with customconcept101/")
 def test_the_real_concept101_file_has_exactly_the_known_quirks():
-    entries = json.loads((SHARED / "customconcept101" / "dataset_multiconcept.json").read_text())
+    entries = json.loads((CONCEPT101 / "dataset_multiconcept.json").read_text())
     flagged = {i: concept101_quirks(entry) for i, entry in enumerate(entries) if concept101_quirks(entry)}
     assert sorted(flagged) == [4, 99, 100]
     assert "sofa" in flagged[4][0] and "furniture_chair3" in flagged[4][0]
     assert "'dog'" in flagged[99][0] and "'cat'" in flagged[100][0]
 
 
-def test_box_files_crop_references(tmp_path):
-    root = make_concept101(tmp_path)
-    photo = root / "benchmark_dataset" / "things_teapot" / "00.jpg"
-    (photo.with_name("00.box.json")).write_text("[10, 20, 50, 40]")
+def test_the_authors_crop_equals_a_hand_computation_on_a_real_photo(tmp_path):
+    """A real DreamBooth photo cut to 128×96: short side 800 → 1066×800 (int(800·128/96)); box
+    [100.7, 220.2, 651.9, 540.99] truncates to (100, 220, 651, 540), a 551×320 crop; fitted into 224:
+    224×int(224·320/551) = 224×130, pasted at (0, (224-130)//2 = 47) on white."""
+    with Image.open(ASSETS / "cat" / "00.jpg") as photo:
+        real = photo.convert("RGB").crop((0, 16, 128, 112))
+    path = tmp_path / "pet_cat1" / "00.png"
+    path.parent.mkdir()
+    real.save(path)
+    boxes = tmp_path / "json_data" / "pet_cat1"
+    boxes.mkdir(parents=True)
+    entries = [
+        {"value": 0, "label": "background"},
+        {"value": 1, "label": "cat", "box": [100.7, 220.2, 651.9, 540.99]},
+    ]
+    (boxes / "00.json").write_text(json.dumps({"caption": "a cat", "mask": entries}))
+
+    box = read_box_file(box_file(tmp_path / "json_data", path))
+    assert box == (100.7, 220.2, 651.9, 540.99)
+    expected = Image.new("RGB", (224, 224), (255, 255, 255))
+    piece = real.resize((1066, 800), Image.Resampling.BILINEAR).crop((100, 220, 651, 540))
+    expected.paste(piece.resize((224, 130), Image.Resampling.BILINEAR), (0, 47))
+    got = crop_reference(path, box)
+    assert got.size == (224, 224)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+    # the same photo stored sideways with an EXIF orientation: the box is in the stored frame, the crop
+    # then turned upright (as every photo the project opens)
+    sideways = tmp_path / "pet_cat1" / "01.jpg"
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    real.transpose(Image.Transpose.ROTATE_90).save(sideways, exif=exif.tobytes(), quality=100)
+    with Image.open(sideways) as stored:
+        stored_rgb = stored.convert("RGB")
+    by_hand = stored_rgb.resize((800, 1066), Image.Resampling.BILINEAR).crop((10, 20, 810, 320))
+    by_hand = by_hand.transpose(Image.Transpose.ROTATE_270)  # 300×800 upright
+    np.testing.assert_array_equal(
+        np.asarray(crop_reference(sideways, (10.5, 20.5, 810.2, 320.9))), np.asarray(fit_pad_white(by_hand))
+    )
+
+
+def test_box_files_errors_name_the_file(tmp_path):
+    bad = tmp_path / "b.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="b.json' is not readable JSON"):
+        read_box_file(bad)
+    bad.write_text(json.dumps({"mask": [{"value": 0}, {"value": 1, "box": [5, 5, 1, 9]}]}))
+    with pytest.raises(ValueError, match=r"b.json': mask\[1\]\['box'\] must be \[x0, y0, x1, y1\]"):
+        read_box_file(bad)
+    bad.write_text(json.dumps({"mask": [{"value": 0, "label": "background"}]}))
+    assert read_box_file(bad) is None  # nothing detected: the photo is used whole
+
+
+def test_references_crop_whole_and_detect_once(tmp_path):
+    from mipadapter.eval.detect import FixedBoxDetector
+
+    root = make_concept101(tmp_path / "c101")
     case = concept101_cases(root, combinations=[0])[0]
     teapot = case.subjects[1]
-    assert teapot.boxes == ((10.0, 20.0, 50.0, 40.0), None)
-    cropped, whole = load_references(root, teapot)
-    assert cropped.size == (40, 40) and whole.size == Image.open(photo.with_name("01.jpg")).size
-    assert cropped.getpixel((0, 0)) == (255, 255, 255)  # padded on white above and below
-    assert load_references(root, teapot, crop=False)[0].size == Image.open(photo).size
-    (photo.with_name("00.box.json")).write_text("[50, 20, 10, 40]")
-    with pytest.raises(ValueError, match=r"00.box.json: expected \[x0, y0, x1, y1\]"):
-        concept101_cases(root, combinations=[0])
+    authors = BoxSource(root / "json_data")
+    cropped = conditioning_references(root, teapot, mode="crop", boxes=authors)
+    assert [im.size for im in cropped] == [(224, 224), (224, 224)]
+    assert cropped[0].getpixel((0, 0)) == (255, 255, 255)  # padded on white
+    whole = conditioning_references(root, teapot, mode="whole")
+    assert [im.size for im in whole] == [(128, 128), (128, 128)]
+    assert [im.size for im in metric_references(root, teapot)] == [(128, 128), (128, 128)]
 
+    loads = []
+    detector = FixedBoxDetector({"teapot": (100.7, 220.2, 651.9, 540.99)})
 
-def test_crop_pad_white():
-    photo = Image.new("RGB", (60, 30), (10, 20, 30))
-    padded = crop_pad_white(photo, None)
-    assert padded.size == (60, 60)
-    assert padded.getpixel((0, 0)) == (255, 255, 255) and padded.getpixel((30, 30)) == (10, 20, 30)
-    assert crop_pad_white(photo, (0, 0, 10, 30)).size == (30, 30)
-    with pytest.raises(ValueError, match=r"crop box \(0, 0, 70, 30\) does not fit a 60x30 photo"):
-        crop_pad_white(photo, (0, 0, 70, 30))
+    def factory():
+        loads.append(1)
+        return detector
+
+    detected = BoxSource(None, tmp_path / "cache", factory)
+    first = conditioning_references(root, teapot, mode="crop", boxes=detected)
+    assert [
+        np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first, cropped, strict=True)
+    ] == [True, True]
+    assert loads == [1] and detector.calls == 2
+    cached = tmp_path / "cache" / "things_teapot" / "00.json"
+    assert read_box_file(cached) == (100.7, 220.2, 651.9, 540.99)
+    again = BoxSource(None, tmp_path / "cache", factory)
+    conditioning_references(root, teapot, mode="crop", boxes=again)
+    assert loads == [1] and detector.calls == 2  # read from the cache, the detector never loaded
+
+    with pytest.raises(FileNotFoundError, match=r"--reference-boxes: .*things_teapot/00.json' not found"):
+        conditioning_references(root, teapot, mode="crop", boxes=BoxSource(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"reference mode must be one of \('crop', 'whole'\), got 'box'"):
+        conditioning_references(root, teapot, mode="box")
 
 
 def test_dreambench_single_and_multi(tmp_path):
@@ -119,11 +194,9 @@ def test_dreambench_pairs_are_a_fixed_draw_of_different_classes():
     assert len(dreambench_pairs(["s0", "s1", "s3"], classes, count=30)) == 2
 
 
-@pytest.mark.skipif(not (SHARED / "dreambooth").exists(), reason="shared data not present")
+@pytest.mark.skipif(DREAMBOOTH is None, reason=f"set {REAL_DATA_ENV} to a folder with dreambooth/")
 def test_the_real_dreambench_table_parses():
-    classes, objects, live = read_dreambench_table(
-        (SHARED / "dreambooth" / "prompts_and_classes.txt").read_text()
-    )
+    classes, objects, live = read_dreambench_table((DREAMBOOTH / "prompts_and_classes.txt").read_text())
     assert len(classes) == 30 and classes["bear_plushie"] == "stuffed animal"
     assert len(objects) == 25 and len(live) == 25
     assert objects[0] == "a {0} {1} in the jungle" and live[-1] == "a cube shaped {0} {1}"

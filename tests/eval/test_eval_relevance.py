@@ -69,6 +69,8 @@ def test_relevance_experiment_gives_the_hand_computed_ratio(tmp_path):
     kwargs = dict(
         pipeline=lambda: fake,
         detector=detector,
+        model="adapter",
+        reference_boxes=root / "json_data",
         cases=[case],
         level=0.1,
         sampler=ones,
@@ -100,6 +102,8 @@ def test_undetected_subjects_are_listed_not_scored(tmp_path):
         root,
         tmp_path / "run",
         pipeline=FakePipeline,
+        model="adapter",
+        reference_boxes=root / "json_data",
         cases=[case],
         sampler=ones,
         detector=FixedBoxDetector({"backpack": (0, 0, 16, 16)}),
@@ -108,7 +112,7 @@ def test_undetected_subjects_are_listed_not_scored(tmp_path):
     assert results["S_relevance"]["weighted"] == pytest.approx(3.0)
 
 
-def test_the_perturbation_reaches_the_real_pipeline(tmp_path):
+def test_the_perturbation_reaches_the_real_adapter_pipeline(tmp_path):
     from mipadapter.testing.mip import tiny_mip_pipeline
 
     root = make_concept101(tmp_path / "c101")
@@ -124,6 +128,8 @@ def test_the_perturbation_reaches_the_real_pipeline(tmp_path):
         root,
         tmp_path / "run",
         pipeline=lambda: pipe,
+        model="adapter",
+        reference_boxes=root / "json_data",
         cases=[case],
         sampler=sampler,
         level=1.0,
@@ -135,6 +141,113 @@ def test_the_perturbation_reaches_the_real_pipeline(tmp_path):
     noisy = np.asarray(Image.open(tmp_path / "run" / "relevance" / "uniform" / "00000.png"), dtype=float)
     assert np.abs(clean - noisy).mean() > 0
     assert results["S_relevance"]["uniform"] is not None and results["S_relevance"]["weighted"] is not None
+
+
+def test_base_model_run_has_no_adapter_and_leaves_the_pipeline_as_it_was(tmp_path):
+    """The paper's setting: the base pipeline alone. During the run every attention layer holds the
+    eval-only processor (no MIP processor anywhere); afterwards the pipeline's own processors are back,
+    and the clean image equals the stock pipeline's image."""
+    from mipadapter.eval.text_noise import TextNoiseProcessor
+    from mipadapter.modeling.processor import MIPAttnProcessor
+    from mipadapter.testing import tiny_sdxl_pipeline
+
+    root = make_concept101(tmp_path / "c101")
+    case = concept101_cases(root, combinations=[0])[0]
+    pipe = tiny_sdxl_pipeline(0)
+    before = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    during = []
+
+    def sampler(shape, like):
+        during.append({type(p) for p in pipe.unet.attn_processors.values()})
+        return torch.randn(shape, generator=torch.Generator().manual_seed(len(during)))
+
+    settings = GenerationSettings(num_inference_steps=2)
+    results = run_relevance(
+        root,
+        tmp_path / "run",
+        pipeline=lambda: pipe,
+        cases=[case],
+        sampler=sampler,
+        level=1.0,
+        detector=FixedBoxDetector({"backpack": (0, 0, 32, 64), "teapot": (32, 0, 64, 64)}),
+        settings=settings,
+    )
+    assert during and all(kinds == {TextNoiseProcessor} for kinds in during)
+    assert not any(issubclass(kind, MIPAttnProcessor) for kinds in during for kind in kinds)
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before
+    stock = pipe(
+        prompt=case.prompt,
+        generator=torch.Generator().manual_seed(420),
+        output_type="pil",
+        **settings.base_call_kwargs(),
+    ).images[0]
+    clean = Image.open(tmp_path / "run" / "relevance" / "clean" / "00000.png")
+    np.testing.assert_array_equal(np.asarray(clean), np.asarray(stock))
+    noisy = np.asarray(Image.open(tmp_path / "run" / "relevance" / "uniform" / "00000.png"), dtype=float)
+    assert np.abs(noisy - np.asarray(clean, dtype=float)).mean() > 0
+    assert results["settings"]["model"] == "base" and "conditional half" in results["settings"]["cfg"]
+    assert results["S_relevance"]["weighted"] is not None
+    with pytest.raises(TypeError, match="model='base' needs the base diffusers pipeline"):
+        run_relevance(
+            root, tmp_path / "x", pipeline=FakePipeline, cases=[case], detector=FixedBoxDetector({})
+        )
+
+
+def _cross_attention(pipe):
+    name = next(n for n in pipe.unet.attn_processors if n.endswith("attn2.processor"))
+    module = pipe.unet.get_submodule(name[: -len(".processor")])
+    return module
+
+
+def test_text_noise_processor_is_stock_attention_and_perturbs_only_the_conditional_half():
+    """Without a plan it equals diffusers' AttnProcessor2_0; with one, the unconditional rows are
+    untouched and the relevance handed to the perturbation equals a loop over positions of
+    softmax_p(K_name·Q/√d), averaged over name tokens and heads."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from mipadapter.eval.text_noise import TextNoisePlan, TextNoiseProcessor
+    from mipadapter.pipeline import encode_names
+    from mipadapter.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(0)
+    attn = _cross_attention(pipe)
+    torch.manual_seed(0)
+    b, p = 4, 16
+    hidden = torch.randn(b, p, attn.to_q.in_features)
+    text = torch.randn(b, 77, attn.to_k.in_features)
+    plain = AttnProcessor2_0()(attn, hidden, text)
+    processor = TextNoiseProcessor()
+    torch.testing.assert_close(processor(attn, hidden, text), plain, rtol=0, atol=0)
+
+    embeds, mask = encode_names(pipe, ["cat", "red backpack"], torch.device("cpu"))
+    seen = {}
+
+    def perturb(z, relevance):
+        seen["z"], seen["relevance"] = z.clone(), relevance.clone()
+        return z + 1.0
+
+    out = processor(attn, hidden, text, text_noise=TextNoisePlan(perturb, embeds, mask, cfg=True))
+    torch.testing.assert_close(out[:2], plain[:2], rtol=0, atol=0)  # unconditional half as it was
+    assert not torch.allclose(out[2:], plain[2:])
+    heads = attn.heads
+    query = attn.to_q(hidden[2:]).view(2, p, heads, -1)  # [b', p, h, d]
+    keys = attn.to_k(embeds.to(attn.to_k.weight.dtype)).view(2, -1, heads, query.shape[-1])  # [n, m, h, d]
+    expected = torch.zeros(2, 2, p)
+    for row in range(2):
+        for i in range(2):
+            tokens = [j for j in range(mask.shape[1]) if mask[i, j]]
+            for j in tokens:
+                for h in range(heads):
+                    logits = (
+                        torch.stack([keys[i, j, h] @ query[row, q, h] for q in range(p)])
+                        / query.shape[-1] ** 0.5
+                    )
+                    expected[row, i] += torch.softmax(logits, dim=0) / (len(tokens) * heads)
+    torch.testing.assert_close(seen["relevance"], expected, rtol=1e-5, atol=1e-6)
+    assert seen["z"].shape == (2, heads, p, query.shape[-1])
+    # without CFG every row is conditional
+    processor(attn, hidden, text, text_noise=TextNoisePlan(perturb, embeds, mask, cfg=False))
+    assert seen["z"].shape[0] == b
 
 
 class _FakeProcessor:

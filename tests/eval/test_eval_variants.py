@@ -11,7 +11,7 @@ from eval_fakes import FakePipeline, make_concept101
 from mipadapter.eval.datasets import concept101_cases
 from mipadapter.eval.detect import FixedBoxDetector
 from mipadapter.eval.generate import ImageKey, generate_variant, image_seed
-from mipadapter.eval.references import load_references
+from mipadapter.eval.references import metric_references
 from mipadapter.eval.variants import VARIANTS, GenerationSettings, Variant, resolve_variants
 
 
@@ -46,7 +46,7 @@ def _run(tmp_path, names, pipe, detector=None, settings=FAST):
     cases = concept101_cases(root, combinations=[0])[:1]
 
     def refs(subject):
-        return load_references(root, subject)
+        return metric_references(root, subject)
 
     for variant in resolve_variants(names):
         generate_variant(
@@ -104,6 +104,30 @@ def test_scale_given_is_multiplied_for_text_weight_only(tmp_path):
         settings=GenerationSettings(num_inference_steps=1, scale=0.75),
     )
     assert [s.scale for s in calls["t4-text-weight"]["subjects"]] == [1.5, 1.5]
+
+
+def test_settings_are_checked_and_pass_the_authors_negative_prompt():
+    from mipadapter.config import AUTHORS_NEGATIVE_PROMPT as PIPELINE_DEFAULT
+    from mipadapter.eval.variants import AUTHORS_NEGATIVE_PROMPT
+
+    assert (
+        AUTHORS_NEGATIVE_PROMPT
+        == PIPELINE_DEFAULT
+        == "monochrome, lowres, bad anatomy, worst quality, low quality"
+    )
+    settings = GenerationSettings()
+    assert settings.call_kwargs()["negative_prompt"] == AUTHORS_NEGATIVE_PROMPT
+    assert settings.to_json()["negative_prompt"] == AUTHORS_NEGATIVE_PROMPT  # recorded in run.json
+    assert "negative_prompt" not in GenerationSettings(negative_prompt="").base_call_kwargs()  # off
+    for bad, message in (
+        (dict(num_inference_steps=0), "num_inference_steps must be >= 1, got 0"),
+        (dict(height=50), "height must be a positive multiple of 8, got 50"),
+        (dict(scale=float("inf")), "scale must be a finite number >= 0, got inf"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be >= 0, got -1.0"),
+        (dict(multi_image="concat"), "multi_image must be 'mean' or 'each', got 'concat'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            GenerationSettings(**bad)
 
 
 def test_image_seeds():

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from mipadapter import MIPAdapterPipeline, Subject
-from mipadapter.checkpoint import ModelNotFoundError
-from mipadapter.testing import tiny_checkpoint_files, tiny_sdxl_pipeline
+from mipadapter.checkpoint import CheckpointError
+from mipadapter.hub import ModelNotFoundError
+from mipadapter.testing import tiny_checkpoint_files, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -109,11 +110,12 @@ def test_missing_models_name_themselves_and_their_flag(saved, tmp_path, monkeypa
         "adapter": "nobody/no-adapter/model.bin",
         "encoder": "nobody/no-ip/image_encoder",
     }
-    flags = {"base": "--base-model", "adapter": "--adapter", "encoder": "--image-encoder"}
+    arguments = {"base": "point base_model", "adapter": "point adapter", "encoder": "point image_encoder"}
     sources[which] = missing[which]
     with pytest.raises(ModelNotFoundError) as error:
         MIPAdapterPipeline.from_pretrained(sources["base"], sources["adapter"], sources["encoder"])
-    assert missing[which] in str(error.value) and flags[which] in str(error.value)
+    assert missing[which] in str(error.value) and arguments[which] in str(error.value)
+    assert "not in the local cache and HF_HUB_OFFLINE is set" in str(error.value)
 
 
 def test_preset_scale_applies_to_files_without_a_config_and_ours_keep_their_own(saved, tmp_path):
@@ -130,3 +132,49 @@ def test_preset_scale_applies_to_files_without_a_config_and_ours_keep_their_own(
         root / "base", ours, files.basic_image_encoder, preset="mip-sdxl"
     )
     assert again.adapter.config.default_scale == 0.65
+
+
+@pytest.fixture
+def no_big_loads(monkeypatch):
+    """Loading the base model or the image encoder's weights fails the test: checks must come first."""
+    from diffusers import DiffusionPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the small checks ran")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(CLIPVisionModelWithProjection, "from_pretrained", refuse)
+
+
+@pytest.mark.usefixtures("no_big_loads")
+def test_a_bad_adapter_is_refused_before_any_model_loads(saved, tmp_path):
+    root, files = saved
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors is not a readable safetensors file"):
+        MIPAdapterPipeline.from_pretrained(root / "base", bad, files.basic_image_encoder)
+    sd15_files = tiny_checkpoint_files(tmp_path / "sd15", tiny_sd15_pipeline())
+    with pytest.raises(ValueError, match="another base model"):  # the SD1.5 adapter vs SDXL's unet config
+        MIPAdapterPipeline.from_pretrained(root / "base", sd15_files.mip_basic_bin, files.basic_image_encoder)
+
+
+@pytest.mark.usefixtures("no_big_loads")
+def test_an_image_encoder_that_does_not_fit_the_adapter_is_refused_by_its_config(saved):
+    root, files = saved
+    with pytest.raises(ValueError, match=r"image_encoder '.*' has hidden size \d+, but the plus adapter"):
+        MIPAdapterPipeline.from_pretrained(root / "base", files.mip_plus_bin, files.basic_image_encoder)
+    with pytest.raises(ValueError, match=r"--image-encoder '.*' has projection size \d+, but the basic"):
+        MIPAdapterPipeline.from_pretrained(
+            root / "base",
+            files.mip_basic_bin,
+            files.plus_image_encoder,
+            argument_names={"image_encoder": "--image-encoder"},
+        )
+
+
+def test_a_base_model_folder_without_a_unet_config_is_named(saved, tmp_path):
+    _, files = saved
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match=r"base model '.*empty' has no unet/config\.json"):
+        MIPAdapterPipeline.from_pretrained(tmp_path / "empty", files.mip_basic_bin, files.basic_image_encoder)

@@ -1,11 +1,15 @@
-"""Checkpoint formats: key tables, pure converters, strict loading and saving."""
+"""Checkpoint formats: key tables, pure converters, strict loading and saving.
+
+Model files are located through ``mipadapter.hub`` (local paths, the Hub cache, fail-fast offline).
+"""
 
 from mipadapter.checkpoint.convert import CheckpointError, infer_h94_config
-from mipadapter.checkpoint.hub import ModelNotFoundError, resolve_file, resolve_folder
 from mipadapter.checkpoint.io import (
     SAVE_FORMATS,
     AdapterFile,
+    adapter_from_file,
     adapter_state,
+    check_adapter_file,
     convert_checkpoint,
     load_adapter,
     read_file,
@@ -16,13 +20,12 @@ __all__ = [
     "SAVE_FORMATS",
     "AdapterFile",
     "CheckpointError",
-    "ModelNotFoundError",
+    "adapter_from_file",
     "adapter_state",
+    "check_adapter_file",
     "convert_checkpoint",
     "infer_h94_config",
     "load_adapter",
     "read_file",
-    "resolve_file",
-    "resolve_folder",
     "save_adapter",
 ]

@@ -12,6 +12,7 @@ The h94-style layouts are written as a nested ``.bin`` (``torch.save``) or flat 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,9 +21,9 @@ from torch import nn
 
 from mipadapter.checkpoint import convert, keymaps
 from mipadapter.checkpoint.convert import CheckpointError
-from mipadapter.checkpoint.hub import resolve_file
 from mipadapter.config import AdapterConfig
 from mipadapter.fileio import atomic_write
+from mipadapter.hub import resolve_file
 from mipadapter.modeling.adapter import MIPAdapter, cross_attention_layers
 
 FORMAT_NAME = "mipadapter"
@@ -40,31 +41,86 @@ class AdapterFile:
 
 
 def read_file(path: str | Path) -> AdapterFile:
-    """Read any supported checkpoint file. Pickled files load with ``weights_only=True``."""
+    """Read any supported checkpoint file. Pickled files load with ``weights_only=True``.
+
+    Every failure is a one-line ``CheckpointError`` (or ``FileNotFoundError``) naming the file.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import safe_open
+        return _read_safetensors(path)
+    if suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        nested = _torch_load(path)
+        try:
+            return AdapterFile("h94", convert.flatten_nested(nested), None)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+    raise CheckpointError(f"{path}: unsupported checkpoint extension {suffix!r} (use .safetensors or .bin)")
 
+
+def _read_safetensors(path: Path) -> AdapterFile:
+    from safetensors import safe_open
+
+    try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-        if metadata.get("format") == FORMAT_NAME:
-            if metadata.get("format_version") != FORMAT_VERSION:
-                raise CheckpointError(
-                    f"{path} is mipadapter format v{metadata.get('format_version')}, this reads v{FORMAT_VERSION}"
-                )
-            return AdapterFile(FORMAT_NAME, state, AdapterConfig.from_json(metadata["config"]))
-        return AdapterFile("h94", state, None)
-    if suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        try:
-            nested = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as error:
+    except Exception as error:  # safetensors raises its own SafetensorError (not an OSError) for bad bytes
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(error)})") from None
+    if metadata.get("format") == FORMAT_NAME:
+        if metadata.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(
-                f"{path} could not be read as a weights-only PyTorch file: {error}"
-            ) from error
-        return AdapterFile("h94", convert.flatten_nested(nested), None)
-    raise CheckpointError(f"{path}: unsupported checkpoint extension {suffix!r} (use .safetensors or .bin)")
+                f"{path} is mipadapter format v{metadata.get('format_version')}, this reads v{FORMAT_VERSION}"
+            )
+        try:
+            config = AdapterConfig.from_json(metadata["config"])
+        except (KeyError, ValueError, TypeError) as error:
+            raise CheckpointError(f"{path}: its adapter config metadata is unreadable ({error})") from None
+        return AdapterFile(FORMAT_NAME, state, config)
+    return AdapterFile("h94", state, None)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+_TORCH_ADVICE = ("weights_only", "torch.load", "Check the documentation", "Please file")
+
+
+def _unpickler_detail(text: str) -> str:
+    """The one informative line of torch's weights-only refusal (its advice to unpickle fully dropped)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    useful = [line for line in lines if not any(advice in line for advice in _TORCH_ADVICE)]
+    return useful[0] if useful else "unsupported pickle content"
+
+
+def _torch_load(path: Path):
+    """``torch.load(weights_only=True)``; a refusal is reported without torch's advice to unpickle fully
+    (wrong advice for a file that may be malicious)."""
+    import pickle
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        text = str(error)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects, not just tensors, and is refused unread "
+                f"(it would import {found.group(1)})"
+            ) from None
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({_unpickler_detail(text)})"
+        ) from None
+    except (
+        Exception
+    ) as error:  # truncated zip, garbage bytes (torch raises RuntimeError, KeyError, EOFError …)
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {_first_line(error)})"
+        ) from None
 
 
 def _rules(adapter: MIPAdapter, layout: str) -> list[keymaps.KeyRule]:
@@ -77,24 +133,53 @@ def _rules(adapter: MIPAdapter, layout: str) -> list[keymaps.KeyRule]:
     )
 
 
-def load_adapter(source: str | Path, unet: nn.Module, default_scale: float | None = None) -> MIPAdapter:
+def check_adapter_file(path: str | Path, unet: nn.Module, default_scale: float | None = None) -> AdapterFile:
+    """Read a checkpoint file and check every key and shape against ``unet``, without building weights.
+
+    ``unet`` supplies only layer names, indices and widths, so a UNet built on the ``meta`` device from
+    its ``config.json`` will do: the file can be refused before the base model is loaded. Returns the file
+    with its ``config`` filled in (read off the shapes for h94/authors files, which then take
+    ``default_scale``). Raises ``CheckpointError`` naming the file and every offending key.
+    """
+    loaded = read_file(path)
+    config = loaded.config
+    if config is None:
+        try:
+            config = convert.infer_h94_config(loaded.state)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+        except KeyError as error:  # a plus projection missing one of its blocks' tensors
+            raise CheckpointError(f"{path}: image_proj lacks {error.args[0]}") from None
+        if default_scale is not None:
+            config = dataclasses.replace(config, default_scale=float(default_scale))
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        skeleton = MIPAdapter(config, cross_attention_layers(unet))
+    rules = _rules(skeleton, loaded.layout)
+    module_shapes = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+    convert.check_keys(str(path), loaded.state, convert.external_shapes(rules, module_shapes))
+    return AdapterFile(loaded.layout, loaded.state, config)
+
+
+def adapter_from_file(checked: AdapterFile, unet: nn.Module, source: str) -> MIPAdapter:
+    """Build the adapter of a file ``check_adapter_file`` accepted for ``unet`` and load its weights."""
+    adapter = MIPAdapter(checked.config, cross_attention_layers(unet))
+    load_state(adapter, checked, source)
+    return adapter
+
+
+def load_adapter(
+    source: str | Path, unet: nn.Module, default_scale: float | None = None, *, where: str = "adapter"
+) -> MIPAdapter:
     """Build the adapter a checkpoint describes for ``unet`` and load its weights strictly.
 
     source: a local file or a Hub file ``owner/repo/path/file``. default_scale: the image scale to use
     when a subject gives none, for files that carry no config of their own (h94 and the authors'
-    files; ours keep the scale they were saved with). A missing, unexpected or mis-shaped key raises a
-    ``CheckpointError`` that lists them.
+    files; ours keep the scale they were saved with). where: how errors name the source (an argument
+    name or a CLI flag). A missing, unexpected or mis-shaped key raises a ``CheckpointError`` that
+    lists them.
     """
-    path = resolve_file(source)
-    loaded = read_file(path)
-    config = loaded.config
-    if config is None:
-        config = convert.infer_h94_config(loaded.state)
-        if default_scale is not None:
-            config = dataclasses.replace(config, default_scale=float(default_scale))
-    adapter = MIPAdapter(config, cross_attention_layers(unet))
-    load_state(adapter, loaded, str(path))
-    return adapter
+    path = resolve_file(source, "adapter", where)
+    return adapter_from_file(check_adapter_file(path, unet, default_scale), unet, str(path))
 
 
 def load_state(adapter: MIPAdapter, loaded: AdapterFile, source: str) -> None:
@@ -133,7 +218,9 @@ def save_adapter(adapter: MIPAdapter, path: str | Path, format: str = FORMAT_NAM
     state = adapter_state(adapter, layout)
     if format == "diffusers":
         state = {key: value for key, value in state.items() if not key.endswith(keymaps.TEXT_WEIGHT_PARAM)}
-    atomic_write(path, lambda tmp: _write(tmp, state, suffix, adapter.config if layout == FORMAT_NAME else None))
+    atomic_write(
+        path, lambda tmp: _write(tmp, state, suffix, adapter.config if layout == FORMAT_NAME else None)
+    )
     return path
 
 
@@ -149,16 +236,22 @@ def _write(path: Path, state: Mapping[str, torch.Tensor], suffix: str, config: A
         torch.save(convert.nest_flat(state), str(path))
 
 
-def convert_checkpoint(source: str | Path, destination: str | Path, unet: nn.Module, format: str = FORMAT_NAME) -> Path:
+def convert_checkpoint(
+    source: str | Path,
+    destination: str | Path,
+    unet: nn.Module,
+    format: str = FORMAT_NAME,
+    *,
+    where: str = "source",
+) -> Path:
     """Rewrite a checkpoint in another layout, keeping its tensors' dtype and values bit-exactly.
 
     ``unet`` supplies the layer names and indices (weights are not read, so a UNet built on the ``meta``
-    device from its config will do).
+    device from its config will do). where: how errors name ``source``.
     """
-    path = resolve_file(source)
-    loaded = read_file(path)
-    config = loaded.config or convert.infer_h94_config(loaded.state)
-    dtype = next(iter(loaded.state.values())).dtype
-    adapter = MIPAdapter(config, cross_attention_layers(unet)).to(dtype)
-    load_state(adapter, loaded, str(path))
+    path = resolve_file(source, "checkpoint", where)
+    checked = check_adapter_file(path, unet)
+    dtype = next(iter(checked.state.values())).dtype
+    adapter = MIPAdapter(checked.config, cross_attention_layers(unet)).to(dtype)
+    load_state(adapter, checked, str(path))
     return save_adapter(adapter, destination, format)

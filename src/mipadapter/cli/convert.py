@@ -6,50 +6,64 @@ import argparse
 
 from mipadapter.config import DEFAULT_PRESET, PRESETS
 
+TINY_BASE_MODELS = ("tiny-sdxl", "tiny-sd15")
+FORMAT_SUFFIXES = {
+    "mipadapter": (".safetensors",),
+    "authors": (".safetensors", ".bin"),
+    "diffusers": (".safetensors", ".bin"),
+}
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="convert an adapter checkpoint between formats",
         description="Convert between our safetensors format, the authors' MIP .bin layout and the plain "
-        "IP-Adapter layout diffusers reads (which drops the text weight).",
+        "IP-Adapter layout diffusers reads (which drops the text weight). Only the base model's "
+        "unet/config.json is read, never its weights.",
     )
     parser.add_argument("input", help="checkpoint: local file or owner/repo/path/file")
-    parser.add_argument("output", help="file to write (.safetensors or .bin)")
-    parser.add_argument("--to", choices=["mipadapter", "authors", "diffusers"], default="mipadapter")
+    parser.add_argument(
+        "output", help="file to write: .safetensors (any format) or .bin (authors, diffusers)"
+    )
+    parser.add_argument(
+        "--to",
+        choices=sorted(FORMAT_SUFFIXES),
+        default="mipadapter",
+        help="layout to write (default: %(default)s)",
+    )
     parser.add_argument(
         "--base-model",
         default=PRESETS[DEFAULT_PRESET].base_model,
-        help="the UNet the checkpoint belongs to (only its config is read), Hub id or folder; 'tiny-sdxl' "
-        "and 'tiny-sd15' name the built-in tiny models",
+        help="the base model the checkpoint belongs to (only its unet/config.json is read): Hub id or "
+        "folder; 'tiny-sdxl' and 'tiny-sd15' name the built-in tiny models (default: %(default)s)",
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mipadapter.checkpoint import convert_checkpoint
+    from mipadapter.fileio import check_output_file
+    from mipadapter.hub import resolve_file
 
-    unet = unet_skeleton(args.base_model)
-    print(convert_checkpoint(args.input, args.output, unet, args.to))
+    output = check_output_file(args.output, "output", FORMAT_SUFFIXES[args.to])
+    source = resolve_file(args.input, "checkpoint", "input")
+    if source.resolve() == output.resolve():
+        raise ValueError(
+            f"output {args.output!r} is the input file: write the converted checkpoint elsewhere"
+        )
+    unet = unet_for(args.base_model)
+    print(convert_checkpoint(source, output, unet, args.to, where="input"))
     return 0
 
 
-def unet_skeleton(base_model: str):
-    """The base model's UNet built from its config on the ``meta`` device (no weights read)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from mipadapter.checkpoint.hub import fetch_failed, resolve_folder
-
-    if base_model in ("tiny-sdxl", "tiny-sd15"):
+def unet_for(base_model: str):
+    """The UNet a checkpoint is checked against: a tiny one by name, else built from the base model's
+    ``unet/config.json`` on the ``meta`` device (no weights read)."""
+    if base_model in TINY_BASE_MODELS:
         from mipadapter.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
         return (tiny_sdxl_pipeline if base_model == "tiny-sdxl" else tiny_sd15_pipeline)().unet
-    location, subfolder = resolve_folder(base_model, "base model", "--base-model")
-    subfolder = f"{subfolder}/unet" if subfolder else "unet"
-    try:
-        config = UNet2DConditionModel.load_config(location, subfolder=subfolder)
-    except OSError as error:
-        raise fetch_failed(base_model, "base model", "--base-model", error) from error
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+    from mipadapter.pipeline.loading import unet_skeleton
+
+    return unet_skeleton(base_model, "base model", "--base-model")

@@ -2,8 +2,11 @@
 
 mipadapter eval concept101 --benchmark-dir DIR --out RUN [--variants official|rules|table4|all,...]
 mipadapter eval dreambench --dataset-dir DIR --subjects single|multi --out RUN
-mipadapter eval relevance --benchmark-dir DIR --out RUN
+mipadapter eval relevance --benchmark-dir DIR --out RUN [--model base|adapter]
 mipadapter eval report RUN [RUN ...] [--markdown]
+
+Generation shards over processes and machines with ``accelerate launch -m mipadapter.eval concept101 ...``
+(each rank a disjoint slice; rerun the same command to fill what is missing).
 """
 
 from __future__ import annotations
@@ -46,14 +49,43 @@ def _model_arguments(parser: argparse.ArgumentParser, *, ip: bool = True) -> Non
 
 
 def _generation_arguments(parser: argparse.ArgumentParser) -> None:
+    from mipadapter.eval.variants import AUTHORS_NEGATIVE_PROMPT
+
     group = parser.add_argument_group("generation")
-    group.add_argument("--steps", type=int, default=30)
+    group.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30, the authors')")
     group.add_argument("--guidance", type=float, help="guidance scale (default: the base model's usual)")
     group.add_argument("--scale", type=float, help="image scale of every subject (default: the adapter's)")
-    group.add_argument("--height", type=int)
-    group.add_argument("--width", type=int)
-    group.add_argument("--negative-prompt")
-    group.add_argument("--multi-image", choices=["mean", "each"], default="mean")
+    group.add_argument("--height", type=int, help="image height (default: the base model's)")
+    group.add_argument("--width", type=int, help="image width (default: the base model's)")
+    group.add_argument(
+        "--negative-prompt",
+        default=AUTHORS_NEGATIVE_PROMPT,
+        help=f'default: the authors\' {AUTHORS_NEGATIVE_PROMPT!r}; "" for none',
+    )
+    group.add_argument(
+        "--multi-image",
+        choices=["mean", "each"],
+        default="mean",
+        help="several photos of a subject: mean of their tokens (the authors') or each its own condition",
+    )
+
+
+def _reference_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    group = parser.add_argument_group("references")
+    group.add_argument(
+        "--references",
+        choices=["crop", "whole"],
+        default=default,
+        help="crop: each reference cropped to its object's box, fitted and padded white to 224 (the "
+        "authors' Concept101 preparation); whole: the whole photos",
+    )
+    group.add_argument(
+        "--reference-boxes",
+        type=Path,
+        metavar="DIR",
+        help="the authors' json_data folder (<concept>/<photo stem>.json, box of mask[1]); without it "
+        "boxes are detected with --detector and cached in the run folder",
+    )
 
 
 def _run_arguments(parser: argparse.ArgumentParser, default_images: int) -> None:
@@ -89,6 +121,7 @@ def register(subparsers) -> None:
     c101.add_argument("--on-quirk", choices=["flag", "skip"], default="flag", help="known dataset errors")
     _run_arguments(c101, 1)
     _generation_arguments(c101)
+    _reference_arguments(c101, "crop")
     _model_arguments(c101)
 
     db = verbs.add_parser("dreambench", help="DreamBench single- or multi-subject benchmark (CLIP-T raw)")
@@ -105,17 +138,31 @@ def register(subparsers) -> None:
     )
     _run_arguments(db, 4)
     _generation_arguments(db)
+    _reference_arguments(db, "whole")
     _model_arguments(db)
 
     rel = verbs.add_parser("relevance", help="the paper's §4 relevance experiment on Concept101 prompts")
-    rel.add_argument("--benchmark-dir", required=True)
-    rel.add_argument("--out", required=True)
-    rel.add_argument("--combinations", type=_ints)
-    rel.add_argument("--seed", type=int, default=420)
+    rel.add_argument(
+        "--benchmark-dir", required=True, help="dataset_multiconcept.json, prompts/ (photos: --model adapter)"
+    )
+    rel.add_argument("--out", required=True, help="run folder (an existing one is resumed)")
+    rel.add_argument(
+        "--model",
+        choices=["base", "adapter"],
+        default="base",
+        help="base: the preset's base model alone, no adapter (the paper's setting); adapter: the MIP pipeline",
+    )
+    rel.add_argument("--combinations", type=_ints, help="only these combination indices")
+    rel.add_argument("--seed", type=int, default=420, help="the seed of every image of a pair")
     rel.add_argument("--noise-level", type=float, default=0.5, help="noise std as a fraction of rms(Z_text)")
-    rel.add_argument("--noise-seed", type=int, default=0)
-    rel.add_argument("--box-threshold", type=float, default=0.35)
-    rel.add_argument("--text-threshold", type=float, default=0.25)
+    rel.add_argument(
+        "--noise-seed", type=int, default=0, help="seed of the noise draws (same for both modes)"
+    )
+    rel.add_argument("--box-threshold", type=float, default=0.35, help="Grounding DINO box threshold")
+    rel.add_argument("--text-threshold", type=float, default=0.25, help="Grounding DINO text threshold")
+    rel.add_argument(
+        "--reference-boxes", type=Path, metavar="DIR", help="--model adapter: the authors' json_data folder"
+    )
     _generation_arguments(rel)
     _model_arguments(rel, ip=False)
 
@@ -151,27 +198,66 @@ def _options(args):
     )
 
 
+_FLAGS = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "height": "--height",
+    "width": "--width",
+    "scale": "--scale",
+    "multi_image": "--multi-image",
+}
+
+
 def _settings(args):
     from mipadapter.eval.variants import GenerationSettings
 
-    return GenerationSettings(
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        height=args.height,
-        width=args.width,
-        negative_prompt=args.negative_prompt,
-        scale=args.scale,
-        multi_image=args.multi_image,
-    )
+    try:
+        return GenerationSettings(
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=args.height,
+            width=args.width,
+            negative_prompt=args.negative_prompt,
+            scale=args.scale,
+            multi_image=args.multi_image,
+        )
+    except ValueError as error:  # name the flag, not the field
+        text = str(error)
+        for field, flag in _FLAGS.items():
+            if text.startswith(field + " "):
+                text = flag + text[len(field) :]
+        raise ValueError(text) from None
+
+
+def _check_common(args) -> None:
+    """What can be checked before any model loads: numbers, folders, the run folder."""
+    from mipadapter.fileio import check_output_dir
+
+    if getattr(args, "images_per_prompt", 1) < 1:
+        raise ValueError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
+    if hasattr(args, "seeds") and not args.seeds:
+        raise ValueError("--seeds: give at least one seed")
+    for seed in getattr(args, "seeds", None) or [getattr(args, "seed", 0)]:
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed {seed} is out of range [0, 2**63)")
+    boxes = getattr(args, "reference_boxes", None)
+    if boxes is not None and not boxes.is_dir():
+        raise FileNotFoundError(f"--reference-boxes {str(boxes)!r} is not a folder")
+    if boxes is not None and getattr(args, "references", "crop") != "crop":
+        raise ValueError("--reference-boxes goes with --references crop")
+    check_output_dir(args.out, "--out")
 
 
 def _common(args) -> dict:
+    _check_common(args)
     return {
         "options": _options(args),
         "variants": args.rule or args.variants,
         "seeds": args.seeds,
         "images_per_prompt": args.images_per_prompt,
         "settings": _settings(args),
+        "references": args.references,
+        "reference_boxes": args.reference_boxes,
         "figures": args.figures,
         "score": not args.no_score,
         "progress": True,
@@ -195,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "concept101":
         from mipadapter.eval.api import evaluate_concept101
 
+        if not Path(args.benchmark_dir).is_dir():
+            raise FileNotFoundError(f"--benchmark-dir {args.benchmark_dir!r} is not a folder")
         results = evaluate_concept101(
             args.benchmark_dir,
             args.out,
@@ -217,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
             if bad:
                 raise ValueError(f"{args.pairs}: each line must be 'subject_a,subject_b', got {bad[0]}")
         only = [part.strip() for part in args.only.split(",")] if args.only else None
+        if not Path(args.dataset_dir).is_dir():
+            raise FileNotFoundError(f"--dataset-dir {args.dataset_dir!r} is not a folder")
         results = evaluate_dreambench(
             args.dataset_dir,
             args.out,
@@ -230,15 +320,27 @@ def run(args: argparse.Namespace) -> int:
     elif args.verb == "relevance":
         from mipadapter.eval.api import evaluate_relevance
 
+        if not Path(args.benchmark_dir).is_dir():
+            raise FileNotFoundError(f"--benchmark-dir {args.benchmark_dir!r} is not a folder")
+        if args.noise_level < 0:
+            raise ValueError(f"--noise-level must be >= 0, got {args.noise_level}")
+        if args.reference_boxes is not None and args.model != "adapter":
+            raise ValueError(
+                "--reference-boxes goes with --model adapter (the base model uses no references)"
+            )
+        _check_common(args)
+        settings = _settings(args)
         results = evaluate_relevance(
             args.benchmark_dir,
             args.out,
             options=_options(args),
+            model=args.model,
             combinations=args.combinations,
             seed=args.seed,
             level=args.noise_level,
             noise_seed=args.noise_seed,
-            settings=_settings(args),
+            settings=settings,
+            reference_boxes=args.reference_boxes,
             progress=True,
         )
         print(
@@ -253,9 +355,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.verb == "report":
         from mipadapter.eval.report import report
 
+        if args.output:
+            from mipadapter.fileio import atomic_write_text, check_output_file
+
+            check_output_file(args.output, "--output")
         text = report(args.runs)
         if args.output:
-            args.output.write_text(text)
+            atomic_write_text(args.output, text)
         else:
             print(text)
     else:  # argparse restricts the verbs

@@ -88,7 +88,12 @@ def load_pipeline(args, device, dtype):
         "image_encoder": str(args.image_encoder or preset.image_encoder),
     }
     pipe = MIPAdapterPipeline.from_pretrained(
-        args.base_model, args.adapter, args.image_encoder, preset=args.preset, torch_dtype=dtype
+        args.base_model,
+        args.adapter,
+        args.image_encoder,
+        preset=args.preset,
+        torch_dtype=dtype,
+        argument_names={"base_model": "--base-model", "adapter": "--adapter", "image_encoder": "--image-encoder"},
     )
     return pipe.to(device), models
 

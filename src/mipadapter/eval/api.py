@@ -3,7 +3,8 @@
 `ModelOptions` names the models (hub ids or local paths; presets fill the rest) plus the device and
 dtype the *caller* chose. ``tiny=True`` swaps every model for tiny random ones (an offline smoke test).
 `evaluate_concept101`, `evaluate_dreambench` and `evaluate_relevance` build lazy loaders from the
-options and call the runners.
+options and call the runners: every model (pipelines, the detector, the metric encoders) loads only when
+the run reaches the step that needs it, one at a time.
 """
 
 from __future__ import annotations
@@ -101,6 +102,34 @@ class ModelOptions:
 
         return load
 
+    def base_pipeline_factory(self) -> Callable[[], Any]:
+        """The main preset's base diffusers pipeline alone (no adapter, no image encoder): the model of
+        the relevance experiment."""
+
+        def load():
+            if self.tiny:
+                from mipadapter.testing import tiny_sdxl_pipeline
+
+                pipe = tiny_sdxl_pipeline(0)  # the base of the tiny "mip" pipeline
+            else:
+                from diffusers import DiffusionPipeline
+
+                from mipadapter.checkpoint.hub import fetch_failed, resolve_folder
+                from mipadapter.config import PRESETS
+
+                source = str(self.base_model or PRESETS[self.preset].base_model)
+                location, subfolder = resolve_folder(source, "base model", "--base-model")
+                extra = {"subfolder": subfolder} if subfolder else {}
+                try:
+                    pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=self.torch_dtype, **extra)
+                except OSError as error:
+                    raise fetch_failed(source, "base model", "--base-model", error) from error
+            if self.device is not None:
+                pipe.to(self.device)
+            return pipe
+
+        return load
+
     def encoders(self) -> FeatureEncoders:
         if self.tiny:
             return tiny_encoders()
@@ -162,12 +191,11 @@ def tiny_encoders(seed: int = 0) -> FeatureEncoders:
 def _run_kwargs(options: ModelOptions, variants: Sequence[str] | str) -> dict[str, Any]:
     chosen = resolve_variants(variants if isinstance(variants, str) else list(variants))
     models = sorted({v.model for v in chosen})
-    needs_detector = any(v.region == "detected" for v in chosen)
     return {
         "variants": variants,
         "pipelines": {model: options.pipeline_factory(model) for model in models},
-        "encoders": options.encoders(),
-        "detector": options.load_detector() if needs_detector else None,
+        "encoders": options.encoders,  # loaded when scoring starts
+        "detector": options.load_detector,  # loaded only if a box must be detected
         "models": {model: options.describe(model) for model in models},
     }
 
@@ -197,14 +225,26 @@ def evaluate_dreambench(
 
 
 def evaluate_relevance(
-    benchmark_dir: str | Path, out_dir: str | Path, *, options: ModelOptions, **kwargs: Any
+    benchmark_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    options: ModelOptions,
+    model: str = "base",
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """`run_relevance` with the main (``mip``) model and the detector of ``options``."""
+    """`run_relevance` with the detector of ``options`` and either the main preset's base pipeline alone
+    (``model="base"``, the paper's setting) or the main MIP pipeline (``model="adapter"``)."""
+    if model == "base":
+        description = {"base_model": options.describe("mip")["base_model"], "adapter": None}
+        pipeline = options.base_pipeline_factory()
+    else:
+        description, pipeline = options.describe("mip"), options.pipeline_factory("mip")
     return run_relevance(
         benchmark_dir,
         out_dir,
-        pipeline=options.pipeline_factory("mip"),
+        pipeline=pipeline,
         detector=options.load_detector(),
-        models={"mip": options.describe("mip")},
+        model=model,
+        models={"mip" if model == "adapter" else "base": description},
         **kwargs,
     )

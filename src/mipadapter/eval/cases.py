@@ -20,21 +20,15 @@ class SubjectSpec:
     name: the word(s) naming the object in the prompt, used for routing (e.g. ``"chair"``).
     key: the concept's identity for scoring and aggregation (e.g. the folder ``"furniture_chair1"``).
     references: reference photo paths, relative to the benchmark's root folder.
-    boxes: per reference, a crop box ``(x0, y0, x1, y1)`` in photo pixels, or None for the whole photo.
     """
 
     name: str
     key: str
     references: tuple[str, ...]
-    boxes: tuple[tuple[float, float, float, float] | None, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.references:
             raise ValueError(f"subject {self.key!r} has no reference photos")
-        if self.boxes and len(self.boxes) != len(self.references):
-            raise ValueError(
-                f"subject {self.key!r}: {len(self.boxes)} boxes for {len(self.references)} references"
-            )
 
 
 @dataclass(frozen=True)
@@ -61,21 +55,12 @@ def cases_to_json(cases: list[Case]) -> list[dict[str, Any]]:
     return [asdict(case) for case in cases]
 
 
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
-
-
 def cases_from_json(data: list[dict[str, Any]]) -> list[Case]:
     """Inverse of `cases_to_json`."""
     cases = []
     for item in data:
         subjects = tuple(
-            SubjectSpec(
-                name=s["name"],
-                key=s["key"],
-                references=tuple(s["references"]),
-                boxes=tuple(_tuples(b) if b is not None else None for b in s.get("boxes", ())),
-            )
+            SubjectSpec(name=s["name"], key=s["key"], references=tuple(s["references"]))
             for s in item["subjects"]
         )
         cases.append(

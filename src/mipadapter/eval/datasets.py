@@ -3,8 +3,8 @@
 CustomConcept101 (multi-object), as released: ``dataset_multiconcept.json`` (a list of combinations,
 each ``[concept_a, concept_b, {"prompt_filename_compose": ...}]`` where a concept has ``class_prompt``
 and ``instance_data_dir``), ``prompts/*.txt`` (templates with ``{0}`` / ``{1}``) and the separately
-downloaded ``benchmark_dataset/<concept>/`` photos. Optional crop boxes: beside a photo ``x.jpg`` a file
-``x.box.json`` holding ``[x0, y0, x1, y1]`` in photo pixels.
+downloaded ``benchmark_dataset/<concept>/`` photos. Crop boxes of the references (the authors'
+``json_data/``) are read by `mipadapter.eval.references`.
 
 DreamBench: ``<subject>/`` photo folders and ``prompts_and_classes.txt`` (the subject → class table and
 the 25 object / 25 live-subject prompt templates). Multi-subject prompts are built from the object
@@ -50,25 +50,9 @@ def list_photos(folder: Path) -> list[Path]:
     return photos
 
 
-def _read_box(photo: Path) -> tuple[float, float, float, float] | None:
-    box_file = photo.with_name(photo.stem + ".box.json")
-    if not box_file.exists():
-        return None
-    box = json.loads(box_file.read_text())
-    if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
-        raise ValueError(f"{box_file}: expected [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {box}")
-    return tuple(float(v) for v in box)
-
-
 def _subject(root: Path, folder_rel: str, name: str, key: str) -> SubjectSpec:
     photos = list_photos(root / folder_rel)
-    boxes = tuple(_read_box(photo) for photo in photos)
-    return SubjectSpec(
-        name=name,
-        key=key,
-        references=tuple(str(photo.relative_to(root)) for photo in photos),
-        boxes=boxes if any(box is not None for box in boxes) else (),
-    )
+    return SubjectSpec(name=name, key=key, references=tuple(str(photo.relative_to(root)) for photo in photos))
 
 
 def _folder_key(instance_data_dir: str) -> str:

@@ -3,13 +3,22 @@
 Layout of a run folder (every name derives from indices, never from prompt text):
 
     images/<variant>/<case:05d>_s<seed>_<k>.png   generated image k of a case under a seed
+    meta/<variant>/<same stem>.json               the call's resolved settings and its warnings (e.g. a
+                                                  subject not named in the prompt), written before the image
     maps/<variant>/<same stem>.npz                routing maps (when asked for): see `save_maps`
+    attention/<variant>/<same stem>.npz           image-branch attention maps (when asked for)
     boxes/<variant>/<same stem>.json              boxes detected in that image (local-add ablation)
 
 An image file that exists is never generated again; files are written to a temporary name and renamed,
 so an interrupted write leaves nothing that looks finished. Image ``k`` of seed ``s`` comes from its
-own CPU generator seeded `image_seed` (``s`` itself for k = 0, as the authors' one image per prompt),
-so any image can be regenerated alone.
+own CPU generator seeded `image_seed` (``s`` itself for k = 0), so an image depends only on its case,
+seed and k — not on which other prompts share a batch, nor on how many processes generate the run (the
+authors draw a batch of 4 prompts' noise from one generator, so theirs depend on both).
+
+Benchmarks call the pipeline with ``require_names_in_prompt=False``: a template that never names one
+subject (Concept101's "A photo of {0} at dawn with {0} sleeping peacefully.") is generated like any
+other, the subject still routed by its own name's embedding, and the pipeline's ``not_named`` warning is
+recorded in the image's meta file and carried into ``results.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from PIL import Image
 
 from mipadapter.eval.cases import Case, SubjectSpec
 from mipadapter.eval.detect import Detector
+from mipadapter.eval.ranks import Ranks
 from mipadapter.eval.variants import GenerationSettings, Variant
 from mipadapter.fileio import atomic_write, atomic_write_text
 
@@ -37,6 +47,7 @@ __all__ = [
     "generate_variant",
     "image_seed",
     "load_maps",
+    "read_meta",
     "save_image",
     "save_maps",
     "write_json",
@@ -96,6 +107,29 @@ def save_maps(
             np.savez_compressed(handle, **arrays)
 
     atomic_write(path, write)
+
+
+def read_meta(out_dir: Path, key: ImageKey) -> dict[str, Any]:
+    """The meta record of an image (``{"settings": ..., "warnings": [...]}``); empty when absent."""
+    path = key.path(out_dir, "meta", ".json")
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _warnings_json(warnings: Sequence[Any]) -> list[dict[str, Any]]:
+    return [
+        {"subject": w.subject, "index": int(w.index), "kind": w.kind, "message": w.message} for w in warnings
+    ]
+
+
+def _json_safe(value: Any) -> Any:
+    """Settings as JSON data (tuples → lists, enums and other objects → strings)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(getattr(value, "value", value))
 
 
 def load_maps(path: Path) -> tuple[list[str], list[np.ndarray], list[dict[tuple[int, int], np.ndarray]]]:
@@ -170,20 +204,26 @@ def generate_variant(
     references: Callable[[SubjectSpec], list[Image.Image]],
     detector: Detector | None = None,
     maps: bool = False,
+    attention: bool = False,
     progress: bool = False,
+    ranks: Ranks | None = None,
 ) -> int:
     """Generate every missing image of ``variant`` over ``cases`` × ``seeds`` × ``images_per_prompt``.
 
     ``references(subject)`` returns the photos to condition on. Returns the number of pipeline calls.
     Images whose files exist are skipped (and so are their maps: ask for maps on the first run).
+    maps: save the routing maps; attention: save the image branch's attention maps (Fig. 6 of the
+    paper). ranks: this process's share of the (case, seed) list (`mipadapter.eval.ranks`; all of it
+    by default).
     """
     from tqdm.auto import tqdm
 
     from mipadapter.pipeline import Subject
 
     out_dir = Path(out_dir)
+    ranks = ranks or Ranks()
     calls = 0
-    work = [(case, seed) for case in cases for seed in seeds]
+    work = ranks.mine([(case, seed) for case in cases for seed in seeds])
     for case, seed in tqdm(work, desc=f"generate {variant.name}", disable=not progress):
         keys = [ImageKey(variant.name, case.index, seed, k) for k in range(images_per_prompt)]
         missing = [key for key in keys if not key.path(out_dir).exists()]
@@ -215,13 +255,24 @@ def generate_variant(
                 generator=[torch.Generator().manual_seed(image_seed(key.seed, key.k)) for key in batch],
                 return_relevance=maps,
                 show_progress=False,
+                require_names_in_prompt=False,
+                **({"return_image_attention": True} if attention else {}),
             )
             calls += 1
             if len(output.images) != len(batch):
                 raise RuntimeError(
                     f"the pipeline returned {len(output.images)} images for {len(batch)} asked"
                 )
+            meta = {"settings": _json_safe(output.settings), "warnings": _warnings_json(output.warnings)}
             for i, key in enumerate(batch):
+                write_json(meta, key.path(out_dir, "meta", ".json"))
+                if attention:
+                    save_maps(
+                        key.path(out_dir, "attention", ".npz"),
+                        [s.name for s in case.subjects],
+                        output.image_attention[i],
+                        None,
+                    )
                 if maps:
                     by_res = output.relevance_by_resolution[i] if output.relevance_by_resolution else None
                     save_maps(

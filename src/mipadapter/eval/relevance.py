@@ -1,24 +1,34 @@
-"""The paper's §4 verification that relevance maps find the objects (DESIGN.md §1).
+"""The paper's §4 verification that relevance maps find the objects (see ``docs/evaluation.md``).
 
 For each prompt: generate a clean image; regenerate with the same seed while noise is added to the text
 attention output ``Z_text`` in every cross-attention layer, either uniformly or weighted by subject i's
 relevance ``A_i / mean_p A_i`` (the same noise norm per batch row); locate subject i's box in the clean
-image; and compare the mean pixel change inside the box to outside it:
+image (Grounding DINO); and compare the mean pixel change inside the box to outside it:
 ``S_relevance = mean over (prompt, subject) of Δ_in_box / Δ_outside``. The paper reports 1.33
 (uniform) vs 1.66 (weighted) on Concept101's 1,212 prompts.
 
+Two models (``model``):
+
+* ``"base"`` (default, the paper's setting: "in the original text-to-image diffusion model"): the base
+  diffusers pipeline alone, no adapter attached and no reference photos; `mipadapter.eval.text_noise`
+  installs an eval-only processor for the run and restores the pipeline's own afterwards. Only the
+  conditional half of classifier-free guidance is perturbed (the reasons are in that module).
+* ``"adapter"`` (an explicit option): the MIP-Adapter pipeline with the references, the perturbation
+  passed through its ``text_perturbation`` hook, which perturbs every batch row (both CFG halves).
+
 Noise: ``level · rms(Z_text) · ε`` per batch row (rms over heads, positions and channels), ``ε`` drawn
 from a generator on ``Z_text``'s device seeded with ``noise_seed`` for each generation, so the uniform
-and the weighted runs draw the same ``ε`` sequence and differ only by the weighting. Every batch row is
-perturbed (both CFG halves). The noise level is not given by the paper; ``level`` = 0.5 by default.
+and the weighted runs draw the same ``ε`` sequence and differ only by the weighting. The noise level is
+not given by the paper; ``level`` = 0.5 by default.
 
 Layout: ``relevance/clean/<case>.png``, ``relevance/uniform/<case>.png``,
-``relevance/weighted/<case>_<i>.png``, ``relevance/boxes/<case>.json``; ``relevance.json`` holds every
-number.
+``relevance/weighted/<case>_<i>.png``, ``relevance/boxes/<case>.json``, ``reference_boxes/`` (adapter
+model: the references' crop boxes); ``relevance.json`` holds every number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -33,13 +43,16 @@ from mipadapter.eval.cases import Case
 from mipadapter.eval.datasets import concept101_cases
 from mipadapter.eval.detect import Box, Detector
 from mipadapter.eval.generate import save_image, write_json
-from mipadapter.eval.references import load_references
+from mipadapter.eval.references import BoxSource, conditioning_references
 from mipadapter.eval.variants import GenerationSettings
+from mipadapter.photos import open_photo
 
 logger = logging.getLogger(__name__)
 Sampler = Callable[[tuple[int, ...], torch.Tensor], torch.Tensor]
 
-__all__ = ["box_change", "relevance_noise", "run_relevance", "s_relevance"]
+__all__ = ["MODELS", "SCHEMA", "box_change", "relevance_noise", "run_relevance", "s_relevance"]
+SCHEMA = "mipadapter.eval.relevance/2"
+MODELS = ("base", "adapter")
 
 
 def _randn_sampler(seed: int) -> Sampler:
@@ -121,7 +134,7 @@ def s_relevance(pairs: Sequence[tuple[float, float]]) -> float | None:
     return float(np.mean(ratios)) if ratios else None
 
 
-def _generate(
+def _generate_adapter(
     pipe, case: Case, refs, settings: GenerationSettings, seed: int, perturbation, path: Path
 ) -> bool:
     if path.exists():
@@ -136,8 +149,38 @@ def _generate(
         generator=torch.Generator().manual_seed(seed),
         text_perturbation=perturbation,
         show_progress=False,
+        require_names_in_prompt=False,
     )
     save_image(output.images[0], path)
+    return True
+
+
+def _generate_base(
+    pipe, case: Case, settings: GenerationSettings, seed: int, perturbation, path: Path
+) -> bool:
+    """One image of the base diffusers pipeline; with a perturbation, through `text_noise` (installed)."""
+    if path.exists():
+        return False
+    from mipadapter.eval.text_noise import KWARG, TextNoisePlan
+    from mipadapter.pipeline import encode_names
+
+    kwargs = settings.base_call_kwargs()
+    guidance = kwargs.get("guidance_scale")
+    if guidance is None:  # the pipeline's own default decides, as it does for the call below
+        import inspect
+
+        guidance = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+    cfg = guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    extra = {}
+    if perturbation is not None:
+        device = next(pipe.unet.parameters()).device
+        embeds, mask = encode_names(pipe, [s.name for s in case.subjects], device)  # [n, m, c], [n, m]
+        extra["cross_attention_kwargs"] = {KWARG: TextNoisePlan(perturbation, embeds, mask, cfg)}
+    with torch.no_grad():
+        image = pipe(
+            prompt=case.prompt, generator=torch.Generator().manual_seed(seed), **kwargs, **extra
+        ).images[0]
+    save_image(image, path)
     return True
 
 
@@ -147,6 +190,7 @@ def run_relevance(
     *,
     pipeline: Callable[[], Any],
     detector: Detector,
+    model: str = "base",
     combinations: Sequence[int] | None = None,
     cases: Sequence[Case] | None = None,
     seed: int = 420,
@@ -155,84 +199,114 @@ def run_relevance(
     settings: GenerationSettings | None = None,
     sampler: Sampler | None = None,
     models: dict[str, Any] | None = None,
+    reference_boxes: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the experiment on Concept101 prompts (or the given ``cases``); resumable; returns the results
-    written to ``relevance.json`` (uniform and weighted ``S_relevance``, every per-subject number)."""
+    written to ``relevance.json`` (uniform and weighted ``S_relevance``, every per-subject number).
+
+    pipeline: a factory of the base diffusers pipeline (``model="base"``) or of a `MIPAdapterPipeline`
+    (``model="adapter"``; its references are cropped as the benchmarks do, boxes from
+    ``reference_boxes`` or detected with ``detector``).
+    """
     from tqdm.auto import tqdm
 
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     settings = settings or GenerationSettings()
     root, out_dir = Path(benchmark_dir), Path(out_dir)
     cases = list(cases) if cases is not None else concept101_cases(root, combinations=combinations)
+    boxes = BoxSource(
+        Path(reference_boxes) if reference_boxes is not None else None,
+        out_dir / "reference_boxes",
+        lambda: detector,
+    )
     cache: dict[str, list[Image.Image]] = {}
 
     def refs(subject):
         if subject.key not in cache:
-            cache[subject.key] = load_references(root, subject, crop=True)
+            cache[subject.key] = conditioning_references(root, subject, mode="crop", boxes=boxes)
         return cache[subject.key]
 
     pipe = pipeline()
+    if model == "base" and hasattr(pipe, "adapter"):
+        raise TypeError("model='base' needs the base diffusers pipeline, got a pipeline with an adapter")
+
+    def generate(case: Case, perturbation, path: Path) -> bool:
+        if model == "adapter":
+            return _generate_adapter(pipe, case, refs, settings, seed, perturbation, path)
+        return _generate_base(pipe, case, settings, seed, perturbation, path)
+
     calls = 0
     folder = out_dir / "relevance"
     entries: list[dict[str, Any]] = []
-    for case in tqdm(cases, desc="relevance", disable=not progress):
-        clean_path = folder / "clean" / f"{case.index:05d}.png"
-        uniform_path = folder / "uniform" / f"{case.index:05d}.png"
-        calls += _generate(pipe, case, refs, settings, seed, None, clean_path)
-        uniform = relevance_noise("uniform", level=level, noise_seed=noise_seed, sampler=sampler)
-        calls += _generate(pipe, case, refs, settings, seed, uniform, uniform_path)
-        box_path = folder / "boxes" / f"{case.index:05d}.json"
-        if box_path.exists():
-            boxes = [tuple(b) if b else None for b in json.loads(box_path.read_text())["boxes"]]
-        else:
-            with Image.open(clean_path) as clean_image:
-                boxes = detector.detect(clean_image.convert("RGB"), [s.name for s in case.subjects])
-            write_json(
-                {
-                    "detector": getattr(detector, "model_id", None),
-                    "boxes": [list(b) if b else None for b in boxes],
-                },
-                box_path,
-            )
-        for i, subject in enumerate(case.subjects):
-            weighted_path = folder / "weighted" / f"{case.index:05d}_{i}.png"
-            weighted = relevance_noise(
-                "weighted", level=level, subject=i, noise_seed=noise_seed, sampler=sampler
-            )
-            calls += _generate(pipe, case, refs, settings, seed, weighted, weighted_path)
-            entry: dict[str, Any] = {
-                "case": case.index,
-                "prompt": case.prompt,
-                "subject": i,
-                "name": subject.name,
-                "key": subject.key,
-                "box": list(boxes[i]) if boxes[i] else None,
-                "quirks": list(case.quirks),
-            }
-            if boxes[i] is not None:
-                with (
-                    Image.open(clean_path) as c,
-                    Image.open(uniform_path) as u,
-                    Image.open(weighted_path) as w,
-                ):
-                    for name, image in (("uniform", u), ("weighted", w)):
-                        inside, outside = box_change(c, image, boxes[i])
+    context = contextlib.nullcontext()
+    if model == "base":
+        from mipadapter.eval.text_noise import installed
+
+        context = installed(pipe.unet)
+    with context:
+        for case in tqdm(cases, desc="relevance", disable=not progress):
+            clean_path = folder / "clean" / f"{case.index:05d}.png"
+            uniform_path = folder / "uniform" / f"{case.index:05d}.png"
+            calls += generate(case, None, clean_path)
+            uniform = relevance_noise("uniform", level=level, noise_seed=noise_seed, sampler=sampler)
+            calls += generate(case, uniform, uniform_path)
+            box_path = folder / "boxes" / f"{case.index:05d}.json"
+            if box_path.exists():
+                boxes_found = [tuple(b) if b else None for b in json.loads(box_path.read_text())["boxes"]]
+            else:
+                boxes_found = detector.detect(
+                    open_photo(clean_path, "clean image"), [s.name for s in case.subjects]
+                )
+                write_json(
+                    {
+                        "detector": getattr(detector, "model_id", None),
+                        "boxes": [list(b) if b else None for b in boxes_found],
+                    },
+                    box_path,
+                )
+            for i, subject in enumerate(case.subjects):
+                weighted_path = folder / "weighted" / f"{case.index:05d}_{i}.png"
+                weighted = relevance_noise(
+                    "weighted", level=level, subject=i, noise_seed=noise_seed, sampler=sampler
+                )
+                calls += generate(case, weighted, weighted_path)
+                entry: dict[str, Any] = {
+                    "case": case.index,
+                    "prompt": case.prompt,
+                    "subject": i,
+                    "name": subject.name,
+                    "key": subject.key,
+                    "box": list(boxes_found[i]) if boxes_found[i] else None,
+                    "quirks": list(case.quirks),
+                }
+                if boxes_found[i] is not None:
+                    clean = open_photo(clean_path, "clean image")
+                    for name, path in (("uniform", uniform_path), ("weighted", weighted_path)):
+                        inside, outside = box_change(clean, open_photo(path, f"{name} image"), boxes_found[i])
                         entry[name] = {
                             "delta_in": inside,
                             "delta_out": outside,
                             "ratio": inside / outside if outside > 0 else None,
                         }
-            entries.append(entry)
+                entries.append(entry)
     detected = [e for e in entries if e["box"] is not None]
     results = {
-        "schema": "mipadapter.eval.relevance/1",
+        "schema": SCHEMA,
         "models": {**(models or {}), "detector": getattr(detector, "model_id", None)},
         "settings": {
             **settings.to_json(),
+            "model": model,
             "seed": seed,
             "noise_level": level,
             "noise_seed": noise_seed,
             "noise": "level * rms(Z_text) * eps per batch row; weighted: eps * A_i/mean A_i rescaled to the same norm",
+            "cfg": (
+                "conditional half only (the unconditional half is left as it is)"
+                if model == "base"
+                else "every batch row (both CFG halves)"
+            ),
         },
         "S_relevance": {
             mode: s_relevance([(e[mode]["delta_in"], e[mode]["delta_out"]) for e in detected])

@@ -6,7 +6,13 @@ variant needs it, one at a time; the feature encoders load only when scoring sta
 
 A run folder holds ``run.json`` (benchmark and settings, fixed by the first run: a later run with other
 settings is refused), ``prompts.json`` (the cases), the images (see `mipadapter.eval.generate`),
+``reference_boxes/`` (detected crop boxes of the references, in the authors' json_data layout),
 optional ``figures/`` and ``sheets/``, ``results.json`` (see `mipadapter.eval.schema`) and ``table.md``.
+
+Under ``accelerate launch`` each rank generates its own slice of the work (`mipadapter.eval.ranks`);
+the main process writes the run files, resolves the reference boxes, and scores once all ranks are done.
+Everything checkable from the arguments and the files (settings, reference photos' headers, box files)
+is checked before any model loads.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from mipadapter.eval.cases import Case, SubjectSpec, cases_from_json, cases_to_j
 from mipadapter.eval.datasets import concept101_cases, dreambench_cases
 from mipadapter.eval.detect import Detector
 from mipadapter.eval.generate import generate_variant, write_json
-from mipadapter.eval.references import load_references
+from mipadapter.eval.ranks import Ranks, current_ranks
+from mipadapter.eval.references import REFERENCE_MODES, BoxSource, conditioning_references, metric_references
 from mipadapter.eval.schema import SCHEMA, validate_results
 from mipadapter.eval.scoring import score_images
 from mipadapter.eval.variants import GenerationSettings, Variant, resolve_variants
@@ -35,8 +42,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["check_run_folder", "run_benchmark", "run_concept101", "run_dreambench"]
 
 
-def check_run_folder(out_dir: Path, run_info: dict[str, Any], cases: list[Case]) -> None:
-    """Write ``run.json`` / ``prompts.json`` on a first run; on a later run refuse other settings or cases."""
+def check_run_folder(
+    out_dir: Path, run_info: dict[str, Any], cases: list[Case], *, write: bool = True
+) -> None:
+    """Write ``run.json`` / ``prompts.json`` on a first run; on a later run refuse other settings or cases.
+
+    write: False only checks (the other ranks of a sharded run, after the main process wrote)."""
     run_file, prompts_file = out_dir / "run.json", out_dir / "prompts.json"
     if run_file.exists():
         before = json.loads(run_file.read_text())
@@ -57,20 +68,64 @@ def check_run_folder(out_dir: Path, run_info: dict[str, Any], cases: list[Case])
         cases_all = [merged[index] for index in sorted(merged)]
     else:
         cases_all = cases
+    if not write:
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_info, run_file)
     write_json(cases_to_json(cases_all), prompts_file)
 
 
-def _reference_cache(root: Path, crop: bool) -> Callable[[SubjectSpec], list[Image.Image]]:
+def _cached(load: Callable[[SubjectSpec], list[Image.Image]]) -> Callable[[SubjectSpec], list[Image.Image]]:
+    """``load`` once per subject key."""
     cache: dict[str, list[Image.Image]] = {}
 
     def get(subject: SubjectSpec) -> list[Image.Image]:
         if subject.key not in cache:
-            cache[subject.key] = load_references(root, subject, crop=crop)
+            cache[subject.key] = load(subject)
         return cache[subject.key]
 
     return get
+
+
+def _unique_subjects(cases: Sequence[Case]) -> list[SubjectSpec]:
+    return list({subject.key: subject for case in cases for subject in case.subjects}.values())
+
+
+def check_reference_photos(root: Path, cases: Sequence[Case]) -> None:
+    """Every reference photo exists and has a readable header within the pixel limit (no decoding)."""
+    from mipadapter.photos import photo_size
+
+    for subject in _unique_subjects(cases):
+        for relative in subject.references:
+            photo_size(root / relative, f"reference photo of {subject.key!r}")
+
+
+def _lazy_detector(detector: Detector | Callable[[], Detector] | None) -> Callable[[], Detector] | None:
+    """A detector instance or a zero-argument factory of one → a factory (loading at most once)."""
+    if detector is None:
+        return None
+    if hasattr(detector, "detect"):
+        return lambda: detector
+    loaded: list[Detector] = []
+
+    def load() -> Detector:
+        if not loaded:
+            loaded.append(detector())
+        return loaded[0]
+
+    return load
+
+
+def prepare_reference_boxes(root: Path, cases: Sequence[Case], boxes: BoxSource, ranks: Ranks) -> None:
+    """Resolve every reference's crop box before any generation model loads: the main process reads
+    the box files and detects (and caches) what is missing, then drops the detector; the other ranks
+    wait and read the cache."""
+    if ranks.main:
+        for subject in _unique_subjects(cases):
+            for relative in subject.references:
+                boxes.box(root / relative, subject.name)
+        boxes.release()
+    ranks.barrier()
 
 
 def run_benchmark(
@@ -86,18 +141,29 @@ def run_benchmark(
     images_per_prompt: int = 1,
     settings: GenerationSettings | None = None,
     convention: str,
-    detector: Detector | None = None,
+    references: str = "crop",
+    reference_boxes: str | Path | None = None,
+    detector: Detector | Callable[[], Detector] | None = None,
     figures: bool = False,
     models: Mapping[str, Any] | None = None,
     missing_subjects: Sequence[str] = (),
     score: bool = True,
     progress: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> dict[str, Any] | None:
-    """Generate what is missing, then (``score``) score everything and write results; returns them.
+    """Generate what is missing, then (``score``) score everything and write results; returns them
+    (None when not scoring, and on every rank but the main one).
 
     pipelines: ``{"mip": factory, "ip": factory}`` (only the models the variants use are needed);
-    encoders: ``FeatureEncoders``; convention: the CLIP-T convention of this benchmark's table;
-    figures: also record routing maps and draw a routing figure and a contact sheet per image.
+    encoders: ``FeatureEncoders`` (or a zero-argument factory of them, called when scoring starts);
+    convention: the CLIP-T convention of this benchmark's table; references: ``crop`` (the authors'
+    crop of each reference to its object's box, see `mipadapter.eval.references`) or ``whole``;
+    reference_boxes: the authors' ``json_data`` folder of boxes (without it, boxes are detected and
+    cached in ``reference_boxes/``); detector: a `Detector` or a factory of one (boxes of references and
+    the local-add ablation); figures: also record routing maps and the image branch's attention maps,
+    and draw routing and attention figures and a contact sheet per image; rank / world_size: this
+    process's share of the work (default: accelerate's when launched through it, else all of it).
     """
     settings = settings or GenerationSettings()
     if images_per_prompt < 1:
@@ -112,22 +178,46 @@ def run_benchmark(
         raise ValueError(
             f"variants {[v.name for v in chosen if v.model in absent]} need models {absent}: none given"
         )
-    if any(v.region == "detected" for v in chosen) and detector is None:
+    if references not in REFERENCE_MODES:
+        raise ValueError(f"references must be one of {REFERENCE_MODES}, got {references!r}")
+    if reference_boxes is not None and references != "crop":
+        raise ValueError("reference_boxes only applies to references='crop'")
+    detector_factory = _lazy_detector(detector)
+    if any(v.region == "detected" for v in chosen) and detector_factory is None:
         raise ValueError("the local-add ablation needs a detector")
     root, out_dir = Path(root), Path(out_dir)
+    boxes_dir = Path(reference_boxes) if reference_boxes is not None else None
+    if boxes_dir is not None and not boxes_dir.is_dir():
+        raise FileNotFoundError(
+            f"reference_boxes {str(boxes_dir)!r} is not a folder (the authors' json_data)"
+        )
+    if references == "crop" and boxes_dir is None and detector_factory is None:
+        raise ValueError("references='crop' needs reference_boxes (the authors' json_data) or a detector")
+    boxes = BoxSource(boxes_dir, out_dir / "reference_boxes", detector_factory)
     run_info = {
         "benchmark": benchmark,
         "settings": settings.to_json(),
         "seeds": [int(s) for s in seeds],
         "images_per_prompt": images_per_prompt,
         "clip_t_convention": convention,
+        "references": references,
+        "reference_boxes": (boxes.describe() if references == "crop" else None),
     }
-    check_run_folder(out_dir, run_info, cases)
+    ranks = current_ranks(rank, world_size)
+    check_reference_photos(root, cases)
+    if ranks.main:
+        check_run_folder(out_dir, run_info, cases)
+    ranks.barrier()
+    if not ranks.main:
+        check_run_folder(out_dir, run_info, cases, write=False)
     quirks = sorted({(case.group, quirk) for case in cases for quirk in case.quirks})
-    for group, quirk in quirks:
-        logger.warning("%s: %s (flagged in results.json; aggregates also given without it)", group, quirk)
+    if ranks.main:
+        for group, quirk in quirks:
+            logger.warning("%s: %s (flagged in results.json; aggregates also given without it)", group, quirk)
 
-    conditioning_refs = _reference_cache(root, crop=True)
+    if references == "crop":
+        prepare_reference_boxes(root, cases, boxes, ranks)
+    conditioning_refs = _cached(lambda s: conditioning_references(root, s, mode=references, boxes=boxes))
     for model in needed:
         pipe = pipelines[model]()
         for variant in (v for v in chosen if v.model == model):
@@ -140,12 +230,17 @@ def run_benchmark(
                 images_per_prompt=images_per_prompt,
                 settings=settings,
                 references=conditioning_refs,
-                detector=detector,
+                detector=detector_factory() if variant.region == "detected" else None,
                 maps=figures,
+                attention=figures,
                 progress=progress,
+                ranks=ranks,
             )
             logger.info("%s: %d pipeline calls", variant.name, calls)
         del pipe
+    ranks.barrier()
+    if not ranks.main:
+        return None
     if figures:
         from mipadapter.eval.figures import draw_run_figures
 
@@ -155,6 +250,8 @@ def run_benchmark(
     if not score:
         return None
 
+    if not hasattr(encoders, "clip"):
+        encoders = encoders()
     records = score_images(
         out_dir,
         cases,
@@ -162,7 +259,7 @@ def run_benchmark(
         seeds=seeds,
         images_per_prompt=images_per_prompt,
         encoders=encoders,
-        references=_reference_cache(root, crop=False),
+        references=_cached(lambda s: metric_references(root, s)),
         convention=convention,
     )
     results = build_results(
@@ -212,6 +309,11 @@ def build_results(
             "aggregate_without_quirks": aggregate(clean) if has_quirks and clean else None,
         }
     quirks = sorted({(case.group, quirk) for case in cases for quirk in case.quirks})
+    by_case = {case.index: case for case in cases}
+    unnamed: dict[int, list[str]] = {}
+    for record in records:
+        if record["not_named"]:
+            unnamed.setdefault(record["case"], record["not_named"])
     return {
         "schema": SCHEMA,
         "benchmark": benchmark,
@@ -228,12 +330,19 @@ def build_results(
             "seeds": run_info["seeds"],
             "images_per_prompt": run_info["images_per_prompt"],
             "image_seed": "image k of seed s: torch.Generator().manual_seed(s if k == 0 else s*1000 + k)",
+            "references": run_info["references"],
+            "reference_boxes": run_info["reference_boxes"],
+            "require_names_in_prompt": False,
         },
         "dataset": {
             "root": str(root),
             "cases": len(cases),
             "quirks": [{"group": group, "quirk": quirk} for group, quirk in quirks],
             "missing_subjects": list(missing_subjects),
+            "not_named": [
+                {"case": index, "prompt": by_case[index].prompt, "subjects": names}
+                for index, names in sorted(unnamed.items())
+            ],
         },
         "variants": by_variant,
         "images": records,
@@ -261,9 +370,11 @@ def run_dreambench(
     subjects: Sequence[str] | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,
     unique_token: str = "",
+    references: str = "whole",
     **kwargs: Any,
 ) -> dict[str, Any] | None:
-    """DreamBench single- or multi-subject evaluation (CLIP-T raw); see `run_benchmark`."""
+    """DreamBench single- or multi-subject evaluation (CLIP-T raw); see `run_benchmark`. References are
+    the whole photos by default (the protocol later papers use)."""
     cases, missing = dreambench_cases(
         dataset_dir, mode=mode, subjects=subjects, pairs=pairs, unique_token=unique_token
     )
@@ -276,5 +387,6 @@ def run_dreambench(
         out_dir,
         convention="raw",
         missing_subjects=missing,
+        references=references,
         **kwargs,
     )

@@ -2,18 +2,21 @@
 
 Top level::
 
-    schema              "mipadapter.eval.results/1"
+    schema              "mipadapter.eval.results/2"
     benchmark           "concept101" | "dreambench-single" | "dreambench-multi"
     clip_t_convention   "concept101" (2.5·max(cos, 0)) | "raw"; clip_t_formula spells it out
     models              {"mip": {...}, "ip": {...} | null, "clip": id, "dino": id, "detector": id | null}
     settings            generation settings, seeds, images_per_prompt, the image seed rule
-    dataset             {"root", "cases", "quirks": [{"group", "quirk"}], "missing_subjects"}
+    dataset             {"root", "cases", "quirks": [{"group", "quirk"}], "missing_subjects",
+                         "not_named": [{"case", "prompt", "subjects"}] (prompts that never name a subject)}
     variants            {name: {"config": Variant, "aggregate": ..., "aggregate_without_quirks": ... | null}}
     images              one record per image (below)
 
 Image record: variant, case, seed, k, file (relative to the run folder), prompt, group, names (routing
 words), subjects (concept keys), clip_t_cos (raw cosine), clip_t (in the run's convention), clip_i and
-dino ({subject key: score}), quirks (the case's flagged problems).
+dino ({subject key: score}), quirks (the case's flagged problems), not_named (subject names the prompt
+does not contain: generated with ``require_names_in_prompt=False``, routed by the name's own embedding),
+warnings (the pipeline's warnings for the image: subject, index, kind, message).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 from mipadapter.eval.aggregate import TABLE_METRICS
 
-SCHEMA = "mipadapter.eval.results/1"
+SCHEMA = "mipadapter.eval.results/2"
 TOP_LEVEL = (
     "schema",
     "benchmark",
@@ -50,6 +53,8 @@ IMAGE_FIELDS = (
     "clip_i",
     "dino",
     "quirks",
+    "not_named",
+    "warnings",
 )
 
 __all__ = ["IMAGE_FIELDS", "SCHEMA", "TOP_LEVEL", "validate_results"]

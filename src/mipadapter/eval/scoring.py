@@ -11,14 +11,15 @@ from PIL import Image
 
 from mipadapter.eval import metrics
 from mipadapter.eval.cases import Case, SubjectSpec
-from mipadapter.eval.generate import ImageKey
+from mipadapter.eval.generate import ImageKey, read_meta
 
 __all__ = ["score_images"]
 
 
 def _open(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    from mipadapter.photos import open_photo
+
+    return open_photo(path, "generated image")
 
 
 def score_images(
@@ -36,7 +37,9 @@ def score_images(
     """Per-image records for every image of ``variant_names`` × ``cases`` × ``seeds`` × k.
 
     encoders: a `mipadapter.encoders.FeatureEncoders` (``.clip``, ``.dino``); references(subject): the
-    photos the metrics compare with (whole photos). Raises if an image is missing.
+    photos the metrics compare with (whole photos). Raises if an image is missing. Each record also
+    carries the pipeline's warnings for the image (from its meta file) and the subjects it did not find
+    named in the prompt (``not_named``).
     """
     out_dir = Path(out_dir)
     metrics.clip_t_convention(0.0, convention)  # fail early on a bad convention name
@@ -73,6 +76,7 @@ def score_images(
         prompt_feats = np.stack([text_features[case.prompt] for _, case in chunk])
         cosines = metrics.paired_cosine(image_clip, prompt_feats)
         for row, (key, case) in enumerate(chunk):
+            warnings = read_meta(out_dir, key).get("warnings", [])
             records.append(
                 {
                     "variant": key.variant,
@@ -95,6 +99,8 @@ def score_images(
                         for s in case.subjects
                     },
                     "quirks": list(case.quirks),
+                    "not_named": [w["subject"] for w in warnings if w["kind"] == "not_named"],
+                    "warnings": warnings,
                 }
             )
     return records

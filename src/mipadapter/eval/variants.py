@@ -25,23 +25,63 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["GROUPS", "VARIANTS", "GenerationSettings", "Variant", "resolve_variants"]
+__all__ = [
+    "AUTHORS_NEGATIVE_PROMPT",
+    "GROUPS",
+    "VARIANTS",
+    "GenerationSettings",
+    "Variant",
+    "resolve_variants",
+]
+
+# The negative prompt the authors' generate() always encodes (ip_adapter/ip_adapter_multi.py).
+AUTHORS_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Call arguments shared by every variant of a run (None: the pipeline's default)."""
+    """Call arguments shared by every variant of a run (None: the pipeline's default).
+
+    negative_prompt: the authors' string by default, passed explicitly to every call and recorded in
+    ``run.json`` / ``results.json``; ``""`` turns it off (None leaves it to the pipeline's default).
+    """
 
     num_inference_steps: int = 30
     guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
-    negative_prompt: str | None = None
+    negative_prompt: str | None = AUTHORS_NEGATIVE_PROMPT
     scale: float | None = None
     multi_image: str = "mean"
 
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.guidance_scale is not None and not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+        if self.scale is not None and not 0 <= self.scale < float("inf"):
+            raise ValueError(f"scale must be a finite number >= 0, got {self.scale}")
+        if self.multi_image not in ("mean", "each"):
+            raise ValueError(f"multi_image must be 'mean' or 'each', got {self.multi_image!r}")
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def base_call_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of a plain diffusers pipeline call these settings fix (None left out;
+        an empty negative prompt is none at all, as in the MIP pipeline: SDXL then zeroes its embeddings)."""
+        kwargs = {
+            "negative_prompt": self.negative_prompt or None,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+        }
+        return {key: value for key, value in kwargs.items() if value is not None}
 
     def call_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``MIPAdapterPipeline.__call__`` these settings fix."""

@@ -1,13 +1,31 @@
-"""Loading the three models of a pipeline (base model, image encoder, adapter) from Hub ids or local paths."""
+"""Loading the three models of a pipeline (base model, image encoder, adapter) from Hub ids or local paths.
+
+The small things are read and checked before the big ones, so a wrong file is reported in seconds, not
+after minutes of loading SDXL:
+
+1. the adapter file, checked key by key and shape by shape against a UNet built from the base model's
+   ``unet/config.json`` on the ``meta`` device (no weights read);
+2. the image encoder's ``config.json`` against the adapter's input width, then the encoder itself;
+3. the base model;
+4. the adapter's weights, copied onto the base model's UNet.
+
+Every location goes through ``mipadapter.hub`` (local path, Hub cache, fail at once offline).
+"""
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from mipadapter.config import PRESETS
+from mipadapter.config import PRESETS, AdapterConfig
+from mipadapter.hub import fetch_failed, resolve_folder, resolve_folder_file
+
+ARGUMENT_NAMES = {"base_model": "base_model", "adapter": "adapter", "image_encoder": "image_encoder"}
+"""How errors name each model by default (the Python arguments); the CLI passes its flags instead."""
 
 
 def _clip_processor_class():
@@ -26,6 +44,51 @@ def default_feature_extractor(image_encoder):
     return _clip_processor_class()(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
+def unet_skeleton(base_model: str | Path, what: str = "base model", where: str = "base_model"):
+    """The base model's UNet built from its ``unet/config.json`` on the ``meta`` device (no weights read).
+
+    base_model: a diffusers model folder or ``owner/repo[/subfolder]``.
+    """
+    from diffusers import UNet2DConditionModel
+
+    config_file = resolve_folder_file(base_model, "unet/config.json", what, where)
+    try:
+        config = UNet2DConditionModel.load_config(str(config_file.parent))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{what} {str(base_model)!r}: unreadable {config_file} ({error})") from None
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def encoder_input_width(encoder_config: Mapping, uses_hidden_states: bool) -> int | None:
+    """The feature width an image encoder's config promises: its hidden size (plus adapters read hidden
+    states) or its projection size (basic adapters read the projected embedding)."""
+    vision = encoder_config.get("vision_config", encoder_config)
+    width = vision.get("hidden_size") if uses_hidden_states else encoder_config.get("projection_dim")
+    return int(width) if width is not None else None
+
+
+def check_encoder_fits(
+    encoder_config: Mapping, adapter: AdapterConfig, encoder_name: str, where: str
+) -> None:
+    """Refuse an image encoder whose output width is not what the adapter's projection takes."""
+    width = encoder_input_width(encoder_config, adapter.uses_hidden_states)
+    if width is not None and width != adapter.image_embed_dim:
+        kind = "hidden size" if adapter.uses_hidden_states else "projection size"
+        raise ValueError(
+            f"{where} {encoder_name!r} has {kind} {width}, but the {adapter.projection} adapter takes "
+            f"{adapter.image_embed_dim}-wide features: use the image encoder the adapter was trained with"
+        )
+
+
+def _encoder_config(image_encoder: str, where: str) -> dict:
+    config_file = resolve_folder_file(image_encoder, "config.json", "image encoder", where)
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{where} {image_encoder!r}: unreadable {config_file} ({error})") from None
+
+
 def load_components(
     base_model: str | Path | None = None,
     adapter: str | Path | None = None,
@@ -33,43 +96,78 @@ def load_components(
     *,
     preset: str = "mip-sdxl",
     torch_dtype: torch.dtype | None = None,
+    argument_names: Mapping[str, str] | None = None,
     **pipeline_kwargs,
 ):
     """(diffusers pipeline, MIPAdapter, image encoder, feature extractor) as ``MIPAdapterPipeline.from_pretrained``
-    describes them."""
-    from diffusers import DiffusionPipeline
-    from transformers import CLIPVisionModelWithProjection
+    describes them, smallest first (see the module docstring).
 
-    from mipadapter.checkpoint import load_adapter
-    from mipadapter.checkpoint.hub import fetch_failed, resolve_folder
+    argument_names: how errors name ``base_model`` / ``adapter`` / ``image_encoder`` (default: those
+    argument names; the CLI passes its flags). Other keyword arguments go to the base model's
+    ``from_pretrained``.
+    """
+    from mipadapter.checkpoint import adapter_from_file, check_adapter_file
+    from mipadapter.hub import resolve_file
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    names = {**ARGUMENT_NAMES, **(argument_names or {})}
     defaults = PRESETS[preset]
     base_model = str(base_model or defaults.base_model)
     image_encoder = str(image_encoder or defaults.image_encoder)
-    adapter_source = adapter or defaults.adapter
+    adapter_source = str(adapter or defaults.adapter)
+    cache_dir = pipeline_kwargs.get("cache_dir")
 
-    location, subfolder = resolve_folder(base_model, "base model", "--base-model")
+    # 1. the adapter file, against the base model's UNet config
+    adapter_path = resolve_file(adapter_source, "adapter", names["adapter"], cache_dir=cache_dir)
+    skeleton = unet_skeleton(base_model, "base model", names["base_model"])
+    checked = check_adapter_file(adapter_path, skeleton, default_scale=defaults.scale)
+    # 2. the image encoder
+    check_encoder_fits(
+        _encoder_config(image_encoder, names["image_encoder"]),
+        checked.config,
+        image_encoder,
+        names["image_encoder"],
+    )
+    encoder, feature_extractor = _load_image_encoder(
+        image_encoder, names["image_encoder"], torch_dtype, cache_dir
+    )
+    # 3. the base model
+    pipe = _load_base_model(base_model, names["base_model"], torch_dtype, pipeline_kwargs)
+    # 4. the adapter's weights
+    loaded = adapter_from_file(checked, pipe.unet, str(adapter_path))
+    if torch_dtype is not None:
+        loaded.to(torch_dtype)
+    return pipe, loaded, encoder, feature_extractor
+
+
+def _load_image_encoder(source: str, where: str, torch_dtype, cache_dir):
+    from transformers import CLIPVisionModelWithProjection
+
+    location, subfolder = resolve_folder(source, "image encoder", where, cache_dir=cache_dir)
+    try:
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            location, subfolder=subfolder or "", dtype=torch_dtype, cache_dir=cache_dir
+        )
+    except OSError as error:
+        raise fetch_failed(source, "image encoder", where, error) from error
+    return encoder, _load_feature_extractor(location, subfolder, encoder)
+
+
+def _load_base_model(source: str, where: str, torch_dtype, pipeline_kwargs: dict):
+    from diffusers import DiffusionPipeline
+
+    location, subfolder = resolve_folder(
+        source, "base model", where, marker="model_index.json", cache_dir=pipeline_kwargs.get("cache_dir")
+    )
+    if subfolder:
+        pipeline_kwargs = {**pipeline_kwargs, "subfolder": subfolder}
     try:
         with warnings.catch_warnings():  # newer diffusers rename torch_dtype; both spellings work
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            if subfolder:
-                pipeline_kwargs["subfolder"] = subfolder
-            pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype, **pipeline_kwargs)
+            return DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype, **pipeline_kwargs)
     except OSError as error:
-        raise fetch_failed(base_model, "base model", "--base-model", error) from error
-    location, subfolder = resolve_folder(image_encoder, "image encoder", "--image-encoder")
-    try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(
-            location, subfolder=subfolder or "", dtype=torch_dtype
-        )
-    except OSError as error:
-        raise fetch_failed(image_encoder, "image encoder", "--image-encoder", error) from error
-    loaded = load_adapter(adapter_source, pipe.unet, default_scale=defaults.scale)
-    if torch_dtype is not None:
-        loaded.to(torch_dtype)
-    return pipe, loaded, encoder, _load_feature_extractor(location, subfolder, encoder)
+        raise fetch_failed(source, "base model", where, error) from error
 
 
 def _load_feature_extractor(location: str, subfolder: str | None, image_encoder):

@@ -76,7 +76,7 @@ def load_components(config: ModelConfig) -> Components:
     from diffusers import DiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from mipadapter.checkpoint.hub import resolve_folder
+    from mipadapter.hub import resolve_folder
 
     base, base_sub = resolve_folder(config.base_model, "base model", "model.base_model")
     extra = {"subfolder": base_sub} if base_sub else {}

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mipadapter.data.backends._common import from_pretrained, to_model
+from mipadapter.data.backends._common import from_pretrained, processor_from_pretrained, to_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,7 +36,11 @@ class Blip2Captioner:
 def load_blip2(
     model_id: str, device: torch.device | str, dtype: torch.dtype, **options: Any
 ) -> Blip2Captioner:
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+    from transformers import Blip2ForConditionalGeneration
 
-    model = from_pretrained(Blip2ForConditionalGeneration, model_id, device, dtype)
-    return Blip2Captioner(model, AutoProcessor.from_pretrained(model_id), **options)
+    model = from_pretrained(
+        Blip2ForConditionalGeneration, model_id, device, dtype, what="captioner (BLIP-2)", key="caption_model"
+    )
+    return Blip2Captioner(
+        model, processor_from_pretrained(model_id, what="captioner (BLIP-2)", key="caption_model"), **options
+    )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mipadapter.data.backends._common import from_pretrained, to_model
+from mipadapter.data.backends._common import from_pretrained, processor_from_pretrained, to_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -52,7 +52,13 @@ class ClipEmbedder:
 
 
 def load_clip(model_id: str, device: torch.device | str, dtype: torch.dtype, **options: Any) -> ClipEmbedder:
-    from transformers import AutoProcessor, CLIPModel
+    from transformers import CLIPModel
 
-    model = from_pretrained(CLIPModel, model_id, device, dtype)
-    return ClipEmbedder(model, AutoProcessor.from_pretrained(model_id), **options)
+    model = from_pretrained(
+        CLIPModel, model_id, device, dtype, what="CLIP model for the quality score", key="clip_model"
+    )
+    return ClipEmbedder(
+        model,
+        processor_from_pretrained(model_id, what="CLIP model for the quality score", key="clip_model"),
+        **options,
+    )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mipadapter.data.backends._common import from_pretrained, to_model
+from mipadapter.data.backends._common import from_pretrained, processor_from_pretrained, to_model
 from mipadapter.data.phrases import grounding_text
 from mipadapter.data.stages import Detection
 
@@ -79,7 +79,20 @@ class GroundingDinoGrounder:
 def load_grounding_dino(
     model_id: str, device: torch.device | str, dtype: torch.dtype, **options: Any
 ) -> GroundingDinoGrounder:
-    from transformers import AutoProcessor, GroundingDinoForObjectDetection
+    from transformers import GroundingDinoForObjectDetection
 
-    model = from_pretrained(GroundingDinoForObjectDetection, model_id, device, dtype)
-    return GroundingDinoGrounder(model, AutoProcessor.from_pretrained(model_id), **options)
+    model = from_pretrained(
+        GroundingDinoForObjectDetection,
+        model_id,
+        device,
+        dtype,
+        what="grounding detector (Grounding DINO)",
+        key="grounding_model",
+    )
+    return GroundingDinoGrounder(
+        model,
+        processor_from_pretrained(
+            model_id, what="grounding detector (Grounding DINO)", key="grounding_model"
+        ),
+        **options,
+    )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mipadapter.data.backends._common import from_pretrained, to_model
+from mipadapter.data.backends._common import from_pretrained, processor_from_pretrained, to_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -56,7 +56,9 @@ class SamSegmenter:
 
 
 def load_sam(model_id: str, device: torch.device | str, dtype: torch.dtype) -> SamSegmenter:
-    from transformers import AutoProcessor, SamModel
+    from transformers import SamModel
 
-    model = from_pretrained(SamModel, model_id, device, dtype)
-    return SamSegmenter(model, AutoProcessor.from_pretrained(model_id))
+    model = from_pretrained(SamModel, model_id, device, dtype, what="segmenter (SAM)", key="segment_model")
+    return SamSegmenter(
+        model, processor_from_pretrained(model_id, what="segmenter (SAM)", key="segment_model")
+    )
