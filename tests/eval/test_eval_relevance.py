@@ -95,6 +95,30 @@ def test_relevance_experiment_gives_the_hand_computed_ratio(tmp_path):
     assert rerun.calls == [] and again["S_relevance"] == results["S_relevance"]
 
 
+def test_report_reads_a_relevance_run(tmp_path, capsys):
+    """`eval report` on a relevance run reads relevance.json (issue: it asked for results.json)."""
+    from mipadapter.cli.main import main
+
+    root = make_concept101(tmp_path / "c101")
+    run_relevance(
+        root,
+        tmp_path / "rel",
+        pipeline=FakePipeline,
+        model="adapter",
+        reference_boxes=root / "json_data",
+        cases=concept101_cases(root, combinations=[0])[:1],
+        sampler=ones,
+        level=0.1,
+        detector=FixedBoxDetector({"backpack": (0, 0, 16, 16), "teapot": (16, 16, 32, 32)}),
+    )
+    assert main(["eval", "report", str(tmp_path / "rel")]) == 0
+    out = capsys.readouterr().out
+    assert "S_relevance" in out and "| rel | adapter | 0.1 | 2 | 2 | 1.0000 | 2.1429 |" in out
+    (tmp_path / "rel" / "relevance.json").write_text('{"schema": "other"}')
+    assert main(["eval", "report", str(tmp_path / "rel")]) == 2
+    assert "not a relevance result" in capsys.readouterr().err
+
+
 def test_undetected_subjects_are_listed_not_scored(tmp_path):
     root = make_concept101(tmp_path / "c101")
     case = concept101_cases(root, combinations=[0])[0]

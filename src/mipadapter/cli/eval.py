@@ -4,6 +4,7 @@ mipadapter eval concept101 --benchmark-dir DIR --out RUN [--variants official|ru
 mipadapter eval dreambench --dataset-dir DIR --subjects single|multi --out RUN
 mipadapter eval relevance --benchmark-dir DIR --out RUN [--model base|adapter]
 mipadapter eval report RUN [RUN ...] [--markdown]
+mipadapter eval compare RUN_BEFORE RUN_AFTER --out DIR      (Fig. 6: image attention of two checkpoints)
 
 Generation shards over processes and machines with ``accelerate launch -m mipadapter.eval concept101 ...``
 (each rank a disjoint slice; rerun the same command to fill what is missing).
@@ -170,6 +171,16 @@ def register(subparsers) -> None:
     rep.add_argument("runs", nargs="+", type=Path)
     rep.add_argument("--markdown", action="store_true", help="markdown (the only format; kept for clarity)")
     rep.add_argument("--output", type=Path, help="write the report here instead of printing it")
+
+    cmp_ = verbs.add_parser(
+        "compare",
+        help="Fig. 6: each subject's image attention in two runs (e.g. before and after training)",
+        description="Both runs: the same benchmark, variants and seeds with --figures, and two checkpoints.",
+    )
+    cmp_.add_argument("before", type=Path, help="the first run folder (e.g. the IP-Adapter you started from)")
+    cmp_.add_argument("after", type=Path, help="the second run folder (e.g. your trained adapter)")
+    cmp_.add_argument("--out", required=True, type=Path, help="folder for the figures")
+    cmp_.add_argument("--labels", default="before,after", help="the two runs' labels (default: before,after)")
     parser.set_defaults(func=run)
 
 
@@ -364,6 +375,18 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_text(args.output, text)
         else:
             print(text)
+    elif args.verb == "compare":
+        from mipadapter.eval.figures import compare_runs
+        from mipadapter.fileio import check_output_dir
+
+        labels = tuple(part.strip() for part in args.labels.split(","))
+        if len(labels) != 2 or not all(labels):
+            raise ValueError(f"--labels takes two comma-separated labels, got {args.labels!r}")
+        for flag, run_dir in (("before", args.before), ("after", args.after)):
+            if not run_dir.is_dir():
+                raise FileNotFoundError(f"{flag} run {str(run_dir)!r} is not a folder")
+        check_output_dir(args.out, "--out")
+        print(f"{compare_runs(args.before, args.after, args.out, labels)} figures in {args.out}")
     else:  # argparse restricts the verbs
         raise ValueError(f"unknown eval verb {args.verb!r}")
     return 0

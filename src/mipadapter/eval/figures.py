@@ -1,9 +1,17 @@
-"""Routing-map figures drawn with PIL (no plotting library): overlays like the paper's Fig. 6 and a
-contact sheet per prompt.
+"""Figures drawn with PIL (no plotting library): routing maps, image-branch attention maps (the kind of
+picture of the paper's Fig. 6) and a contact sheet per prompt.
+
+Two different maps appear here. *Routing maps* are the name relevance ``A_i`` (where the UNet's text
+attention puts subject i's name) that weights each reference's output. *Image attention maps* show
+where each reference's own image tokens attend over the latent (the image branch's attention, softmax
+over positions, averaged over its tokens, heads, layers and steps): the paper's Fig. 6 compares these
+before and after training, which `attention_comparison` draws from two runs (two checkpoints).
 
 * `overlay`: a [H, W] map coloured (a viridis-like ramp, each map stretched to its own min..max) and
   blended over the image.
-* `routing_figure`: one row per subject — the image, the averaged map, then one map per layer grid.
+* `routing_figure`: one row per subject — the image, the averaged routing map, then one per layer grid.
+* `attention_figure`: one row per subject — the image and the subject's image-attention map.
+* `attention_comparison`: per subject, the image-attention map of the same prompt and seed in two runs.
 * `contact_sheet`: the references of each subject, the result, and each subject's averaged map.
 """
 
@@ -23,7 +31,16 @@ _RAMP = np.array(
 )
 LABEL_HEIGHT = 14
 
-__all__ = ["colorize", "contact_sheet", "draw_run_figures", "overlay", "routing_figure"]
+__all__ = [
+    "attention_comparison",
+    "attention_figure",
+    "colorize",
+    "compare_runs",
+    "contact_sheet",
+    "draw_run_figures",
+    "overlay",
+    "routing_figure",
+]
 
 
 def colorize(values: np.ndarray) -> Image.Image:
@@ -100,6 +117,41 @@ def routing_figure(
     return _grid(rows)
 
 
+def attention_figure(
+    image: Image.Image, names: Sequence[str], maps: Sequence[np.ndarray], *, tile: int = 192
+) -> Image.Image:
+    """Rows: subjects; columns: the image and where the subject's image tokens attend."""
+    if len(names) != len(maps):
+        raise ValueError(f"{len(names)} names and {len(maps)} maps differ")
+    return _grid(
+        [
+            [_tile(image, "image", tile), _tile(overlay(image, values), f"{name}: image attention", tile)]
+            for name, values in zip(names, maps, strict=True)
+        ]
+    )
+
+
+def attention_comparison(
+    labels: tuple[str, str],
+    images: tuple[Image.Image, Image.Image],
+    names: Sequence[str],
+    maps: tuple[Sequence[np.ndarray], Sequence[np.ndarray]],
+    *,
+    tile: int = 192,
+) -> Image.Image:
+    """The paper's Fig. 6 layout: per subject a row with each run's image and the subject's image
+    attention map in that run (labels name the runs, e.g. ``("before", "after")``)."""
+    if not (len(names) == len(maps[0]) == len(maps[1])):
+        raise ValueError(f"{len(names)} names but {len(maps[0])} and {len(maps[1])} maps")
+    rows = []
+    for i, name in enumerate(names):
+        row = []
+        for label, image, run_maps in zip(labels, images, maps, strict=True):
+            row += [_tile(image, label, tile), _tile(overlay(image, run_maps[i]), f"{name} ({label})", tile)]
+        rows.append(row)
+    return _grid(rows)
+
+
 def contact_sheet(
     prompt: str,
     references: Sequence[Sequence[Image.Image]],
@@ -131,9 +183,11 @@ def draw_run_figures(
     images_per_prompt: int,
     references: Callable[[SubjectSpec], list[Image.Image]],
 ) -> int:
-    """``figures/<variant>/<stem>.png`` (routing) and ``sheets/<variant>/<stem>.png`` for every image that
-    has saved maps and no figure yet. Returns the number of figures drawn."""
+    """``figures/<variant>/<stem>.png`` (routing), ``attention_figures/<variant>/<stem>.png`` (image attention)
+    and ``sheets/<variant>/<stem>.png`` for every image that has saved maps and no figure yet. Returns
+    the number of images whose figures were drawn."""
     from mipadapter.eval.generate import ImageKey, load_maps, save_image
+    from mipadapter.photos import open_photo
 
     out_dir = Path(out_dir)
     drawn = 0
@@ -143,15 +197,56 @@ def draw_run_figures(
                 for k in range(images_per_prompt):
                     key = ImageKey(variant, case.index, seed, k)
                     maps_file, figure_file = key.path(out_dir, "maps", ".npz"), key.path(out_dir, "figures")
-                    if not maps_file.exists() or figure_file.exists():
+                    attention_file = key.path(out_dir, "attention", ".npz")
+                    attention_figure_file = key.path(out_dir, "attention_figures")
+                    todo_routing = maps_file.exists() and not figure_file.exists()
+                    todo_attention = attention_file.exists() and not attention_figure_file.exists()
+                    if not (todo_routing or todo_attention):
                         continue
-                    names, averages, grids = load_maps(maps_file)
-                    with Image.open(key.path(out_dir)) as opened:
-                        image = opened.convert("RGB")
-                    save_image(routing_figure(image, names, averages, grids), figure_file)
-                    sheet = contact_sheet(
-                        case.prompt, [references(s) for s in case.subjects], names, image, averages
-                    )
-                    save_image(sheet, key.path(out_dir, "sheets"))
+                    image = open_photo(key.path(out_dir), "generated image")
+                    if todo_routing:
+                        names, averages, grids = load_maps(maps_file)
+                        save_image(routing_figure(image, names, averages, grids), figure_file)
+                        sheet = contact_sheet(
+                            case.prompt, [references(s) for s in case.subjects], names, image, averages
+                        )
+                        save_image(sheet, key.path(out_dir, "sheets"))
+                    if todo_attention:
+                        names, maps, _ = load_maps(attention_file)
+                        save_image(attention_figure(image, names, maps), attention_figure_file)
                     drawn += 1
     return drawn
+
+
+def compare_runs(
+    before: str | Path, after: str | Path, out_dir: str | Path, labels: tuple[str, str] = ("before", "after")
+) -> int:
+    """Fig. 6 from two runs of the same benchmark and settings with two checkpoints (e.g. before and
+    after training, both run with ``--figures``): for every image both runs have image-attention maps
+    of, ``<out_dir>/<variant>/<stem>.png`` = `attention_comparison`. Returns the number drawn."""
+    from mipadapter.eval.generate import load_maps, save_image
+    from mipadapter.photos import open_photo
+
+    before, after, out_dir = Path(before), Path(after), Path(out_dir)
+    pairs = []
+    for first in sorted((before / "attention").glob("*/*.npz")):
+        second = after / first.relative_to(before)
+        if second.is_file():
+            pairs.append((first, second))
+    if not pairs:
+        raise FileNotFoundError(
+            f"{before} and {after} share no image-attention maps (attention/<variant>/*.npz): run both with "
+            "--figures on the same benchmark, variants and seeds"
+        )
+    for first, second in pairs:
+        variant, stem = first.parent.name, first.stem
+        names, maps_before, _ = load_maps(first)
+        names_after, maps_after, _ = load_maps(second)
+        if names != names_after:
+            raise ValueError(f"{first} and {second} show different subjects ({names} vs {names_after})")
+        images = tuple(
+            open_photo(run / "images" / variant / f"{stem}.png", "generated image") for run in (before, after)
+        )
+        figure = attention_comparison(labels, images, names, (maps_before, maps_after))
+        save_image(figure, out_dir / variant / f"{stem}.png")
+    return len(pairs)

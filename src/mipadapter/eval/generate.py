@@ -95,11 +95,19 @@ def save_maps(
     by_resolution: dict[str, dict[tuple[int, int], np.ndarray]] | None,
 ) -> None:
     """Routing maps of one image as ``.npz``: ``avg_<i>`` [H, W] per subject i, ``res_<i>_<h>x<w>`` per
-    layer grid, and ``names`` (subject names; by index because two subjects may share a name)."""
+    layer grid, and ``names`` (subject names; by index because two subjects may share a name).
+
+    relevance / by_resolution: the pipeline's per-image dicts, keyed by subject label in subject order
+    (a repeated name is labelled ``dog#2``), so they are read in order here.
+    """
+    averages = list(relevance.values())
+    grids = list((by_resolution or {}).values()) or [{} for _ in names]
+    if len(averages) != len(names) or len(grids) != len(names):
+        raise ValueError(f"{len(averages)} maps for {len(names)} subjects {list(names)}")
     arrays: dict[str, np.ndarray] = {"names": np.array(list(names))}
-    for i, name in enumerate(names):
-        arrays[f"avg_{i}"] = np.asarray(relevance[name], dtype=np.float32)
-        for (h, w), grid_map in sorted((by_resolution or {}).get(name, {}).items()):
+    for i in range(len(names)):
+        arrays[f"avg_{i}"] = np.asarray(averages[i], dtype=np.float32)
+        for (h, w), grid_map in sorted(grids[i].items()):
             arrays[f"res_{i}_{h}x{w}"] = np.asarray(grid_map, dtype=np.float32)
 
     def write(tmp: Path) -> None:

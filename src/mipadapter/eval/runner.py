@@ -7,7 +7,7 @@ variant needs it, one at a time; the feature encoders load only when scoring sta
 A run folder holds ``run.json`` (benchmark and settings, fixed by the first run: a later run with other
 settings is refused), ``prompts.json`` (the cases), the images (see `mipadapter.eval.generate`),
 ``reference_boxes/`` (detected crop boxes of the references, in the authors' json_data layout),
-optional ``figures/`` and ``sheets/``, ``results.json`` (see `mipadapter.eval.schema`) and ``table.md``.
+optional ``figures/``, ``attention_figures/`` and ``sheets/``, ``results.json`` (see `mipadapter.eval.schema`) and ``table.md``.
 
 Under ``accelerate launch`` each rank generates its own slice of the work (`mipadapter.eval.ranks`);
 the main process writes the run files, resolves the reference boxes, and scores once all ranks are done.
