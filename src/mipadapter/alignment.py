@@ -2,12 +2,24 @@
 
 Every name must occur in the prompt, inside the span the text encoder reads, at tokens no other
 subject claims. Anything else is an error that names the subject: never a silent fallback.
+
+Names are matched on whole tokens ("cat" does not match "cats"), except names written in a script
+without spaces between words (Chinese, Japanese, Thai, …): there a BPE tokenizer merges a name with its
+neighbours into other tokens than the name gets alone, so such names are found as text and mapped to
+the prompt tokens that cover them (the tokenizer's offsets).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+# Scripts written without spaces between words: CJK ideographs, kana, Thai, Lao, Khmer, Myanmar.
+_UNSPACED = re.compile(
+    "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+    "\u0e00-\u0eff\u1780-\u17ff\u1000-\u109f]"
+)
 
 
 class SubjectAlignmentError(ValueError):
@@ -40,14 +52,31 @@ def _occurrences(haystack: Sequence[int], needle: Sequence[int]) -> list[int]:
     ]
 
 
-def locate_names(tokenizer, prompt: str, names: Sequence[str]) -> list[NameSpan]:
-    """Place each name at its own occurrence in ``prompt`` for one tokenizer.
+def is_unspaced(name: str) -> bool:
+    """Whether ``name`` is written (partly) in a script without spaces between words."""
+    return bool(_UNSPACED.search(name))
 
-    Longer names choose first (so "wooden pot" is not blocked by "pot"); each takes its first occurrence
-    that no other subject holds. Returns spans in the order of ``names``.
-    """
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False)["input_ids"])
-    readable = tokenizer.model_max_length - 1  # the last position read is the end-of-text token
+
+def _text_spans(tokenizer, prompt: str, name: str) -> list[tuple[int, int]]:
+    """Token spans [start, stop) (BOS at 0) covering each occurrence of ``name`` in the prompt's text."""
+    encoded = tokenizer(prompt, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
+    spans = []
+    for found in re.finditer(re.escape(name.lower()), prompt.lower()):
+        covering = [i for i, (a, b) in enumerate(offsets) if b > a and a < found.end() and b > found.start()]
+        if covering:
+            spans.append((covering[0], covering[-1] + 1))
+    return spans
+
+
+def _candidate_spans(tokenizer, prompt: str, prompt_ids: Sequence[int], name: str, ids: Sequence[int]):
+    """Every place ``name`` occurs in the prompt, as token spans [start, stop)."""
+    if is_unspaced(name):
+        return _text_spans(tokenizer, prompt, name)
+    return [(start, start + len(ids)) for start in _occurrences(prompt_ids, ids)]
+
+
+def _name_ids(tokenizer, names: Sequence[str]) -> list[list[int]]:
     token_ids = []
     for index, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
@@ -56,24 +85,34 @@ def locate_names(tokenizer, prompt: str, names: Sequence[str]) -> list[NameSpan]
         if not ids:
             raise SubjectAlignmentError(f"subject name {name!r} tokenizes to nothing")
         token_ids.append(ids)
+    return token_ids
+
+
+def locate_names(tokenizer, prompt: str, names: Sequence[str]) -> list[NameSpan]:
+    """Place each name at its own occurrence in ``prompt`` for one tokenizer.
+
+    Longer names choose first (so "wooden pot" is not blocked by "pot"); each takes its first occurrence
+    that no other subject holds. Returns spans in the order of ``names``.
+    """
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False)["input_ids"])
+    readable = tokenizer.model_max_length - 1  # the last position read is the end-of-text token
+    token_ids = _name_ids(tokenizer, names)
 
     spans: dict[int, NameSpan] = {}
     for index in sorted(range(len(names)), key=lambda i: -len(token_ids[i])):
-        name, ids = names[index], token_ids[index]
-        starts = _occurrences(prompt_ids, ids)
-        if not starts:
+        name = names[index]
+        found = [
+            NameSpan(name, start, stop)
+            for start, stop in _candidate_spans(tokenizer, prompt, prompt_ids, name, token_ids[index])
+        ]
+        if not found:
             raise SubjectAlignmentError(
                 f"subject {name!r} does not occur in the prompt {prompt!r}: write the name as it appears in "
                 "the prompt (the match is on whole tokens, so 'cat' does not match 'cats')"
             )
-        free = [NameSpan(name, start, start + len(ids)) for start in starts]
-        free = [span for span in free if not any(span.overlaps(taken) for taken in spans.values())]
+        free = [span for span in found if not any(span.overlaps(taken) for taken in spans.values())]
         if not free:
-            holder = next(
-                s.subject
-                for s in spans.values()
-                if any(NameSpan(name, x, x + len(ids)).overlaps(s) for x in starts)
-            )
+            holder = next(s.subject for s in spans.values() if any(span.overlaps(s) for span in found))
             raise SubjectAlignmentError(
                 f"subjects {name!r} and {holder!r} claim the same prompt tokens: give each subject its own "
                 "mention in the prompt"
@@ -86,6 +125,17 @@ def locate_names(tokenizer, prompt: str, names: Sequence[str]) -> list[NameSpan]
             )
         spans[index] = span
     return [spans[index] for index in range(len(names))]
+
+
+def unnamed_subjects(tokenizers: Sequence, prompt: str, names: Sequence[str]) -> list[int]:
+    """Indexes of the names that do not occur in ``prompt`` (for any of the pipeline's tokenizers)."""
+    missing = set()
+    for tokenizer in tokenizers:
+        prompt_ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False)["input_ids"])
+        for index, (name, ids) in enumerate(zip(names, _name_ids(tokenizer, names), strict=True)):
+            if not _candidate_spans(tokenizer, prompt, prompt_ids, name, ids):
+                missing.add(index)
+    return sorted(missing)
 
 
 def align_subjects(tokenizers: Sequence, prompt: str, names: Sequence[str]) -> list[list[NameSpan]]:

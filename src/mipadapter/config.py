@@ -10,7 +10,7 @@ from typing import Any
 
 
 class MergeRule(str, Enum):
-    """How the subjects' image-attention outputs are merged with the text output (DESIGN.md §1).
+    """How the subjects' image-attention outputs are merged with the text output (docs/method.md).
 
     * ``uniform``: ``Z_text + Σ s_i·R_i⊙Z_img_i`` — plain IP-Adapter (``R_i`` = 1 unless a region is given).
     * ``paper``: ``g⊙Z_text + Σ s_i·(A_i/mean A_i)⊙Z_img_i`` — the paper's formulas; ``g`` = 1 without a
@@ -109,14 +109,22 @@ class AdapterConfig:
         return cls(**data)
 
 
+AUTHORS_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+"""The negative prompt the authors' inference always encodes (their ``generate`` default)."""
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A known combination of public weights (hub ids and files; DESIGN.md §2)."""
+    """A known combination of public weights (hub ids and files; docs/formats.md) and its call defaults.
+
+    scale: the default image scale; negative_prompt: the default negative prompt (None: none).
+    """
 
     base_model: str
     adapter: str
     image_encoder: str
     scale: float
+    negative_prompt: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -125,12 +133,14 @@ PRESETS: dict[str, Preset] = {
         "hqhQAQ/MIP-Adapter/model_sdxl.bin",
         "h94/IP-Adapter/sdxl_models/image_encoder",
         0.75,
+        AUTHORS_NEGATIVE_PROMPT,
     ),
     "mip-sdxl-plus": Preset(
         "SG161222/RealVisXL_V1.0",
         "hqhQAQ/MIP-Adapter/model_sdxl_plus.bin",
         "h94/IP-Adapter/models/image_encoder",
         0.65,
+        AUTHORS_NEGATIVE_PROMPT,
     ),
     "ip-sdxl": Preset(
         "stabilityai/stable-diffusion-xl-base-1.0",

@@ -7,6 +7,7 @@ with the layer's ``to_k``, user regions, the learned text gate, the merge rule, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -140,7 +141,7 @@ def make_layer(text_weight: bool = True, seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         attn = Attention(query_dim=HIDDEN, cross_attention_dim=CROSS, heads=HEADS, dim_head=HIDDEN // HEADS)
-        proc = MIPAttnProcessor(HIDDEN, CROSS, text_weight=text_weight)
+        proc = MIPAttnProcessor(HIDDEN, CROSS, text_weight=text_weight, layer_name="layer")
         for param in proc.parameters():  # larger than the default init, so every term matters
             torch.nn.init.normal_(param, std=0.5)
     attn.eval()
@@ -183,11 +184,27 @@ def make_conditioning(
     )
 
 
+def run(attn: Attention, hidden, text, cond: SubjectConditioning):
+    """One call: the layer's per-call inputs prepared (as ``MIPAdapter.prepare`` does), then the layer."""
+    proc = attn.processor
+    cond.layer_inputs[proc.layer_name] = proc.prepare(attn, cond)
+    return attn(hidden, text, ip_hidden_states=cond)
+
+
 def inputs(seed: int = 1, positions: int = GRID[0] * GRID[1]):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(BATCH, positions, HIDDEN, generator=g), torch.randn(
         BATCH, TEXT_TOKENS, CROSS, generator=g
     )
+
+
+def fields_of(cond: SubjectConditioning) -> dict:
+    """The constructor arguments of ``cond`` (a copy starts unprepared)."""
+    return {
+        field.name: getattr(cond, field.name)
+        for field in dataclasses.fields(cond)
+        if field.init and not field.name.startswith("_") and field.name != "layer_inputs"
+    }
 
 
 def rel_err(fast: torch.Tensor, reference: np.ndarray) -> float:
@@ -207,7 +224,7 @@ def test_processor_matches_the_formula(rule, text_weight, region_mode, photos):
     cond = make_conditioning(rule, text_weight, region_mode, photos)
     hidden, text = inputs()
     with torch.no_grad():
-        out = attn(hidden, text, ip_hidden_states=cond)
+        out = run(attn, hidden, text, cond)
     assert out.shape == hidden.shape
     assert rel_err(out, reference_layer(attn, proc, hidden, text, cond)) <= 1e-5
 
@@ -220,7 +237,7 @@ def test_processor_on_4d_input_with_one_subject(rule):
     hidden, text = inputs(seed=5)
     spatial = hidden.transpose(1, 2).reshape(BATCH, HIDDEN, *GRID)
     with torch.no_grad():
-        out = attn(spatial, text, ip_hidden_states=cond)
+        out = run(attn, spatial, text, cond)
     assert out.shape == spatial.shape
     flat = out.reshape(BATCH, HIDDEN, -1).transpose(1, 2)
     assert rel_err(flat, reference_layer(attn, proc, hidden, text, cond)) <= 1e-5
@@ -235,7 +252,7 @@ def test_uniform_with_one_subject_is_decoupled_cross_attention():
     hidden, text = inputs()
     with torch.no_grad():
         torch.testing.assert_close(
-            attn(hidden, text, ip_hidden_states=cond), attn(hidden, text, ip_hidden_states=other)
+            run(attn, hidden, text, cond), run(attn, hidden, text, other)
         )
 
 
@@ -248,7 +265,7 @@ def test_official_with_one_subject_is_a_gated_ip_adapter():
     shuffled.image_tokens, shuffled.scales = cond.image_tokens, cond.scales
     with torch.no_grad():
         torch.testing.assert_close(
-            attn(hidden, text, ip_hidden_states=cond), attn(hidden, text, ip_hidden_states=shuffled)
+            run(attn, hidden, text, cond), run(attn, hidden, text, shuffled)
         )
 
 
@@ -264,7 +281,7 @@ def test_processor_hands_relevance_to_recorder_and_perturbation():
     cond = make_conditioning("official", True, recorder=recorder, text_perturbation=perturb)
     hidden, text = inputs()
     with torch.no_grad():
-        out = attn(hidden, text, ip_hidden_states=cond)
+        out = run(attn, hidden, text, cond)
     assert seen["shapes"] == ((BATCH, HEADS, 15, HIDDEN // HEADS), (BATCH, 3, 15))
     assert rel_err(out, reference_layer(attn, proc, hidden, text, cond, text_factor=0.5)) <= 1e-5
     maps = recorder.average()  # the last row only, at the latent size, each map peaking at 1
@@ -300,7 +317,7 @@ def test_without_conditioning_equals_attn_processor_2_0(cross, four_d, masked):
     assert torch.equal(got, expected)
 
 
-# ----------------------------------------------------------------------------------------- per-call memo
+# ----------------------------------------------------------------------------------------- per-call inputs
 
 
 def count_calls(module: torch.nn.Module) -> list[int]:
@@ -309,31 +326,36 @@ def count_calls(module: torch.nn.Module) -> list[int]:
     return calls
 
 
-def test_image_and_name_keys_computed_once_per_call_under_no_grad():
+def test_image_and_name_keys_computed_once_per_call():
     attn, proc = make_layer()
     ip_calls, k_calls = count_calls(proc.to_k_ip), count_calls(attn.to_k)
     cond = make_conditioning("official", True)
     hidden, text = inputs()
     with torch.no_grad():
+        cond.layer_inputs[proc.layer_name] = proc.prepare(attn, cond)
+        assert (ip_calls[0], k_calls[0]) == (1, 1)  # image keys and name keys: once for the call
         first = attn(hidden, text, ip_hidden_states=cond)
         second = attn(hidden, text, ip_hidden_states=cond)  # a second denoising step
     assert torch.equal(first, second)
-    assert ip_calls[0] == 1  # image keys: once for the call
-    assert k_calls[0] == 2 + 1  # text keys every step, name keys once
-    fresh = make_conditioning("official", True)  # a new call recomputes
-    with torch.no_grad():
-        attn(hidden, text, ip_hidden_states=fresh)
-    assert ip_calls[0] == 2
+    assert ip_calls[0] == 1
+    assert k_calls[0] == 1 + 2  # then the text keys every step
 
 
-def test_training_recomputes_keys_and_trains_the_adapter_weights():
+def test_an_unprepared_conditioning_is_an_error_naming_the_layer():
+    attn, _ = make_layer()
+    hidden, text = inputs()
+    with pytest.raises(ValueError, match="not prepared for layer 'layer': call MIPAdapter.prepare"):
+        attn(hidden, text, ip_hidden_states=make_conditioning("official", True))
+
+
+def test_training_prepares_each_step_and_trains_the_adapter_weights():
     attn, proc = make_layer()
     ip_calls = count_calls(proc.to_k_ip)
     cond = make_conditioning("official", True)
     hidden, text = inputs()
     for _ in range(2):
-        attn(hidden, text, ip_hidden_states=cond).square().mean().backward()
-    assert ip_calls[0] == 2  # with gradients on, nothing is cached across steps
+        run(attn, hidden, text, cond).square().mean().backward()
+    assert ip_calls[0] == 2  # with gradients on, the keys are rebuilt every step from the current weights
     for param in (proc.to_k_ip.weight, proc.to_v_ip.weight, proc.text_to_weight.weight):
         assert param.grad is not None and float(param.grad.abs().sum()) > 0
 
@@ -347,9 +369,9 @@ def test_processor_errors_are_explicit():
     with pytest.raises(TypeError, match="SubjectConditioning"):
         attn(hidden, text, ip_hidden_states=torch.zeros(BATCH, 4, CROSS))
     with pytest.raises(ValueError, match="text_to_weight"):
-        attn(hidden, text, ip_hidden_states=make_conditioning("official", True))
+        run(attn, hidden, text, make_conditioning("official", True))
     with pytest.raises(ValueError, match="batch rows"):
-        attn(hidden[:1], text[:1], ip_hidden_states=make_conditioning("official", False))
+        run(attn, hidden[:1], text[:1], make_conditioning("official", False))
 
 
 def test_conditioning_checks_its_shapes():
@@ -414,11 +436,11 @@ def test_padding_subjects_marked_absent_change_nothing(rule, region_mode):
         region_mode=full.region_mode,
     )
     present = torch.tensor([[True, True, False]] * BATCH)
-    padded = SubjectConditioning(**{**vars(full), "_memo": {}, "present": present})
+    padded = SubjectConditioning(**{**fields_of(full), "present": present})
     with torch.no_grad():
-        expected = attn(hidden, text, ip_hidden_states=alone)
-        got = attn(hidden, text, ip_hidden_states=padded)
+        expected = run(attn, hidden, text, alone)
+        got = run(attn, hidden, text, padded)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    without_mask = SubjectConditioning(**{**vars(full), "_memo": {}})
+    without_mask = SubjectConditioning(**fields_of(full))
     with torch.no_grad():
-        assert not torch.allclose(attn(hidden, text, ip_hidden_states=without_mask), expected, atol=1e-4)
+        assert not torch.allclose(run(attn, hidden, text, without_mask), expected, atol=1e-4)

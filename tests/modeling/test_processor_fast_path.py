@@ -1,5 +1,5 @@
-"""The processor's fast path: the name-mask check runs once per call, and ``torch.compile`` sees no graph
-break once the per-call constants are memoised."""
+"""The processor's fast path: the name-mask check runs once per call, and ``torch.compile`` sees one graph
+without breaks once the per-call constants are prepared."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def layer():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         attn = Attention(query_dim=HIDDEN, cross_attention_dim=CROSS, heads=HEADS, dim_head=HIDDEN // HEADS)
-        proc = MIPAttnProcessor(HIDDEN, CROSS, text_weight=True)
+        proc = MIPAttnProcessor(HIDDEN, CROSS, text_weight=True, layer_name="layer")
     attn.eval().set_processor(proc)
     return attn, proc
 
@@ -52,14 +52,16 @@ def test_a_subject_without_name_tokens_is_an_error_not_nan(grad):
         attn(hidden, text, ip_hidden_states=conditioning(mask))
 
 
-def test_no_graph_break_once_per_call_constants_are_memoised():
+@pytest.mark.parametrize("rule", ["uniform", "paper", "official"])
+def test_no_graph_break_once_the_conditioning_is_prepared(rule):
     import torch._dynamo as dynamo
 
     attn, proc = layer()
-    cond = conditioning(torch.ones(BATCH, 3, 2, dtype=torch.bool))
+    cond = conditioning(torch.ones(BATCH, 3, 2, dtype=torch.bool), rule)
     hidden, text = inputs()
     with torch.no_grad():
-        eager = attn(hidden, text, ip_hidden_states=cond)  # the first step fills the memo
+        cond.layer_inputs[proc.layer_name] = proc.prepare(attn, cond)
+        eager = attn(hidden, text, ip_hidden_states=cond)
         dynamo.reset()
         try:
             explanation = dynamo.explain(proc)(attn, hidden, text, ip_hidden_states=cond)

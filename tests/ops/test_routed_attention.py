@@ -1,7 +1,8 @@
 """``ops.routing.routed_attention`` (the processor's fast path) against a float64 loop reference.
 
-``Σ_N weights_N⊙Attn(Q, K_N, V_N)``: one softmax per condition over its own tokens, weighted per position,
-summed over conditions. The fast function runs in float32 and must agree to a relative error of 1e-5.
+``base + alpha·Σ_N weights_N⊙Attn(Q, K_N, V_N)``: one softmax per condition over its own tokens,
+weighted per position, summed over conditions. The fast function runs in float32 and must agree to a
+relative error of 1e-5.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mipadapter import ops
 from mipadapter.ops.routing import routed_attention
 
 
@@ -24,11 +25,11 @@ def rel_err(fast: torch.Tensor, reference: np.ndarray) -> float:
     return float(np.linalg.norm(np64(fast) - reference) / np.linalg.norm(reference))
 
 
-def ref_routed(query, keys, values, weights) -> np.ndarray:
-    """query [b, h, p, d]; keys, values [b, N, h, t, d]; weights [b, N, p] → [b, h, p, d], by loops."""
-    q, k, v, w = np64(query), np64(keys), np64(values), np64(weights)
+def ref_routed(query, keys, values, weights, base, alpha) -> np.ndarray:
+    """query, base [b, h, p, d]; keys, values [b, N, h, t, d]; weights [b, p, N] or None → [b, h, p, d]."""
+    q, k, v = np64(query), np64(keys), np64(values)
     b, num_cond, h, t, d = k.shape
-    out = np.zeros(q.shape)
+    out = np64(base).copy()
     for bi in range(b):
         for hh in range(h):
             for pos in range(q.shape[2]):
@@ -37,7 +38,8 @@ def ref_routed(query, keys, values, weights) -> np.ndarray:
                     top = max(logits)
                     exps = [math.exp(x - top) for x in logits]
                     probs = [e / sum(exps) for e in exps]
-                    out[bi, hh, pos] += w[bi, c, pos] * sum(probs[j] * v[bi, c, hh, j] for j in range(t))
+                    weight = 1.0 if weights is None else float(weights[bi, pos, c])
+                    out[bi, hh, pos] += alpha * weight * sum(probs[j] * v[bi, c, hh, j] for j in range(t))
     return out
 
 
@@ -52,44 +54,55 @@ def make(b, num_cond, h, p, t, d, seed=0):
     query = torch.randn(b, h, p, d, generator=g)
     keys = torch.randn(b, num_cond, h, t, d, generator=g) * 2  # peaked softmaxes
     values = torch.randn(b, num_cond, h, t, d, generator=g)
-    weights = torch.rand(b, num_cond, p, generator=g) * 2
-    return query, keys, values, weights
+    weights = torch.rand(b, p, num_cond, generator=g) * 2
+    base = torch.randn(b, h, p, d, generator=g)
+    return query, keys, values, weights, base
+
+
+def fast(query, keys, values, weights, base, alpha=1.0):
+    d = query.shape[-1]
+    return routed_attention(
+        query, token_major(keys) / math.sqrt(d), token_major(values), weights, base,
+        num_conditions=keys.shape[1], alpha=alpha,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 2, 15, 4, 8), (1, 3, 3, 16, 4, 8), (2, 5, 2, 6, 16, 4)])
-def test_routed_attention_matches_loop(shape):
-    query, keys, values, weights = make(*shape)
-    fast = routed_attention(query, token_major(keys), token_major(values), weights)
-    assert fast.shape == query.shape
-    assert rel_err(fast, ref_routed(query, keys, values, weights)) <= 1e-5
+@pytest.mark.parametrize("alpha", [1.0, 15.0])
+def test_routed_attention_matches_loop(shape, alpha):
+    query, keys, values, weights, base = make(*shape)
+    out = fast(query, keys, values, weights, base, alpha)
+    assert out.shape == query.shape
+    assert rel_err(out, ref_routed(query, keys, values, weights, base, alpha)) <= 1e-5
 
 
-def test_routed_attention_equals_subject_attention_then_merge():
-    query, keys, values, weights = make(2, 4, 2, 12, 4, 8, seed=1)
-    text_out = torch.randn_like(query)
-    slow = ops.merge_outputs(text_out, ops.subject_attention(query, keys, values), None, weights)
-    fast = text_out + routed_attention(query, token_major(keys), token_major(values), weights)
-    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
+def test_without_weights_every_condition_counts_once():
+    query, keys, values, _, base = make(2, 3, 2, 10, 4, 8, seed=1)
+    out = fast(query, keys, values, None, base)
+    assert rel_err(out, ref_routed(query, keys, values, None, base, 1.0)) <= 1e-5
 
 
-def test_routed_attention_takes_a_prescaled_key_and_zero_weights():
-    query, keys, values, weights = make(1, 2, 2, 9, 4, 8, seed=2)
-    weights[:, 1] = 0.0  # the second condition contributes nothing
-    scaled = routed_attention(query, token_major(keys) / math.sqrt(8), token_major(values), weights, scale=1.0)
-    only_first = routed_attention(query, token_major(keys[:, :1]), token_major(values[:, :1]), weights[:, :1])
-    assert torch.allclose(scaled, only_first, rtol=1e-5, atol=1e-6)
+def test_zero_weight_removes_a_condition():
+    query, keys, values, weights, base = make(1, 2, 2, 9, 4, 8, seed=2)
+    weights[..., 1] = 0.0  # the second condition contributes nothing
+    both = fast(query, keys, values, weights, base)
+    only_first = fast(query, keys[:, :1], values[:, :1], weights[..., :1], base)
+    assert torch.allclose(both, only_first, rtol=1e-5, atol=1e-6)
 
 
-def test_routed_attention_gradients_match_the_slow_path():
-    query, keys, values, weights = make(1, 3, 2, 10, 4, 8, seed=3)
+def test_routed_attention_gradients_match_per_condition_sdpa():
+    query, keys, values, weights, base = make(1, 3, 2, 10, 4, 8, seed=3)
     grads = []
-    for fast in (True, False):
-        leaves = [tensor.clone().requires_grad_(True) for tensor in (query, keys, values, weights)]
-        q, k, v, w = leaves
-        if fast:
-            out = routed_attention(q, token_major(k), token_major(v), w)
-        else:
-            out = ops.merge_outputs(torch.zeros_like(q), ops.subject_attention(q, k, v), None, w)
+    for use_fast in (True, False):
+        leaves = [tensor.clone().requires_grad_(True) for tensor in (query, keys, values, weights, base)]
+        q, k, v, w, z = leaves
+        if use_fast:
+            out = fast(q, k, v, w, z)
+        else:  # each condition through SDPA, weighted and summed
+            out = z + sum(
+                w[..., c][:, None, :, None] * F.scaled_dot_product_attention(q, k[:, c], v[:, c])
+                for c in range(k.shape[1])
+            )
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append([leaf.grad for leaf in leaves])
     for fast_grad, slow_grad in zip(*grads, strict=True):
@@ -97,6 +110,8 @@ def test_routed_attention_gradients_match_the_slow_path():
 
 
 def test_routed_attention_names_bad_shapes():
-    query, keys, values, weights = make(1, 3, 2, 10, 4, 8)
+    query, keys, values, weights, base = make(1, 3, 2, 10, 4, 8)
     with pytest.raises(ValueError, match="t·N"):
-        routed_attention(query, token_major(keys)[:, :, :-1], token_major(values)[:, :, :-1], weights)
+        routed_attention(
+            query, token_major(keys)[:, :, :-1], token_major(values)[:, :, :-1], weights, base, num_conditions=3
+        )

@@ -1,4 +1,4 @@
-"""``mipadapter.ops.routing`` against slow, obviously-correct loop references (DESIGN.md §1).
+"""``mipadapter.ops.routing`` against slow, obviously-correct loop references (docs/method.md).
 
 Every reference below loops over batch, subject/condition, head and position, and writes softmax and
 attention out by hand, in float64 numpy. The fast functions run in float32 and must agree to a
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mipadapter import ops
-from mipadapter.config import MergeRule, RegionMode
+from mipadapter.config import RegionMode
 
 RULES = ("uniform", "paper", "official")
 # latent size of the UNet input → grid of the layer under test (p = 16 and p = 15, one non-square)
@@ -197,16 +197,6 @@ def random_inputs(n: int, num_cond: int, positions: int, latent: tuple[int, int]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("num_cond", [1, 2, 5])
-def test_subject_attention_matches_loop(shape, num_cond):
-    _, grid = SHAPES[shape]
-    x = random_inputs(1, num_cond, grid[0] * grid[1], SHAPES[shape][0], seed=num_cond)
-    fast = ops.subject_attention(x["query"], x["keys"], x["values"])
-    assert fast.shape == (BATCH, num_cond, HEADS, grid[0] * grid[1], HEAD_DIM)
-    assert rel_err(fast, ref_subject_attention(x["query"], x["keys"], x["values"])) <= 1e-5
-
-
-@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_relevance_maps_match_loop(shape, n):
     latent, grid = SHAPES[shape]
@@ -217,6 +207,36 @@ def test_relevance_maps_match_loop(shape, n):
     assert rel_err(fast, ref_relevance(x["query"], x["name_keys"], x["name_mask"])) <= 1e-5
     torch.testing.assert_close(fast.sum(-1), torch.ones(BATCH, n))  # each map is a distribution over p
     assert not fast.requires_grad  # a routing signal: no gradient flows through it
+
+
+def name_keys_flat(name_keys: torch.Tensor) -> torch.Tensor:
+    """[b, n, h, m, d] → [b, h, n·m, d] scaled by 1/sqrt(d), the layout the processor prepares."""
+    b, n, h, m, d = name_keys.shape
+    return name_keys.permute(0, 2, 1, 3, 4).reshape(b, h, n * m, d) / math.sqrt(d)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 3, 5])
+@pytest.mark.parametrize("photos", ["one", "several"])
+@pytest.mark.parametrize("absent", [False, True])
+def test_relevance_columns_match_loop(shape, n, photos, absent):
+    """position_maps with relevance_weights: column j is condition j's subject's map, the last column
+    their sum over the present subjects; an absent (padding) subject's map is zero."""
+    latent, grid = SHAPES[shape]
+    owner, share = conditions_of(n, photos)
+    x = random_inputs(n, len(owner), grid[0] * grid[1], latent, seed=20 + n)
+    present = torch.ones(BATCH, n, dtype=torch.bool)
+    if absent:
+        present[0, n - 1] = False
+    weights = ops.relevance_weights(x["name_mask"], HEADS, owner, present if absent else None)
+    assert weights.shape == (BATCH, HEADS * n * NAME_TOKENS, len(owner) + 1)
+    columns = ops.position_maps(x["query"], name_keys_flat(x["name_keys"]), weights)
+    reference = ref_relevance(x["query"], x["name_keys"], x["name_mask"]) * present.double().numpy()[..., None]
+    expected = np.concatenate(
+        [reference[:, owner.tolist()], reference.sum(axis=1, keepdims=True)], axis=1
+    ).transpose(0, 2, 1)  # [b, p, N + 1]
+    assert columns.shape == expected.shape
+    assert rel_err(columns, expected) <= 1e-5
 
 
 def test_relevance_maps_use_only_valid_name_tokens():
@@ -263,61 +283,78 @@ def test_resize_regions_keep_a_one_cell_region():
 
 
 @pytest.mark.parametrize("mode", ["replace", "multiply"])
-def test_apply_regions_matches_loop(mode):
+@pytest.mark.parametrize("with_maps", [True, False])
+def test_override_regions_matches_loop(mode, with_maps):
     g = torch.Generator().manual_seed(2)
-    relevance, regions = torch.rand(2, 4, 15, generator=g), torch.rand(2, 4, 15, generator=g)
-    has_region = torch.tensor([True, False, True, False])
-    fast = ops.apply_regions(relevance, regions, has_region, RegionMode(mode))
+    owner, first = torch.tensor([0, 1, 1, 2]), torch.tensor([1.0, 1.0, 0.0, 1.0])
+    maps = torch.rand(2, 15, 3, generator=g).index_select(-1, owner)  # conditions of a subject share a map
+    regions = torch.rand(2, 15, 3, generator=g).index_select(-1, owner)
+    has_region = torch.tensor([True, False, False, True])  # subject 0 and 2 have a region
+    routed, total = ops.override_regions(maps if with_maps else None, regions, has_region, RegionMode(mode), first)
     for bi in range(2):
-        for i in range(4):
-            for pos in range(15):
-                old, region = float(relevance[bi, i, pos]), float(regions[bi, i, pos])
-                want = old if not has_region[i] else (region if mode == "replace" else old * region)
-                assert float(fast[bi, i, pos]) == pytest.approx(want, rel=1e-6)
+        for pos in range(15):
+            subject_sum = 0.0
+            for c in range(4):
+                old = float(maps[bi, pos, c]) if with_maps else 1.0
+                region = float(regions[bi, pos, c])
+                want = old if not has_region[c] else (region if mode == "replace" else old * region)
+                assert float(routed[bi, pos, c]) == pytest.approx(want, rel=1e-6)
+                subject_sum += want * float(first[c])
+            assert float(total[bi, pos, 0]) == pytest.approx(subject_sum, rel=1e-6)
 
 
-def test_expand_to_conditions_matches_loop():
-    weights = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(3))
-    owner, share = torch.tensor([0, 2, 2, 1, 2]), torch.tensor([1.0, 1 / 3, 1 / 3, 1.0, 1 / 3])
-    fast = ops.expand_to_conditions(weights, owner, share)
-    for bi in range(2):
-        for c in range(5):
-            torch.testing.assert_close(fast[bi, c], weights[bi, int(owner[c])] * float(share[c]))
+def test_uniform_routes_by_regions_only_even_when_relevance_is_computed():
+    """Under uniform the relevance (computed for a recorder) is reported but never weights the merge."""
+    columns = torch.rand(1, 6, 3)
+    relevance, routing, total = ops.routing_maps("uniform", columns, None, None, RegionMode.REPLACE, torch.ones(2))
+    assert torch.equal(relevance, columns[..., :2]) and routing is None and total is None
+    regions = torch.rand(1, 6, 2)
+    _, routing, _ = ops.routing_maps(
+        "uniform", columns, regions, torch.tensor([True, False]), RegionMode.MULTIPLY, torch.ones(2)
+    )
+    torch.testing.assert_close(routing, torch.stack([regions[..., 0], torch.ones(1, 6)], dim=-1))
 
 
-def test_merge_weights_official_shares_sum_to_the_scale_times_gate():
+def test_merge_factors_official_shares_sum_to_the_gate():
     g = torch.Generator().manual_seed(4)
-    relevance = torch.rand(2, 3, 15, generator=g) + 0.01
+    maps = torch.rand(2, 15, 3, generator=g) + 0.01
     gate = ops.text_gate(torch.randn(2, 15, generator=g))
-    scales = torch.tensor([[0.5, 0.5, 0.5], [2.0, 2.0, 2.0]])
-    text_factor, weights = ops.merge_weights(MergeRule.OFFICIAL, scales, relevance, gate, 15)
-    assert text_factor is None  # official leaves Z_text as it is
-    torch.testing.assert_close(weights.sum(1), scales[:, :1] * gate)
+    text_factor, weights, alpha = ops.merge_factors("official", maps, maps.sum(-1, keepdim=True), gate, normalized=True)
+    assert text_factor is None and alpha == 1.0  # official leaves Z_text as it is
+    torch.testing.assert_close(weights.sum(-1), gate)
 
 
-def test_merge_weights_uniform_and_paper_edge_cases():
-    scales = torch.tensor([[0.3, 0.7]])
-    text_factor, weights = ops.merge_weights("uniform", scales, None, None, 6)
-    assert text_factor is None and torch.equal(weights, scales[..., None].expand(1, 2, 6))
+def test_merge_factors_uniform_and_paper_edge_cases():
+    text_factor, weights, alpha = ops.merge_factors("uniform", None, None, None, normalized=True)
+    assert (text_factor, weights, alpha) == (None, None, 1.0)
     with pytest.raises(ValueError, match="relevance"):
-        ops.merge_weights("paper", scales, None, None, 6)
+        ops.merge_factors("paper", None, None, None, normalized=True)
     with pytest.raises(ValueError):
-        ops.merge_weights("bogus", scales, torch.rand(1, 2, 6), None, 6)
-    # paper divides by the map's mean: a constant map gives the bare scale
-    _, weights = ops.merge_weights("paper", scales, torch.full((1, 2, 6), 0.2), None, 6)
-    torch.testing.assert_close(weights, scales[..., None].expand(1, 2, 6))
+        ops.merge_factors("bogus", torch.rand(1, 6, 2), None, None, normalized=True)
+    # paper divides by the map's mean: a constant map gives weight 1; a softmax map's mean is 1/p
+    _, weights, alpha = ops.merge_factors("paper", torch.full((1, 6, 2), 0.2), None, None, normalized=False)
+    torch.testing.assert_close(weights * alpha, torch.ones(1, 6, 2))
+    softmaxes = torch.softmax(torch.randn(1, 6, 2), dim=1)
+    _, weights, alpha = ops.merge_factors("paper", softmaxes, None, None, normalized=True)
+    torch.testing.assert_close(weights * alpha, softmaxes / softmaxes.mean(dim=1, keepdim=True))
 
 
 def test_official_positions_no_subject_claims_get_no_image():
     """With every subject confined to a region (replace), positions outside all regions keep Z_text."""
     x = random_inputs(2, 2, 16, (4, 4), seed=5)
-    regions = torch.zeros(BATCH, 2, 16)
-    regions[:, 0, :4], regions[:, 1, 4:8] = 1.0, 1.0  # rows 0 and 1 of the 4x4 grid
-    relevance = ops.relevance_maps(x["query"], x["name_keys"], x["name_mask"])
-    routing = ops.apply_regions(relevance, regions, torch.tensor([True, True]), RegionMode.REPLACE)
-    text_factor, weights = ops.merge_weights("official", x["scales"], routing, None, 16)
-    image_out = ops.subject_attention(x["query"], x["keys"][:, :2], x["values"][:, :2])
-    merged = ops.merge_outputs(x["text_out"], image_out, text_factor, weights)
+    owner = torch.arange(2)
+    regions = torch.zeros(BATCH, 16, 2)
+    regions[:, :4, 0], regions[:, 4:8, 1] = 1.0, 1.0  # rows 0 and 1 of the 4x4 grid
+    columns = ops.position_maps(
+        x["query"], name_keys_flat(x["name_keys"]), ops.relevance_weights(x["name_mask"], HEADS, owner)
+    )
+    _, routing, total = ops.routing_maps(
+        "official", columns, regions, torch.tensor([True, True]), RegionMode.REPLACE, torch.ones(2)
+    )
+    _, weights, alpha = ops.merge_factors("official", routing, total, None, normalized=False)
+    merged = ops.routed_attention(
+        x["query"], token_major(x["keys"]), token_major(x["values"]), weights, x["text_out"], num_conditions=2
+    )
     assert torch.isfinite(merged).all()
     torch.testing.assert_close(merged[:, :, 8:], x["text_out"][:, :, 8:], rtol=0, atol=0)
     assert not torch.allclose(merged[:, :, :8], x["text_out"][:, :, :8])
@@ -326,20 +363,42 @@ def test_official_positions_no_subject_claims_get_no_image():
 # ----------------------------------------------------------------------------------------- composed
 
 
+def token_major(tokens: torch.Tensor) -> torch.Tensor:
+    """[b, N, h, t, d] → [b, h, t·N, d], row j = token j // N of condition j % N."""
+    b, num_cond, h, t, d = tokens.shape
+    return tokens.permute(0, 2, 3, 1, 4).reshape(b, h, t * num_cond, d)
+
+
+def first_of_subject(owner: torch.Tensor) -> torch.Tensor:
+    """[N]: 1 on the first condition of each subject."""
+    seen, first = set(), []
+    for subject in owner.tolist():
+        first.append(0.0 if subject in seen else 1.0)
+        seen.add(subject)
+    return torch.tensor(first)
+
+
 def run_fast(rule, text_weight, region_mode, x, owner, share, latent, grid):
-    """The ops in the order the processor composes them."""
-    positions = grid[0] * grid[1]
-    image_out = ops.subject_attention(x["query"], x["keys"], x["values"])
-    relevance = ops.relevance_maps(x["query"], x["name_keys"], x["name_mask"])
-    routing = relevance if rule != "uniform" else None
+    """The ops in the order the processor composes them (per-call constants folded as it prepares them)."""
+    num_cond, d = len(owner), x["query"].shape[-1]
+    weights = ops.relevance_weights(x["name_mask"], HEADS, owner, dtype=ops.working_dtype(x["query"].dtype))
+    columns = ops.position_maps(x["query"], name_keys_flat(x["name_keys"]), weights)  # [b, p, N + 1]
+    regions = None
     if region_mode is not None:
-        regions = ops.resize_regions(x["regions"], grid)
-        base = routing if routing is not None else torch.ones_like(regions)
-        routing = ops.apply_regions(base, regions, x["has_region"], RegionMode(region_mode))
+        regions = ops.resize_regions(x["regions"], grid).index_select(1, owner).transpose(1, 2)  # [b, p, N]
+    _, routing, total = ops.routing_maps(
+        rule, columns, regions, x["has_region"].index_select(0, owner), RegionMode(region_mode or "replace"),
+        first_of_subject(owner),
+    )
     gate = ops.text_gate(x["text_logits"]) if text_weight else None
-    text_factor, weights = ops.merge_weights(MergeRule(rule), x["scales"], routing, gate, positions)
-    weights = ops.expand_to_conditions(weights, owner, share)
-    return ops.merge_outputs(x["text_out"], image_out, text_factor, weights)
+    text_factor, weights, alpha = ops.merge_factors(rule, routing, total, gate, normalized=regions is None)
+    base = x["text_out"] if text_factor is None else x["text_out"] * text_factor[:, None, :, None]
+    factor = x["scales"].index_select(1, owner) * share.to(x["scales"].dtype)  # [b, N]: folded into values
+    values = x["values"] * factor[:, :, None, None, None]
+    return ops.routed_attention(
+        x["query"], token_major(x["keys"]) / math.sqrt(d), token_major(values), weights, base,
+        num_conditions=num_cond, alpha=alpha,
+    )  # fmt: skip
 
 
 def run_reference(rule, text_weight, region_mode, x, owner, share, latent, grid, cached=None):

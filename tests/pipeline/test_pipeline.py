@@ -16,7 +16,7 @@ from mipadapter.alignment import SubjectAlignmentError
 from mipadapter.checkpoint import load_adapter
 from mipadapter.config import MergeRule, MultiImageMode
 from mipadapter.modeling import MIPAttnProcessor
-from mipadapter.pipeline import MIPAdapterPipeline, Subject, encode_names, encode_photos
+from mipadapter.pipeline import MIPAdapterPipeline, Subject, encode_names, encode_photos, unconditional_names
 from mipadapter.testing import TINY_SD15, TINY_SDXL, tiny_sd15_pipeline, tiny_sdxl_pipeline
 from mipadapter.testing.mip import tiny_mip_pipeline
 
@@ -371,21 +371,42 @@ def test_build_conditioning_lays_out_cfg_rows(photo, mip_pipelines):
     subjects = three_subjects(photo)
     cond = mip.build_conditioning(
         prompt_rows=2, subjects=subjects, cfg=True, rule=MergeRule.OFFICIAL, use_text_weight=True,
-        multi_image=MultiImageMode.MEAN, image_size=(64, 64), latent_size=(8, 8),
+        multi_image=MultiImageMode.MEAN, image_size=(64, 64),
     )  # fmt: skip
+    assert cond.latent_size == (8, 8)
     assert cond.image_tokens.shape == (4, 3, 4, TINY_SDXL.cross_attention_dim)
     zero_tokens = mip.adapter.project(torch.zeros(1, TINY_SDXL.basic_image_encoder.projection_dim))
+    lengths = [len(mip.pipe.tokenizer(s.name, add_special_tokens=False)["input_ids"]) for s in subjects]
     for row in (0, 1):  # the unconditional half: a zero image embedding for every subject ...
         for i in range(3):
             torch.testing.assert_close(cond.image_tokens[row, i], zero_tokens[0])
-        assert cond.name_mask[row].sum(-1).tolist() == [1, 1, 1]  # ... and the empty name
+        assert cond.name_mask[row].sum(-1).tolist() == lengths  # ... and each subject's own name window
     features = [encode_photos(mip.image_encoder, mip.feature_extractor, s.images, False) for s in subjects]
     for row in (2, 3):
         for i in range(3):
             torch.testing.assert_close(cond.image_tokens[row, i], mip.adapter.project(features[i])[0])
-    lengths = [len(mip.pipe.tokenizer(s.name, add_special_tokens=False)["input_ids"]) for s in subjects]
     assert cond.name_mask[2].sum(-1).tolist() == lengths
     torch.testing.assert_close(cond.scales, torch.tensor([[0.6, 0.9, 1.2]] * 4))
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_unconditional_names_are_the_authors_window_of_the_empty_string(arch):
+    """The authors key the unconditional half with the encoded "" at each subject's own token window
+    ``1..n_i`` (their ``entity_indexes`` serve both halves); a loop over subjects and rows."""
+    pipe = tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()
+    names = ["wooden pot", "cat", "small red toy car"]
+    _, mask = encode_names(pipe, names, "cpu")
+    got = unconditional_names(pipe, mask, "cpu")
+    if arch == "sdxl":
+        empty = pipe.encode_prompt(prompt="", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    else:
+        empty = pipe.encode_prompt("", "cpu", 1, False)[0]
+    lengths = [len(pipe.tokenizer(name, add_special_tokens=False)["input_ids"]) for name in names]
+    assert len(set(lengths)) == 3  # names of different lengths
+    for i, length in enumerate(lengths):
+        for row in range(mask.shape[1]):
+            expected = empty[0, 1 + row] if row < length else torch.zeros_like(empty[0, 0])
+            torch.testing.assert_close(got[i, row], expected)
 
 
 def test_name_rows_are_the_name_encoded_on_its_own():

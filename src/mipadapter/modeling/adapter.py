@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mipadapter.config import AdapterConfig
+from mipadapter.modeling.conditioning import SubjectConditioning
 from mipadapter.modeling.processor import MIPAttnProcessor
 from mipadapter.modeling.projection import build_image_projection
 
@@ -47,6 +48,13 @@ def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
     return layers
 
 
+def diagnostic_layers(layers: list[CrossAttentionLayer]) -> set[str]:
+    """The layers that report routed shares for the starved-subject diagnostic: the mid block's, where
+    the layout is decided at the lowest resolution (all layers when a UNet has no mid block)."""
+    mid = {layer.name for layer in layers if layer.name.startswith("mid_block.")}
+    return mid or {layer.name for layer in layers}
+
+
 def _module_key(layer_name: str) -> str:
     return layer_name.replace(".", "__")
 
@@ -63,16 +71,22 @@ class MIPAdapter(nn.Module):
         self.config = config
         self.layer_specs = list(layers)
         self.image_proj = build_image_projection(config)
+        diagnosed = diagnostic_layers(layers)
         self.layers = nn.ModuleDict(
             {
                 _module_key(layer.name): MIPAttnProcessor(
-                    layer.hidden_size, layer.cross_attention_dim, config.text_weight
+                    layer.hidden_size,
+                    layer.cross_attention_dim,
+                    config.text_weight,
+                    layer_name=layer.name,
+                    diagnose=layer.name in diagnosed,
                 )
                 for layer in layers
             }
         )
         self._previous: dict[str, object] | None = None
         self._unet_ref: weakref.ref | None = None  # a weakref: a Module attribute would adopt the UNet
+        self._attention: dict[str, weakref.ref] = {}  # layer name → its Attention module, while attached
         self._check_widths()
 
     @classmethod
@@ -116,6 +130,8 @@ class MIPAdapter(nn.Module):
             }
         )
         self._unet_ref = weakref.ref(unet)
+        modules = dict(unet.named_modules())
+        self._attention = {layer.name: weakref.ref(modules[layer.name]) for layer in self.layer_specs}
 
     def detach(self) -> None:
         """Put back the processors the UNet had before ``attach``."""
@@ -133,6 +149,20 @@ class MIPAdapter(nn.Module):
         )
         self._previous = None
         self._unet_ref = None
+        self._attention = {}
+
+    def prepare(self, cond: SubjectConditioning) -> SubjectConditioning:
+        """Compute every layer's per-call constants for ``cond`` (once per generation call, or once per
+        training step) and store them in ``cond.layer_inputs``. Returns ``cond``."""
+        if not self.is_attached:
+            raise RuntimeError("attach the adapter to a UNet before preparing a conditioning")
+        cache: dict = {}
+        for layer in self.layer_specs:
+            attention = self._attention[layer.name]()
+            if attention is None:
+                raise RuntimeError("the UNet this adapter was attached to no longer exists")
+            cond.layer_inputs[layer.name] = self.processor(layer.name).prepare(attention, cond, cache)
+        return cond
 
     @torch.no_grad()
     def init_from_base(self, unet: nn.Module) -> None:

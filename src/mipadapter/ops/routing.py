@@ -1,7 +1,13 @@
-"""Routing math of MIP-Adapter: per-subject image attention, relevance maps, merge rules.
+"""Routing math of MIP-Adapter: relevance maps, merge factors, routed image attention.
 
-Shapes follow the notation in ``mipadapter.ops``. Everything is batched over subjects: no Python loop
-over subjects or batch items.
+Shapes follow the notation in ``mipadapter.ops``; ``R`` counts the columns of a map tensor (the ``N``
+conditions, plus one column holding ``Σ_i A_i`` over subjects where asked for). Everything is batched:
+no Python loop over subjects, conditions or batch rows.
+
+Per-call constants (which name token belongs to which condition, the mean over heads and tokens,
+absent padding subjects) are folded once per call into a weight matrix (``relevance_weights``), so
+that at each layer and step a relevance map costs two matmuls and a softmax (``position_maps``).
+Maps are kept position-major, ``[b, p, R]``, the layout the routed attention multiplies with.
 """
 
 from __future__ import annotations
@@ -14,48 +20,81 @@ import torch.nn.functional as F
 from mipadapter.config import MergeRule, RegionMode
 
 
-def subject_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Attention of the latent queries to each condition's image tokens, one softmax per condition.
-
-    query [b, h, p, d]; keys, values [b, N, h, t, d] → [b, N, h, p, d].
-    Conditions ride in SDPA's batch dimensions so all of them run in one call.
-    """
-    b, num_cond = keys.shape[:2]
-    expanded = query.unsqueeze(1).expand(b, num_cond, *query.shape[1:])  # [b, N, h, p, d], a view
-    return F.scaled_dot_product_attention(expanded, keys, values)
-
-
 def check_name_mask(name_mask: torch.Tensor) -> None:
     """Raise unless every subject has at least one name token; name_mask [b, n, m] (bool).
 
-    It reads a device value back (a host sync, and a graph break under ``torch.compile``), so callers in a
-    hot loop check once per call, not once per layer and step.
+    It reads a device value back (a host sync, and a graph break under ``torch.compile``), so callers
+    check once per call, not once per layer and step.
     """
     if not bool(name_mask.any(dim=-1).all()):
         raise ValueError("every subject needs at least one name token in name_mask")
 
 
-def relevance_maps(
-    query: torch.Tensor, name_keys: torch.Tensor, name_mask: torch.Tensor, *, check: bool = True
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype maps are computed in: at least float32 (a softmax over thousands of positions in fp16
+    loses the small values routing depends on), float64 when the model runs in float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def relevance_weights(
+    name_mask: torch.Tensor,
+    heads: int,
+    owner: torch.Tensor,
+    present: torch.Tensor | None = None,
+    *,
+    with_total: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
+    """The matrix that turns per-(head, name token) softmaxes into per-condition relevance maps.
+
+    name_mask [b, n, m] (bool); heads ``h``; owner [N] (the subject of each condition); present [b, n]
+    (bool, False = a padding subject, whose map becomes zero and leaves the total) or None.
+    Returns W [b, h·n·m, R] with ``R = N + with_total``: column ``j < N`` averages the rows of condition
+    ``j``'s subject over its valid name tokens and the heads; the last column (``with_total``) sums those
+    averages over the present subjects (``Σ_i A_i``). Rows are ordered (head, subject, token), the order
+    of ``name_keys [b, h, n·m, d]``.
+    """
+    b, n, m = name_mask.shape
+    per_token = name_mask.to(dtype)
+    per_token = per_token / (per_token.sum(dim=-1, keepdim=True).clamp_min(1.0) * heads)  # [b, n, m]
+    if present is not None:
+        per_token = per_token * present.to(dtype).unsqueeze(-1)
+    columns = F.one_hot(owner, n).to(dtype).T  # [n, N]: subject i feeds the conditions it owns
+    if with_total:
+        columns = torch.cat([columns, torch.ones(n, 1, dtype=dtype, device=columns.device)], dim=1)
+    weights = per_token.unsqueeze(-1) * columns[None, :, None, :]  # [b, n, m, R]
+    weights = weights.unsqueeze(1).expand(b, heads, n, m, weights.shape[-1])  # the same for every head
+    return weights.reshape(b, heads * n * m, -1)
+
+
+def position_maps(query: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sums of ``softmax_p(K Q^T)``: for each key, where over the positions it is attended from.
+
+    query [b, h, p, d]; keys [b, h, K, d], already scaled by ``1/sqrt(d)``; weights [b, h·K, R] (see
+    ``relevance_weights``) → maps [b, p, R] in the weights' dtype. The softmax runs over positions.
+    """
+    b, h, p, _ = query.shape
+    logits = torch.matmul(keys, query.transpose(-1, -2))  # [b, h, K, p]
+    probs = torch.softmax(logits, dim=-1, dtype=weights.dtype)
+    return torch.matmul(probs.view(b, -1, p).transpose(1, 2), weights)  # [b, p, R]
+
+
+def relevance_maps(query: torch.Tensor, name_keys: torch.Tensor, name_mask: torch.Tensor) -> torch.Tensor:
     """Object relevance ``A_i``: how much each position attends from each subject's name tokens.
 
-    ``softmax_p(K_name Q^T / sqrt(d))`` averaged over the name's valid tokens and over heads.
-    query [b, h, p, d]; name_keys [b, n, h, m, d]; name_mask [b, n, m] (bool, True = a name token)
-    → [b, n, p] in the query's dtype; each map sums to 1 over p. No gradient flows through it.
-    check: run ``check_name_mask`` here; False when the caller already did for this mask.
+    ``softmax_p(K_name Q^T / sqrt(d))`` averaged over the name's valid tokens and over heads; no gradient
+    flows through it. query [b, h, p, d]; name_keys [b, n, h, m, d]; name_mask [b, n, m] (bool)
+    → [b, n, p] in the query's dtype; each map sums to 1 over p. (The processor uses the same math
+    with its per-call constants folded; this is the stand-alone form.)
     """
     b, n, h, m, d = name_keys.shape
-    if check:
-        check_name_mask(name_mask)
+    check_name_mask(name_mask)
     with torch.no_grad():
-        keys = name_keys.permute(0, 2, 1, 3, 4).reshape(b, h, n * m, d)  # [b, h, n·m, d]
-        logits = torch.matmul(keys, query.transpose(-1, -2)) / math.sqrt(d)  # [b, h, n·m, p]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        probs = probs.mean(dim=1).reshape(b, n, m, -1)  # [b, n, m, p], averaged over heads
-        weights = name_mask.to(probs.dtype)
-        maps = (probs * weights.unsqueeze(-1)).sum(dim=2) / weights.sum(dim=2, keepdim=True)  # [b, n, p]
-    return maps.to(query.dtype)
+        keys = name_keys.permute(0, 2, 1, 3, 4).reshape(b, h, n * m, d) / math.sqrt(d)  # [b, h, n·m, d]
+        owner = torch.arange(n, device=query.device)
+        weights = relevance_weights(name_mask, h, owner, with_total=False, dtype=working_dtype(query.dtype))
+        maps = position_maps(query, keys, weights)  # [b, p, n]
+    return maps.transpose(1, 2).to(query.dtype)
 
 
 def text_gate(text_logits: torch.Tensor) -> torch.Tensor:
@@ -77,103 +116,136 @@ def resize_regions(regions: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return resized.reshape(b, n, size[0] * size[1])
 
 
-def apply_regions(
-    relevance: torch.Tensor, regions: torch.Tensor, has_region: torch.Tensor, mode: RegionMode
-) -> torch.Tensor:
-    """Override relevance maps with user regions for the subjects that have one.
+def override_regions(
+    maps: torch.Tensor | None,
+    regions: torch.Tensor,
+    has_region: torch.Tensor,
+    mode: RegionMode,
+    first: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace (or multiply) the maps of the conditions whose subject has a user region.
 
-    relevance, regions [b, n, p]; has_region [n] (bool); mode replace or multiply → [b, n, p].
+    maps [b, p, N] (None: ones, i.e. no relevance, as under ``uniform``); regions [b, p, N] on the
+    layer grid, one column per condition (its subject's region); has_region [N] (bool); first [N]: 1 on
+    the first condition of each subject, 0 on the others (the conditions of one subject carry the same
+    map, so the sum over subjects reads one column each). Returns (maps [b, p, N], total [b, p, 1])
+    with ``total = Σ_i A_i`` over subjects.
     """
-    overridden = regions if RegionMode(mode) == RegionMode.REPLACE else relevance * regions
-    return torch.where(has_region.view(1, -1, 1), overridden.to(relevance.dtype), relevance)
+    regions = regions.to(maps.dtype if maps is not None else regions.dtype)
+    base = maps if maps is not None else torch.ones_like(regions)
+    overridden = regions if RegionMode(mode) == RegionMode.REPLACE else base * regions
+    routed = torch.where(has_region, overridden, base)  # has_region broadcasts over [b, p, N]
+    total = torch.matmul(routed, first.to(routed.dtype).unsqueeze(-1))  # [b, p, 1]
+    return routed, total
 
 
-def merge_weights(
+def routing_maps(
     rule: MergeRule,
-    scales: torch.Tensor,
-    relevance: torch.Tensor | None,
-    gate: torch.Tensor | None,
-    positions: int,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Per-position factors of each merge rule (DESIGN.md §1).
+    columns: torch.Tensor | None,
+    regions: torch.Tensor | None,
+    has_region: torch.Tensor | None,
+    mode: RegionMode,
+    first: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The maps a layer routes by, from its relevance columns and the user's regions.
 
-    scales [b, n]; relevance [b, n, p]: the relevance maps for ``paper`` and ``official`` (required),
-    for ``uniform`` an optional spatial mask (None means 1 everywhere); gate [b, p] or None: the
-    normalised text weight ``g``; positions: ``p``.
-    Returns (text_factor [b, p] or None meaning 1, subject_weights [b, n, p]) such that the merged
-    output is ``text_factor⊙Z_text + Σ_i subject_weights_i⊙Z_img_i``.
+    columns [b, p, N + 1] (``position_maps`` with ``relevance_weights``: the N condition maps, then
+    ``Σ_i A_i``) or None when no relevance is computed; regions [b, p, N] on the layer grid or None;
+    has_region [N]; first [N] (see ``override_regions``). Returns (relevance [b, p, N] with regions applied, or None; routing
+    [b, p, N] or None meaning 1: what the merge rule weights by — the relevance, or under ``uniform``
+    the regions alone; total [b, p, 1]: ``Σ_i`` of the routing maps over subjects, or None).
+    """
+    num_cond = first.shape[0]
+    relevance = total = None
+    if columns is not None:
+        relevance, total = columns[..., :num_cond], columns[..., num_cond:]
+    if regions is not None and relevance is not None:
+        relevance, total = override_regions(relevance, regions, has_region, mode, first)
+    if MergeRule(rule) != MergeRule.UNIFORM:
+        return relevance, relevance, total
+    if regions is None:
+        return relevance, None, None
+    routing, routing_total = override_regions(None, regions, has_region, mode, first)
+    return relevance, routing, routing_total
+
+
+def merge_factors(
+    rule: MergeRule,
+    maps: torch.Tensor | None,
+    total: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    *,
+    normalized: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """Per-position factors of each merge rule (the image scales are folded into the values).
+
+    maps [b, p, N]: each condition's routing map (relevance, or a user region); total [b, p, 1]: ``Σ_i``
+    of the maps over subjects (``official`` only); gate [b, p] or None: the normalised text weight
+    ``g``; normalized: every map is a softmax over positions (no region overrides), so ``mean_p A = 1/p``.
+    Returns (text_factor [b, p] or None meaning 1, weights [b, p, N] or None meaning 1, alpha) such that
+    the merged output is ``text_factor⊙Z_text + alpha·Σ_N weights_N⊙s_N·Z_img_N``:
+
+    * ``uniform``: weights = the maps (user regions) or None;
+    * ``paper``: weights = ``A/mean_p A``, written ``A`` with ``alpha = p`` when the maps are softmaxes;
+      text_factor = ``g``;
+    * ``official``: weights = ``g·A/Σ_k A_k``; positions no subject claims (possible only with user
+      regions) get no image contribution.
     """
     rule = MergeRule(rule)
-    scales = scales.unsqueeze(-1)  # [b, n, 1]
     if rule == MergeRule.UNIFORM:
-        if relevance is None:
-            return None, scales.expand(-1, -1, positions)
-        return None, scales * relevance
-    if relevance is None:
+        return None, maps, 1.0
+    if maps is None:
         raise ValueError(f"merge rule {rule.value!r} needs relevance maps")
     if rule == MergeRule.PAPER:
-        mean = relevance.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(relevance.dtype).tiny)
-        return gate, scales * (relevance / mean)  # a zeroed map (a padding subject) stays zero
-    total = relevance.sum(dim=1, keepdim=True)  # [b, 1, p]
-    # Positions no subject claims (possible only with user regions) get no image contribution.
-    shares = torch.where(total > 0, relevance / total.clamp_min(torch.finfo(relevance.dtype).tiny), 0.0)
-    weights = scales * shares
-    return None, weights if gate is None else weights * gate.unsqueeze(1)
-
-
-def expand_to_conditions(weights: torch.Tensor, owner: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
-    """Give each condition (photo) its subject's weights times its share of the subject.
-
-    weights [b, n, p]; owner [N] (subject index of each condition); share [N] → [b, N, p].
-    """
-    return weights.index_select(1, owner) * share.to(weights.dtype).view(1, -1, 1)
-
-
-def merge_outputs(
-    text_out: torch.Tensor, image_out: torch.Tensor, text_factor: torch.Tensor | None, weights: torch.Tensor
-) -> torch.Tensor:
-    """``text_factor⊙Z_text + Σ_N weights_N⊙Z_img_N`` in head layout.
-
-    text_out [b, h, p, d]; image_out [b, N, h, p, d]; text_factor [b, p] or None; weights [b, N, p]
-    → [b, h, p, d].
-    """
-    weights = weights.to(image_out.dtype)
-    merged = torch.einsum("bnp,bnhpd->bhpd", weights, image_out)
-    if text_factor is None:
-        return text_out + merged
-    return text_out * text_factor.to(text_out.dtype)[:, None, :, None] + merged
+        if normalized:
+            return gate, maps, float(maps.shape[1])
+        mean = maps.mean(dim=1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
+        return gate, maps / mean, 1.0  # a zeroed map (an absent subject) stays zero
+    if total is None:
+        raise ValueError("the official merge rule needs the total of the maps over subjects")
+    if not normalized:  # user regions can leave a position unclaimed: Σ_k A_k = 0 there
+        total = torch.where(total > 0, total, torch.full_like(total, math.inf))
+    if gate is None:
+        return None, maps / total, 1.0
+    return None, maps * (gate.unsqueeze(-1).to(maps.dtype) / total), 1.0
 
 
 def routed_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    weights: torch.Tensor,
-    scale: float | None = None,
+    weights: torch.Tensor | None,
+    base: torch.Tensor,
+    *,
+    num_conditions: int,
+    alpha: float = 1.0,
 ) -> torch.Tensor:
-    """``Σ_N weights_N⊙Attn(Q, K_N, V_N)`` without materialising any condition's own output.
+    """``base + alpha·Σ_N weights_N⊙Attn(Q, K_N, V_N)`` without materialising any condition's output.
 
-    The fast path of ``subject_attention`` followed by the image part of ``merge_outputs``: one matmul of
-    the queries with every condition's keys, a softmax within each condition, the weights folded into
-    those probabilities, one matmul with every condition's values. Memory and time grow with ``N·t``
-    (a few tokens per condition), not with ``N·p·d`` as ``[b, N, h, p, d]`` outputs would.
+    One matmul of the queries with every condition's keys, a softmax within each condition, the weights
+    folded into those probabilities, one matmul with every condition's values, one add. Memory and time grow with ``N·t`` (a few tokens per condition), not with ``N·p·d``.
 
     query [b, h, p, d]; keys, values [b, h, t·N, d] in token-major order (row ``j`` holds token ``j // N``
-    of condition ``j % N``; the reshape of ``[b, t, N, c]`` tokens); weights [b, N, p]; scale: the logit
-    scale, ``1/sqrt(d)`` when None (as in SDPA) → [b, h, p, d].
+    of condition ``j % N``), keys already scaled by ``1/sqrt(d)``; weights [b, p, N] or None (all 1);
+    base [b, h, p, d] (the text branch); num_conditions ``N`` → [b, h, p, d].
     """
     b, h, p, d = query.shape
-    num_cond = weights.shape[1]
-    if keys.shape[2] % num_cond or keys.shape[:2] != (b, h) or values.shape != keys.shape:
+    if (
+        keys.shape[:2] != (b, h)
+        or values.shape != keys.shape
+        or base.shape != query.shape
+        or keys.shape[2] % num_conditions
+    ):
         raise ValueError(
-            f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must be [b, h, t·N, d] with "
-            f"b={b}, h={h}, N={num_cond} (from weights {tuple(weights.shape)})"
+            f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and base {tuple(base.shape)} must be "
+            f"[b, h, t·N, d] with N={num_conditions} and [b, h, p, d] for a query of {tuple(query.shape)}"
         )
-    tokens = keys.shape[2] // num_cond
     logits = torch.matmul(query, keys.transpose(-1, -2))  # [b, h, p, t·N]
-    if scale is None or scale != 1.0:
-        logits = logits * (1.0 / math.sqrt(d) if scale is None else scale)
-    # Softmax over each condition's t tokens; token-major columns put t on dim -2, which CPUs reduce faster.
-    probs = torch.softmax(logits.view(b, h, p, tokens, num_cond), dim=-2)  # [b, h, p, t, N]
-    probs = probs * weights.to(probs.dtype).transpose(1, 2)[:, None, :, None, :]  # × weights [b, 1, p, 1, N]
-    return torch.matmul(probs.view(b, h, p, tokens * num_cond), values)  # [b, h, p, d]
+    # Softmax over each condition's t tokens; token-major columns put t on dim -2.
+    probs = torch.softmax(logits.view(b, h, p, -1, num_conditions), dim=-2)  # [b, h, p, t, N]
+    if weights is not None:
+        probs = probs * weights.to(probs.dtype)[:, None, :, None, :]  # × weights [b, 1, p, 1, N]
+    image = torch.matmul(probs.view(b, h, p, -1), values)  # [b, h, p, d]
+    # The sum takes base's memory layout: SDPA writes [b, p, h, d], so the caller's flattening to
+    # [b, p, h·d] stays a view (no copy before to_out).
+    return torch.add(base, image, alpha=alpha)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from mipadapter.alignment import SubjectAlignmentError, name_token_ids
+from mipadapter.photos import upright
 
 
 def tokenizers_of(pipe) -> list:
@@ -29,13 +30,8 @@ def _encode_texts(pipe, texts: list[str], device) -> torch.Tensor:
     return embeds
 
 
-def encode_names(pipe, names: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each name encoded on its own; the rows of its name tokens (after BOS), padded to the longest.
-
-    An empty name stands for "no subject" (the unconditional half of CFG): its one row is the
-    end-of-text token in the place where a name would start.
-    Returns embeds [n, m, c] and mask [n, m] (bool).
-    """
+def name_lengths(pipe, names: Sequence[str]) -> list[int]:
+    """Each name's token count (at least 1: the empty name keeps one row); the same for every tokenizer."""
     lengths = []
     for name in names:
         counts = {len(name_token_ids(tok, name)) for tok in tokenizers_of(pipe)}
@@ -44,20 +40,55 @@ def encode_names(pipe, names: Sequence[str], device) -> tuple[torch.Tensor, torc
                 f"the text encoders split subject {name!r} into different token counts {sorted(counts)}"
             )
         lengths.append(max(counts.pop(), 1))
+    return lengths
+
+
+def name_window(longest: int, window: int | None) -> int:
+    """Rows kept per name: the longest name's token count, or (``window``) the smallest multiple of
+    ``window`` that holds it, so that every call of a session has the same shapes (one compiled graph)."""
+    if window is None:
+        return longest
+    if window < 1:
+        raise ValueError(f"the name window must be a positive number of tokens, got {window}")
+    return -(-longest // window) * window
+
+
+def encode_names(
+    pipe, names: Sequence[str], device, window: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each name encoded on its own; the rows of its name tokens (after BOS), padded.
+
+    window: pad to a multiple of this many rows (see ``name_window``); None pads to the longest name.
+    An empty name has one row: the end-of-text token in the place where a name would start.
+    Returns embeds [n, m, c] (zero on padding rows) and mask [n, m] (bool).
+    """
+    lengths = name_lengths(pipe, names)
     embeds = _encode_texts(pipe, list(names), device)  # [n, S, c]
-    longest = max(lengths)
-    rows = torch.arange(longest, device=embeds.device)
-    mask = rows[None, :] < torch.tensor(lengths, device=embeds.device)[:, None]  # [n, m]
-    gathered = embeds[:, 1 : 1 + longest]  # [n, m, c]; BOS is row 0
+    rows = name_window(max(lengths), window)
+    if 1 + rows > embeds.shape[1]:
+        raise SubjectAlignmentError(
+            f"subject names of {max(lengths)} tokens do not fit the text encoder's {embeds.shape[1]} tokens"
+        )
+    mask = torch.arange(rows, device=embeds.device)[None, :] < torch.tensor(lengths, device=embeds.device)[:, None]
+    gathered = embeds[:, 1 : 1 + rows]  # [n, m, c]; BOS is row 0
     return gathered * mask[..., None].to(gathered.dtype), mask
+
+
+def unconditional_names(pipe, name_mask: torch.Tensor, device) -> torch.Tensor:
+    """The names of classifier-free guidance's unconditional half, as the authors key them: the empty
+    string encoded once, and for each subject its rows ``1..n_i`` (``n_i`` = its own name's length).
+
+    name_mask [n, m] (bool, from ``encode_names``) → embeds [n, m, c] (zero on padding rows).
+    """
+    empty = _encode_texts(pipe, [""], device)[0, 1 : 1 + name_mask.shape[1]]  # [m, c]
+    return empty.unsqueeze(0) * name_mask[..., None].to(empty.dtype)
 
 
 def encode_photos(image_encoder, feature_extractor, photos: Sequence, hidden_states: bool) -> torch.Tensor:
     """Photos → image-encoder features: [k, D] (projected embedding) or [k, L, D] (penultimate hidden states)."""
     parameter = next(image_encoder.parameters())
-    pixels = feature_extractor([photo.convert("RGB") for photo in photos], return_tensors="pt")[
-        "pixel_values"
-    ]
+    upright_photos = [upright(photo).convert("RGB") for photo in photos]  # EXIF orientation applied
+    pixels = feature_extractor(upright_photos, return_tensors="pt")["pixel_values"]
     pixels = pixels.to(device=parameter.device, dtype=parameter.dtype)
     output = image_encoder(pixels, output_hidden_states=hidden_states)
     return output.hidden_states[-2] if hidden_states else output.image_embeds
