@@ -4,18 +4,26 @@ every problem a person can make shown as a message next to the subject (or reque
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from mipadapter.figures import overlay_map
+from mipadapter.photos import open_photo
+from mipadapter.recipe import ModelRecord, file_record, read_recipe, recorded_region
 from mipadapter.testing.mip import tiny_mip_pipeline
 from mipadapter.web.handler import (
     GenerateRequest,
     Limits,
     SubjectForm,
     generate,
+    model_family,
     painted_mask,
     parse_box,
+    read_photo,
+    slot_color,
 )
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -30,17 +38,18 @@ def pipe():
 
 
 class Recording:
-    """Stands in for the pipeline, forwarding to it and keeping the subjects of each call."""
+    """Stands in for the pipeline, forwarding to it and keeping the arguments and output of each call."""
 
     def __init__(self, pipe) -> None:
-        self.inner, self.calls = pipe, []
+        self.inner, self.calls, self.outputs = pipe, [], []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def __call__(self, prompt, subjects, **kwargs):
         self.calls.append((prompt, list(subjects), kwargs))
-        return self.inner(prompt, subjects, **kwargs)
+        self.outputs.append(self.inner(prompt, subjects, **kwargs))
+        return self.outputs[-1]
 
 
 def request(*subjects: SubjectForm, prompt: str = PROMPT, **kwargs) -> GenerateRequest:
@@ -97,8 +106,8 @@ def test_a_painted_region_becomes_the_subjects_mask(pipe):
     editor_value = {"background": np.full((40, 40, 4), 255, np.uint8), "layers": [layer], "composite": None}
     result = generate(recording, request(*two_subjects(painted=editor_value)))
     assert result.ok, result.status
-    region = recording.calls[0][1][1].region
-    assert region.shape == (40, 40) and region[:, :20].max() == 0 and region[:, 20:].min() == 1
+    region = np.asarray(recording.calls[0][1][1].region)  # an 8-bit mask: what the recipe stores
+    assert region.shape == (40, 40) and region[:, :20].max() == 0 and region[:, 20:].min() == 255
     assert "'backpack' (painted region)" in result.status
 
 
@@ -233,6 +242,22 @@ ERRORS = [
         "The width must be a multiple of 16 between 32 and 96 pixels, got 72",
     ),
     ("unknown rule", lambda tmp: two_subjects(), {"rule": "loud"}, {}, None, "unknown merge rule 'loud'"),
+    (
+        "guidance out of range",
+        lambda tmp: two_subjects(),
+        {"guidance": -1.0},
+        {},
+        None,
+        "Guidance must lie between 0 and 30, got -1.0",
+    ),
+    (
+        "unknown region mode",
+        lambda tmp: two_subjects(),
+        {"region_mode": "swap"},
+        {},
+        None,
+        "The region mode must be one of 'replace', 'multiply', got 'swap'",
+    ),
 ]
 
 
@@ -267,3 +292,139 @@ def test_limits_follow_the_model(pipe):
     limits = Limits.for_pipeline(pipe)
     assert (limits.min_side, limits.max_side, limits.side_multiple) == (32, 96, 16)
     assert Limits.for_pipeline(pipe, max_subjects=2).max_subjects == 2
+
+
+TINY_MODELS = ModelRecord("tiny-sdxl (random)", "tiny-mip (random)", "tiny", tiny="sdxl")
+
+
+def right_half_painted(side: int = 40) -> dict:
+    layer = np.zeros((side, side, 4), dtype=np.uint8)
+    layer[:, side // 2 :, 3] = 255
+    return {"background": None, "layers": [layer], "composite": None}
+
+
+def test_advanced_settings_and_modes_reach_the_pipeline(pipe):
+    recording = Recording(pipe)
+    options = {"negative_prompt": "blurry", "guidance": 3.5, "region_mode": "multiply", "multi_image": "each"}
+    result = generate(recording, request(*two_subjects(box=[0, 0, 32, 64]), **options))
+    assert result.ok, result.status
+    ((_, subjects, kwargs),) = recording.calls
+    assert kwargs["negative_prompt"] == "blurry" and kwargs["guidance_scale"] == 3.5
+    assert kwargs["multi_image"].value == "each"
+    assert [subject.region_mode.value for subject in subjects] == ["multiply", "multiply"]
+    defaults = Recording(pipe)
+    assert generate(defaults, request(*two_subjects())).ok
+    assert defaults.calls[0][2]["negative_prompt"] is None and defaults.calls[0][2]["guidance_scale"] is None
+
+
+def test_routing_maps_take_their_slots_colour(pipe):
+    recording = Recording(pipe)  # slot 1 left blank: the subjects sit in slots 2 and 3
+    result = generate(recording, request(SubjectForm(), *two_subjects()))
+    assert result.ok, result.status
+    output = recording.outputs[0]
+    for (overlay, caption), slot in zip(result.maps, (1, 2), strict=True):
+        expected = overlay_map(output.images[0], output.relevance[0][caption], slot_color(slot))
+        assert np.array_equal(np.asarray(overlay), np.asarray(expected)), caption
+    assert slot_color(1) != slot_color(0)
+
+
+def test_written_images_carry_a_recipe_naming_every_subject(pipe, tmp_path):
+    recording = Recording(pipe)
+    forms = [
+        SubjectForm("cat", [CAT, BACKPACK], strength=0.5, box=[0, 0, 32, 64]),
+        SubjectForm("backpack", [BACKPACK], painted=right_half_painted()),
+    ]
+    options = {"seed": 11, "num_images": 2, "guidance": 4.0, "negative_prompt": "blurry"}
+    result = generate(recording, request(*forms, **options), models=TINY_MODELS, output_dir=tmp_path)
+    assert result.ok, result.status
+    assert len(result.images) == 2 and all(Path(path).parent.parent == tmp_path for path in result.images)
+    for index, path in enumerate(result.images):
+        recipe = read_recipe(path)
+        assert (recipe["image_index"], recipe["num_images"], recipe["seed"]) == (index, 2, 11)
+        assert (recipe["prompt"], recipe["steps"], recipe["guidance"]) == (PROMPT, 2, 4.0)
+        assert recipe["negative_prompt"] == "blurry" and recipe["models"] == TINY_MODELS.to_dict()
+        assert (recipe["height"], recipe["width"], recipe["region_mode"]) == (64, 64, "replace")
+        cat, backpack = recipe["subjects"]
+        assert (cat["name"], backpack["name"]) == ("cat", "backpack")
+        assert cat["photos"] == [file_record(CAT), file_record(BACKPACK)]
+        assert cat["scale"] == 0.5 and cat["region"] == [0, 0, 32, 64]
+        assert backpack["scale"] == pipe.adapter.config.default_scale
+        mask = np.asarray(recorded_region(backpack["region"]))
+        assert mask.shape == (40, 40) and mask[:, :20].max() == 0 and mask[:, 20:].min() == 255
+        with Image.open(path) as written:  # the file holds the image itself, losslessly
+            generated = recording.outputs[0].images[index]
+            assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(generated))
+    assert result.recipe["subjects"] == recipe["subjects"]
+
+
+def test_a_written_image_reruns_with_generate_from_png_to_the_same_pixels(pipe, tmp_path):
+    from mipadapter.cli.main import main
+    from mipadapter.cli.options import load_tiny
+
+    _, record = load_tiny("sdxl")  # what `mipadapter web --tiny` records: the models of `pipe`
+    forms = [
+        SubjectForm("cat", [CAT], strength=0.5, box=[0, 0, 32, 64]),
+        SubjectForm("backpack", [BACKPACK], painted=right_half_painted()),
+    ]
+    (tmp_path / "web").mkdir()
+    result = generate(pipe, request(*forms, seed=5), models=record, output_dir=tmp_path / "web")
+    assert result.ok, result.status
+    (written,) = result.images
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(written), "-o", str(again)]) == 0
+    with Image.open(written) as first, Image.open(again) as second:
+        assert np.array_equal(np.asarray(first.convert("RGB")), np.asarray(second.convert("RGB")))
+    assert read_recipe(again)["subjects"] == read_recipe(written)["subjects"]
+
+
+def test_without_models_or_files_no_recipe_is_made(pipe, tmp_path):
+    plain = generate(pipe, request(*two_subjects()), output_dir=tmp_path)
+    assert plain.ok and plain.recipe is None and all(isinstance(i, Image.Image) for i in plain.images)
+    with Image.open(CAT) as photo:  # a photo without a file cannot be recorded
+        forms = [SubjectForm("cat", [photo.copy()]), SubjectForm("backpack", [BACKPACK])]
+    unrecorded = generate(pipe, request(*forms), models=TINY_MODELS, output_dir=tmp_path)
+    assert unrecorded.ok and unrecorded.recipe is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_starved_subject_is_warned_about_at_its_own_slot(pipe):
+    """A box of one latent cell (8×8 pixels of 64×64) in replace mode leaves the subject almost no share."""
+    forms = [SubjectForm(), SubjectForm("cat", [CAT]), SubjectForm("backpack", [BACKPACK], box=[0, 0, 8, 8])]
+    result = generate(pipe, request(*forms, region_mode="replace"))
+    assert result.ok and len(result.images) == 1, result.status
+    assert set(result.subject_warnings) == {2}, result.subject_warnings
+    assert "backpack" in result.subject_warnings[2]
+    assert result.status.endswith("See the warning at subject 3.")
+
+
+def test_photos_are_read_upright_and_whole_as_the_cli_reads_them(tmp_path):
+    path = tmp_path / "portrait.jpg"
+    pixels = np.random.default_rng(0).integers(0, 255, (900, 1300, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: turn 90° clockwise to view
+    Image.fromarray(pixels).save(path, quality=90, exif=exif)
+    photo = read_photo(str(path), Limits())
+    assert photo.size == (900, 1300)  # upright and not shrunk
+    assert np.array_equal(np.asarray(photo), np.asarray(open_photo(path)))
+
+
+@pytest.mark.parametrize(
+    ("class_name", "family"),
+    [
+        ("StableDiffusionXLPipeline", "SDXL"),
+        ("StableDiffusionPipeline", "SD1.5"),
+        ("FluxPipeline", "FLUX"),
+        ("FluxImg2ImgPipeline", "FLUX"),
+        ("StableDiffusion3Pipeline", "SD3"),
+        ("KandinskyPipeline", "Kandinsky"),
+    ],
+)
+def test_model_family_follows_the_wrapped_pipeline_class(class_name, family):
+    inner = type(class_name, (), {})()
+    assert model_family(SimpleNamespace(pipe=inner)) == family
+    assert model_family(inner) == family
+
+
+def test_model_family_of_the_tiny_pipelines(pipe):
+    assert model_family(pipe) == "SDXL"
+    assert model_family(tiny_mip_pipeline("sd15", "basic", text_weight=False)) == "SD1.5"

@@ -21,9 +21,6 @@ from mipadapter.alignment import SubjectAlignmentError
 
 logger = logging.getLogger(__name__)
 
-PHOTO_SIDE = 1024
-"""Photos are shrunk to at most this side on upload (the image encoder sees 224² anyway)."""
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -35,12 +32,13 @@ class Limits:
     max_subjects: int = 4
     max_photos: int = 4  # per subject
     max_upload_bytes: int = 10 * 2**20  # per photo file
-    max_photo_pixels: int = 40_000_000  # per photo (width × height, before shrinking)
+    max_photo_pixels: int = 40_000_000  # per photo (width × height)
     min_side: int = 512
     max_side: int = 1536
     side_multiple: int = 32
     max_steps: int = 100
     max_images: int = 4
+    max_guidance: float = 30.0
 
     @classmethod
     def for_pipeline(cls, pipe, **overrides) -> Limits:
@@ -55,14 +53,49 @@ class Limits:
 
 
 def native_side(pipe) -> int:
-    """The output side the base model was trained at (pixels): UNet sample size × VAE scale factor."""
-    return int(pipe.pipe.unet.config.sample_size * pipe.pipe.vae_scale_factor)
+    """The output side the base model was trained at (pixels): latent sample size × VAE scale factor
+    (the UNet's sample size; a transformer pipeline's ``default_sample_size``)."""
+    inner = pipe.pipe
+    unet = getattr(inner, "unet", None)
+    sample_size = unet.config.sample_size if unet is not None else inner.default_sample_size
+    return int(sample_size * inner.vae_scale_factor)
 
 
 def side_multiple(pipe) -> int:
-    """Output sides must be multiples of this: the VAE factor times the UNet's total downsampling."""
-    levels = len(pipe.pipe.unet.config.block_out_channels)
-    return int(pipe.pipe.vae_scale_factor * 2 ** (levels - 1))
+    """Output sides must be multiples of this: the VAE factor times the UNet's total downsampling (a
+    transformer pipeline such as FLUX packs latents in 2×2 patches: twice the VAE factor)."""
+    inner = pipe.pipe
+    unet = getattr(inner, "unet", None)
+    if unet is None:
+        return int(inner.vae_scale_factor * 2)
+    levels = len(unet.config.block_out_channels)
+    return int(inner.vae_scale_factor * 2 ** (levels - 1))
+
+
+def slot_color(slot: int) -> tuple[int, int, int]:
+    """The colour of subject slot ``slot`` (0-based): its title, its region and its routing maps."""
+    from mipadapter.figures import PALETTE
+
+    return PALETTE[slot % len(PALETTE)]
+
+
+MODEL_FAMILIES = (  # diffusers pipeline class-name prefix → the family a person knows; longest first
+    ("StableDiffusion3", "SD3"),
+    ("StableDiffusionXL", "SDXL"),
+    ("StableDiffusion", "SD1.5"),
+    ("Flux", "FLUX"),
+)
+
+
+def model_family(pipe) -> str:
+    """The base model's family for the page ("SDXL", "SD1.5", "FLUX" …), read from the class name of the
+    wrapped diffusers pipeline (``pipe.pipe``; a diffusers pipeline itself is also accepted). An unknown
+    class gives its own name without the ``Pipeline`` suffix."""
+    name = type(getattr(pipe, "pipe", pipe)).__name__
+    for prefix, family in MODEL_FAMILIES:
+        if name.startswith(prefix):
+            return family
+    return name.removesuffix("Pipeline") or name
 
 
 @dataclass
@@ -83,6 +116,10 @@ class SubjectForm:
 
 @dataclass
 class GenerateRequest:
+    """What the page sends. negative_prompt: None = the pipeline's default (the preset's), "" = none;
+    guidance: None = the pipeline's default; region_mode: ``replace`` or ``multiply`` a subject's
+    routing map by its region; multi_image: ``mean`` or ``each`` (several photos of one subject)."""
+
     prompt: str
     subjects: Sequence[SubjectForm]
     rule: str | None = None
@@ -91,19 +128,31 @@ class GenerateRequest:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
+    negative_prompt: str | None = None
+    guidance: float | None = None
+    region_mode: str = "replace"
+    multi_image: str = "mean"
 
 
 @dataclass
 class GenerateResult:
     """images: the generated images; maps: (image tinted by one subject's routing map, caption) pairs,
-    for every image every subject; subject_errors: slot index → message; error: a message about the
-    request as a whole (the prompt, the size …); status: one line for the page."""
+    for every image every subject; subject_errors: slot index → message; subject_warnings: slot index
+    → the pipeline's warnings about that subject (the image was made, but e.g. the subject got almost
+    no share of it); error: a message about the request as a whole (the prompt, the size …); status:
+    one line for the page; settings: the resolved call settings the pipeline reports (guidance and
+    negative prompt actually used …), empty when it reports none; recipe: the generation's recipe
+    (``mipadapter.recipe``) when ``generate`` was given the models. images are PIL images, or the PNG
+    files written with the recipe when ``generate`` was given an output folder."""
 
     images: list = field(default_factory=list)
+    recipe: dict | None = None
     maps: list[tuple[Any, str]] = field(default_factory=list)
     subject_errors: dict[int, str] = field(default_factory=dict)
+    subject_warnings: dict[int, str] = field(default_factory=dict)
     error: str | None = None
     status: str = ""
+    settings: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -149,17 +198,29 @@ def _bytes(count: int) -> str:
     return f"{count / 2**20:.1f} MB" if count >= 2**20 else f"{count / 2**10:.1f} kB"
 
 
-def read_photo(item: Any, limits: Limits):
-    """An uploaded file (path, or an object with ``.name``/``.path``) or PIL image → RGB PIL image.
-
-    Raises ValueError with a readable reason (too large, not an image …); the caller names the subject.
-    """
-    from PIL import Image
-
+def photo_path(item: Any) -> Path | None:
+    """The file behind an uploaded photo (a path, or an object with ``.path``/``.name``); None for a
+    PIL image."""
     if hasattr(item, "size") and hasattr(item, "convert"):
+        return None
+    return Path(getattr(item, "path", None) or getattr(item, "name", None) or item)
+
+
+def read_photo(item: Any, limits: Limits):
+    """An uploaded file (path, or an object with ``.name``/``.path``) or PIL image → RGB PIL image, upright
+    (EXIF) and at full size: the same pixels ``mipadapter generate`` reads from that file, so that a
+    downloaded image's recipe reruns to the same result.
+
+    Raises ValueError with a readable reason (too large, not an image …) naming the file by its name
+    (the upload's folder means nothing to a person); the caller names the subject.
+    """
+    from mipadapter.photos import PhotoError, open_photo, photo_size, upright
+
+    path = photo_path(item)
+    if path is None:
         image, label = item, "a photo"
+        width, height = image.size
     else:
-        path = Path(getattr(item, "path", None) or getattr(item, "name", None) or item)
         label = path.name
         try:
             size = path.stat().st_size
@@ -168,21 +229,19 @@ def read_photo(item: Any, limits: Limits):
         if size > limits.max_upload_bytes:
             raise ValueError(f"{label} is {_bytes(size)}; the limit is {_bytes(limits.max_upload_bytes)}")
         try:
-            image = Image.open(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            width, height = photo_size(path, label, max_pixels=None)
+        except (PhotoError, FileNotFoundError):
             raise ValueError(f"{label} is not a readable image (JPEG, PNG, WebP …)") from None
-    width, height = image.size
     if width * height > limits.max_photo_pixels:
         raise ValueError(
             f"{label} is {width}×{height} pixels; the limit is {limits.max_photo_pixels / 1e6:.0f} megapixels"
         )
+    if path is None:
+        return upright(image).convert("RGB")
     try:
-        image.draft("RGB", (PHOTO_SIDE, PHOTO_SIDE))  # JPEG: decode at a reduced scale
-        image = image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return open_photo(path, label, max_pixels=None)
+    except (PhotoError, FileNotFoundError):
         raise ValueError(f"{label} is not a readable image (the file is damaged)") from None
-    image.thumbnail((PHOTO_SIDE, PHOTO_SIDE))
-    return image
 
 
 def parse_box(values: Sequence[Any] | None) -> tuple[float, float, float, float] | None:
@@ -230,6 +289,47 @@ def painted_mask(value: Any) -> np.ndarray | None:
     return np.clip(np.max(np.stack(masks), axis=0), 0.0, 1.0)
 
 
+def mask_image(mask: np.ndarray | None):
+    """A [H, W] mask in [0, 1] → an 8-bit greyscale PIL image (None stays None): the form the pipeline
+    is given and the recipe stores, so that a rerun sees the very same mask."""
+    if mask is None:
+        return None
+    from PIL import Image
+
+    return Image.fromarray(np.uint8(np.rint(np.clip(mask, 0.0, 1.0) * 255)), mode="L")
+
+
+def _recipe(pipe, output, request, recipe_subjects, models, prompt: str, call: dict, modes: dict) -> dict:
+    """The generation's recipe (``mipadapter.recipe``, the one code path the CLI uses too)."""
+    from mipadapter.recipe import RecipeSubject, build_recipe
+
+    subjects = [
+        RecipeSubject(name, paths, scale=None if strength is None else float(strength), region=region)
+        for name, paths, strength, region in recipe_subjects
+    ]
+    return build_recipe(
+        pipe,
+        output,
+        seed=int(request.seed),
+        subjects=subjects,
+        models=models,
+        call={"prompt": prompt, "region_mode": modes["region mode"], **call},
+    )
+
+
+def _write_images(images, recipe: dict, output_dir: Path, seed: int) -> list[Path]:
+    """Write each image as a PNG carrying ``recipe`` into a new folder under ``output_dir``."""
+    import tempfile
+
+    from mipadapter.recipe import write_image
+
+    folder = Path(tempfile.mkdtemp(prefix="run-", dir=output_dir))
+    return [
+        write_image(image, folder / f"mipadapter-seed{seed}-{index + 1}.png", recipe, image_index=index)
+        for index, image in enumerate(images)
+    ]
+
+
 def _owner_of(message: str, names: dict[int, str]) -> int | None:
     """The slot whose subject a library error names (``subject 'cat' …``), longest name first."""
     for slot, name in sorted(names.items(), key=lambda item: -len(item[1])):
@@ -243,13 +343,25 @@ def generate(
     request: GenerateRequest,
     limits: Limits | None = None,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    models=None,
+    output_dir: str | Path | None = None,
+    routing_maps: bool = True,
 ) -> GenerateResult:
     """Check the request, run ``pipe`` (a ``MIPAdapterPipeline``) and tint each image by each subject's
-    routing map. progress: called as ``progress(step, total)`` after every denoising step."""
+    routing map. progress: called as ``progress(step, total)`` after every denoising step.
+
+    models: a ``mipadapter.recipe.ModelRecord`` of the loaded models; with it (and every photo given as
+    a file) the result carries the generation's recipe. output_dir: with ``models``, each image is also
+    written there as a PNG carrying that recipe (``mipadapter.recipe.write_image``, in a new folder per
+    generation), and ``result.images`` holds those files, so that what the page shows and serves for
+    download is the file with its recipe. routing_maps: False skips recording them (a compiled UNet
+    runs without the per-layer Python code that records them).
+    """
     import torch
 
-    from mipadapter.config import MergeRule
-    from mipadapter.figures import PALETTE, overlay_map
+    from mipadapter.config import MergeRule, MultiImageMode, RegionMode
+    from mipadapter.figures import overlay_map
     from mipadapter.pipeline import Subject
     from mipadapter.pipeline.encoding import tokenizers_of
 
@@ -278,6 +390,21 @@ def generate(
             rule = MergeRule.parse(request.rule)
         except ValueError as error:
             problems.add(None, f"{error}.")
+    guidance = request.guidance
+    if guidance is not None and not (
+        math.isfinite(float(guidance)) and 0 <= float(guidance) <= limits.max_guidance
+    ):
+        problems.add(None, f"Guidance must lie between 0 and {limits.max_guidance:g}, got {guidance}.")
+    modes = {}
+    for label, enum, value in (
+        ("region mode", RegionMode, request.region_mode),
+        ("multi-image mode", MultiImageMode, request.multi_image),
+    ):
+        try:
+            modes[label] = enum(value)
+        except ValueError:
+            choices = ", ".join(repr(member.value) for member in enum)
+            problems.add(None, f"The {label} must be one of {choices}, got {value!r}.")
 
     filled = [(slot, form) for slot, form in enumerate(request.subjects) if not is_blank(form)]
     if not filled:
@@ -290,7 +417,7 @@ def generate(
             f"(remove subject {extra}).",
         )
 
-    subjects, names, photos_of = [], {}, {}
+    subjects, names, slot_of_subject, recipe_subjects = [], {}, [], []
     for slot, form in filled:
         name = (form.name or "").strip()
         label = f"subject {name!r}" if name else f"subject {slot + 1}"
@@ -317,7 +444,7 @@ def generate(
             box, mask = parse_box(form.box), painted_mask(form.painted)
             if box is not None and mask is not None:
                 raise ValueError("give a box or a painted region, not both")
-            region = box if box is not None else mask
+            region = box if box is not None else mask_image(mask)
         except ValueError as error:
             problems.add(slot, f"Region of {label}: {error}.")
         strength = form.strength
@@ -327,9 +454,16 @@ def generate(
             names[slot] = name
         if name and photos and slot not in problems.by_slot:
             subjects.append(
-                Subject(name, photos, scale=None if strength is None else float(strength), region=region)
+                Subject(
+                    name,
+                    photos,
+                    scale=None if strength is None else float(strength),
+                    region=region,
+                    region_mode=modes.get("region mode", RegionMode.REPLACE),
+                )
             )
-            photos_of[name] = photos
+            slot_of_subject.append(slot)
+            recipe_subjects.append((name, [photo_path(upload) for upload in uploads], strength, region))
 
     if prompt:  # every missing name at once, each next to its subject
         tokenizers = tokenizers_of(pipe.pipe)
@@ -350,17 +484,23 @@ def generate(
             progress(step + 1, total)
         return callback_kwargs
 
+    call = {  # the pipeline's keyword arguments that the recipe records
+        "rule": rule,
+        "multi_image": modes["multi-image mode"],
+        "negative_prompt": request.negative_prompt,
+        "guidance_scale": None if guidance is None else float(guidance),
+        "num_inference_steps": total,
+        "height": height,
+        "width": width,
+        "num_images_per_prompt": int(request.num_images),
+    }
     try:
         output = pipe(
             prompt,
             subjects,
-            rule=rule,
-            num_inference_steps=total,
-            height=height,
-            width=width,
-            num_images_per_prompt=int(request.num_images),
-            generator=torch.Generator().manual_seed(int(request.seed)),
-            return_relevance=True,
+            **call,
+            generator=torch.Generator().manual_seed(int(request.seed)),  # on the CPU, as the CLI's
+            return_relevance=routing_maps,
             show_progress=False,
             callback_on_step_end=on_step_end,
         )
@@ -370,11 +510,15 @@ def generate(
         return problems.result()
 
     maps = []
-    for index, (image, relevance) in enumerate(zip(output.images, output.relevance, strict=True)):
-        for position, subject in enumerate(subjects):
-            color = PALETTE[position % len(PALETTE)]
+    for index, relevance in enumerate(output.relevance or ()):  # None when routing_maps is off
+        image = output.images[index]
+        for slot, subject in zip(slot_of_subject, subjects, strict=True):
             caption = subject.name if len(output.images) == 1 else f"{subject.name} (image {index + 1})"
-            maps.append((overlay_map(image, relevance[subject.name], color), caption))
+            maps.append((overlay_map(image, relevance[subject.name], slot_color(slot)), caption))
+    warnings: dict[int, list[str]] = {}
+    for warning in getattr(output, "warnings", None) or ():  # by index: two subjects may share a name
+        warnings.setdefault(slot_of_subject[warning.index], []).append(warning.message)
+    settings = dict(getattr(output, "settings", None) or {})
     count = len(output.images)
     described = [
         repr(s.name)
@@ -383,8 +527,25 @@ def generate(
     ]
     status = (
         f"Generated {count} image{'s' if count > 1 else ''} of {width}×{height} in {total} steps "
-        f"(seed {int(request.seed)}, rule {(rule or pipe.adapter.config.default_rule).value}) with "
+        f"(seed {int(request.seed)}, rule {(rule or pipe.adapter.config.default_rule).value}"
+        + (f", guidance {settings['guidance_scale']:g}" if settings.get("guidance_scale") is not None else "")
+        + ") with "
         + ", ".join(described)
         + "."
     )
-    return GenerateResult(images=list(output.images), maps=maps, status=status)
+    if warnings:
+        slots = ", ".join(str(slot + 1) for slot in sorted(warnings))
+        status += f" See the warning{'s' if len(warnings) > 1 else ''} at subject {slots}."
+    recipe, images = None, list(output.images)
+    if models is not None and all(path is not None for _, paths, _, _ in recipe_subjects for path in paths):
+        recipe = _recipe(pipe, output, request, recipe_subjects, models, prompt, call, modes)
+        if output_dir is not None:
+            images = _write_images(output.images, recipe, Path(output_dir), int(request.seed))
+    return GenerateResult(
+        images=images,
+        recipe=recipe,
+        maps=maps,
+        subject_warnings={slot: " ".join(messages) for slot, messages in sorted(warnings.items())},
+        status=status,
+        settings=settings,
+    )
