@@ -123,8 +123,18 @@ def _not_cached_offline(source: str, what: str, where: str) -> ModelNotFoundErro
 
 
 # ----------------------------------------------------------------------------------------------- resolving
+def looks_local(source: str) -> bool:
+    """A path no Hub id can be: absolute, relative to ``.``/``..``/``~``, or with backslashes."""
+    return (
+        source.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in source or source in (".", "..")
+    )
+
+
 def split_hub_path(source: str, what: str = "model") -> tuple[str, str | None]:
-    """``owner/repo/sub/path`` → (``owner/repo``, ``sub/path`` or None)."""
+    """``owner/repo/sub/path`` → (``owner/repo``, ``sub/path`` or None); a local-looking path that does not
+    exist is reported as such."""
+    if looks_local(source):
+        raise ModelNotFoundError(f"{what} {source!r} does not exist")
     parts = source.strip("/").split("/")
     if len(parts) < 2 or not all(parts) or any(part in (".", "..") for part in parts):
         raise ModelNotFoundError(

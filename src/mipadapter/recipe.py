@@ -36,6 +36,8 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
     device, dtype   str
     versions        {mipadapter, torch, diffusers, transformers}: str | null
 
+Layer 3, beside ``pipeline`` (it reads a pipeline and its output; CLI and web, layer 5, use it).
+
 Photo and mask paths are absolute, so a rerun finds them from any folder; their SHA-256 tells a rerun
 that a file changed. Resolved values (guidance, size, negative prompt, per-subject scales, scheduler)
 come from ``MIPAdapterOutput.settings`` when the pipeline provides it, else are computed here the way the
@@ -207,14 +209,14 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _resolved_scales(subjects: Sequence[RecipeSubject], settings: Mapping[str, Any]) -> list[float]:
-    """Per-subject scales in subject order: the pipeline's resolved ones (a list, or a dict by name when
-    names are unique), else the scale asked for or the adapter's default."""
+    """Per-subject scales in subject order: the pipeline's resolved ones (by subject label: "dog",
+    "dog#2" for a repeated name), else the scale asked for or the adapter's default."""
+    from mipadapter.pipeline import subject_labels
+
     recorded = settings.get("scales")
-    names = [subject.name for subject in subjects]
-    if isinstance(recorded, Sequence) and not isinstance(recorded, str) and len(recorded) == len(subjects):
-        return [float(value) for value in recorded]
-    if isinstance(recorded, Mapping) and len(set(names)) == len(names) and set(recorded) >= set(names):
-        return [float(recorded[name]) for name in names]
+    labels = subject_labels([subject.name for subject in subjects])
+    if isinstance(recorded, Mapping) and set(labels) <= set(recorded):
+        return [float(recorded[label]) for label in labels]
     return [settings["default_scale"] if s.scale is None else float(s.scale) for s in subjects]
 
 

@@ -1,136 +1,211 @@
-"""`mipadapter generate --tiny` and `convert` end to end, and the CLI's one-line errors."""
+"""`mipadapter generate` end to end on the tiny models: outputs, recipes, --from-png, --tiny forms,
+repeated names, EXIF photos, -v and --help."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from mipadapter.checkpoint import read_file
-from mipadapter.cli.generate import parameters_of
-from mipadapter.cli.main import main
-from mipadapter.testing import tiny_checkpoint_files, tiny_sdxl_pipeline
+from mipadapter.cli.main import build_parser, main
+from mipadapter.fileio import current_umask
+from mipadapter.photos import EXIF_ORIENTATION
+from mipadapter.recipe import file_sha256, read_recipe
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CAT, BACKPACK = ASSETS / "cat.jpg", ASSETS / "backpack.jpg"
+PROMPT = "a cat wearing a backpack in Boston"
 
 
-def generate(tmp_path, *extra: str) -> int:
-    return main(
-        [
-            "generate",
-            "--tiny",
-            "--prompt",
-            "a cat wearing a backpack in Boston",
-            "--subject",
-            f"cat={CAT}",
-            "--subject",
-            f"backpack={BACKPACK}",
-            "--steps",
-            "2",
-            "-o",
-            str(tmp_path / "out.png"),
-            *extra,
-        ]
-    )
+def generate(
+    out: Path, *extra: str, prompt: str = PROMPT, subjects=(f"cat={CAT}", f"backpack={BACKPACK}")
+) -> int:
+    argv = ["generate", "--tiny", "--prompt", prompt, "--steps", "2", "-o", str(out)]
+    for subject in subjects:
+        argv += ["--subject", subject]
+    return main(argv + list(extra))
 
 
-def test_generate_tiny_writes_png_with_parameters_and_contact_sheet(tmp_path, capsys):
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_generate_writes_images_with_recipes_and_a_sheet_of_every_image(tmp_path, capsys):
     sheet = tmp_path / "sheet.png"
-    assert (
-        generate(
-            tmp_path, "--scale", "cat=0.5", "--region", "backpack=0,0,32,64", "--contact-sheet", str(sheet)
-        )
-        == 0
-    )
-    image = Image.open(tmp_path / "out.png")
-    assert image.size == (64, 64)
-    params = parameters_of(tmp_path / "out.png")
-    assert params["prompt"] == "a cat wearing a backpack in Boston"
-    assert params["seed"] == 420 and params["rule"] == "official"
-    assert [s["name"] for s in params["subjects"]] == ["cat", "backpack"]
-    assert params["subjects"][0]["scale"] == 0.5 and params["subjects"][1]["region"] == "0,0,32,64"
-    assert params["subjects"][0]["photos"] == [str(CAT)]
-    assert Image.open(sheet).size[1] > image.size[1]  # result row plus one row per subject
-    assert str(tmp_path / "out.png") in capsys.readouterr().out
+    code = generate(
+        tmp_path / "out.png",
+        "--scale", "cat=0.5", "--region", "backpack=0,0,32,64", "--num-images", "2",
+        "--contact-sheet", str(sheet),
+    )  # fmt: skip
+    assert code == 0
+    outputs = [tmp_path / "out_1.png", tmp_path / "out_2.png"]
+    assert capsys.readouterr().out.split() == [str(p) for p in outputs] + [str(sheet)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out_1.png", "out_2.png", "sheet.png"]
+    recipe = read_recipe(outputs[1])
+    assert recipe["prompt"] == PROMPT and recipe["seed"] == 420 and recipe["image_index"] == 1
+    assert recipe["guidance"] == 5.0 and (recipe["height"], recipe["width"]) == (64, 64)
+    assert recipe["num_images"] == 2 and recipe["rule"] == "official" and recipe["models"]["tiny"] == "sdxl"
+    cat, backpack = recipe["subjects"]
+    assert cat["scale"] == 0.5 and backpack["region"] == [0.0, 0.0, 32.0, 64.0]
+    assert cat["photos"] == [{"path": str(CAT.resolve()), "sha256": file_sha256(CAT)}]
+    assert not np.array_equal(pixels(outputs[0]), pixels(outputs[1]))
+    with Image.open(sheet) as drawn:  # every result in the top row, one row per subject below
+        assert drawn.size == (3 * 256, 3 * (256 + 18))
 
 
-def test_generate_is_reproducible_by_seed(tmp_path):
-    first, second = tmp_path / "a", tmp_path / "b"
-    first.mkdir(), second.mkdir()
-    generate(first, "--seed", "7")
-    generate(second, "--seed", "7")
-    assert np.array_equal(np.asarray(Image.open(first / "out.png")), np.asarray(Image.open(second / "out.png")))
+def test_from_png_reproduces_bit_for_bit_and_flags_override(tmp_path):
+    first = tmp_path / "first.png"
+    assert generate(first, "--scale", "backpack=0.6", "--region", "cat=0,0,40,64", "--seed", "11") == 0
+    again, jpeg_again, other = tmp_path / "again.png", tmp_path / "again2.png", tmp_path / "other.png"
+    assert main(["generate", "--from-png", str(first), "-o", str(again)]) == 0
+    assert np.array_equal(pixels(first), pixels(again))
+    assert read_recipe(again) == read_recipe(first)
+    # a JPEG carries the same recipe (its pixels are lossy; the recipe is exact)
+    assert main(["generate", "--from-png", str(first), "-o", str(tmp_path / "copy.jpg")]) == 0
+    assert main(["generate", "--from-png", str(tmp_path / "copy.jpg"), "-o", str(jpeg_again)]) == 0
+    assert np.array_equal(pixels(first), pixels(jpeg_again))
+    assert main(["generate", "--from-png", str(first), "--seed", "12", "-o", str(other)]) == 0
+    assert not np.array_equal(pixels(first), pixels(other))
+    changed = read_recipe(other)
+    assert changed["seed"] == 12 and changed["subjects"] == read_recipe(first)["subjects"]
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--subject", f"dog={CAT}"], "subject 'dog' does not occur in the prompt"),
-        (["--subject", "cat=/no/such.jpg"], "photo not found: /no/such.jpg"),
-        (["--subject", "cat"], "--subject takes NAME=VALUE"),
-        (["--scale", "horse=0.3"], "['horse']"),
-        (["--region", "cat=5,5,1,1"], "box (5.0, 5.0, 1.0, 1.0)"),
-    ],
-)
-def test_generate_errors_are_one_readable_line(tmp_path, capsys, args, message):
-    base = [
-        "generate",
-        "--tiny",
-        "--prompt",
-        "a cat on a sofa",
-        "--steps",
-        "1",
-        "-o",
-        str(tmp_path / "x.png"),
-    ]
-    if not any(arg.startswith("--subject") for arg in args):
-        base += ["--subject", f"cat={CAT}"]
-    assert main(base + args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
-    assert not (tmp_path / "x.png").exists()
-
-
-def test_offline_hub_failure_names_the_model_and_the_flag(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(
-        [
-            "generate",
-            "--prompt",
-            "a cat",
-            "--subject",
-            f"cat={CAT}",
-            "--base-model",
-            str(tmp_path / "nothing-here"),
-            "-o",
-            str(tmp_path / "x.png"),
-        ]
-    )
+def test_from_png_reports_a_changed_or_missing_photo(tmp_path, capsys):
+    photo = tmp_path / "cat.jpg"
+    photo.write_bytes(CAT.read_bytes())
+    first = tmp_path / "first.png"
+    assert generate(first, subjects=(f"cat={photo}", f"backpack={BACKPACK}")) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    photo.write_bytes(BACKPACK.read_bytes())
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(first), "-o", str(out / "x.png")]) == 2
     err = capsys.readouterr().err
-    assert code == 2
-    # the adapter (the preset's, not cached here) is located first: the small things before the big ones
-    assert "the adapter 'hqhQAQ/MIP-Adapter/model_sdxl.bin'" in err and "point --adapter at a local copy" in err
+    assert err == (
+        f"mipadapter generate: error: subject #1 'cat''s photo 1 '{photo}' has changed since '{first}' "
+        "was made (its SHA-256 differs)\n"
+    )
+    photo.unlink()
+    assert main(["generate", "--from-png", str(first), "-o", str(out / "x.png")]) == 2
+    assert f"'{photo}', recorded in '{first}', is missing" in capsys.readouterr().err
+    # new photos given with --subject replace the recorded ones (nothing recorded is checked then)
+    assert main(["generate", "--from-png", str(first), "--subject", f"cat={CAT}", "--subject",
+                 f"backpack={BACKPACK}", "-o", str(out / "x.png")]) == 0  # fmt: skip
+    assert os.listdir(out) == ["x.png"]
 
 
-def test_convert_between_formats_round_trips(tmp_path):
-    pipe = tiny_sdxl_pipeline()
-    files = tiny_checkpoint_files(tmp_path, pipe)
-    ours, authors, plain = (
-        tmp_path / "ours.safetensors",
-        tmp_path / "authors.bin",
-        tmp_path / "plain.safetensors",
+def test_tiny_sd15_and_an_adapter_trained_on_the_tiny_models(tmp_path):
+    from mipadapter import save_adapter
+    from mipadapter.testing.mip import tiny_mip_pipeline
+
+    assert generate(tmp_path / "sd15.png", "--tiny", "sd15") == 0
+    assert read_recipe(tmp_path / "sd15.png")["models"]["tiny"] == "sd15"
+    plus = tiny_mip_pipeline("sdxl", "plus", text_weight=True, seed=3).adapter
+    saved = save_adapter(plus, tmp_path / "tiny_plus.safetensors")
+    assert generate(tmp_path / "plus.png", "--adapter", str(saved)) == 0
+    assert generate(tmp_path / "builtin.png") == 0
+    assert not np.array_equal(pixels(tmp_path / "plus.png"), pixels(tmp_path / "builtin.png"))
+    recipe = read_recipe(tmp_path / "plus.png")
+    assert recipe["models"]["adapter"] == str(saved.resolve()) and "plus" in recipe["models"]["image_encoder"]
+    assert (
+        main(["generate", "--from-png", str(tmp_path / "plus.png"), "-o", str(tmp_path / "again.png")]) == 0
     )
-    assert main(["convert", str(files.mip_basic_bin), str(ours), "--base-model", "tiny-sdxl"]) == 0
-    assert main(["convert", str(ours), str(authors), "--to", "authors", "--base-model", "tiny-sdxl"]) == 0
-    assert main(["convert", str(ours), str(plain), "--to", "diffusers", "--base-model", "tiny-sdxl"]) == 0
-    original, back = read_file(files.mip_basic_bin).state, read_file(authors).state
-    assert original.keys() == back.keys()
-    assert all(
-        torch.equal(original[key], back[key]) and original[key].dtype == back[key].dtype for key in original
+    assert np.array_equal(pixels(tmp_path / "plus.png"), pixels(tmp_path / "again.png"))
+
+
+def test_the_same_name_twice_is_two_subjects_addressed_by_number(tmp_path):
+    code = generate(
+        tmp_path / "dogs.png",
+        "--scale", "dog#2=0.25", "--region", "dog#1=0,0,32,64", "--region", "dog#2=32,0,64,64",
+        "--contact-sheet", str(tmp_path / "sheet.png"),
+        prompt="a dog and a dog on a sofa", subjects=(f"dog={CAT}", f"dog={BACKPACK}"),
+    )  # fmt: skip
+    assert code == 0
+    first, second = read_recipe(tmp_path / "dogs.png")["subjects"]
+    assert (first["name"], second["name"]) == ("dog", "dog")
+    assert first["scale"] == 1.0 and second["scale"] == 0.25  # the tiny adapter's default, then dog#2's
+    assert first["region"] == [0.0, 0.0, 32.0, 64.0] and second["region"] == [32.0, 0.0, 64.0, 64.0]
+    assert first["photos"][0]["path"] == str(CAT.resolve()) and second["photos"][0]["path"] == str(
+        BACKPACK.resolve()
     )
-    stripped = read_file(plain).state
-    assert set(stripped) == {key for key in original if not key.endswith("text_to_weight.weight")}
+
+
+def _exif_rotated(tmp_path: Path) -> tuple[Path, Path]:
+    """The cat photo stored sideways with Orientation=6, and the same photo physically upright."""
+    upright = Image.open(CAT).convert("RGB")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote; 6 turns it back
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    tagged, turned = tmp_path / "tagged.png", tmp_path / "turned.png"
+    stored.save(tagged, exif=exif)
+    stored.transpose(Image.Transpose.ROTATE_270).save(turned)
+    assert np.array_equal(np.asarray(Image.open(turned)), np.asarray(upright))
+    return tagged, turned
+
+
+def test_an_exif_tagged_photo_gives_the_image_of_the_upright_photo(tmp_path):
+    tagged, turned = _exif_rotated(tmp_path)
+    assert generate(tmp_path / "a.png", subjects=(f"cat={tagged}", f"backpack={BACKPACK}")) == 0
+    assert generate(tmp_path / "b.png", subjects=(f"cat={turned}", f"backpack={BACKPACK}")) == 0
+    sideways = tmp_path / "sideways.png"
+    Image.open(tagged).save(sideways)  # the stored pixels without the tag: really sideways
+    assert generate(tmp_path / "c.png", subjects=(f"cat={sideways}", f"backpack={BACKPACK}")) == 0
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+    assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert generate(tmp_path / "out.png", "--contact-sheet", str(tmp_path / "sheet.jpg")) == 0
+    finally:
+        os.umask(old)
+    for name in ("out.png", "sheet.jpg"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640 != 0o666 & ~current_umask()
+
+
+def test_verbose_works_after_the_verb(tmp_path):
+    with pytest.raises(ValueError, match="--steps must be an integer ≥ 1"):  # -v: the real exception
+        generate(tmp_path / "x.png", "--steps", "0", "-v")
+    with pytest.raises(ValueError, match="--steps must be an integer ≥ 1"):
+        main(["-v", "generate", "--tiny", "--prompt", "a cat", "--subject", f"cat={CAT}", "--steps", "0"])
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["generate"]
+
+
+def test_every_generate_option_has_help_and_shows_its_default():
+    no_default = {"--prompt", "--subject", "--from-png", "--contact-sheet", "-h", "-v", "--no-text-weight"}
+    for action in _generate_parser()._actions:
+        flags = set(action.option_strings)
+        if not flags or flags & {"-h", "-v"}:
+            continue
+        assert action.help and len(action.help) > 15, action.option_strings
+        if not flags & no_default:
+            assert "(default" in action.help, action.option_strings
+
+
+def test_top_level_help_is_written_for_users(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "reference photos" in text and "examples:" in text and "mipadapter generate --from-png" in text
+    assert "register(subparsers)" not in text and "sub-command module" not in text
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    assert "dog#2" in text and "--tiny [ARCH]" in text
+
+
+def test_the_largest_seed_is_accepted_and_recorded(tmp_path):
+    assert generate(tmp_path / "x.png", "--seed", str(2**64 - 1)) == 0
+    assert read_recipe(tmp_path / "x.png")["seed"] == 2**64 - 1

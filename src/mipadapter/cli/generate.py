@@ -1,163 +1,521 @@
-"""`mipadapter generate`: one prompt, several subjects, PNG files with their parameters embedded."""
+"""`mipadapter generate`: one prompt, several subjects; images that carry their own recipe.
+
+Order of work: parse and check every flag, output path and photo (headers, then pixels) → read and check
+the adapter file → image encoder → base model → generate → write every output atomically. A mistake
+costs seconds, never a model load or a generation, and never leaves half a result.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mipadapter.config import DEFAULT_PRESET, PRESETS, MergeRule, MultiImageMode
+from mipadapter.cli.options import DEFAULT_TINY, TINY_ARCHS
+from mipadapter.config import DEFAULT_PRESET, PRESETS, MergeRule, MultiImageMode, RegionMode
+
+DEFAULTS: dict[str, Any] = {
+    "output": "out.png",
+    "preset": DEFAULT_PRESET,
+    "region_mode": "replace",
+    "multi_image": "mean",
+    "steps": 30,
+    "seed": 420,
+    "num_images": 1,
+    "device": "auto",
+    "dtype": "auto",
+    "max_photo_mp": 50.0,
+}
+"""Defaults applied after ``--from-png`` (a flag left out takes the recorded value first)."""
+
+DESCRIPTION = """\
+Generate images in which each --subject's photos go to the object its name denotes in the prompt.
+
+Every output image carries its recipe (prompt, seed, subjects with photo paths and SHA-256, resolved
+scales, size, guidance, models, versions); --from-png IMAGE runs it again, bit for bit on the same
+machine and versions, and any flag given overrides the recorded value."""
+
+EPILOG = """\
+subjects with the same name:
+  --subject dog=a.jpg --subject dog=b.jpg is two subjects; the prompt must mention "dog" twice
+  ("a dog and a dog on a sofa"): the first mention carries the first --subject, and so on.
+  --scale/--region dog=... address every subject called dog; dog#1=..., dog#2=... only the first,
+  the second.
+
+examples:
+  mipadapter generate --prompt "a cat wearing a jacket" --subject cat=cat1.jpg,cat2.jpg \\
+      --subject jacket=jacket.jpg --scale jacket=0.8 --region jacket=512,300,1024,1024 -o out.png
+  mipadapter generate --tiny --prompt "a cat and a dog" --subject cat=c.jpg --subject dog=d.jpg
+  mipadapter generate --from-png out.png --seed 7 -o again.png"""
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate images of a prompt with several reference subjects",
-        description="Generate images where each --subject's photos go to the object its name denotes.",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument(
+    what = parser.add_argument_group("what to generate")
+    what.add_argument("--prompt", help="the text; it must name every subject (required unless --from-png)")
+    what.add_argument(
         "--subject",
         action="append",
-        required=True,
         metavar="NAME=PHOTO[,PHOTO...]",
-        help="a subject: the words the prompt uses for it and one or more photos (repeat per subject)",
+        help="a subject: the words the prompt uses for it and one or more photos; repeat per subject, "
+        "the same NAME twice for two subjects (required unless --from-png, which records them)",
     )
-    parser.add_argument(
-        "--scale", action="append", default=[], metavar="NAME=S", help="image scale of one subject"
+    what.add_argument(
+        "--scale",
+        action="append",
+        default=[],
+        metavar="NAME[#K]=S",
+        help="image scale of a subject, a finite number ≥ 0 (default: the adapter's, 0.75 for mip-sdxl)",
     )
-    parser.add_argument(
+    what.add_argument(
         "--region",
         action="append",
         default=[],
-        metavar="NAME=X0,Y0,X1,Y1|NAME=MASK.png",
-        help="where a subject goes: a box in output pixels or a mask image",
+        metavar="NAME[#K]=X0,Y0,X1,Y1|NAME[#K]=MASK",
+        help="where a subject goes: a box in output pixels or a mask image (white = the subject) "
+        "(default: routed automatically)",
     )
-    parser.add_argument("--region-mode", choices=["replace", "multiply"], default="replace")
-    parser.add_argument("-o", "--output", default="out.png", help="output PNG (several images get _1, _2, …)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help="default models")
-    parser.add_argument("--base-model", help="diffusers base model: Hub id or local folder")
-    parser.add_argument("--adapter", help="adapter checkpoint: local file or owner/repo/path/file")
-    parser.add_argument("--image-encoder", help="CLIP image encoder: local folder or owner/repo/subfolder")
-    parser.add_argument(
-        "--rule", choices=[rule.value for rule in MergeRule], help="merge rule (default: the adapter's)"
+    what.add_argument(
+        "--region-mode",
+        choices=[mode.value for mode in RegionMode],
+        help="a region replaces the subject's routing map or multiplies it (default: replace)",
     )
-    parser.add_argument("--no-text-weight", action="store_true", help="ignore a MIP checkpoint's text weight")
-    parser.add_argument("--multi-image", choices=[mode.value for mode in MultiImageMode], default="mean")
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, help="guidance scale (default: the base model's usual)")
-    parser.add_argument("--seed", type=int, default=420)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 …"
+    what.add_argument(
+        "--negative-prompt",
+        help="negative prompt; '' for none (default: the preset's: the authors' for mip-* presets)",
     )
-    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
-    parser.add_argument(
-        "--contact-sheet", metavar="PATH", help="also write references, result and routing maps"
+    what.add_argument(
+        "--from-png",
+        metavar="IMAGE",
+        help="rerun the generation recorded in IMAGE (a .png or .jpg written by generate); photos are "
+        "read from their recorded paths and checked against their SHA-256",
     )
-    parser.add_argument(
-        "--tiny", action="store_true", help="built-in tiny random models, offline (an install smoke test)"
+
+    how = parser.add_argument_group("sampling")
+    how.add_argument("--steps", type=int, help="denoising steps, ≥ 1 (default: 30)")
+    how.add_argument(
+        "--guidance", type=float, help="guidance scale ≥ 0 (default: the base model's, 5.0 SDXL, 7.5 SD1.5)"
+    )
+    how.add_argument("--seed", type=int, help="seed of the CPU generator, 0 … 2**64-1 (default: 420)")
+    how.add_argument(
+        "--height", type=int, help="output height in pixels, a multiple of 8 (default: the model's)"
+    )
+    how.add_argument(
+        "--width", type=int, help="output width in pixels, a multiple of 8 (default: the model's)"
+    )
+    how.add_argument("--num-images", type=int, help="images generated together, 1 … 64 (default: 1)")
+    how.add_argument(
+        "--rule",
+        choices=[rule.value for rule in MergeRule],
+        help="merge rule (default: official for MIP adapters, paper for plain IP-Adapters)",
+    )
+    how.add_argument(
+        "--text-weight",
+        action=argparse.BooleanOptionalAction,
+        help="use a MIP adapter's learned text weight (default: when the adapter has one)",
+    )
+    how.add_argument(
+        "--multi-image",
+        choices=[mode.value for mode in MultiImageMode],
+        help="several photos of a subject: mean of their image tokens, or each its own condition "
+        "(default: mean)",
+    )
+
+    models = parser.add_argument_group("models")
+    models.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help=f"the default models and scale (default: {DEFAULT_PRESET})",
+    )
+    models.add_argument(
+        "--base-model", help="diffusers base model: Hub id or local folder (default: the preset's)"
+    )
+    models.add_argument(
+        "--adapter", help="adapter checkpoint: local file or owner/repo/path/file (default: the preset's)"
+    )
+    models.add_argument(
+        "--image-encoder",
+        help="CLIP image encoder: local folder or owner/repo/subfolder (default: the preset's)",
+    )
+    models.add_argument(
+        "--tiny",
+        nargs="?",
+        const=DEFAULT_TINY,
+        choices=sorted(TINY_ARCHS),
+        metavar="ARCH",
+        help=f"built-in tiny random models, offline: an install smoke test, not a picture; ARCH is one of "
+        f"{', '.join(TINY_ARCHS)} ({DEFAULT_TINY} for --tiny alone); an --adapter given with it is loaded "
+        "onto the tiny models (default: off, the preset's models)",
+    )
+    models.add_argument(
+        "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 … (default: auto)"
+    )
+    models.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights' dtype (default: auto = float16 on GPUs, float32 on the CPU)",
+    )
+
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "-o",
+        "--output",
+        help="output image, .png or .jpg/.jpeg (a real JPEG, recipe in a comment); several images get "
+        "_1, _2 … before the extension (default: out.png)",
+    )
+    out.add_argument(
+        "--contact-sheet",
+        metavar="PATH",
+        help="also write a sheet (.png/.jpg) of the references, every result and each subject's routing map",
+    )
+    out.add_argument(
+        "--max-photo-mp",
+        type=float,
+        help="refuse photos above this many megapixels, read from their header (default: 50)",
     )
     parser.set_defaults(func=run)
 
 
+# ----------------------------------------------------------------------------------------------- the plan
+@dataclass
+class SubjectPlan:
+    """One subject as it will be generated and recorded; region: a box, a mask file, a PIL mask or None."""
+
+    name: str
+    photos: tuple[Path, ...]
+    scale: float | None = None
+    region: Any = None
+
+
+@dataclass
+class Plan:
+    """Everything ``run`` needs, checked; nothing loaded yet."""
+
+    prompt: str
+    negative_prompt: str | None
+    subjects: list[SubjectPlan]
+    photos: list[list[Any]]
+    seed: int
+    steps: int
+    guidance: float | None
+    height: int | None
+    width: int | None
+    num_images: int
+    rule: str | None
+    text_weight: bool | None
+    multi_image: str
+    region_mode: str
+    outputs: list[Path]
+    contact_sheet: Path | None
+    models: argparse.Namespace
+    device: str
+    dtype: str
+    source: Path | None = None
+
+
 def run(args: argparse.Namespace) -> int:
-    from mipadapter.cli.options import (
-        load_pipeline,
-        parse_keyed,
-        parse_region,
-        parse_subjects,
-        pick_device_dtype,
-        save_png,
-    )
-
-    subjects_photos = parse_subjects(args.subject)
-    scales = {name: float(value) for name, value in parse_keyed(args.scale, "--scale").items()}
-    regions = {name: parse_region(value) for name, value in parse_keyed(args.region, "--region").items()}
-    unknown = sorted((set(scales) | set(regions)) - set(subjects_photos))
-    if unknown:
-        raise ValueError(f"--scale/--region name subjects that no --subject gives: {unknown}")
-
-    import torch
-    from PIL import Image
-
-    from mipadapter.pipeline import Subject
-
-    photos = {
-        name: [Image.open(path).convert("RGB") for path in paths] for name, paths in subjects_photos.items()
-    }
-    subjects = [
-        Subject(
-            name, photos[name], scale=scales.get(name), region=regions.get(name), region_mode=args.region_mode
-        )
-        for name in subjects_photos
-    ]
-    device, dtype = pick_device_dtype(args.device, args.dtype, tiny=args.tiny)
-    pipe, models = load_pipeline(args, device, dtype)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    output = pipe(
-        args.prompt,
-        subjects,
-        rule=args.rule,
-        use_text_weight=False if args.no_text_weight else None,
-        multi_image=args.multi_image,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        height=args.height,
-        width=args.width,
-        num_images_per_prompt=args.num_images,
-        generator=generator,
-        return_relevance=bool(args.contact_sheet),
-    )
-    parameters = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "seed": args.seed,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "rule": (args.rule or pipe.adapter.config.default_rule.value),
-        "text_weight": pipe.adapter.config.text_weight and not args.no_text_weight,
-        "multi_image": args.multi_image,
-        "subjects": [
-            {
-                "name": s.name,
-                "photos": [str(p) for p in subjects_photos[s.name]],
-                "scale": pipe.adapter.config.default_scale if s.scale is None else s.scale,
-                "region": args_region_text(args.region, s.name),
-            }
-            for s in subjects
-        ],
-        "models": models,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    paths = save_png(output.images, Path(args.output), parameters)
-    if args.contact_sheet:
-        from mipadapter.figures import contact_sheet
-
-        sheet = contact_sheet(photos, output.images[0], output.relevance[0])
-        sheet.save(args.contact_sheet)
-        paths.append(Path(args.contact_sheet))
-    for path in paths:
-        print(path)
+    plan = make_plan(args)
+    output, pipe, record = generate(plan)
+    write_outputs(plan, output, pipe, record)
     return 0
 
 
-def args_region_text(values: list[str], name: str) -> str | None:
-    for value in values:
-        key, _, rest = value.partition("=")
-        if key.strip() == name:
-            return rest
-    return None
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Merge ``--from-png``'s recipe with the flags, check everything that can be checked without a model."""
+    from mipadapter.cli import options
+    from mipadapter.fileio import check_output_file
+    from mipadapter.recipe import IMAGE_SUFFIXES
+
+    recipe, source = _recipe_of(args)
+    value = _merger(args, recipe)
+    models = _models(args, recipe, source)
+    arch = options.tiny_arch(models.tiny)
+    factor = options.TINY_ARCHS[arch].vae_factor if arch else options.VAE_FACTOR
+
+    prompt = value("prompt")
+    if not prompt or not prompt.strip():
+        raise ValueError("--prompt is required (or --from-png IMAGE to rerun a recorded generation)")
+    steps = options.check_int(value("steps"), "--steps", 1)
+    seed = options.check_int(value("seed"), "--seed", *options.SEED_RANGE)
+    num_images = options.check_int(value("num_images"), "--num-images", 1, 64)
+    height = options.check_side(value("height"), "--height", factor)
+    width = options.check_side(value("width"), "--width", factor)
+    guidance = options.check_guidance(value("guidance"))
+    max_mp = value("max_photo_mp")
+    if not max_mp > 0:
+        raise ValueError(f"--max-photo-mp must be > 0, got {max_mp}")
+
+    subjects = _subjects(args, recipe)
+    if arch and (height is None or width is None):
+        side = options.TINY_ARCHS[arch].native_side
+        known = (height or side, width or side)
+    else:
+        known = (height, width)
+    _apply_overrides(args, subjects, known)
+
+    output = check_output_file(value("output"), "-o", IMAGE_SUFFIXES)
+    outputs = [
+        check_output_file(path, "-o", IMAGE_SUFFIXES) for path in options.output_paths(output, num_images)
+    ]
+    sheet = None
+    if args.contact_sheet:
+        sheet = check_output_file(args.contact_sheet, "--contact-sheet", IMAGE_SUFFIXES)
+    _refuse_overwriting_inputs(outputs, sheet, subjects, source)
+
+    photos = options.open_photos(
+        [options.SubjectArg(s.name, s.photos) for s in subjects], max_pixels=int(max_mp * 1_000_000)
+    )
+    device = args.device or (recipe["device"] if recipe else DEFAULTS["device"])
+    dtype = args.dtype or (recipe["dtype"] if recipe and not args.device else DEFAULTS["dtype"])
+    return Plan(
+        prompt=prompt,
+        negative_prompt=value("negative_prompt"),
+        subjects=subjects,
+        photos=photos,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        num_images=num_images,
+        rule=value("rule"),
+        text_weight=value("text_weight"),
+        multi_image=value("multi_image"),
+        region_mode=value("region_mode"),
+        outputs=outputs,
+        contact_sheet=sheet,
+        models=models,
+        device=device,
+        dtype=dtype,
+        source=source,
+    )
 
 
-def parameters_of(path: str | Path) -> dict:
-    """The generation parameters stored in a PNG written by `generate`."""
-    from PIL import Image
+def _recipe_of(args):
+    if not args.from_png:
+        if not args.subject:
+            raise ValueError("give at least one --subject NAME=PHOTO (or --from-png IMAGE)")
+        return None, None
+    from mipadapter.recipe import read_recipe, verify_inputs
 
-    with Image.open(path) as image:
-        return json.loads(image.text["mipadapter"])
+    source = Path(args.from_png).expanduser()
+    recipe = read_recipe(source)
+    if not args.subject:  # the recorded photos are used: they must be the same files
+        verify_inputs(recipe, source)
+    return recipe, source
+
+
+RECORDED = {  # flag's dest → the recipe's key
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "steps": "steps",
+    "guidance": "guidance",
+    "seed": "seed",
+    "height": "height",
+    "width": "width",
+    "num_images": "num_images",
+    "rule": "rule",
+    "text_weight": "text_weight",
+    "multi_image": "multi_image",
+    "region_mode": "region_mode",
+}
+
+
+def _merger(args, recipe):
+    """``value(dest)``: the flag when given, else the recorded value, else the default."""
+
+    def value(dest: str):
+        given = getattr(args, dest, None)
+        if given is not None:
+            return given
+        if recipe is not None and dest in RECORDED:
+            recorded = recipe[RECORDED[dest]]
+            if dest == "negative_prompt" and recorded is None:
+                return ""  # none was used: say so, or the preset's default would apply
+            return recorded
+        return DEFAULTS.get(dest)
+
+    return value
+
+
+def _models(args, recipe, source) -> argparse.Namespace:
+    """The model flags after ``--from-png``: each recorded model unless its flag is given."""
+    from mipadapter.cli import options
+
+    recorded = recipe["models"] if recipe else {}
+    tiny = args.tiny or recorded.get("tiny")
+    given_real = [
+        flag for dest, flag in options.MODEL_FLAGS.items() if dest != "adapter" and getattr(args, dest)
+    ]
+    if args.preset:
+        given_real.append("--preset")
+    if args.tiny and given_real:
+        raise ValueError(
+            f"{given_real[0]} cannot be used with --tiny (it picks the tiny base model and image encoder)"
+        )
+    if tiny and given_real:  # the recording was tiny; the flags ask for real models: those win
+        tiny = None
+    if tiny:
+        adapter = args.adapter
+        if adapter is None and recorded.get("tiny") and recorded.get("adapter") != options.TINY_ADAPTER:
+            adapter = recorded.get("adapter")
+        return argparse.Namespace(
+            tiny=tiny, adapter=adapter, base_model=None, image_encoder=None, preset=None
+        )
+    keep = not recorded.get("tiny")
+    return argparse.Namespace(
+        tiny=None,
+        preset=args.preset or (keep and recorded.get("preset")) or DEFAULTS["preset"],
+        base_model=args.base_model or (keep and recorded.get("base_model")) or None,
+        adapter=args.adapter or (keep and recorded.get("adapter")) or None,
+        image_encoder=args.image_encoder or (keep and recorded.get("image_encoder")) or None,
+    )
+
+
+def _subjects(args, recipe) -> list[SubjectPlan]:
+    from mipadapter.cli import options
+
+    if args.subject:
+        return [SubjectPlan(s.name, s.photos) for s in options.parse_subjects(args.subject)]
+    from mipadapter.recipe import recorded_region
+
+    plans = []
+    for subject in recipe["subjects"]:
+        region = subject["region"]
+        if isinstance(region, dict) and "path" in region:
+            region = Path(region["path"])  # a mask file: recorded again by path and hash
+        elif region is not None:
+            region = recorded_region(region)
+        photos = tuple(Path(photo["path"]) for photo in subject["photos"])
+        plans.append(SubjectPlan(subject["name"], photos, subject["scale"], region))
+    return plans
+
+
+def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, int | None]) -> None:
+    """``--scale`` / ``--region`` onto the subjects (``NAME`` all of that name, ``NAME#K`` the K-th)."""
+    from mipadapter.cli import options
+    from mipadapter.photos import photo_size
+    from mipadapter.pipeline import subject_labels
+
+    names = [s.name for s in subjects]
+    labels = subject_labels(names)
+    for index, value in options.address(options.parse_keyed(args.scale, "--scale"), names, "--scale").items():
+        subjects[index].scale = options.parse_scale(value, labels[index])
+    for index, value in options.address(
+        options.parse_keyed(args.region, "--region"), names, "--region"
+    ).items():
+        box = options.parse_box(value, labels[index])
+        if box is None:
+            mask = Path(value).expanduser()
+            if not mask.is_file():
+                raise FileNotFoundError(
+                    f"--region {labels[index]}={value}: neither x0,y0,x1,y1 nor an existing mask image"
+                )
+            photo_size(mask, f"--region {labels[index]} mask")
+            subjects[index].region = mask
+        else:
+            subjects[index].region = box
+    for subject, label in zip(subjects, labels, strict=True):
+        if isinstance(subject.region, tuple):
+            options.check_box_fits(subject.region, label, *size)
+
+
+def _refuse_overwriting_inputs(outputs, sheet, subjects, source) -> None:
+    written = [(path, "-o") for path in outputs] + ([(sheet, "--contact-sheet")] if sheet else [])
+    seen: dict[Path, str] = {}
+    for path, flag in written:
+        key = path.resolve()
+        if key in seen:
+            raise ValueError(
+                f"{flag} {str(path)!r} is also written by {seen[key]}: give distinct output files"
+            )
+        seen[key] = flag
+    inputs = {source.resolve(): "the --from-png image"} if source else {}
+    for subject in subjects:
+        for photo in subject.photos:
+            inputs[photo.resolve()] = f"a photo of --subject {subject.name}"
+        if isinstance(subject.region, Path):
+            inputs[subject.region.resolve()] = f"the --region mask of {subject.name}"
+    for path, flag in written:
+        if path.resolve() in inputs:
+            raise ValueError(
+                f"{flag} {str(path)!r} would overwrite {inputs[path.resolve()]}: write elsewhere"
+            )
+
+
+# ----------------------------------------------------------------------------------------------- running
+def generate(plan: Plan):
+    """Load the models (small first) and run the call; returns (output, pipeline, ModelRecord)."""
+    import torch
+
+    from mipadapter.cli import options
+    from mipadapter.photos import open_photo
+    from mipadapter.pipeline import Subject
+
+    regions = [
+        open_photo(s.region, f"--region {s.name} mask", mode="L") if isinstance(s.region, Path) else s.region
+        for s in plan.subjects
+    ]
+    subjects = [
+        Subject(s.name, photos, scale=s.scale, region=region, region_mode=plan.region_mode)
+        for s, photos, region in zip(plan.subjects, plan.photos, regions, strict=True)
+    ]
+    device, dtype = options.pick_device_dtype(plan.device, plan.dtype, tiny=plan.models.tiny)
+    pipe, record = options.load_pipeline(plan.models, device, dtype)
+    generator = torch.Generator(device="cpu").manual_seed(plan.seed)
+    output = pipe(
+        plan.prompt,
+        subjects,
+        **call_arguments(plan),
+        generator=generator,
+        return_relevance=plan.contact_sheet is not None,
+    )
+    return output, pipe, record
+
+
+def call_arguments(plan: Plan) -> dict[str, Any]:
+    """The pipeline call's settings (also what the recipe is built from)."""
+    return {
+        "rule": plan.rule,
+        "use_text_weight": plan.text_weight,
+        "multi_image": plan.multi_image,
+        "negative_prompt": plan.negative_prompt,
+        "num_inference_steps": plan.steps,
+        "guidance_scale": plan.guidance,
+        "height": plan.height,
+        "width": plan.width,
+        "num_images_per_prompt": plan.num_images,
+    }
+
+
+def write_outputs(plan: Plan, output, pipe, record) -> None:
+    """Every image with its recipe, then the contact sheet; each written whole or not at all."""
+    from mipadapter.fileio import atomic_write
+    from mipadapter.recipe import RecipeSubject, build_recipe, write_image
+
+    recipe = build_recipe(
+        pipe,
+        output,
+        seed=plan.seed,
+        subjects=[RecipeSubject(s.name, s.photos, s.scale, s.region) for s in plan.subjects],
+        models=record,
+        call={"prompt": plan.prompt, "region_mode": plan.region_mode, **call_arguments(plan)},
+    )
+    for index, (image, path) in enumerate(zip(output.images, plan.outputs, strict=True)):
+        write_image(image, path, recipe, image_index=index)
+        print(path)
+    if plan.contact_sheet is not None:
+        from mipadapter.figures import contact_sheet
+        from mipadapter.pipeline import subject_labels
+
+        labels = subject_labels([s.name for s in plan.subjects])
+        sheet = contact_sheet(dict(zip(labels, plan.photos, strict=True)), output.images, output.relevance)
+        atomic_write(plan.contact_sheet, lambda tmp: sheet.save(tmp))
+        print(plan.contact_sheet)

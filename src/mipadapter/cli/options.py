@@ -1,57 +1,206 @@
-"""Argument parsing helpers shared by the CLI's sub-commands (and the web shell)."""
+"""Argument helpers shared by the CLI's sub-commands (and the web shell): parsing, checking, model loading.
+
+Everything here that checks runs before any model is loaded; errors are one line naming the flag.
+"""
 
 from __future__ import annotations
 
-import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import mipadapter
+from mipadapter.recipe import ModelRecord
+
+MODEL_FLAGS = {"base_model": "--base-model", "adapter": "--adapter", "image_encoder": "--image-encoder"}
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping
+TINY_ADAPTER = "built-in tiny (random)"
 
 
-def parse_keyed(values: list[str], flag: str) -> dict[str, str]:
-    """``["cat=a", "dog=b"]`` → ``{"cat": "a", "dog": "b"}``; the key is everything before the last '='
-    that is followed by no other '=' (names may hold spaces: ``"wooden pot=pot.jpg"``)."""
-    parsed: dict[str, str] = {}
+@dataclass(frozen=True)
+class TinyArch:
+    """One built-in tiny architecture of ``--tiny ARCH``: offline random models with the real structure."""
+
+    name: str
+    vae_factor: int  # output sides are multiples of this
+    native_side: int  # output side when --height/--width are not given
+
+
+TINY_ARCHS = {
+    "sdxl": TinyArch("sdxl", vae_factor=8, native_side=64),
+    "sd15": TinyArch("sd15", vae_factor=8, native_side=64),
+}
+"""``--tiny`` choices (``--tiny`` alone is ``sdxl``); a new architecture is one more row."""
+DEFAULT_TINY = "sdxl"
+VAE_FACTOR = 8  # SD1.5 and SDXL pixel sides per latent side
+
+
+def tiny_arch(value) -> str | None:
+    """``args.tiny`` as an architecture name: None (not tiny), True (a ``store_true`` flag) → the default."""
+    if value in (None, False):
+        return None
+    return DEFAULT_TINY if value is True else str(value)
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+@dataclass(frozen=True)
+class Keyed:
+    """``NAME=VALUE`` or ``NAME#K=VALUE`` (the K-th subject called NAME, from 1)."""
+
+    name: str
+    occurrence: int | None
+    value: str
+
+    @property
+    def label(self) -> str:
+        return self.name if self.occurrence is None else f"{self.name}#{self.occurrence}"
+
+
+_OCCURRENCE = re.compile(r"^(?P<name>.+?)#(?P<k>\d+)$")
+
+
+def parse_keyed(values: Sequence[str], flag: str, *, occurrences: bool = True) -> list[Keyed]:
+    """``["cat=a", "dog#2=b"]`` → ``Keyed`` items (split at the first '='; names may hold spaces)."""
+    parsed = []
     for value in values:
         name, sep, rest = value.partition("=")
-        name = name.strip()
-        if not sep or not name or not rest.strip():
-            raise ValueError(f"{flag} takes NAME=VALUE, got {value!r}")
-        if name in parsed:
-            raise ValueError(f"{flag} names {name!r} twice")
-        parsed[name] = rest.strip()
+        name, rest = name.strip(), rest.strip()
+        if not sep or not name or not rest:
+            form = "NAME=VALUE or NAME#K=VALUE" if occurrences else "NAME=VALUE"
+            raise ValueError(f"{flag} takes {form}, got {value!r}")
+        match = _OCCURRENCE.match(name) if occurrences else None
+        if match:
+            if int(match["k"]) < 1:
+                raise ValueError(f"{flag} {value!r}: subjects are counted from #1")
+            parsed.append(Keyed(match["name"].strip(), int(match["k"]), rest))
+        else:
+            parsed.append(Keyed(name, None, rest))
     return parsed
 
 
-def parse_subjects(values: list[str]) -> dict[str, list[Path]]:
-    """``--subject cat=a.jpg,b.jpg`` → ``{"cat": [Path("a.jpg"), Path("b.jpg")]}``; every photo must exist."""
-    subjects = {}
-    for name, paths in parse_keyed(values, "--subject").items():
-        photos = [Path(part.strip()) for part in paths.split(",") if part.strip()]
-        missing = [str(photo) for photo in photos if not photo.is_file()]
-        if missing:
-            raise FileNotFoundError(f"--subject {name}: photo not found: {', '.join(missing)}")
-        subjects[name] = photos
+def address(items: Sequence[Keyed], names: Sequence[str], flag: str) -> dict[int, str]:
+    """Subject index → value: ``NAME`` addresses every subject of that name, ``NAME#K`` the K-th one.
+
+    Raises for a name no ``--subject`` gives, an occurrence beyond the subjects of that name, or one
+    subject addressed twice.
+    """
+    positions: dict[str, list[int]] = {}
+    for index, name in enumerate(names):  # labels as the pipeline's subject_labels: "dog", "dog#2"
+        positions.setdefault(name, []).append(index)
+    chosen: dict[int, str] = {}
+    given: dict[int, str] = {}
+    for item in items:
+        if item.name not in positions:
+            raise ValueError(
+                f"{flag} {item.label}: no --subject is called {item.name!r} (subjects: {list(names)})"
+            )
+        found = positions[item.name]
+        if item.occurrence is not None and item.occurrence > len(found):
+            raise ValueError(
+                f"{flag} {item.label}: there {'is' if len(found) == 1 else 'are'} only {len(found)} "
+                f"subject{'s' if len(found) > 1 else ''} called {item.name!r}"
+            )
+        targets = found if item.occurrence is None else [found[item.occurrence - 1]]
+        for index in targets:
+            if index in chosen:
+                raise ValueError(
+                    f"{flag} gives subject #{index + 1} {names[index]!r} twice ({given[index]} and {item.label})"
+                )
+            chosen[index], given[index] = item.value, item.label
+    return chosen
+
+
+@dataclass(frozen=True)
+class SubjectArg:
+    """One ``--subject``: its name and photo paths (checked to exist and be images by ``open_photos``)."""
+
+    name: str
+    photos: tuple[Path, ...]
+
+
+def parse_subjects(values: Sequence[str]) -> list[SubjectArg]:
+    """``--subject cat=a.jpg,b.jpg`` (repeatable; the same name twice is two subjects)."""
+    subjects = []
+    for item in parse_keyed(values, "--subject", occurrences=False):
+        photos = tuple(Path(part.strip()).expanduser() for part in item.value.split(",") if part.strip())
+        if not photos:
+            raise ValueError(f"--subject {item.name}: give at least one photo")
+        subjects.append(SubjectArg(item.name, photos))
     return subjects
 
 
-def parse_region(value: str):
-    """``x0,y0,x1,y1`` → a box tuple; otherwise the path of a mask image."""
+def parse_scale(value: str, label: str) -> float:
+    try:
+        scale = float(value)
+    except ValueError:
+        raise ValueError(f"--scale {label}={value}: the scale must be a number") from None
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"--scale {label}={value}: the scale must be a finite number ≥ 0")
+    return scale
+
+
+def parse_box(value: str, label: str) -> tuple[float, float, float, float] | None:
+    """``x0,y0,x1,y1`` → a box (checked: finite, x0 < x1, y0 < y1, not negative); None if not 4 numbers."""
     parts = value.split(",")
-    if len(parts) == 4:
-        try:
-            return tuple(float(part) for part in parts)
-        except ValueError:
-            pass
-    path = Path(value)
-    if not path.is_file():
-        raise FileNotFoundError(f"--region {value!r} is neither x0,y0,x1,y1 nor an existing mask image")
-    from PIL import Image
+    if len(parts) != 4:
+        return None
+    try:
+        box = tuple(float(part) for part in parts)
+    except ValueError:
+        return None
+    x0, y0, x1, y1 = box
+    if not all(math.isfinite(v) for v in box) or min(box) < 0 or not (x0 < x1 and y0 < y1):
+        raise ValueError(
+            f"--region {label}={value}: a box is x0,y0,x1,y1 in pixels with 0 ≤ x0 < x1 and 0 ≤ y0 < y1"
+        )
+    return box  # type: ignore[return-value]
 
-    return Image.open(path).convert("L")
+
+def check_box_fits(box, label: str, height: int | None, width: int | None) -> None:
+    x0, y0, x1, y1 = box
+    if (width is not None and x1 > width) or (height is not None and y1 > height):
+        raise ValueError(
+            f"--region {label}={','.join(f'{v:g}' for v in box)}: the box reaches beyond the {width}×{height} "
+            "output (x1 ≤ width, y1 ≤ height)"
+        )
 
 
-def pick_device_dtype(device: str, dtype: str, tiny: bool = False):
+# ----------------------------------------------------------------------------------------------- checks
+def check_int(value: int, flag: str, low: int, high: int | None = None) -> int:
+    if value < low or (high is not None and value > high):
+        bound = f"in {low}..{high}" if high is not None else f"≥ {low}"
+        raise ValueError(f"{flag} must be an integer {bound}, got {value}")
+    return value
+
+
+def check_side(value: int | None, flag: str, factor: int) -> int | None:
+    if value is not None and (value <= 0 or value % factor):
+        raise ValueError(f"{flag} must be a positive multiple of {factor} (the VAE's factor), got {value}")
+    return value
+
+
+def check_guidance(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"--guidance must be a finite number ≥ 0, got {value}")
+    return value
+
+
+def check_model_flags(args) -> None:
+    """``--tiny`` picks the base model and image encoder (an ``--adapter`` loads onto them): the other
+    model flags are errors with it."""
+    if tiny_arch(getattr(args, "tiny", None)) is None:
+        return
+    for key in ("base_model", "image_encoder"):
+        if getattr(args, key, None):
+            raise ValueError(
+                f"{MODEL_FLAGS[key]} cannot be used with --tiny (it picks the tiny base model and image encoder)"
+            )
+    if getattr(args, "preset_given", False):
+        raise ValueError("--preset cannot be used with --tiny (it picks the tiny models)")
+
+
+def pick_device_dtype(device: str, dtype: str, tiny: bool | str | None = False):
     """The CLI's choice (the library never chooses): cuda, then mps, then cpu; half precision on GPUs."""
     import torch
 
@@ -59,61 +208,109 @@ def pick_device_dtype(device: str, dtype: str, tiny: bool = False):
         device = (
             "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         )
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps …)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here")
     if dtype == "auto":
         dtype = "float16" if device.type in ("cuda", "mps") and not tiny else "float32"
     return device, getattr(torch, dtype)
 
 
+# ----------------------------------------------------------------------------------------------- loading
 def load_pipeline(args, device, dtype):
-    """Build the pipeline the arguments describe; returns it and the model ids used (for metadata)."""
-    if args.tiny:
-        from mipadapter.testing.mip import tiny_mip_pipeline
+    """Build the pipeline the arguments describe; returns it and a ``ModelRecord`` of what was loaded.
 
-        pipe = tiny_mip_pipeline("sdxl", "basic", text_weight=True).to(device)
+    args: ``tiny`` (None, True, or an architecture of ``TINY_ARCHS``), ``preset``, ``base_model``,
+    ``adapter``, ``image_encoder``. Small things are checked before big ones (see
+    ``mipadapter.pipeline.loading``); errors name the flags.
+    """
+    check_model_flags(args)
+    arch = tiny_arch(getattr(args, "tiny", None))
+    if arch is not None:
+        pipe, record = load_tiny(arch, getattr(args, "adapter", None))
+        pipe.to(device)
         if dtype != pipe.pipe.unet.dtype:
             pipe.to(dtype=dtype)
-        return pipe, {
-            "base_model": "tiny-sdxl (random)",
-            "adapter": "tiny-mip (random)",
-            "image_encoder": "tiny",
-        }
+        return pipe, record
     from mipadapter.config import PRESETS
     from mipadapter.pipeline import MIPAdapterPipeline
 
     preset = PRESETS[args.preset]
-    models = {
-        "base_model": str(args.base_model or preset.base_model),
-        "adapter": str(args.adapter or preset.adapter),
-        "image_encoder": str(args.image_encoder or preset.image_encoder),
-    }
+    record = ModelRecord(
+        base_model=str(args.base_model or preset.base_model),
+        adapter=_recorded_path(args.adapter or preset.adapter),
+        image_encoder=str(args.image_encoder or preset.image_encoder),
+        preset=args.preset,
+    )
     pipe = MIPAdapterPipeline.from_pretrained(
         args.base_model,
         args.adapter,
         args.image_encoder,
         preset=args.preset,
         torch_dtype=dtype,
-        argument_names={"base_model": "--base-model", "adapter": "--adapter", "image_encoder": "--image-encoder"},
+        argument_names=MODEL_FLAGS,
     )
-    return pipe.to(device), models
+    return pipe.to(device), record
 
 
-def save_png(images, output: Path, parameters: dict) -> list[Path]:
-    """Write PNGs carrying the generation parameters (JSON in the ``mipadapter`` text chunk)."""
-    from PIL.PngImagePlugin import PngInfo
+def _recorded_path(source) -> str:
+    """A local file as an absolute path (so a recipe works from any folder); a Hub id as it is."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.is_file() else str(source)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, image in enumerate(images):
-        info = PngInfo()
-        info.add_text(
-            "mipadapter", json.dumps({**parameters, "image_index": index, "version": mipadapter.__version__})
+
+def load_tiny(arch: str, adapter: str | Path | None = None):
+    """The tiny pipeline of ``arch``; with ``adapter`` (a file trained or saved on the tiny models) that
+    adapter on the tiny base model and the tiny image encoder its projection needs."""
+    from mipadapter.testing.mip import tiny_mip_pipeline
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"--tiny {arch!r}: choose one of {', '.join(TINY_ARCHS)}")
+    base = f"tiny-{arch} (random)"
+    if adapter is None:
+        return tiny_mip_pipeline(arch, "basic", text_weight=True), ModelRecord(
+            base, TINY_ADAPTER, f"tiny {arch} basic (random)", None, arch
         )
-        path = (
-            output
-            if len(images) == 1
-            else output.with_name(f"{output.stem}_{index + 1}{output.suffix or '.png'}")
-        )
-        image.save(path, format="PNG", pnginfo=info)
-        paths.append(path)
-    return paths
+    from mipadapter.checkpoint import adapter_from_file, check_adapter_file, read_file
+    from mipadapter.hub import resolve_file
+    from mipadapter.pipeline import MIPAdapterPipeline
+    from mipadapter.pipeline.loading import check_encoder_fits
+    from mipadapter.testing.mip import tiny_parts
+
+    path = resolve_file(adapter, "adapter", "--adapter")
+    read_file(path)  # a corrupt file is named before anything is built
+    pipe, _, _ = tiny_parts(arch, "basic")
+    checked = check_adapter_file(path, pipe.unet)
+    projection = checked.config.projection
+    _, encoder, processor = tiny_parts(arch, projection, base_pipe=pipe)
+    check_encoder_fits(
+        encoder.config.to_dict(), checked.config, f"tiny {arch} {projection}", "the --tiny image encoder"
+    )
+    loaded = adapter_from_file(checked, pipe.unet, str(path))
+    record = ModelRecord(base, str(path.resolve()), f"tiny {arch} {projection} (random)", None, arch)
+    return MIPAdapterPipeline(pipe, loaded, encoder, processor), record
+
+
+# ----------------------------------------------------------------------------------------------- photos
+def open_photos(subjects: Sequence[SubjectArg], max_pixels: int | None):
+    """Every subject's photos decoded, upright (EXIF), each refused by its header above ``max_pixels``."""
+    from mipadapter.photos import open_photo
+    from mipadapter.pipeline import subject_labels
+
+    labels = subject_labels([s.name for s in subjects])
+    return [
+        [open_photo(photo, f"--subject {label}", max_pixels=max_pixels) for photo in subject.photos]
+        for subject, label in zip(subjects, labels, strict=True)
+    ]
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out_1.png``, ``out_2.png``… for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{index + 1}{output.suffix}") for index in range(count)]

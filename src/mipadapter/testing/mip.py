@@ -10,14 +10,37 @@ from mipadapter.modeling.adapter import MIPAdapter
 from mipadapter.testing.checkpoints import fabricate_ip_adapter_state, flatten_state
 from mipadapter.testing.tiny import TINY_SD15, TINY_SDXL, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
+ARCHS = {"sdxl": (TINY_SDXL, tiny_sdxl_pipeline), "sd15": (TINY_SD15, tiny_sd15_pipeline)}
+
 
 def tiny_adapter(unet, spec_encoder, projection: str, text_weight: bool, seed: int) -> MIPAdapter:
     """A fabricated h94/MIP checkpoint for ``unet`` loaded through the real key tables."""
     embed_dim = spec_encoder.projection_dim if projection == "basic" else spec_encoder.hidden_size
-    state = flatten_state(fabricate_ip_adapter_state(unet, embed_dim, projection, text_weight=text_weight, seed=seed))
+    state = flatten_state(
+        fabricate_ip_adapter_state(unet, embed_dim, projection, text_weight=text_weight, seed=seed)
+    )
     adapter = MIPAdapter.for_unet(unet, infer_h94_config(state))
     load_state(adapter, AdapterFile("h94", state, None), "fabricated tiny checkpoint")
     return adapter
+
+
+def tiny_parts(
+    arch: Literal["sdxl", "sd15"] = "sdxl",
+    projection: Literal["basic", "plus"] = "basic",
+    seed: int = 0,
+    base_pipe=None,
+):
+    """(diffusers pipeline, image encoder, its processor) of the tiny models: the base model of ``arch``
+    (``base_pipe`` when given) and the image encoder a ``projection`` adapter reads."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    if projection not in ("basic", "plus"):
+        raise ValueError(f"projection must be 'basic' or 'plus', got {projection!r}")
+    spec, build = ARCHS[arch]
+    pipe = base_pipe if base_pipe is not None else build(seed)
+    encoder_spec = spec.basic_image_encoder if projection == "basic" else spec.plus_image_encoder
+    encoder, processor = encoder_spec.build(seed)
+    return pipe, encoder, processor
 
 
 def tiny_mip_pipeline(
@@ -29,11 +52,8 @@ def tiny_mip_pipeline(
     """A ``MIPAdapterPipeline`` of tiny random models: runs offline in about a second on a CPU."""
     from mipadapter.pipeline import MIPAdapterPipeline
 
-    if arch not in ("sdxl", "sd15"):
-        raise ValueError(f"arch must be 'sdxl' or 'sd15', got {arch!r}")
-    spec = TINY_SDXL if arch == "sdxl" else TINY_SD15
-    pipe = (tiny_sdxl_pipeline if arch == "sdxl" else tiny_sd15_pipeline)(seed)
+    pipe, encoder, processor = tiny_parts(arch, projection, seed)
+    spec = ARCHS[arch][0]
     encoder_spec = spec.basic_image_encoder if projection == "basic" else spec.plus_image_encoder
-    encoder, processor = encoder_spec.build(seed)
     adapter = tiny_adapter(pipe.unet, encoder_spec, projection, text_weight, seed)
     return MIPAdapterPipeline(pipe, adapter, encoder, processor)
