@@ -209,3 +209,30 @@ def test_top_level_help_is_written_for_users(capsys):
 def test_the_largest_seed_is_accepted_and_recorded(tmp_path):
     assert generate(tmp_path / "x.png", "--seed", str(2**64 - 1)) == 0
     assert read_recipe(tmp_path / "x.png")["seed"] == 2**64 - 1
+
+
+def test_models_from_local_folders_are_recorded_and_rerun(tmp_path, monkeypatch):
+    """The non-tiny path: --base-model, --adapter, --image-encoder as local paths (relative ones too)."""
+    from mipadapter.testing import tiny_checkpoint_files, tiny_sdxl_pipeline
+
+    base = tiny_sdxl_pipeline()
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "files").mkdir()
+    files = tiny_checkpoint_files(tmp_path / "files", base)
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "--prompt", "a cat on a sofa", "--subject", f"cat={CAT}", "--steps", "2"]
+    argv += ["--base-model", "base", "--adapter", "files/" + files.mip_basic_bin.name]
+    argv += ["--image-encoder", str(files.basic_image_encoder), "-o", "first.png"]
+    assert main(argv) == 0
+    recipe = read_recipe(tmp_path / "first.png")
+    assert (
+        recipe["models"]["adapter"] == str(files.mip_basic_bin.resolve()) and recipe["models"]["tiny"] is None
+    )
+    assert recipe["models"]["base_model"] == str(tmp_path / "base")  # absolute: a rerun works from anywhere
+    assert recipe["models"]["preset"] == "mip-sdxl" and recipe["subjects"][0]["scale"] == 0.75  # the preset's
+    assert recipe["negative_prompt"] == "monochrome, lowres, bad anatomy, worst quality, low quality"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["generate", "--from-png", "../first.png", "-o", "again.png"]) == 0
+    assert np.array_equal(pixels(tmp_path / "first.png"), pixels(elsewhere / "again.png"))

@@ -242,9 +242,9 @@ def load_pipeline(args, device, dtype):
 
     preset = PRESETS[args.preset]
     record = ModelRecord(
-        base_model=str(args.base_model or preset.base_model),
+        base_model=_recorded_path(args.base_model or preset.base_model),
         adapter=_recorded_path(args.adapter or preset.adapter),
-        image_encoder=str(args.image_encoder or preset.image_encoder),
+        image_encoder=_recorded_path(args.image_encoder or preset.image_encoder),
         preset=args.preset,
     )
     pipe = MIPAdapterPipeline.from_pretrained(
@@ -259,9 +259,9 @@ def load_pipeline(args, device, dtype):
 
 
 def _recorded_path(source) -> str:
-    """A local file as an absolute path (so a recipe works from any folder); a Hub id as it is."""
+    """A local file or folder as an absolute path (so a recipe works from any folder); a Hub id as it is."""
     path = Path(source).expanduser()
-    return str(path.resolve()) if path.is_file() else str(source)
+    return str(path.resolve()) if path.exists() else str(source)
 
 
 def load_tiny(arch: str, adapter: str | Path | None = None):
