@@ -101,3 +101,31 @@ def test_both_sdxl_tokenizers_agree_and_errors_say_which(tokenizers):
     with pytest.raises(SubjectAlignmentError) as single:  # one tokenizer: no encoder number
         align_subjects(tokenizers[:1], prompt, ["hat"])
     assert "text encoder" not in str(single.value)
+
+
+@pytest.mark.parametrize("vocab", ["clip", "fallback"])
+def test_names_in_an_unspaced_script_are_found_through_the_text(vocab):
+    """In "一只猫和一只狗在公园" BPE merges 猫 with its neighbours into other tokens than 猫 gets alone,
+    so token matching alone would call it absent; the text match maps it to the tokens covering it."""
+    from mipadapter.testing.tokenizer import has_real_clip_vocab
+
+    if vocab == "clip" and not has_real_clip_vocab():
+        pytest.skip("the real CLIP vocabulary comes with open_clip_torch (installed in CI)")
+    tokenizer = build_clip_tokenizer(vocab=vocab)
+    prompt = "一只猫和一只狗在公园"
+    cat, dog = locate_names(tokenizer, prompt, ["猫", "狗"])
+    assert 1 <= cat.start < cat.stop <= dog.start < dog.stop
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    assert {c for start, stop in offsets[cat.start : cat.stop] for c in prompt[start:stop]} >= {"猫"}
+    assert {c for start, stop in offsets[dog.start : dog.stop] for c in prompt[start:stop]} >= {"狗"}
+    with pytest.raises(SubjectAlignmentError, match="'鸟' does not occur"):
+        locate_names(tokenizer, prompt, ["鸟"])
+    with pytest.raises(SubjectAlignmentError, match="claim the same prompt tokens"):
+        locate_names(tokenizer, "一只猫", ["猫", "一只猫"])
+
+
+def test_unnamed_subjects_lists_the_missing_ones(tokenizers):
+    from mipadapter.alignment import unnamed_subjects
+
+    assert unnamed_subjects(tokenizers, "a dog at dawn", ["dog", "cat", "dawn", "猫"]) == [1, 3]
+    assert unnamed_subjects(tokenizers, "a dog and a cat", ["dog", "cat"]) == []

@@ -289,6 +289,18 @@ def test_processor_hands_relevance_to_recorder_and_perturbation():
     torch.testing.assert_close(maps.flatten(2).amax(-1), torch.ones(1, 3))
 
 
+@pytest.mark.parametrize("region_mode", [None, "multiply"])
+def test_uniform_ignores_relevance_computed_for_a_recorder(region_mode):
+    """Recording relevance under uniform reports the maps without routing by them."""
+    attn, _ = make_layer()
+    hidden, text = inputs()
+    plain = make_conditioning("uniform", False, region_mode)
+    recorded = make_conditioning("uniform", False, region_mode, recorder=RelevanceRecorder(LATENT, keep_last=1))
+    with torch.no_grad():
+        torch.testing.assert_close(run(attn, hidden, text, recorded), run(attn, hidden, text, plain))
+    assert recorded.recorder.counts
+
+
 # ----------------------------------------------------------------------------------------- plain mode
 
 

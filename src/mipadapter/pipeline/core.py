@@ -351,20 +351,22 @@ class MIPAdapterPipeline:
         ]
 
     def _expected_size(self, height, width, pipeline_kwargs) -> tuple[int, int] | None:
-        """The output size (H, W) the diffusers pipeline will produce, when it is known before it runs."""
+        """The output size (H, W) the diffusers pipeline will produce, when it is known before it runs:
+        given, a text-to-image default, or an img2img image's size; else None (the latents will tell)."""
         pipe = self.pipe
-        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        image = pipeline_kwargs.get("image")
-        if image is None and "image" not in inspect.signature(pipe.__call__).parameters:
-            return (height or default, width or default)
         if height is not None and width is not None:
             return (height, width)
+        parameters = inspect.signature(pipe.__call__).parameters
+        if "image" not in parameters:  # text-to-image: diffusers' default size
+            default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            return (height or default, width or default)
+        image = pipeline_kwargs.get("image")
         if isinstance(image, (list, tuple)) and image:
             image = image[0]
-        if hasattr(image, "size") and hasattr(image, "convert"):  # PIL: diffusers rounds down to the factor
-            factor = pipe.vae_scale_factor
-            return (height or image.height // factor * factor, width or image.width // factor * factor)
-        return None  # known once the UNet sees the latents
+        if "height" not in parameters and hasattr(image, "size") and hasattr(image, "convert"):
+            factor = pipe.vae_scale_factor  # img2img keeps the image's size, rounded down to the factor
+            return (image.height // factor * factor, image.width // factor * factor)
+        return None
 
     def _latent_size_hook(self, conditioning: SubjectConditioning, subjects: list[Subject]):
         """A UNet forward pre-hook that places the conditioning on the latents the UNet really receives
