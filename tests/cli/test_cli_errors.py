@@ -209,3 +209,32 @@ def test_offline_missing_models_fail_at_once_naming_flag_and_purpose(tmp_path, o
         err = assert_one_line(capsys, code, model, out)
         assert flag in err and "not in the local cache and HF_HUB_OFFLINE is set" in err, err
         assert elapsed < 5, f"{elapsed:.1f} s before failing"
+
+
+def test_checking_the_arguments_imports_no_torch(tmp_path):
+    """Mistakes in flags, paths and photos are found before torch or diffusers are even imported."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import argparse, sys
+        from mipadapter.cli import generate
+        parser = argparse.ArgumentParser()
+        generate.register(parser.add_subparsers())
+        args = parser.parse_args(["generate", "--tiny", "--prompt", "a cat", "--subject", "cat={CAT}",
+                                  "-o", "{tmp_path / "x.png"}", "--region", "cat=0,0,32,32"])
+        generate.make_plan(args)
+        try:
+            generate.make_plan(parser.parse_args(["generate", "--tiny", "--prompt", "a cat", "--subject",
+                                                  "cat={CAT}", "--steps", "0"]))
+        except ValueError as error:
+            print(error)
+        print(sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["--steps must be an integer ≥ 1, got 0", "[]"]
+    assert list(tmp_path.iterdir()) == []

@@ -71,8 +71,8 @@ def test_convert_mistakes_are_one_line_and_leave_nothing(tmp_path, files, capsys
         ([good, str(out / "no" / "x.safetensors")], "output", "does not exist"),
         ([good, good, "--to", "authors"], "output", "is the input file"),
         ([str(tmp_path / "nothing.bin"), str(out / "x.safetensors")], "checkpoint", "does not exist"),
-        ([str(corrupt), str(out / "x.safetensors"), "--base-model", "tiny-sdxl"], str(corrupt),
-         "is not a readable PyTorch checkpoint"),
+        ([str(corrupt), str(out / "x.safetensors"), "--base-model", "nobody/no-base"], str(corrupt),
+         "is not a readable PyTorch checkpoint"),  # the small file first, before the base model is looked for
         ([good, str(out / "x.safetensors"), "--base-model", "nobody/no-base"], "base model 'nobody/no-base'",
          "not in the local cache and HF_HUB_OFFLINE is set); download it where you have network and point "
          "--base-model at a local copy"),

@@ -133,15 +133,22 @@ def _rules(adapter: MIPAdapter, layout: str) -> list[keymaps.KeyRule]:
     )
 
 
-def check_adapter_file(path: str | Path, unet: nn.Module, default_scale: float | None = None) -> AdapterFile:
+def check_adapter_file(
+    path: str | Path,
+    unet: nn.Module,
+    default_scale: float | None = None,
+    *,
+    loaded: AdapterFile | None = None,
+) -> AdapterFile:
     """Read a checkpoint file and check every key and shape against ``unet``, without building weights.
 
     ``unet`` supplies only layer names, indices and widths, so a UNet built on the ``meta`` device from
     its ``config.json`` will do: the file can be refused before the base model is loaded. Returns the file
     with its ``config`` filled in (read off the shapes for h94/authors files, which then take
-    ``default_scale``). Raises ``CheckpointError`` naming the file and every offending key.
+    ``default_scale``). loaded: the file as ``read_file`` returned it, when it was read already (so it is
+    read once). Raises ``CheckpointError`` naming the file and every offending key.
     """
-    loaded = read_file(path)
+    loaded = loaded if loaded is not None else read_file(path)
     config = loaded.config
     if config is None:
         try:
@@ -243,14 +250,16 @@ def convert_checkpoint(
     format: str = FORMAT_NAME,
     *,
     where: str = "source",
+    loaded: AdapterFile | None = None,
 ) -> Path:
     """Rewrite a checkpoint in another layout, keeping its tensors' dtype and values bit-exactly.
 
     ``unet`` supplies the layer names and indices (weights are not read, so a UNet built on the ``meta``
-    device from its config will do). where: how errors name ``source``.
+    device from its config will do). where: how errors name ``source``; loaded: ``read_file(source)``
+    when the caller has read it already.
     """
     path = resolve_file(source, "checkpoint", where)
-    checked = check_adapter_file(path, unet)
+    checked = check_adapter_file(path, unet, loaded=loaded)
     dtype = next(iter(checked.state.values())).dtype
     adapter = MIPAdapter(checked.config, cross_attention_layers(unet)).to(dtype)
     load_state(adapter, checked, str(path))

@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mipadapter.checkpoint import convert_checkpoint
+    from mipadapter.checkpoint import convert_checkpoint, read_file
     from mipadapter.fileio import check_output_file
     from mipadapter.hub import resolve_file
 
@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"output {args.output!r} is the input file: write the converted checkpoint elsewhere"
         )
+    loaded = read_file(source)  # a corrupt file is named before the base model is looked for
     unet = unet_for(args.base_model)
-    print(convert_checkpoint(source, output, unet, args.to, where="input"))
+    print(convert_checkpoint(source, output, unet, args.to, where="input", loaded=loaded))
     return 0
 
 

@@ -402,10 +402,9 @@ def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, 
     """``--scale`` / ``--region`` onto the subjects (``NAME`` all of that name, ``NAME#K`` the K-th)."""
     from mipadapter.cli import options
     from mipadapter.photos import photo_size
-    from mipadapter.pipeline import subject_labels
 
     names = [s.name for s in subjects]
-    labels = subject_labels(names)
+    labels = options.subject_labels(names)
     for index, value in options.address(options.parse_keyed(args.scale, "--scale"), names, "--scale").items():
         subjects[index].scale = options.parse_scale(value, labels[index])
     for index, value in options.address(

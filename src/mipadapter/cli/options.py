@@ -79,6 +79,17 @@ def parse_keyed(values: Sequence[str], flag: str, *, occurrences: bool = True) -
     return parsed
 
 
+def subject_labels(names: Sequence[str]) -> list[str]:
+    """``["dog", "cat", "dog"]`` → ``["dog", "cat", "dog#2"]``: the labels of ``mipadapter.pipeline
+    .subject_labels`` (a test pins them equal), kept here so that checking arguments imports no torch."""
+    seen: dict[str, int] = {}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return labels
+
+
 def address(items: Sequence[Keyed], names: Sequence[str], flag: str) -> dict[int, str]:
     """Subject index → value: ``NAME`` addresses every subject of that name, ``NAME#K`` the K-th one.
 
@@ -300,7 +311,6 @@ def load_tiny(arch: str, adapter: str | Path | None = None):
 def open_photos(subjects: Sequence[SubjectArg], max_pixels: int | None):
     """Every subject's photos decoded, upright (EXIF), each refused by its header above ``max_pixels``."""
     from mipadapter.photos import open_photo
-    from mipadapter.pipeline import subject_labels
 
     labels = subject_labels([s.name for s in subjects])
     return [
