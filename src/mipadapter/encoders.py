@@ -4,7 +4,7 @@ Constructors take already-built transformers models (no I/O); ``load_clip`` / ``
 public weights explicitly. Features are computed on the device and in the dtype of the model's
 parameters; returned features are float32 on that device and *not* normalised (metrics normalise).
 
-Preprocessing (DESIGN.md §3), done here with PIL so no image-processor backend is needed:
+Preprocessing (docs/evaluation.md), done here with PIL so no image-processor backend is needed:
 
 * CLIP: resize the shorter side to the model's ``image_size`` (bicubic), centre-crop a square of that
   side, scale to [0, 1], normalise with OpenAI CLIP's mean/std (what ``CLIPImageProcessor`` does).

@@ -1,4 +1,4 @@
-"""Checkpoints: key maps of DESIGN.md §2, strict loading, round trips, conversions, safe unpickling."""
+"""Checkpoints: key maps of docs/formats.md, strict loading, round trips, conversions, safe unpickling."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Key tables between checkpoint layouts and our modules (data, not code paths).
 
-External layouts (DESIGN.md §2):
+External layouts (docs/formats.md):
 * h94 / authors: ``image_proj.*`` in the IP-Adapter repository's naming and
   ``ip_adapter.{k}.{param}`` with ``k`` the layer's index in ``unet.attn_processors``;
 * ours: ``image_proj.*`` in diffusers' naming and ``layers.{layer name}.{param}``.

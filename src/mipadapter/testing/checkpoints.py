@@ -1,6 +1,6 @@
 """Fabricated IP-Adapter / MIP-Adapter checkpoints, in the exact key layouts of the published files.
 
-Layouts (DESIGN.md §2), for a UNet whose ``attn_processors`` are listed as ``k = 0, 1, 2, ...`` (self- and
+Layouts (docs/formats.md), for a UNet whose ``attn_processors`` are listed as ``k = 0, 1, 2, ...`` (self- and
 cross-attention alternating, so cross-attention is odd ``k``):
 
 ``ip_adapter`` (one entry per cross-attention processor, i.e. names ending in ``attn2.processor``)::
