@@ -149,7 +149,7 @@ class MIPAttnProcessor(nn.Module):
                 )
             out = self._route(query, out, ip_hidden_states, spatial)
 
-        out = out.transpose(1, 2).reshape(batch, positions, -1).to(query.dtype)  # [b, p, c]
+        out = out.transpose(1, 2).reshape(batch, positions, -1)  # [b, p, c]; a view of SDPA's layout
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channels, height, width)
@@ -195,7 +195,8 @@ class MIPAttnProcessor(nn.Module):
             cond.rule, routing, total, gate, normalized=regions is None
         )
         if text_factor is not None:
-            text_out = text_out * text_factor.to(text_out.dtype)[:, None, :, None]
+            factor = text_factor if text_factor.dtype == text_out.dtype else text_factor.to(text_out.dtype)
+            text_out = text_out * factor[:, None, :, None]
         return ops.routed_attention(
             query, inputs.ip_keys, inputs.ip_values, weights, text_out, num_conditions=num_cond, alpha=alpha
         )

@@ -20,6 +20,11 @@ import torch.nn.functional as F
 from mipadapter.config import MergeRule, RegionMode
 
 
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without a dispatch when it is one already (this runs per layer and step)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def check_name_mask(name_mask: torch.Tensor) -> None:
     """Raise unless every subject has at least one name token; name_mask [b, n, m] (bool).
 
@@ -207,7 +212,7 @@ def merge_factors(
         total = torch.where(total > 0, total, torch.full_like(total, math.inf))
     if gate is None:
         return None, maps / total, 1.0
-    return None, maps * (gate.unsqueeze(-1).to(maps.dtype) / total), 1.0
+    return None, maps * (_as_dtype(gate, maps.dtype).unsqueeze(-1) / total), 1.0
 
 
 def routed_attention(
@@ -244,7 +249,7 @@ def routed_attention(
     # Softmax over each condition's t tokens; token-major columns put t on dim -2.
     probs = torch.softmax(logits.view(b, h, p, -1, num_conditions), dim=-2)  # [b, h, p, t, N]
     if weights is not None:
-        probs = probs * weights.to(probs.dtype)[:, None, :, None, :]  # × weights [b, 1, p, 1, N]
+        probs = probs * _as_dtype(weights, probs.dtype)[:, None, :, None, :]  # × weights [b, 1, p, 1, N]
     image = torch.matmul(probs.view(b, h, p, -1), values)  # [b, h, p, d]
     # The sum takes base's memory layout: SDPA writes [b, p, h, d], so the caller's flattening to
     # [b, p, h·d] stays a view (no copy before to_out).
