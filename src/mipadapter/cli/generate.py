@@ -235,7 +235,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
     recipe, source = _recipe_of(args)
     value = _merger(args, recipe)
-    models = _models(args, recipe, source)
+    models = _models(args, recipe)
     arch = options.tiny_arch(models.tiny)
     factor = options.TINY_ARCHS[arch].vae_factor if arch else options.VAE_FACTOR
 
@@ -345,7 +345,7 @@ def _merger(args, recipe):
     return value
 
 
-def _models(args, recipe, source) -> argparse.Namespace:
+def _models(args, recipe) -> argparse.Namespace:
     """The model flags after ``--from-png``: each recorded model unless its flag is given."""
     from mipadapter.cli import options
 
