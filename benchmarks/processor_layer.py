@@ -4,9 +4,15 @@ The UNet-step benchmark (``unet_step.py``) is the reference; this one isolates t
 routing costs live, so that a change to them is visible on a CPU whose whole-UNet timings swing by a few
 percent. Each case builds one diffusers ``Attention`` at a mid-config layer shape, gives all three processors
 the same weights and inputs, and times them round-robin with process CPU time (one thread by default),
-taking the median over rounds of the best of ``--inner`` calls.
+taking the median over rounds of the best of ``--inner`` calls. Our conditioning is prepared once, before
+timing, as a generation call does before its denoising loop.
+
+``--count-ops`` counts instead what one call of each processor dispatches, with the profiler: every
+top-level ``aten`` operator (what a CPU pays dispatch overhead for) and those that run a kernel (views and
+no-op conversions excluded: what a GPU pays a launch for), with the kernels by name.
 
     python benchmarks/processor_layer.py
+    python benchmarks/processor_layer.py --count-ops --cases 256x2:2:official,256x2:2:paper,256x2:2:uniform
     python benchmarks/processor_layer.py --device cuda --dtype fp16 --cases 4096x10:2:official,1024x20:8:official
 """
 
@@ -16,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,6 +33,31 @@ from mipadapter.modeling import MIPAttnProcessor, SubjectConditioning
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # positions x heads : subjects : rule — the mid config's layers at 512 px (32² with 2 heads, 16² with 4)
 DEFAULT_CASES = "1024x2:2:official,1024x2:8:official,256x4:2:official,1024x2:2:uniform"
+# Operators that never launch a kernel; reshape-like ones only count when they copy.
+VIEW_OPS = {
+    "aten::view", "aten::transpose", "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze",
+    "aten::slice", "aten::select", "aten::as_strided", "aten::t", "aten::_unsafe_view", "aten::alias",
+    "aten::detach", "aten::unflatten", "aten::split", "aten::chunk", "aten::narrow", "aten::result_type",
+}
+COPYING_CHILDREN = {"aten::clone", "aten::copy_", "aten::_to_copy"}
+MAYBE_VIEW_OPS = {"aten::reshape", "aten::contiguous", "aten::to", "aten::flatten", "aten::dropout"}
+
+
+def count_ops(fn: Callable[[], object]) -> dict:
+    """Top-level aten operators one call of ``fn`` dispatches, and those that run a kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    kernels = [
+        e.name
+        for e in top
+        if e.name not in VIEW_OPS
+        and not (e.name in MAYBE_VIEW_OPS and not any(c.name in COPYING_CHILDREN for c in e.cpu_children))
+    ]
+    return {"operators": len(top), "kernels": len(kernels), "by_name": dict(sorted(Counter(kernels).items()))}
 
 
 def best_ms(fn: Callable[[], object], inner: int, device: torch.device) -> float:
@@ -52,7 +84,7 @@ def run_case(positions: int, heads: int, subjects: int, rule: str, args, device,
     torch.manual_seed(0)
     with torch.device(device):
         attn = Attention(query_dim=hidden, cross_attention_dim=cross, heads=heads, dim_head=head_dim)
-        ours = MIPAttnProcessor(hidden, cross, text_weight=True)
+        ours = MIPAttnProcessor(hidden, cross, text_weight=True, layer_name="layer")
     attn, ours = attn.to(dtype).eval(), ours.to(dtype)
     ip = IPAdapterAttnProcessor2_0(hidden, cross, num_tokens=(tokens * subjects,))
     ip.to_k_ip[0], ip.to_v_ip[0] = ours.to_k_ip, ours.to_v_ip  # the same adapter weights
@@ -72,16 +104,23 @@ def run_case(positions: int, heads: int, subjects: int, rule: str, args, device,
         use_text_weight=rule != "uniform", latent_size=(side, side),
     )  # fmt: skip
     hidden_states, text = rand(batch, positions, hidden), rand(batch, 77, cross)
+    with torch.no_grad():
+        cond.layer_inputs[ours.layer_name] = ours.prepare(attn, cond)  # once per generation call
     text_only = AttnProcessor2_0()
     calls = {
         "text_only": lambda: text_only(attn, hidden_states, text),
         "ip_concat": lambda: ip(attn, hidden_states, (text, [cond.image_tokens])),
         "ours": lambda: ours(attn, hidden_states, text, ip_hidden_states=cond),
     }
+    if args.count_ops:
+        with torch.no_grad():
+            for fn in calls.values():
+                fn()  # warm-up
+            return {"case": f"{positions}x{heads}:{subjects}:{rule}", **{name: count_ops(fn) for name, fn in calls.items()}}
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad():
         for fn in calls.values():
-            fn()  # warm-up; fills our per-call memo as the first denoising step does
+            fn()  # warm-up
         for _ in range(args.rounds):
             for name, fn in calls.items():
                 times[name].append(best_ms(fn, args.inner, device))
@@ -103,9 +142,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--count-ops", action="store_true", help="count dispatched operators instead of timing")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.count_ops:
+        print(f"{'case':<22}{'processor':<11}{'operators':>10}{'kernels':>9}  kernels by name")
+        for spec in args.cases.split(","):
+            shape, subjects, rule = spec.split(":")
+            positions, heads = (int(v) for v in shape.split("x"))
+            row = run_case(positions, heads, int(subjects), rule, args, device, dtype)
+            for name in ("text_only", "ip_concat", "ours"):
+                ops = row[name]
+                names = ", ".join(f"{op.removeprefix('aten::')} {count}" for op, count in ops["by_name"].items())
+                print(f"{row['case']:<22}{name:<11}{ops['operators']:>10}{ops['kernels']:>9}  {names}", flush=True)
+        return 0
     print(f"{'case':<22}{'text ms':>9}{'ip ms':>9}{'ours ms':>9}{'ours÷ip':>9}{'extra÷ip extra':>16}")
     for spec in args.cases.split(","):
         shape, subjects, rule = spec.split(":")
