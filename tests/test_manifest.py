@@ -66,8 +66,10 @@ def test_exact_json_of_a_record():
         "caption",
         "objects",
         "scores",
+        "crop_region",
     ]
-    assert data["schema_version"] == SCHEMA_VERSION
+    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["crop_region"] is None
     assert data["objects"][0] == {
         "name": "cat",
         "box": [10.0, 20.0, 610.0, 900.0],
@@ -112,7 +114,10 @@ def write_lines(path, objects):
         ),
         (lambda d: d["objects"][0].update(box=[5, 0, 1, 1]), r"line 2: field 'objects\[0\]': box of 'cat'"),
         (lambda d: d["scores"].update(s_other=1.0), r"line 2: field 'scores' has unknown key 's_other'"),
-        (lambda d: d.update(schema_version=2), r"line 2: field 'schema_version' is 2"),
+        (lambda d: d.update(schema_version=3), r"line 2: field 'schema_version' is 3"),
+        (lambda d: d.update(crop_region=[5, 0, 1]), r"line 2: field 'crop_region': expected a list of 4"),
+        (lambda d: d.update(crop_region=[5, 0, 1, 1]), r"line 2: image 'sa_1': crop_region must be finite"),
+        (lambda d: d.update(schema_version=1), r"line 2: unknown field\(s\) \['crop_region'\]"),
         (lambda d: d.update(height=0), r"line 2: image 'sa_1': size must be positive"),
     ],
 )
@@ -171,3 +176,17 @@ def test_resolve_is_relative_to_the_manifest_folder(tmp_path):
 def test_record_from_dict_default_location():
     with pytest.raises(ManifestError, match="^record: expected a JSON object"):
         record_from_dict([])
+
+
+def test_version_1_lines_are_still_read(tmp_path):
+    """A manifest written before crop_region existed reads into the same records."""
+    record = make_record(1)
+    old = record_to_dict(record)
+    old.pop("crop_region")
+    old["schema_version"] = 1
+    path = tmp_path / "old.jsonl"
+    write_lines(path, [old])
+    assert read_manifest(path) == [record]
+    region = ImageRecord("x", "x.png", 4, 4, "a cat", crop_region=(0, 1, 2, 3))
+    write_manifest([region], tmp_path / "new.jsonl")
+    assert read_manifest(tmp_path / "new.jsonl")[0].crop_region == (0.0, 1.0, 2.0, 3.0)

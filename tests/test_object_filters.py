@@ -121,3 +121,28 @@ def test_bad_config_names_the_field(kwargs):
 def test_bad_image_size():
     with pytest.raises(ValueError, match=r"\(0, 10\)"):
         select_objects([], (0, 10), "")
+
+
+def test_caption_match_substring_is_the_authors_test():
+    """The authors test ``caption.find(label) != -1``: case-sensitive, and a part of a word counts."""
+    objects = [Obj("cat", (5, 5, 45, 45), 0.9), Obj("Dog", (50, 10, 90, 50), 0.8)]
+    caption = "a category of dogs"
+    word = ObjectFilterConfig(max_objects=None)
+    substring = ObjectFilterConfig(max_objects=None, caption_match="substring")
+    assert select_objects(objects, SIZE, caption, word)[0] == []
+    kept, rejected = select_objects(objects, SIZE, caption, substring)
+    assert [o.name for o in kept] == ["cat"] and rejected == [(objects[1], f.NAME_NOT_IN_CAPTION)]
+    with pytest.raises(ValueError, match="caption_match must be one of"):
+        ObjectFilterConfig(caption_match="regex")
+
+
+def test_accept_runs_before_the_nesting_rule():
+    """A refused object does not block a nested one (the authors check is_valid_bbox first)."""
+    outer = Obj("cat", (5, 5, 60, 60), 0.9)
+    inner = Obj("dog", (10, 10, 50, 50), 0.8)
+    kept, rejected = select_objects(
+        [outer, inner], SIZE, CAPTION, accept=lambda o: "bad" if o is outer else None
+    )
+    assert kept == [inner] and rejected == [(outer, "bad")]
+    kept, rejected = select_objects([outer, inner], SIZE, CAPTION)
+    assert kept == [outer] and rejected == [(inner, f.NESTED)]

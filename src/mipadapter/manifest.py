@@ -5,11 +5,12 @@ mask PNGs) are relative to the folder that holds the manifest, so a dataset fold
 
 One line (keys always present; `null` where a value is absent)::
 
-    {"schema_version": 1, "id": "sa_1", "image": "images/sa_000000/sa_1.jpg", "width": 1500,
+    {"schema_version": 2, "id": "sa_1", "image": "images/sa_000000/sa_1.jpg", "width": 1500,
      "height": 2250, "original_size": null, "caption": "a cat sitting next to a jacket",
      "objects": [{"name": "cat", "box": [10.0, 20.0, 610.0, 900.0], "score": 0.61,
                   "mask": "masks/sa_000000/sa_1.png", "mask_label": 1, "clip_score": 0.31}, ...],
-     "scores": {"s_single": 0.29, "s_pair": -0.42, "s_quality": -0.13}}
+     "scores": {"s_single": 0.29, "s_pair": -0.42, "s_quality": -0.13},
+     "crop_region": null}
 
 * `box` is `[x1, y1, x2, y2]` in pixels of the referenced image (`width` × `height`).
 * `mask` is a PNG: with `mask_label` null, a binary mask (non-zero = object); with an integer, an
@@ -18,6 +19,11 @@ One line (keys always present; `null` where a value is absent)::
   the referenced image is the original.
 * `scores` holds the object quality scores that were computed (`s_single`, `s_pair`, `s_quality`);
   a score that is undefined (e.g. `s_pair` with one object) is absent, never NaN.
+* `crop_region` is `[x1, y1, x2, y2]` (pixels), the region a square training crop should hold when one
+  can: the union of every detected box, the authors' rule (the trainer's index sets it); null: the
+  objects' boxes decide.
+
+Version 1 lines (without `crop_region`) are still read.
 
 Parsing is strict: an unknown or missing key, a wrong type or a newer schema version is an error that
 names the line and the field.
@@ -35,7 +41,8 @@ from typing import Any
 
 from mipadapter.fileio import atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SCORE_KEYS = ("s_single", "s_pair", "s_quality")
 
 Box = tuple[float, float, float, float]
@@ -92,10 +99,23 @@ class ImageRecord:
     scores: Mapping[str, float] = field(default_factory=dict)
     original_size: tuple[int, int] | None = None
     schema_version: int = SCHEMA_VERSION
+    crop_region: Box | None = None
 
     def __post_init__(self) -> None:
         if not self.id:
             raise ValueError("image record id must be a non-empty string")
+        if self.crop_region is not None:
+            region = tuple(float(v) for v in self.crop_region)
+            if (
+                len(region) != 4
+                or not all(math.isfinite(v) for v in region)
+                or region[0] > region[2]
+                or region[1] > region[3]
+            ):
+                raise ValueError(
+                    f"image {self.id!r}: crop_region must be finite [x1, y1, x2, y2], got {self.crop_region!r}"
+                )
+            object.__setattr__(self, "crop_region", region)
         if self.width < 1 or self.height < 1:
             raise ValueError(f"image {self.id!r}: size must be positive, got {self.width}x{self.height}")
         object.__setattr__(self, "objects", tuple(self.objects))
@@ -125,6 +145,7 @@ _IMAGE_FIELDS = (
     "caption",
     "objects",
     "scores",
+    "crop_region",
 )
 
 
@@ -150,6 +171,7 @@ def record_to_dict(record: ImageRecord) -> dict[str, Any]:
             for o in record.objects
         ],
         "scores": dict(record.scores),
+        "crop_region": list(record.crop_region) if record.crop_region is not None else None,
     }
 
 
@@ -204,12 +226,14 @@ def _object_from_dict(data: Any, where: str) -> ObjectRecord:
 
 def record_from_dict(data: Any, where: str = "record") -> ImageRecord:
     """Parse one manifest object strictly; `where` (e.g. "manifest.jsonl line 3") prefixes errors."""
-    _check_keys(data, _IMAGE_FIELDS, where)
-    version = _typed(data["schema_version"], (int,), f"{where}: field 'schema_version'")
-    if version != SCHEMA_VERSION:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    version = _typed(data.get("schema_version"), (int,), f"{where}: field 'schema_version'")
+    if version not in READABLE_VERSIONS:
         raise ManifestError(
-            f"{where}: field 'schema_version' is {version}; this reader knows {SCHEMA_VERSION}"
+            f"{where}: field 'schema_version' is {version}; this reader knows {list(READABLE_VERSIONS)}"
         )
+    _check_keys(data, _IMAGE_FIELDS if version >= 2 else _IMAGE_FIELDS[:-1], where)
     objects = _typed(data["objects"], (list,), f"{where}: field 'objects'")
     scores = _typed(data["scores"], (dict,), f"{where}: field 'scores'")
     for key, value in scores.items():
@@ -233,7 +257,10 @@ def record_from_dict(data: Any, where: str = "record") -> ImageRecord:
             original_size=None
             if original is None
             else tuple(_number_list(original, 2, f"{where}: field 'original_size'", int)),
-            schema_version=version,
+            schema_version=SCHEMA_VERSION,  # a version 1 line is read into the current record
+            crop_region=None
+            if data.get("crop_region") is None
+            else tuple(_number_list(data["crop_region"], 4, f"{where}: field 'crop_region'")),
         )
     except ManifestError:
         raise

@@ -1,26 +1,30 @@
 """The authors' object selection rules, one implementation for data construction and training.
 
 Given the detected objects of one image (name, box, detector score), keep those that make good
-subjects. The defaults are the authors' constants (their training dataset code):
+subjects. The thresholds are the authors' constants (``data/subject_dataset.py``):
 
 * box area between 8% and 70% of the image, box width/height between 0.3 and 3, all strict;
 * detector score above 0.3;
-* the name is one word and occurs in the caption — here as a whole word, case-insensitively (theirs is
-  a raw substring test, which lets "cat" match "category");
-* candidates are taken by descending score; one whose box and an already kept box overlap by more than
-  80% of the smaller box (one nested in the other) is dropped;
-* names are distinct (the authors drop a two-object sample whose names are equal; keeping the best-
-  scored object of each name is the same rule for any number of objects);
-* at most 2 objects.
+* the name is one word and occurs in the caption: ``caption_match="substring"`` is the authors' test
+  (``caption.find(name) != -1``, case-sensitive, so "cat" also matches "category");
+  ``"word"`` (the default here) asks for the name as a whole word, any case;
+* candidates are taken by descending score; an optional ``accept`` test (training passes the authors'
+  mask check, ``is_valid_bbox``) runs next; then one whose box and an already kept box overlap by more
+  than 80% of the smaller box (one nested in the other) is dropped;
+* ``distinct_names``: the best-scored object of each name is kept and the others dropped, so an image
+  with two cats and a dog still gives (cat, dog). This is NOT the authors' rule: they keep the first two
+  objects that survive the crop and drop the whole sample when those two share a name (training does
+  that by default: ``data.filters.duplicate_names`` in `mipadapter.training.config`);
+* at most ``max_objects`` objects (2 by default).
 
-Not here: the authors' mask-based checks (how much of the box the segment fills); they need a mask,
-and the selection must work on boxes alone, before segmentation.
+Not here: checks that need the mask or the training crop (the authors' ``is_valid_bbox`` and their
+post-crop box filter); training applies them (`mipadapter.training.sources`, `.samples`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -34,6 +38,7 @@ AREA_TOO_LARGE = "area_too_large"
 ASPECT_RATIO = "aspect_ratio"
 NAME_NOT_IN_CAPTION = "name_not_in_caption"
 NESTED = "nested"
+INVALID_BOX = "invalid_box"  # refused by the caller's ``accept`` test
 DUPLICATE_NAME = "duplicate_name"
 TOO_MANY = "too_many"
 
@@ -52,6 +57,7 @@ class DetectedObject(Protocol):
 
 
 T = TypeVar("T", bound=DetectedObject)
+CAPTION_MATCHES = ("word", "substring")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class ObjectFilterConfig:
     max_aspect_ratio: float | None = 3.0
     min_score: float | None = 0.3
     name_in_caption: bool = True
+    caption_match: str = "word"  # "word" (whole word, any case) or "substring" (the authors' str.find)
     single_word_names: bool = True
     nested_overlap: float | None = (
         0.8  # intersection / smaller box area above which one box is nested in the other
@@ -80,6 +87,10 @@ class ObjectFilterConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"ObjectFilterConfig.{name} must be > 0, got {value!r}")
+        if self.caption_match not in CAPTION_MATCHES:
+            raise ValueError(
+                f"ObjectFilterConfig.caption_match must be one of {CAPTION_MATCHES}, got {self.caption_match!r}"
+            )
         if self.max_objects is not None and self.max_objects < 1:
             raise ValueError(f"ObjectFilterConfig.max_objects must be >= 1 or None, got {self.max_objects!r}")
 
@@ -129,8 +140,12 @@ def _own_rejection(
         return ASPECT_RATIO
     if config.max_aspect_ratio is not None and not aspect < config.max_aspect_ratio:
         return ASPECT_RATIO
-    if config.name_in_caption and not name_in_caption(name, caption):
-        return NAME_NOT_IN_CAPTION
+    if config.name_in_caption:
+        found = (
+            name_in_caption(name, caption) if config.caption_match == "word" else caption.find(obj.name) != -1
+        )
+        if not found:
+            return NAME_NOT_IN_CAPTION
     return None
 
 
@@ -139,11 +154,14 @@ def select_objects(
     image_size: tuple[int, int],
     caption: str,
     config: ObjectFilterConfig = ObjectFilterConfig(),
+    accept: Callable[[T], str | None] | None = None,
 ) -> tuple[list[T], list[tuple[T, str]]]:
     """Choose the subjects of one image.
 
     objects: detections, each with `.name`, `.box` ([x1, y1, x2, y2] pixels) and `.score`.
     image_size: (width, height) of the image the boxes refer to.
+    accept: an extra test of one object that passed its own rules, run before the nesting check (as
+    the authors run ``is_valid_bbox``): None to keep it, or the rejection reason.
     Returns (kept, rejected): kept in descending score order (ties keep input order); rejected as
     (object, reason) pairs, reasons from this module's constants, in the order they were decided.
     """
@@ -158,6 +176,8 @@ def select_objects(
     for index in order:
         obj = objects[index]
         reason = _own_rejection(obj, float(width * height), caption, config)
+        if reason is None and accept is not None:
+            reason = accept(obj)
         if reason is None and config.nested_overlap is not None:
             if any(box_overlap_of_smaller(k.box, obj.box) > config.nested_overlap for k in kept):
                 reason = NESTED

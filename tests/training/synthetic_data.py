@@ -48,6 +48,8 @@ def draw(shapes, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
         if shape.ellipse:
             cx, cy, rx, ry = (x1 + x2 - 1) / 2, (y1 + y2 - 1) / 2, (x2 - x1) / 2, (y2 - y1) / 2
             inside &= ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
+        else:  # a detector's box has some background around the segment (the authors' box check needs it)
+            inside &= (xs > x1) & (xs < x2 - 1) & (ys > y1) & (ys < y2 - 1)
         image[inside] = COLOURS[NAMES.index(shape.name)]
         labels[inside] = i + 1
         # a dark mark left of centre, so that a flipped reference differs from the original

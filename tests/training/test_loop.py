@@ -72,14 +72,15 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(setup, tmp_path):
     straight = train(make_config(setup, tmp_path / "straight"), components=components(setup))
     assert straight.finished and straight.step == 4 and len(straight.losses) == 4
 
-    def kill_at_3(step, loss):
-        if step == 3:
+    def kill_at_4(step, loss):
+        if step == 4:
             raise Killed
 
     interrupted = make_config(setup, tmp_path / "resumed")
     with pytest.raises(Killed):
-        train(interrupted, components=components(setup), on_step=kill_at_3)
+        train(interrupted, components=components(setup), on_step=kill_at_4)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "resumed")] == ["step-00000002"]
+    assert [m["step"] for m in read_metrics(tmp_path / "resumed")] == [1, 2, 3]  # step 3 after the checkpoint
     resumed = train(interrupted, components=components(setup))  # the same command again
     assert resumed.finished and resumed.step == 4
     assert resumed.losses == straight.losses[2:]
@@ -90,7 +91,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(setup, tmp_path):
     assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
     assert_same_optimizer(optimizer_a, optimizer_b)
     metrics = read_metrics(tmp_path / "resumed")
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # killed in step 3 before logging it
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # the first run's step 3 was dropped, not repeated
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in read_metrics(tmp_path / "straight")]
     assert {"loss", "lr", "samples_per_s", "skipped_samples", "epoch"} <= metrics[-1].keys()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "resumed")] == ["step-00000002", "step-00000004"]
 
@@ -185,4 +187,4 @@ export:
     assert (tmp_path / "out" / "export" / "mip_adapter.safetensors").is_file()
     assert (tmp_path / "out" / "checkpoints" / "step-00000002").is_dir()
     report = json.loads((tmp_path / "out" / "data" / "report.json").read_text())
-    assert report["kept"] == 4
+    assert report["kept"] == 3  # the one-object image is skipped: two subjects per sample by default

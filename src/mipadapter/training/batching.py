@@ -83,7 +83,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 class TrainBatch:
     """A collated batch (B samples, n = most subjects in the batch, m = longest name in tokens).
 
-    pixel_values [B, 3, R, R]; references [B, n, 3, S, S]; subject_mask [B, n] (bool, False = padding);
+    pixel_values [B, 3, R, R]; references [B, n·K, 3, S, S] (K = ``views`` per subject, subject-major);
+    subject_mask [B, n] (bool, False = padding);
     prompt_ids: per tokenizer [B, L_text]; name_ids: per tokenizer [B·n, L_name]; name_mask [B, n, m]
     (bool: rows 1..m of each name's encoding); time_ids [B, 6]; drop_image [B] (bool); indices [B];
     skipped: reasons of the samples dropped from this batch.
@@ -99,6 +100,7 @@ class TrainBatch:
     drop_image: torch.Tensor
     indices: torch.Tensor
     skipped: Counter = field(default_factory=Counter)
+    views: int = 1
 
     @property
     def size(self) -> int:
@@ -154,14 +156,19 @@ class Collator:
             return EmptyBatch(skipped)
         batch = len(samples)
         n = max(len(s.names) for s in samples)
+        views = samples[0].views
+        if any(s.views != views for s in samples):
+            raise ValueError(
+                f"samples of one batch have different view counts {sorted({s.views for s in samples})}"
+            )
         reference_shape = samples[0].references.shape[1:]
-        references = torch.empty(batch, n, *reference_shape)
+        references = torch.empty(batch, n * views, *reference_shape)
         subject_mask = torch.zeros(batch, n, dtype=torch.bool)
         names = [""] * (batch * n)
         for row, sample in enumerate(samples):  # copies only; no model work
             count = len(sample.names)
-            references[row, :count] = sample.references
-            references[row, count:] = sample.references[0]  # any valid image: its weight is 0
+            references[row, : count * views] = sample.references
+            references[row, count * views :] = sample.references[0]  # any valid image: its weight is 0
             subject_mask[row, :count] = True
             names[row * n : row * n + count] = sample.names
         captions = [s.caption for s in samples]
@@ -193,4 +200,5 @@ class Collator:
             drop_image=torch.tensor([s.drop_image for s in samples]),
             indices=torch.tensor([s.index for s in samples]),
             skipped=skipped,
+            views=views,
         )

@@ -1,9 +1,10 @@
 """The training configuration: one frozen dataclass tree, read from YAML or TOML, unknown keys are errors.
 
 A file maps 1:1 onto `TrainConfig`: each top-level table is one section (`model`, `data`, `optim`,
-`run`, `validation`, `export`), each key one field. Missing keys take the defaults below (the
-authors' recipe, DESIGN.md §1); an unknown key, a wrong type or a bad value stops with an error that
-names the key.
+`run`, `validation`, `export`), each key one field. Missing keys take the defaults below: the authors'
+recipe (``train_sdxl.py``, ``data/subject_dataset.py`` of hqhQAQ/MIP-Adapter), with every deviation an
+option listed in ``docs/fidelity.md``; an unknown key, a wrong type or a bad value stops with an error
+that names the key.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from mipadapter.object_filters import ObjectFilterConfig
 ARCHS = ("auto", "sdxl", "sd15")
 PROJECTIONS = ("basic", "plus")
 DATA_FORMATS = ("authors", "manifest")
+CROPS = ("authors", "subjects")
+CROP_COORDS = ("authors", "resized")
+DUPLICATE_NAMES = ("drop_sample", "keep_best")
+UNET_PRECISIONS = ("fp32", "mixed")
 PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 EXPORT_FORMATS = ("mipadapter", "authors", "diffusers")
@@ -58,8 +63,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    """`mipadapter.object_filters.ObjectFilterConfig` fields (same names, same meaning), plus a
-    mask check: an object whose segment fills less than ``min_mask_fill`` of its box is dropped."""
+    """Which detected objects become subjects (defaults: the authors' ``subject_dataset.py``).
+
+    The box rules are `mipadapter.object_filters.ObjectFilterConfig`'s (same names, same meaning;
+    ``caption_match`` ``substring`` is the authors' ``str.find`` test, ``word`` a whole-word match).
+    authors_box_check: the authors' ``is_valid_bbox`` on the mask inside the box: 2 to 5 distinct
+    values there, the most frequent value (background included, as theirs) filling at least 60% of
+    the box, and the dominant object's segment no larger than the box; checked before the nesting rule.
+    min_mask_fill: ours, off by default: the object's own segment fills at least this share of its box.
+    post_crop_filter: the authors' filter after the training crop: a subject's box in the resized crop
+    must cover more than 200 px and have a height/width ratio in (0.3, 3).
+    duplicate_names: ``drop_sample`` (the authors: a sample whose subjects share a name is skipped) or
+    ``keep_best`` (the best-scored object of each name is kept and the next name taken).
+    """
 
     min_area_frac: float | None = 0.08
     max_area_frac: float | None = 0.7
@@ -67,15 +83,22 @@ class FilterConfig:
     max_aspect_ratio: float | None = 3.0
     min_score: float | None = 0.3
     name_in_caption: bool = True
+    caption_match: str = "substring"
     single_word_names: bool = True
     nested_overlap: float | None = 0.8
-    distinct_names: bool = True
+    duplicate_names: str = "drop_sample"
+    authors_box_check: bool = True
     min_mask_fill: float = 0.0
+    post_crop_filter: bool = True
 
     def object_filter(self) -> ObjectFilterConfig:
-        """The object filter without a count cap (subjects are capped after the mask checks)."""
-        names = {f.name for f in dataclasses.fields(ObjectFilterConfig)} - {"max_objects"}
-        return ObjectFilterConfig(**{name: getattr(self, name) for name in names}, max_objects=None)
+        """The object filter without a count cap (subjects are capped after the mask and crop checks)."""
+        names = {f.name for f in dataclasses.fields(ObjectFilterConfig)} - {"max_objects", "distinct_names"}
+        return ObjectFilterConfig(
+            **{name: getattr(self, name) for name in names},
+            distinct_names=self.duplicate_names == "keep_best",
+            max_objects=None,
+        )
 
 
 @dataclass(frozen=True)
@@ -85,20 +108,33 @@ class DataConfig:
     format ``authors``: root holds ``images/<id>.png``, ``masks/<id>.png`` (instance label map) and
     ``jsons/<id>.json``; ids_file (optional) lists the ids to use (``.txt`` one a line, ``.json`` a list,
     or the authors' ``.pkl`` list of strings, read by a restricted unpickler). format ``manifest``: root is
-    the JSONL manifest (`mipadapter.manifest`). Subjects per sample: ``min_subjects`` to
-    ``max_subjects`` (images with fewer valid objects are skipped). resolution: the square training
-    size; flip_prob: the references' horizontal flip; random_crop: place the square crop at random
-    among the positions holding the subjects (else centred on them).
+    the JSONL manifest (`mipadapter.manifest`). See ``docs/training-data.md``.
+
+    Subjects per sample: ``min_subjects`` to ``max_subjects`` (the authors: exactly 2; samples with fewer
+    valid subjects are skipped). views: reference views per subject; above 1 each view is its own
+    condition routed by the subject's name (single-object multi-view training, ``multi_image="each"``
+    at inference): view 0 is the plain reference, the others random crops of the same padded segment
+    covering ``view_min_scale`` to 1 of its side, each flipped on its own. resolution: the square
+    training size; flip_prob: the references' horizontal flip; random_crop: place the square crop at
+    random among the allowed positions (else in their middle). crop: ``authors`` (the square must hold
+    every detected box when one can, else the centre square is taken and the post-crop filter decides
+    which subjects remain) or ``subjects`` (the square holds the chosen subjects; the lowest-ranked are
+    dropped until one does). crop_coords: SDXL's crop offset in the frame of the stored image (``authors``,
+    as their time ids) or of the image resized to the training size (``resized``).
     """
 
     root: str
     format: str = "authors"
     ids_file: str | None = None
     resolution: int = 512
-    min_subjects: int = 1
+    min_subjects: int = 2
     max_subjects: int = 2
+    views: int = 1
+    view_min_scale: float = 0.8
     flip_prob: float = 0.5
     random_crop: bool = True
+    crop: str = "authors"
+    crop_coords: str = "authors"
     num_workers: int = 4
     scan_workers: int = 8
     limit: int | None = None
@@ -111,7 +147,11 @@ class OptimConfig:
 
     rule: the merge rule trained (``official`` for the authors' checkpoints, or ``paper``).
     drop_text / drop_image / drop_both: condition dropout probabilities (disjoint events).
-    batch_size: per process. max_grad_norm: None switches clipping off.
+    batch_size: per process. max_grad_norm: None (the authors: no clipping) or a norm to clip to.
+    mixed_precision: ``fp16`` in the authors' launch command (set in the config files; ``no`` here so a
+    CPU run works). unet_precision: ``fp32`` keeps the frozen UNet in float32 under autocast, as the
+    authors' accelerate setup does; ``mixed`` casts it to the mixed-precision dtype (half the memory).
+    Trainable parameters stay float32 either way.
     """
 
     rule: str = "official"
@@ -125,8 +165,9 @@ class OptimConfig:
     max_steps: int = 12000
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = None
     mixed_precision: str = "no"
+    unet_precision: str = "fp32"
     gradient_checkpointing: bool = False
     drop_text: float = 0.05
     drop_image: float = 0.05
@@ -167,13 +208,14 @@ class ValidationPrompt:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Images from fixed prompts and references every ``every`` steps (0: never), same seed each time."""
+    """Images from fixed prompts and references every ``every`` steps (0: never), same seed each time
+    (scale: the authors' ``--infer_scale``, 0.75 for SDXL, 0.65 in their Plus command)."""
 
     every: int = 0
     prompts: tuple[ValidationPrompt, ...] = ()
     num_inference_steps: int = 30
     guidance_scale: float = 5.0
-    scale: float = 1.0
+    scale: float = 0.75
     seed: int = 420
 
 
@@ -231,6 +273,16 @@ def validate(config: TrainConfig) -> None:
     _check(d.format in DATA_FORMATS, "data.format", d.format, f"one of {DATA_FORMATS}")
     _check(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", d.resolution, "a multiple of 8")
     _check(1 <= d.min_subjects <= d.max_subjects, "data.min_subjects", d.min_subjects, "in [1, max_subjects]")
+    _check(d.views >= 1, "data.views", d.views, ">= 1")
+    _check(0.0 < d.view_min_scale <= 1.0, "data.view_min_scale", d.view_min_scale, "in (0, 1]")
+    _check(d.crop in CROPS, "data.crop", d.crop, f"one of {CROPS}")
+    _check(d.crop_coords in CROP_COORDS, "data.crop_coords", d.crop_coords, f"one of {CROP_COORDS}")
+    _check(
+        d.filters.duplicate_names in DUPLICATE_NAMES,
+        "data.filters.duplicate_names",
+        d.filters.duplicate_names,
+        f"one of {DUPLICATE_NAMES}",
+    )
     _check(0.0 <= d.flip_prob <= 1.0, "data.flip_prob", d.flip_prob, "in [0, 1]")
     _check(d.num_workers >= 0 and d.scan_workers >= 1, "data.num_workers", d.num_workers, ">= 0")
     _check(d.limit is None or d.limit >= 1, "data.limit", d.limit, "None or >= 1")
@@ -248,6 +300,12 @@ def validate(config: TrainConfig) -> None:
     _check(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", o.lr_schedule, f"one of {LR_SCHEDULES}")
     _check(
         o.mixed_precision in PRECISIONS, "optim.mixed_precision", o.mixed_precision, f"one of {PRECISIONS}"
+    )
+    _check(
+        o.unet_precision in UNET_PRECISIONS,
+        "optim.unet_precision",
+        o.unet_precision,
+        f"one of {UNET_PRECISIONS}",
     )
     for name in ("learning_rate", "adam_epsilon"):
         _check(getattr(o, name) > 0, f"optim.{name}", getattr(o, name), "> 0")

@@ -75,6 +75,22 @@ def data_fingerprint(config: TrainConfig) -> str:
     return json.dumps(data, sort_keys=True)
 
 
+def subject_rules(config: TrainConfig) -> SubjectRules:
+    """The subject rules of the config's data section (index time and every sample's crop)."""
+    d = config.data
+    return SubjectRules(
+        d.filters.object_filter(),
+        d.filters.min_mask_fill,
+        d.min_subjects,
+        d.max_subjects,
+        authors_box_check=d.filters.authors_box_check,
+        post_crop_filter=d.filters.post_crop_filter,
+        duplicate_names=d.filters.duplicate_names,
+        crop=d.crop,
+        resolution=d.resolution,
+    )
+
+
 def prepare_index(config: TrainConfig, write: bool) -> list:
     """The training index of this run: read from ``data/index.jsonl`` when a previous start of the same
     run built it (same data settings), else built from the source (and written when ``write``)."""
@@ -94,8 +110,7 @@ def prepare_index(config: TrainConfig, write: bool) -> list:
         keys, read = authors_candidates(d.root, d.ids_file)
     else:
         keys, read = manifest_candidates(d.root)
-    rules = SubjectRules(d.filters.object_filter(), d.filters.min_mask_fill, d.min_subjects, d.max_subjects)
-    records, report = build_index(keys, read, rules, workers=d.scan_workers, limit=d.limit)
+    records, report = build_index(keys, read, subject_rules(config), workers=d.scan_workers, limit=d.limit)
     logger.info("training data: %s", report.summary())
     if write:
         write_manifest(records, index_path)
@@ -179,7 +194,8 @@ def train(
     try:
         weight_dtype = DTYPES[o.mixed_precision]
         cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
-        components.unet.to(device, **cast)
+        # the authors keep the frozen UNet in float32 and let autocast run it in half precision
+        components.unet.to(device, **(cast if o.unet_precision == "mixed" else {"dtype": torch.float32}))
         components.vae.to(device)  # float32: the SDXL VAE overflows in fp16
         components.image_encoder.to(device, **cast)
         for encoder in components.text_encoders:
@@ -251,6 +267,11 @@ def train(
             drop_text=o.drop_text,
             drop_image=o.drop_image,
             drop_both=o.drop_both,
+            crop=config.data.crop,
+            crop_coords=config.data.crop_coords,
+            views=config.data.views,
+            view_min_scale=config.data.view_min_scale,
+            rules=subject_rules(config),
         )
         sampler = ResumableBatchSampler(len(records), o.batch_size, o.seed, rank, world, start=state.batches)
         loader = torch.utils.data.DataLoader(
@@ -260,7 +281,8 @@ def train(
             num_workers=config.data.num_workers,
         )
         batches = iter(loader)
-        log = MetricsLog(output_dir, r.tensorboard) if main else None
+        # rows logged after the checkpoint we resume from were computed again: drop them first
+        log = MetricsLog(output_dir, r.tensorboard, resume_step=state.step) if main else None
         progress = None
         if main and r.progress_bar:
             from tqdm.auto import tqdm

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mipadapter.manifest import ImageRecord, ManifestError, ObjectRecord, record_from_dict
+from mipadapter.manifest import Box, ImageRecord, ManifestError, ObjectRecord, record_from_dict
 from mipadapter.object_filters import ObjectFilterConfig, select_objects
 
 MISSING_FILE = "missing_file"
@@ -27,13 +27,22 @@ CORRUPT_JSON = "corrupt_json"
 UNREADABLE_IMAGE = "unreadable_image"
 NO_VALID_OBJECT = "no_valid_object"
 EMPTY_MASK = "empty_mask"
-SKIP_REASONS = (MISSING_FILE, CORRUPT_JSON, UNREADABLE_IMAGE, NO_VALID_OBJECT, EMPTY_MASK)
+DUPLICATE_NAMES = "duplicate_names"
+SKIP_REASONS = (MISSING_FILE, CORRUPT_JSON, UNREADABLE_IMAGE, NO_VALID_OBJECT, EMPTY_MASK, DUPLICATE_NAMES)
 
 # object-level reasons added to those of `mipadapter.object_filters`
 OBJECT_EMPTY_MASK = "empty_mask"
 OBJECT_LOW_MASK_FILL = "low_mask_fill"
+OBJECT_INVALID_BOX = "invalid_box"  # the authors' is_valid_bbox
 OBJECT_CROP_DOES_NOT_FIT = "crop_does_not_fit"
+OBJECT_POST_CROP = "post_crop_filter"  # the authors' post_bbox_filter
 OBJECT_OVER_MAX_SUBJECTS = "over_max_subjects"
+
+# the authors' constants (data/subject_dataset.py)
+MAX_VALUES_IN_BOX = 5
+MIN_BOX_FILL = 0.6
+MIN_CROP_BOX_AREA = 200.0
+CROP_BOX_RATIO = (0.3, 3.0)
 
 
 class DataError(ValueError):
@@ -114,13 +123,19 @@ def read_ids(path: str | Path) -> list[str]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the photo as `mipadapter.photos.open_photo` will give it (EXIF turn applied),
+    from its header alone."""
     from PIL import Image
 
+    from mipadapter.photos import EXIF_ORIENTATION, PhotoError, photo_size
+
     try:
+        width, height = photo_size(path, "training image")
         with Image.open(path) as image:
-            return image.size
-    except OSError as error:
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn
+    except (PhotoError, OSError) as error:
         raise DataError(UNREADABLE_IMAGE, f"{path}: not a readable image ({error})") from None
+    return (height, width) if turned else (width, height)
 
 
 def read_authors_candidate(root: Path, image_id: str) -> Candidate:
@@ -275,45 +290,173 @@ def crop_range(
     return left, top
 
 
+def authors_box_check(labels: np.ndarray, box: Sequence[float]) -> bool:
+    """The authors' ``is_valid_bbox`` on a mask [H, W] and a float box: inside the box (corners truncated)
+    2 to 5 distinct values, the most frequent one (background included) filling at least 60% of the
+    box's area, and the dominant object value (the most frequent after the smallest value, as theirs)
+    covering no more pixels in the whole mask than the box's area."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    inside = labels[int(y1) : int(y2), int(x1) : int(x2)]
+    values, counts = np.unique(inside, return_counts=True)
+    if not 2 <= len(counts) <= MAX_VALUES_IN_BOX:
+        return False
+    area = (x2 - x1) * (y2 - y1)
+    if counts.max() / area < MIN_BOX_FILL:
+        return False
+    dominant = values[counts[1:].argmax() + 1]
+    return bool((labels == dominant).sum() <= area)
+
+
+def crop_box(box: Sequence[float], left: int, top: int, side: int, resolution: int) -> Box | None:
+    """The part of ``box`` inside the square crop (left, top, side), in the frame of the crop resized to
+    ``resolution`` (corners truncated to pixels first, as the authors draw their box masks); None when
+    nothing of it is inside."""
+    scale = resolution / side
+    x1, y1 = max(int(box[0]), left), max(int(box[1]), top)
+    x2, y2 = min(int(box[2]), left + side), min(int(box[3]), top + side)
+    if x2 <= x1 or y2 <= y1:
+        return None
+    return ((x1 - left) * scale, (y1 - top) * scale, (x2 - left) * scale, (y2 - top) * scale)
+
+
+def passes_post_crop(box: Box | None) -> bool:
+    """The authors' ``post_bbox_filter`` on a box in the training frame: area above 200 px and a
+    height/width ratio strictly between 0.3 and 3."""
+    if box is None:
+        return False
+    width, height = box[2] - box[0], box[3] - box[1]
+    return (
+        width > 0
+        and width * height > MIN_CROP_BOX_AREA
+        and CROP_BOX_RATIO[0] < height / width < CROP_BOX_RATIO[1]
+    )
+
+
+def final_subjects(
+    objects: Sequence[ObjectRecord],
+    crop: tuple[int, int, int],
+    rules: SubjectRules,
+    rejected: Counter | None = None,
+) -> list[ObjectRecord]:
+    """The subjects of one training crop (left, top, side), best first: the post-crop filter (when on),
+    then the first ``max_subjects``; raises `DataError` when fewer than ``min_subjects`` remain or, with
+    ``duplicate_names="drop_sample"``, when two of them share a name (the authors' rules)."""
+    rejected = rejected if rejected is not None else Counter()
+    left, top, side = crop
+    kept = []
+    for obj in objects:
+        if rules.post_crop_filter and not passes_post_crop(
+            crop_box(obj.box, left, top, side, rules.resolution)
+        ):
+            rejected[OBJECT_POST_CROP] += 1
+            continue
+        kept.append(obj)
+    if len(kept) > rules.max_subjects:
+        rejected[OBJECT_OVER_MAX_SUBJECTS] += len(kept) - rules.max_subjects
+        kept = kept[: rules.max_subjects]
+    if len(kept) < rules.min_subjects:
+        raise DataError(
+            NO_VALID_OBJECT, f"{len(kept)} subjects left in the training crop, need {rules.min_subjects}"
+        )
+    names = [o.name.strip().lower() for o in kept]
+    if rules.duplicate_names == "drop_sample" and len(set(names)) < len(names):
+        raise DataError(DUPLICATE_NAMES, f"the subjects {[o.name for o in kept]} share a name")
+    return kept
+
+
+def authors_crop(
+    region: Sequence[float], width: int, height: int
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The authors' offsets (left range, top range) of the ``min(W, H)`` square holding ``region``
+    (corners truncated to int, as theirs), or None when no square does."""
+    side = min(width, height)
+    x1, y1, x2, y2 = (int(v) for v in region)
+    left = (max(0, x2 - side), min(x1, width - side))
+    top = (max(0, y2 - side), min(y1, height - side))
+    if left[0] > left[1] or top[0] > top[1]:
+        return None
+    return left, top
+
+
 @dataclass(frozen=True)
 class SubjectRules:
+    """How subjects are chosen (see `mipadapter.training.config.FilterConfig` and ``DataConfig``).
+
+    crop: ``authors`` or ``subjects``; resolution: the training side (for the post-crop filter)."""
+
     filters: ObjectFilterConfig
     min_mask_fill: float
     min_subjects: int
     max_subjects: int
+    authors_box_check: bool = False
+    post_crop_filter: bool = False
+    duplicate_names: str = "keep_best"
+    crop: str = "subjects"
+    resolution: int = 512
+
+
+def _union(boxes: Sequence[Sequence[float]]) -> Box:
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
 
 
 def choose_subjects(
     record: ImageRecord, rules: SubjectRules, rejected: Counter, label_map: bool = False
 ) -> ImageRecord:
-    """The record with only its training subjects, best first, each mask resolved and non-empty.
+    """The record with only its training subject candidates, best first, each mask resolved and non-empty.
 
-    Order: the object filters (no count cap), then mask checks (a segment inside the box, filling at
-    least ``min_mask_fill`` of it), then the cap at ``max_subjects``, then the lowest-ranked subjects are
-    dropped until one square crop holds all boxes. Raises `DataError` when fewer than ``min_subjects``
-    are left. Object rejections are added to ``rejected``. label_map: objects without a ``mask_label``
-    take the most frequent non-zero label inside their box (the authors' label maps); otherwise a mask
-    without a label is binary.
+    Order (the authors'): the object rules by descending score, with the authors' mask check
+    (``authors_box_check``) before the nesting rule; then our optional ``min_mask_fill``. Then
+
+    * crop ``authors``: ``crop_region`` is set to the union of every detected box; when one square crop
+      holds it, the post-crop filter, the cap and the name rule (`final_subjects`) are decided here,
+      else (the centre crop) every candidate is kept and each sample decides;
+    * crop ``subjects``: the cap at ``max_subjects``, then the lowest-ranked subjects are dropped until
+      one square crop holds all boxes.
+
+    Raises `DataError` when fewer than ``min_subjects`` are left. Object rejections are added to
+    ``rejected``. label_map: objects without a ``mask_label`` take the most frequent non-zero label inside
+    their box (the authors' label maps); otherwise a mask without a label is binary.
     """
+    label_maps: dict[str, np.ndarray] = {}
+
+    def labels_of(obj: ObjectRecord) -> np.ndarray | None:
+        if obj.mask is None:
+            return None
+        if obj.mask not in label_maps:
+            label_maps[obj.mask] = load_label_map(obj.mask)
+        return label_maps[obj.mask]
+
+    def accept(obj: ObjectRecord) -> str | None:
+        labels = labels_of(obj)
+        if labels is not None and not authors_box_check(labels, obj.box):
+            return OBJECT_INVALID_BOX
+        return None
+
     kept, dropped = select_objects(
-        list(record.objects), (record.width, record.height), record.caption, rules.filters
+        list(record.objects),
+        (record.width, record.height),
+        record.caption,
+        rules.filters,
+        accept=accept if rules.authors_box_check else None,
     )
     rejected.update(reason for _, reason in dropped)
     if len(kept) < rules.min_subjects:
         raise DataError(
             NO_VALID_OBJECT, f"{record.id}: {len(kept)} objects pass the filters, need {rules.min_subjects}"
         )
-    label_maps: dict[str, np.ndarray] = {}
     checked: list[ObjectRecord] = []
     empty = 0
     for obj in kept:
-        if obj.mask is None:
+        labels = labels_of(obj)
+        if labels is None:
             rejected[OBJECT_EMPTY_MASK] += 1
             empty += 1
             continue
-        if obj.mask not in label_maps:
-            label_maps[obj.mask] = load_label_map(obj.mask)
-        labels = label_maps[obj.mask]
         label = obj.mask_label
         if label is None and label_map:
             label = dominant_label(labels, obj.box)
@@ -331,6 +474,19 @@ def choose_subjects(
             rejected[OBJECT_LOW_MASK_FILL] += 1
             continue
         checked.append(replace(obj, mask_label=label))
+    if rules.crop == "authors":
+        region = _union([o.box for o in record.objects])
+        if len(checked) < rules.min_subjects:
+            reason = EMPTY_MASK if empty and len(checked) + empty >= rules.min_subjects else NO_VALID_OBJECT
+            raise DataError(reason, f"{record.id}: {len(checked)} subjects left after the mask checks")
+        ranges = authors_crop(region, record.width, record.height)
+        if ranges is not None:
+            crop = (ranges[0][0], ranges[1][0], min(record.width, record.height))
+            try:  # any square holding every box sees the same boxes: decided once, here
+                checked = final_subjects(checked, crop, rules, rejected)
+            except DataError as error:
+                raise DataError(error.reason, f"{record.id}: {error}") from None
+        return replace(record, objects=tuple(checked), crop_region=region)
     if len(checked) > rules.max_subjects:
         rejected[OBJECT_OVER_MAX_SUBJECTS] += len(checked) - rules.max_subjects
     checked = checked[: rules.max_subjects]
@@ -340,6 +496,11 @@ def choose_subjects(
     if len(checked) < rules.min_subjects:
         reason = EMPTY_MASK if empty and len(checked) + empty >= rules.min_subjects else NO_VALID_OBJECT
         raise DataError(reason, f"{record.id}: {len(checked)} subjects left after mask and crop checks")
+    names = [o.name.strip().lower() for o in checked]
+    if rules.duplicate_names == "drop_sample" and len(set(names)) < len(names):
+        raise DataError(
+            DUPLICATE_NAMES, f"{record.id}: the subjects {[o.name for o in checked]} share a name"
+        )
     return replace(record, objects=tuple(checked))
 
 

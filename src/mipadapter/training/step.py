@@ -7,6 +7,14 @@ handle every subject of every layer in batched tensor ops. No Python loop over l
 Variable subject counts: padded subjects have scale 0 and are marked absent in the conditioning's
 ``present`` mask, which zeroes their routing weight under every rule (under ``official`` their relevance
 would otherwise enter ``Σ_k A_k``), so a padded sample computes what the unpadded one does.
+
+Several views per subject (``views`` K > 1, single-object multi-view training): each view is its own
+condition owned by its subject with a share of 1/K, as ``multi_image="each"`` routes several photos at
+inference.
+
+A dropped image (condition dropout) follows the authors and the inference pipeline's unconditional
+input: basic adapters get a zero image embedding; Plus adapters get the image encoder's hidden states of
+an all-zero (normalised) pixel input, which the resampler then projects (``train_sdxl_plus.py``).
 """
 
 from __future__ import annotations
@@ -32,17 +40,19 @@ def subject_conditioning(
     rule: MergeRule | str,
     use_text_weight: bool,
     latent_size: tuple[int, int],
+    views: int = 1,
 ) -> SubjectConditioning:
-    """The conditioning of a padded training batch (one photo per subject).
+    """The conditioning of a padded training batch (``views`` photos per subject, each its own condition).
 
-    image_tokens [B, n, t, c]; subject_mask [B, n] (bool); name_embeds [B, n, m, c]; name_mask [B, n, m].
+    image_tokens [B, n·K, t, c] (subject-major); subject_mask [B, n] (bool); name_embeds [B, n, m, c];
+    name_mask [B, n, m].
     """
     n = subject_mask.shape[1]
     device = image_tokens.device
     return SubjectConditioning(
         image_tokens=image_tokens,
-        owner=torch.arange(n, device=device),
-        share=torch.ones(n, device=device),
+        owner=torch.arange(n, device=device).repeat_interleave(views),
+        share=torch.full((n * views,), 1.0 / views, device=device, dtype=image_tokens.dtype),
         scales=subject_mask.to(image_tokens.dtype),
         name_embeds=name_embeds,
         name_mask=name_mask,
@@ -73,11 +83,14 @@ class AdapterUNet(nn.Module):
         subject_mask: torch.Tensor,
         name_embeds: torch.Tensor,
         name_mask: torch.Tensor,
+        views: int = 1,
     ) -> torch.Tensor:
-        """noisy_latents [B, 4, h, w]; image_features [B, n, D] or [B, n, L, D] → prediction [B, 4, h, w]."""
-        b, n = subject_mask.shape
-        tokens = self.adapter.project(image_features.flatten(0, 1))  # [B·n, t, c]
-        tokens = tokens.view(b, n, *tokens.shape[1:])  # [B, n, t, c]
+        """noisy_latents [B, 4, h, w]; image_features [B, n·K, D] or [B, n·K, L, D] (K = views) →
+        prediction [B, 4, h, w]."""
+        b = subject_mask.shape[0]
+        conditions = image_features.shape[1]  # n·K
+        tokens = self.adapter.project(image_features.flatten(0, 1))  # [B·n·K, t, c]
+        tokens = tokens.view(b, conditions, *tokens.shape[1:])  # [B, n·K, t, c]
         cond = subject_conditioning(
             tokens,
             subject_mask,
@@ -86,6 +99,7 @@ class AdapterUNet(nn.Module):
             self.rule,
             self.adapter.config.text_weight,
             tuple(noisy_latents.shape[-2:]),
+            views,
         )
         self.adapter.prepare(cond)  # image keys/values with gradients, name keys frozen: once per step
         return self.unet(
@@ -128,6 +142,23 @@ def encode_images(image_encoder: nn.Module, references: torch.Tensor, hidden_sta
 
 
 @torch.no_grad()
+def encode_dropped(
+    image_encoder: nn.Module, references: torch.Tensor, drop: torch.Tensor, hidden_states: bool
+) -> torch.Tensor:
+    """`encode_images` with condition dropout: references [B, n, 3, S, S], drop [B] (bool).
+
+    A dropped sample's features are what the inference pipeline feeds the unconditional half: zero
+    embeddings (basic), or the hidden states of all-zero normalised pixels (Plus), as the authors do.
+    """
+    b = references.shape[0]
+    keep = (~drop).view(b, *([1] * (references.ndim - 1)))
+    if hidden_states:  # zero the pixels, then encode (train_sdxl_plus.py)
+        return encode_images(image_encoder, references * keep.to(references.dtype), True)
+    features = encode_images(image_encoder, references, False)
+    return features * keep.view(b, 1, 1).to(features.dtype)  # zero embeddings (train_sdxl.py)
+
+
+@torch.no_grad()
 def encode_latents(vae: nn.Module, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """pixel_values [B, 3, R, R] in [-1, 1] → scaled latents [B, 4, R/8, R/8], sampled with ``generator``
     (a CPU generator: the draw does not depend on the device)."""
@@ -162,9 +193,9 @@ def training_loss(
     with torch.no_grad():
         prompt_embeds, pooled = frozen.text.encode_prompts(batch.prompt_ids)
         name_embeds = frozen.text.encode_names(batch.name_ids, batch.name_mask)
-        features = encode_images(frozen.image_encoder, batch.references, frozen.uses_hidden_states)
-        keep = (~batch.drop_image).to(features.dtype).view(b, *([1] * (features.ndim - 1)))
-        features = features * keep  # a dropped image is a zero embedding, as at inference
+        features = encode_dropped(
+            frozen.image_encoder, batch.references, batch.drop_image, frozen.uses_hidden_states
+        )
     added = None
     if frozen.arch == "sdxl":
         added = {"text_embeds": pooled.to(dtype), "time_ids": batch.time_ids.to(device, dtype)}
@@ -177,6 +208,7 @@ def training_loss(
         batch.subject_mask,
         name_embeds.to(dtype),
         batch.name_mask,
+        batch.views,
     )
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)

@@ -29,8 +29,9 @@ def render_validation(
     The adapter is detached from the UNet for the call and attached again afterwards.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from PIL import Image
 
+    from mipadapter.fileio import atomic_write
+    from mipadapter.photos import open_photo
     from mipadapter.pipeline import MIPAdapterPipeline, Subject
 
     unet = components.unet
@@ -64,7 +65,11 @@ def render_validation(
     try:
         for number, item in enumerate(config.prompts):
             subjects = [
-                Subject(name=s.name, images=(Image.open(s.image).convert("RGB"),), scale=config.scale)
+                Subject(
+                    name=s.name,
+                    images=(open_photo(s.image, f"validation.prompts[{number}] image of {s.name!r}"),),
+                    scale=config.scale,
+                )
                 for s in item.subjects
             ]
             generator = torch.Generator().manual_seed(config.seed)
@@ -80,7 +85,7 @@ def render_validation(
                 show_progress=False,
             ).images[0]
             path = folder / f"{number:02d}.png"
-            image.save(path)
+            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             paths.append(path)
     finally:
         runner.unload()
