@@ -12,8 +12,10 @@ import sys
 from collections.abc import Sequence
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, verbose: bool = False) -> None:
     parser.add_argument("--config", required=True, help="training config (.yaml / .yml / .toml)")
+    if verbose:
+        parser.add_argument("-v", "--verbose", action="store_true", help="full tracebacks")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -45,15 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mipadapter.train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
+    add_arguments(parser, verbose=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from mipadapter.training.config import ConfigError
-    from mipadapter.training.sources import NoValidDataError
-
     try:
         return run(args)
-    except (ConfigError, NoValidDataError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # bad config, data, paths or model files: one line
+        if args.verbose:
+            raise
         print(f"mipadapter.train: error: {error}", file=sys.stderr)
         return 2
 

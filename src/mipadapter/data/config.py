@@ -24,8 +24,11 @@ class DataConfig:
       caption_model: BLIP-2 captioner.
       grounding_model: Grounding DINO detector.
       segment_model: SAM, prompted with the kept boxes.
-      clip_model: CLIP for the quality score. The paper says "CLIP g"; LAION's ViT-g/14 is the public
-        model of that name with weights in transformers' format.
+      clip_model: CLIP for the quality score. The paper writes the score with an encoder function
+        ``g`` (``g_text``, ``g_img``) and names no model, nor did the authors release this code: the
+        choice is ours. We default to LAION's CLIP ViT-g/14 (laion2B, transformers' format), a large
+        public CLIP, because the score compares an object's crop with its one-word name and a larger
+        CLIP separates such pairs more reliably; any CLIP works (e.g. the evaluation's ViT-B/32, faster).
     Stages:
       phrases: "nouns" grounds the caption's nouns as separate phrases ("cat. jacket."), the authors'
         route; "caption" grounds the whole caption and takes the detector's own phrase spans.

@@ -308,10 +308,20 @@ def _authors_items(shard: Shard, skips: SkipLog) -> Iterator[Item]:
 
 
 def open_image(item: Item):
-    """Decode an item's image fully (RGB). Raises OSError/ValueError-family errors for corrupt data."""
+    """Decode an item's image fully (RGB), turned upright by its EXIF orientation, refused above the
+    pixel limit by its header (`mipadapter.photos`). Raises OSError/ValueError-family errors for corrupt
+    or oversized data."""
     from PIL import Image
 
-    source = io.BytesIO(item.data) if item.data is not None else item.path
-    with Image.open(source) as image:
+    from mipadapter.photos import DEFAULT_MAX_PIXELS, PhotoError, open_photo, upright
+
+    if item.data is None:
+        return open_photo(item.path, f"image {item.id}")
+    with Image.open(io.BytesIO(item.data)) as image:  # a member of a tar shard
+        width, height = image.size
+        if width * height > DEFAULT_MAX_PIXELS:
+            raise PhotoError(
+                f"image {item.id} of {item.shard} is {width}×{height}, above the {DEFAULT_MAX_PIXELS / 1e6:g} MP limit"
+            )
         image.load()  # decode now: a lazy open accepts a file whose pixels are garbage
-        return image.convert("RGB")
+        return upright(image).convert("RGB")

@@ -114,11 +114,13 @@ class ModelOptions:
             else:
                 from diffusers import DiffusionPipeline
 
-                from mipadapter.checkpoint.hub import fetch_failed, resolve_folder
                 from mipadapter.config import PRESETS
+                from mipadapter.hub import fetch_failed, resolve_folder
 
                 source = str(self.base_model or PRESETS[self.preset].base_model)
-                location, subfolder = resolve_folder(source, "base model", "--base-model")
+                location, subfolder = resolve_folder(
+                    source, "base model", "--base-model", marker="model_index.json"
+                )
                 extra = {"subfolder": subfolder} if subfolder else {}
                 try:
                     pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=self.torch_dtype, **extra)

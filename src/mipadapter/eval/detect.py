@@ -101,13 +101,24 @@ def load_grounding_dino(
     text_threshold: float = 0.25,
     device: Any = None,
 ) -> GroundingDinoDetector:
-    """Load a Grounding DINO checkpoint (hub id or folder); ``device`` only if the caller gives one."""
+    """Load a Grounding DINO checkpoint (hub id or folder); ``device`` only if the caller gives one.
+
+    A model that is neither local nor cached fails at once offline, in one line naming ``--detector``
+    (`mipadapter.hub`)."""
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-    model = AutoModelForZeroShotObjectDetection.from_pretrained(model_id_or_path)
+    from mipadapter.hub import fetch_failed, resolve_folder
+
+    what, where = "Grounding DINO detector", "--detector"
+    location, subfolder = resolve_folder(model_id_or_path, what, where)
+    extra = {"subfolder": subfolder} if subfolder else {}
+    try:
+        model = AutoModelForZeroShotObjectDetection.from_pretrained(location, **extra)
+        processor = AutoProcessor.from_pretrained(location, **extra)
+    except OSError as error:
+        raise fetch_failed(model_id_or_path, what, where, error) from error
     if device is not None:
         model = model.to(device)
-    processor = AutoProcessor.from_pretrained(model_id_or_path)
     return GroundingDinoDetector(
         model,
         processor,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -71,20 +72,57 @@ def components_from_pipeline(pipe, image_encoder: nn.Module, arch: str = "auto")
     )
 
 
+def check_model_files(config: ModelConfig) -> None:
+    """What can be checked of the models before any is loaded (seconds, not minutes): the base model's
+    ``unet/config.json``, the ``adapter_init`` file key by key and shape by shape against that UNet, and
+    the image encoder's ``config.json`` against the adapter's input width. Errors name the config key."""
+    import json
+
+    from mipadapter.checkpoint import check_adapter_file
+    from mipadapter.hub import looks_local, resolve_file, resolve_folder_file
+    from mipadapter.pipeline.loading import check_encoder_fits, unet_skeleton
+
+    skeleton = unet_skeleton(config.base_model, "base model", "model.base_model")
+    encoder_file = resolve_folder_file(
+        config.image_encoder, "config.json", "image encoder", "model.image_encoder"
+    )
+    try:
+        encoder_config = json.loads(encoder_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"model.image_encoder {config.image_encoder!r}: unreadable {encoder_file} ({error})"
+        ) from None
+    if config.adapter_init is not None:
+        if looks_local(config.adapter_init) and not Path(config.adapter_init).expanduser().exists():
+            raise FileNotFoundError(f"model.adapter_init {config.adapter_init!r} does not exist")
+        path = resolve_file(config.adapter_init, "adapter to start from", "model.adapter_init")
+        checked = check_adapter_file(path, skeleton)
+        check_encoder_fits(encoder_config, checked.config, config.image_encoder, "model.image_encoder")
+
+
 def load_components(config: ModelConfig) -> Components:
-    """Load the base pipeline (folder or Hub id) and the image encoder (folder or ``owner/repo/subfolder``)."""
+    """Load the base pipeline (folder or Hub id) and the image encoder (folder or ``owner/repo/subfolder``);
+    offline, a model that is not there fails at once, naming its config key (`mipadapter.hub`)."""
     from diffusers import DiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from mipadapter.hub import resolve_folder
+    from mipadapter.hub import fetch_failed, resolve_folder
 
-    base, base_sub = resolve_folder(config.base_model, "base model", "model.base_model")
+    where, what = "model.base_model", "base model"
+    base, base_sub = resolve_folder(config.base_model, what, where, marker="model_index.json")
     extra = {"subfolder": base_sub} if base_sub else {}
-    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, **extra)
-    where, sub = resolve_folder(config.image_encoder, "image encoder", "model.image_encoder")
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-        where, subfolder=sub or "", dtype=torch.float32
-    )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, **extra)
+    except OSError as error:
+        raise fetch_failed(config.base_model, what, where, error) from error
+    where, what = "model.image_encoder", "image encoder"
+    location, sub = resolve_folder(config.image_encoder, what, where)
+    try:
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+            location, subfolder=sub or "", dtype=torch.float32
+        )
+    except OSError as error:
+        raise fetch_failed(config.image_encoder, what, where, error) from error
     return components_from_pipeline(pipe, image_encoder, config.arch)
 
 

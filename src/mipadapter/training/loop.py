@@ -39,7 +39,13 @@ from mipadapter.training.batching import (
     SubjectDataset,
     TrainBatch,
 )
-from mipadapter.training.components import Components, build_adapter, load_components, set_trainable
+from mipadapter.training.components import (
+    Components,
+    build_adapter,
+    check_model_files,
+    load_components,
+    set_trainable,
+)
 from mipadapter.training.config import TrainConfig
 from mipadapter.training.export import export_adapter
 from mipadapter.training.metrics import MetricsLog
@@ -137,6 +143,25 @@ def resume_source(config: TrainConfig) -> Path | None:
     return path
 
 
+def check_run_inputs(config: TrainConfig) -> None:
+    """The paths a run reads and writes, before anything loads; errors name the config key."""
+    from mipadapter.fileio import check_output_dir
+    from mipadapter.photos import photo_size
+
+    d = config.data
+    root = Path(d.root)
+    if d.format == "authors" and not root.is_dir():
+        raise FileNotFoundError(f"data.root {d.root!r} is not a folder (the authors' layout: images/, masks/, jsons/)")
+    if d.format == "manifest" and not root.is_file():
+        raise FileNotFoundError(f"data.root {d.root!r} is not a manifest file (data.format is 'manifest')")
+    if d.ids_file is not None and not Path(d.ids_file).is_file():
+        raise FileNotFoundError(f"data.ids_file {d.ids_file!r} does not exist")
+    check_output_dir(config.run.output_dir, "run.output_dir")
+    for number, item in enumerate(config.validation.prompts):
+        for subject in item.subjects:
+            photo_size(subject.image, f"validation.prompts[{number}] image of {subject.name!r}")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -165,6 +190,7 @@ def train(
 
     o, r = config.optim, config.run
     output_dir = Path(r.output_dir)
+    check_run_inputs(config)
     accelerator = Accelerator(mixed_precision=o.mixed_precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     device = accelerator.device
@@ -175,6 +201,8 @@ def train(
     _seed_everything(o.seed + rank)
     generator = torch.Generator().manual_seed(o.seed * 7919 + rank)  # noise, timesteps, latent samples
 
+    if components is None and source is None:
+        check_model_files(config.model)  # the adapter file and the configs, before minutes of loading
     with accelerator.main_process_first():
         records = prepare_index(config, write=main)
     components = components if components is not None else load_components(config.model)
