@@ -220,7 +220,7 @@ def routed_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     weights: torch.Tensor | None,
-    base: torch.Tensor,
+    base: torch.Tensor | None,
     *,
     num_conditions: int,
     alpha: float = 1.0,
@@ -232,17 +232,18 @@ def routed_attention(
 
     query [b, h, p, d]; keys, values [b, h, t·N, d] in token-major order (row ``j`` holds token ``j // N``
     of condition ``j % N``), keys already scaled by ``1/sqrt(d)``; weights [b, p, N] or None (all 1);
-    base [b, h, p, d] (the text branch); num_conditions ``N`` → [b, h, p, d].
+    base [b, h, p, d] (the text branch) or None (the image term alone); num_conditions ``N`` → [b, h, p, d].
     """
     b, h, p, d = query.shape
     if (
         keys.shape[:2] != (b, h)
         or values.shape != keys.shape
-        or base.shape != query.shape
+        or (base is not None and base.shape != query.shape)
         or keys.shape[2] % num_conditions
     ):
         raise ValueError(
-            f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and base {tuple(base.shape)} must be "
+            f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and base "
+            f"{None if base is None else tuple(base.shape)} must be "
             f"[b, h, t·N, d] with N={num_conditions} and [b, h, p, d] for a query of {tuple(query.shape)}"
         )
     logits = torch.matmul(query, keys.transpose(-1, -2))  # [b, h, p, t·N]
@@ -251,6 +252,8 @@ def routed_attention(
     if weights is not None:
         probs = probs * _as_dtype(weights, probs.dtype)[:, None, :, None, :]  # × weights [b, 1, p, 1, N]
     image = torch.matmul(probs.view(b, h, p, -1), values)  # [b, h, p, d]
+    if base is None:
+        return image if alpha == 1.0 else image * alpha
     # The sum takes base's memory layout: SDPA writes [b, p, h, d], so the caller's flattening to
     # [b, p, h·d] stays a view (no copy before to_out).
     return torch.add(base, image, alpha=alpha)
