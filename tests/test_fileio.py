@@ -54,7 +54,7 @@ def test_atomic_write_replaces_whole(tmp_path):
 def test_check_output_file_names_the_flag(tmp_path):
     (tmp_path / "adir").mkdir()
     with pytest.raises(ValueError, match=r"^-o '.*adir' is a folder"):
-        check_output_file(tmp_path / "adir", "-o")
+        check_output_file(tmp_path / "adir", "-o", (".png",))  # the folder, not its missing extension
     with pytest.raises(FileNotFoundError, match=r"^--contact-sheet '.*missing/s.png': the folder"):
         check_output_file(tmp_path / "missing" / "s.png", "--contact-sheet")
     with pytest.raises(ValueError, match=r"^-o .*extension must be one of .png, .jpg"):

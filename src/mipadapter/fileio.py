@@ -82,12 +82,12 @@ def check_output_file(
     unknown extension); returns the path.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder; give a file name")
     if suffixes is not None:
         accepted = tuple(suffixes)
         if path.suffix.lower() not in accepted:
             raise ValueError(f"{what} {str(path)!r}: the extension must be one of {', '.join(accepted)}")
-    if path.is_dir():
-        raise ValueError(f"{what} {str(path)!r} is a folder; give a file name")
     parent = path.parent
     if not parent.exists() and create_parent:
         parent.mkdir(parents=True, exist_ok=True)
