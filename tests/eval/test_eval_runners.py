@@ -85,6 +85,9 @@ def test_concept101_runner_end_to_end_and_resume(tmp_path, mip_pipe, tiny_encode
     assert (
         on_disk["settings"]["references"] == "crop" and "json_data" in on_disk["settings"]["reference_boxes"]
     )
+    meta = json.loads((out / "meta" / "official" / "00000_s420_0.json").read_text())
+    assert meta["settings"]["negative_prompt"] == AUTHORS_NEGATIVE_PROMPT  # what the pipeline actually used
+    assert meta["warnings"] == [] and meta["settings"]["num_inference_steps"] == 1
     assert on_disk["dataset"]["quirks"] == [
         {"group": "c101/001", "quirk": "class 'sofa' does not match folder './benchmark_dataset/pet_dog1'"}
     ]

@@ -1,5 +1,5 @@
 """Evaluation: metrics, benchmark runners (CustomConcept101, DreamBench), the relevance experiment,
-reports and routing-map figures (DESIGN.md §1, §3).
+reports and figures (docs/evaluation.md).
 
 Modules: `metrics` (pure functions over features), `aggregate` (mean ± std over seeds, per-subject
 minimum), `datasets` (benchmark layouts → cases, quirks flagged), `variants` (rules, baselines, Table 4

@@ -1,4 +1,4 @@
-"""Evaluation metrics as pure functions over features (DESIGN.md §3).
+"""Evaluation metrics as pure functions over features (docs/evaluation.md).
 
 Features are arrays or tensors ``[n, e]``; everything is computed in float64 numpy and returned as numpy.
 

@@ -5,7 +5,7 @@ test, e.g. the authors' MIP checkpoint) or ``"ip"`` (a plain h94 IP-Adapter chec
 
 The paper's Table 4 ablations are read as removing one factor at a time from the merge the released
 checkpoints were trained with (``official``: ``Z_text + Σ s_i·w_i⊙g⊙Z_img_i`` with ``w_i = A_i/Σ_k A_k``
-and ``g = f/mean f``; DESIGN.md §1), all at inference on the same weights:
+and ``g = f/mean f``; docs/method.md), all at inference on the same weights:
 
 | Table 4 row | variant | merge it computes |
 | --- | --- | --- |
@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mipadapter.config import AUTHORS_NEGATIVE_PROMPT  # what the authors' generate() always encodes
+
 __all__ = [
     "AUTHORS_NEGATIVE_PROMPT",
     "GROUPS",
@@ -33,9 +35,6 @@ __all__ = [
     "Variant",
     "resolve_variants",
 ]
-
-# The negative prompt the authors' generate() always encodes (ip_adapter/ip_adapter_multi.py).
-AUTHORS_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
 @dataclass(frozen=True)
