@@ -137,3 +137,38 @@ def test_without_a_device_accelerate_decides(sa1b, tmp_path, fake_models):
     from accelerate import PartialState
 
     assert fake_models[0][1] == PartialState().device
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["build", "--input", "{tmp}/none", "--output", "{tmp}/out"], "--input '{tmp}/none' does not exist"),
+        (
+            ["build", "--input", "{tmp}", "--output", "{tmp}/file"],
+            "--output '{tmp}/file' is a file; give a folder",
+        ),
+        (
+            ["build", "--input", "{tmp}", "--output", "{tmp}/out", "--top-k", "0"],
+            "--top-k must be >= 1, got 0",
+        ),
+        (
+            ["build", "--input", "{tmp}", "--output", "{tmp}/out", "--batch-size", "0"],
+            "--batch-size must be >= 1, got 0",
+        ),
+        (
+            ["build", "--input", "{tmp}", "--output", "{tmp}/out", "--config", "{tmp}/c.yaml"],
+            "--config '{tmp}/c.yaml' is not a file",
+        ),
+        (
+            ["score", "--input", "{tmp}", "--output", "{tmp}/out", "--ids", "{tmp}/ids.txt"],
+            "--ids '{tmp}/ids.txt' is not a file",
+        ),
+        (["merge", "--output", "{tmp}/none"], "--output '{tmp}/none' is not the folder of a data run"),
+    ],
+)
+def test_bad_flags_fail_in_one_line_before_any_model(tmp_path, capsys, fake_models, args, message):
+    (tmp_path / "file").write_text("x")
+    code = data_main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"mipadapter data: error: {message.format(tmp=tmp_path)}"]
+    assert fake_models == [] and not (tmp_path / "out").exists()

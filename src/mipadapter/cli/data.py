@@ -80,16 +80,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 _OVERRIDES = ("top_k", "mode", "batch_size", "images_per_shard", "dtype")
 
 
+_FLAGS = {
+    "top_k": "--top-k",
+    "mode": "--mode",
+    "batch_size": "--batch-size",
+    "images_per_shard": "--images-per-shard",
+}
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """The flags' paths, before any model or data is read: one line naming the flag."""
+    from pathlib import Path
+
+    from mipadapter.fileio import check_output_dir
+
+    if getattr(args, "input", None) is not None and not Path(args.input).exists():
+        raise FileNotFoundError(f"--input {args.input!r} does not exist")
+    if getattr(args, "config", None) is not None and not Path(args.config).is_file():
+        raise FileNotFoundError(f"--config {args.config!r} is not a file")
+    if getattr(args, "ids", None) is not None and not Path(args.ids).is_file():
+        raise FileNotFoundError(f"--ids {args.ids!r} is not a file")
+    if args.verb == "merge":
+        if not Path(args.output).is_dir():
+            raise FileNotFoundError(f"--output {args.output!r} is not the folder of a data run")
+    elif Path(args.output).exists():  # a file, or a folder we cannot write: refused now
+        check_output_dir(args.output, "--output", create=False)
+    if getattr(args, "top_k", None) is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+
+
+def _with_overrides(config, args: argparse.Namespace):
+    """The config with the flags that override it; a bad value is reported by its flag."""
+    overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k, None) is not None}
+    try:
+        return dataclasses.replace(config, **overrides)
+    except ValueError as error:
+        text = str(error)
+        for field, flag in _FLAGS.items():
+            text = text.replace(f"DataConfig.{field}", flag)
+        raise ValueError(text) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from mipadapter import data
 
+    _check_paths(args)
     if args.verb == "merge":
         report = data.merge_dataset(args.output, top_k=args.top_k)
         print(report.text())
         return 0
     config = data.load_data_config(args.config) if args.config else data.DataConfig()
-    overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k, None) is not None}
-    config = dataclasses.replace(config, **overrides)
+    config = _with_overrides(config, args)
     common = {"device": args.device, "progress": not args.no_progress}
     if args.verb == "build":
         report = data.build_dataset(args.input, args.output, config, layout=args.layout, **common)
