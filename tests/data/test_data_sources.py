@@ -120,3 +120,28 @@ def test_skip_log_keeps_a_few_examples():
     log.merge(other)
     assert log.to_dict() == {"counts": {"corrupt_image": 4}, "examples": {"corrupt_image": ["a", "b"]}}
     assert SkipLog.from_dict(log.to_dict()).to_dict() == log.to_dict()
+
+
+def test_open_image_turns_photos_upright_from_files_and_tars(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation is decoded upright (as every photo the
+    project opens), whether it is a file or a member of a tar shard."""
+    import io
+
+    import numpy as np
+
+    from mipadapter.data.sources import Item, open_image
+
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    buffer = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buffer, format="PNG", exif=exif.tobytes())
+    (tmp_path / "p.png").write_bytes(buffer.getvalue())
+    for item in (
+        Item(id="a", shard="s", suffix=".png", data=buffer.getvalue()),
+        Item(id="b", shard="s", suffix=".png", path=str(tmp_path / "p.png")),
+    ):
+        image = open_image(item)
+        assert image.size == (40, 24) and image.mode == "RGB"
+        assert np.array_equal(np.asarray(image), np.asarray(upright))
