@@ -372,6 +372,27 @@ def test_training_prepares_each_step_and_trains_the_adapter_weights():
         assert param.grad is not None and float(param.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("rule", ["paper", "official"])
+def test_no_gradient_flows_through_the_relevance_maps(rule, monkeypatch):
+    """Training: the gradient of the layer is the one with A_i held constant (computed from a detached
+    query), as in the authors' processor; only the merge and the image/text branches carry gradients."""
+    from mipadapter.modeling import routing
+
+    attn, proc = make_layer()
+    text = inputs()[1]
+
+    def gradient():
+        hidden = inputs()[0].requires_grad_(True)
+        out = run(attn, hidden, text, make_conditioning(rule, True))
+        return torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), hidden)[0]
+
+    got = gradient()
+    plain = routing.ops.position_maps
+    monkeypatch.setattr(routing.ops, "position_maps", lambda query, *rest: plain(query.detach(), *rest))
+    torch.testing.assert_close(got, gradient(), rtol=0, atol=0)
+    assert float(got.abs().max()) > 0
+
+
 # ----------------------------------------------------------------------------------------- errors
 
 

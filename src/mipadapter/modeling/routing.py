@@ -96,8 +96,9 @@ def route(
             "MIPAdapter.prepare(conditioning) before running the model (MIPAdapterPipeline does)"
         )
     columns = None
-    if cond.needs_relevance:
-        columns = ops.position_maps(relevance_query, inputs.name_keys, inputs.name_weights)  # [b, p, N + 1]
+    if cond.needs_relevance:  # a routing signal: no gradient flows through it (the authors detach it too)
+        query = relevance_query.detach() if relevance_query.requires_grad else relevance_query
+        columns = ops.position_maps(query, inputs.name_keys, inputs.name_weights)  # [b, p, N + 1]
     regions = cond.regions_at(positions) if cond.regions is not None else None  # [b, p, N]
     relevance, routing, total = ops.routing_maps(
         cond.rule, columns, regions, cond.has_region_per_condition, cond.region_mode, cond.first_of_subject
