@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from mipadapter.cli.main import build_parser, main
+from mipadapter.recipe import ModelRecord
 from mipadapter.testing.mip import tiny_mip_pipeline
 from mipadapter.web.handler import GenerateRequest, SubjectForm, generate, native_side
 
@@ -26,9 +27,10 @@ def web(need):
 
 def test_cli_binds_to_loopback_by_default():
     args = build_parser().parse_args(["web", "--tiny"])
-    assert (args.host, args.port, args.tiny, args.max_subjects) == ("127.0.0.1", 7860, True, 4)
+    assert (args.host, args.port, args.tiny, args.max_subjects) == ("127.0.0.1", 7860, "sdxl", 4)
+    assert build_parser().parse_args(["web", "--tiny", "sd15"]).tiny == "sd15"
     args = build_parser().parse_args(["web", "--host", "0.0.0.0", "--port", "9000", "--preset", "ip-sdxl"])
-    assert (args.host, args.port, args.preset, args.tiny) == ("0.0.0.0", 9000, "ip-sdxl", False)
+    assert (args.host, args.port, args.preset, args.tiny) == ("0.0.0.0", 9000, "ip-sdxl", None)
 
 
 def test_cli_without_gradio_says_how_to_get_it(monkeypatch, capsys):
@@ -45,6 +47,59 @@ def test_generation_runs_one_at_a_time_and_ui_helpers_stay_off_the_api(web, pipe
     assert generate_fn.queue and generate_fn.concurrency_limit == 1
     assert generate_fn.api_name == "generate"
     assert all(fn.api_visibility == "private" for name, fn in by_name.items() if name != "on_generate")
+
+
+def component(app, elem_id: str):
+    (found,) = [block for block in app.blocks.values() if getattr(block, "elem_id", None) == elem_id]
+    return found
+
+
+def test_advanced_shows_the_loaded_presets_negative_prompt_and_scale(web, pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "default_negative_prompt", "monochrome, lowres", raising=False)
+    app = web.build_app(pipe)
+    assert component(app, "negative-prompt").value == "monochrome, lowres"
+    assert component(app, "default-strength").value == pipe.adapter.config.default_scale
+    assert component(app, "subject-0-strength").value == pipe.adapter.config.default_scale
+    assert component(app, "region-mode").value == "replace"
+
+
+def test_the_model_line_names_the_family_and_the_models(web, pipe):
+    record = ModelRecord("tiny-sdxl (random)", "tiny-mip (random)", "tiny", tiny="sdxl")
+    line = web.model_line(pipe, record, compiled=True)
+    assert line.startswith("Model: **SDXL** (compiled)")
+    assert "base model `tiny-sdxl (random)`" in line and "preset" not in line
+
+
+def test_cli_compile_compiles_the_unet_and_turns_routing_maps_off(web, monkeypatch):
+    built = {}
+
+    def build_app(pipe, *args, **kwargs):
+        built.update(pipe=pipe, models=args[1], compiled=kwargs["compiled"])
+        return "app"
+
+    monkeypatch.setattr(web, "build_app", build_app)
+    monkeypatch.setattr(web, "launch", lambda app, **kwargs: built.update(launched=app))
+    assert main(["web", "--tiny", "--compile"]) == 0
+    assert built["launched"] == "app" and built["compiled"] is True
+    assert built["pipe"].pipe.unet.forward is not type(built["pipe"].pipe.unet).forward  # torch.compile'd
+    assert isinstance(built["models"], ModelRecord) and built["models"].tiny == "sdxl"  # what recipes record
+
+
+def test_page_history_numbers_runs_per_page_newest_first_and_stays_bounded(web):
+    history = web.PageHistory(max_images=3, max_pages=2)
+    assert history.add("a", ["a1"], "seed 1") == [("a1", "#1 · seed 1")]
+    assert history.add("b", ["b1", "b2"], "seed 9") == [("b1", "#1 · seed 9"), ("b2", "#1 · seed 9")]
+    assert history.add("a", [], "") == [("a1", "#1 · seed 1")]  # a run that made nothing is not counted
+    shown = history.add("a", ["a2", "a3"], "seed 2")
+    assert shown == [("a2", "#2 · seed 2"), ("a3", "#2 · seed 2"), ("a1", "#1 · seed 1")]
+    assert (
+        history.add("a", ["a4"], "seed 3")[0] == ("a4", "#3 · seed 3") and len(history.add("a", [], "")) == 3
+    )
+    history.add("c", ["c1"], "seed 5")  # a third page: the least recently used ("b") is dropped
+    assert history.add("b", [], "") == []
+    assert history.add("c", [], "") == [("c1", "#1 · seed 5")]
+    history.drop("c")  # the page was closed
+    assert history.add("c", [], "") == []
 
 
 def test_examples_ship_with_the_package_and_generate(web, pipe):

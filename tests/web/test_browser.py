@@ -7,6 +7,7 @@ under CI, where .ci/extra installs them and a missing piece fails.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -14,7 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from mipadapter.recipe import read_recipe
+from mipadapter.web.handler import slot_color
+from mipadapter.web.preview import BACKGROUND, canvas_size
 
 pytestmark = pytest.mark.browser
 
@@ -23,6 +30,7 @@ CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
+    "--disable-quic",
     "--no-first-run",
     "--disable-background-networking",
     "--disable-component-update",
@@ -86,6 +94,7 @@ def browser(server, chromium, tmp_path_factory):
             headless=True,
             args=CHROMIUM_FLAGS,
             viewport={"width": 1400, "height": 1100},
+            accept_downloads=True,
         )
         context.set_default_timeout(30_000)
         try:
@@ -94,19 +103,43 @@ def browser(server, chromium, tmp_path_factory):
             context.close()
 
 
-def fill_subjects(page, prompt: str) -> None:
+def thumbnails(page, slot: int):
+    """The thumbnails shown in a subject's photo gallery."""
+    return page.locator(f"#subject-{slot}-photos img")
+
+
+def wait_for_thumbnails(page, slot: int, count: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll('#subject-{slot}-photos img').length === {count}")
+
+
+def set_number(page, selector: str, value) -> None:
+    """Type into a number field and commit it (Enter), as a person does."""
+    page.fill(f"{selector} input[type=number]", str(value))
+    page.press(f"{selector} input[type=number]", "Enter")
+
+
+def fill_subjects(page, prompt: str, steps: int = 2) -> None:
     """Upload a photo to each of the two subject slots, name them and write the prompt."""
     for slot, (name, photo) in enumerate(
         [("cat", ASSETS / "cat.jpg"), ("backpack", ASSETS / "backpack.jpg")]
     ):
         page.fill(f"#subject-{slot}-name textarea, #subject-{slot}-name input", name)
         page.set_input_files(f"#subject-{slot}-photos input[type=file]", str(photo))
-        page.wait_for_function(  # the upload finished: the file is listed (its name split into spans)
-            f"document.querySelector('#subject-{slot}-photos').innerText.includes('{photo.stem}')"
-        )
+        wait_for_thumbnails(page, slot, 1)  # the upload finished: its thumbnail is shown
     page.fill("#prompt textarea", prompt)
-    page.fill("#steps input[type=number]", "2")
-    page.press("#steps input[type=number]", "Enter")
+    set_number(page, "#steps", steps)
+
+
+def wait_for_result(page, count: int = 2) -> None:
+    """Wait until the routing maps are shown (the images gallery is filled in the same update)."""
+    page.wait_for_function(f"document.querySelectorAll('#maps img').length >= {count}", timeout=60_000)
+
+
+def fetch_image(page, selector: str) -> Image.Image:
+    """The image an <img> on the page shows, fetched as the browser would."""
+    response = page.request.get(page.get_attribute(selector, "src"))
+    assert response.ok, response.status
+    return Image.open(io.BytesIO(response.body())).convert("RGB")
 
 
 def test_upload_two_subjects_generate_and_see_an_image_and_two_routing_maps(browser, server, tmp_path):
@@ -114,9 +147,7 @@ def test_upload_two_subjects_generate_and_see_an_image_and_two_routing_maps(brow
     page.goto(server)
     fill_subjects(page, "a cat wearing a backpack in Boston")
     page.click("#generate")
-    page.wait_for_function(
-        "document.querySelectorAll('#maps img').length >= 2", timeout=60_000
-    )  # the images gallery is filled in the same update
+    wait_for_result(page)
     assert page.locator("#images img").count() == 1
     assert page.locator("#maps img").count() == 2
     maps_text = page.inner_text("#maps")
@@ -168,13 +199,160 @@ def test_an_example_button_loads_two_photos_and_a_prompt_that_generate(browser, 
     page.fill("#width input[type=number]", "96")
     page.press("#width input[type=number]", "Enter")
     page.click("#example-1")  # dog + teapot, with boxes in pixels of the native size
-    page.wait_for_function("document.querySelector('#subject-1-photos').innerText.includes('teapot')")
+    wait_for_thumbnails(page, 1, 1)
     assert page.input_value("#prompt textarea") == "a dog next to a teapot on a wooden table"
     assert page.input_value("#width input[type=number]") == "64"
-    assert "dog" in page.inner_text("#subject-0-photos")
-    page.fill("#steps input[type=number]", "2")
-    page.press("#steps input[type=number]", "Enter")
+    assert thumbnails(page, 0).get_attribute("src").endswith("/dog.jpg")  # shown as a picture
+    assert thumbnails(page, 1).get_attribute("src").endswith("/teapot.jpg")
+    assert page.locator("#subject-0-x1 input").is_visible()  # the example's boxes are shown, not folded
+    set_number(page, "#steps", 2)
     page.click("#generate")
-    page.wait_for_function("document.querySelectorAll('#maps img').length >= 2", timeout=60_000)
+    wait_for_result(page)
     assert "'dog' (box), 'teapot' (box)" in page.inner_text("#status")
+    page.close()
+
+
+def test_photos_show_as_thumbnails_and_are_removed_one_by_one(browser, server):
+    page = browser.new_page()
+    page.goto(server)
+    photos = [str(ASSETS / "cat.jpg"), str(ASSETS / "backpack.jpg")]
+    page.set_input_files("#subject-0-photos input[type=file]", photos)
+    wait_for_thumbnails(page, 0, 2)
+    sources = [thumbnails(page, 0).nth(index).get_attribute("src") for index in range(2)]
+    assert sources[0].endswith("/cat.jpg") and sources[1].endswith("/backpack.jpg")
+    page.locator("#subject-0-photos button[aria-label='Delete image']").first.click()
+    wait_for_thumbnails(page, 0, 1)
+    assert thumbnails(page, 0).get_attribute("src").endswith("/backpack.jpg")
+    page.fill("#subject-0-name textarea, #subject-0-name input", "backpack")
+    page.fill("#prompt textarea", "a backpack on a beach")
+    set_number(page, "#steps", 1)
+    page.click("#generate")
+    wait_for_result(page, 1)  # the request carried the one photo left
+    assert page.inner_text("#status").startswith("Generated 1 image")
+    page.close()
+
+
+def test_a_box_typed_as_numbers_is_drawn_over_the_canvas_preview(browser, server):
+    page = browser.new_page()
+    page.goto(server)
+    page.fill("#subject-1-name textarea, #subject-1-name input", "teapot")
+    page.click("#subject-1-region button, #subject-1-region .label-wrap")  # open the region panel
+    for field, value in zip(("x0", "y0", "x1", "y1"), (32, 0, 64, 32), strict=True):
+        set_number(page, f"#subject-1-{field}", value)
+    page.locator("#region-summary").get_by_text("box (32, 0, 64, 32)").wait_for()
+    assert "'teapot'" in page.inner_text("#region-summary")
+    preview = np.asarray(fetch_image(page, "#region-preview img")).astype(int)
+    width, height = canvas_size(64, 64)
+    assert preview.shape == (height, width, 3)
+    color, scale = np.array(slot_color(1)), width / 64
+    top, right = 1, round(64 * scale) - 2  # on the box's outline (top edge, right edge)
+    assert np.array_equal(preview[top, (32 * round(scale) + right) // 2], color)
+    assert np.array_equal(preview[round(16 * scale), right], color)
+    inside = preview[round(24 * scale), round(56 * scale)]  # tinted towards the subject's colour
+    assert np.abs(inside - color).sum() < np.abs(np.array(BACKGROUND) - color).sum()
+    assert np.array_equal(preview[round(48 * scale), round(16 * scale)], BACKGROUND)  # outside: blank
+    page.close()
+
+
+def test_a_downloaded_image_carries_its_recipe_naming_both_subjects(browser, server, tmp_path):
+    page = browser.new_page()
+    page.goto(server)
+    page.click("#example-1")
+    wait_for_thumbnails(page, 1, 1)
+    set_number(page, "#steps", 2)
+    set_number(page, "#seed", 7)
+    page.click("#generate")
+    wait_for_result(page)
+    page.locator("#images img").first.click()  # open the image, then its download button
+    with page.expect_download() as download:
+        page.locator("#images button[aria-label='Download']").click()
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.suffix == ".png"
+    recipe = read_recipe(saved)
+    assert [subject["name"] for subject in recipe["subjects"]] == ["dog", "teapot"]
+    assert [subject["region"] for subject in recipe["subjects"]] == [[0, 0, 32, 64], [32, 0, 64, 64]]
+    assert recipe["prompt"] == "a dog next to a teapot on a wooden table"
+    assert (recipe["seed"], recipe["steps"]) == (7, 2)
+    assert recipe["models"]["tiny"] == "sdxl"
+    with Image.open(saved) as image:
+        assert image.size == (recipe["width"], recipe["height"]) == (64, 64)
+    page.close()
+
+
+def test_a_starved_subject_shows_its_warning_at_its_own_slot(browser, server):
+    page = browser.new_page()
+    page.goto(server)
+    fill_subjects(page, "a cat wearing a backpack in Boston")
+    page.click("#subject-1-region button, #subject-1-region .label-wrap")
+    for field, value in zip(("x0", "y0", "x1", "y1"), (0, 0, 8, 8), strict=True):  # one latent cell
+        set_number(page, f"#subject-1-{field}", value)
+    page.locator("#region-summary").get_by_text("box (0, 0, 8, 8)").wait_for()
+    page.click("#generate")
+    warning = page.locator("#subject-1-warning")
+    warning.get_by_text("Warning").wait_for(timeout=60_000)
+    assert "backpack" in warning.inner_text()
+    assert page.inner_text("#subject-0-warning") == ""
+    assert page.inner_text("#subject-0-error") == page.inner_text("#subject-1-error") == ""
+    assert page.locator("#images img").count() == 1  # a warning, not a refusal
+    assert "See the warning at subject 2" in page.inner_text("#status")
+    page.close()
+
+
+WATCH_JS = """([selector, needle]) => {
+    const seen = (window.__seen = window.__seen || {});
+    const look = () => {
+        const target = document.querySelector(selector);
+        if (target && target.innerText.includes(needle)) seen[selector + needle] = true;
+    };
+    new MutationObserver(look).observe(document.body, {subtree: true, childList: true, characterData: true});
+    look();
+}"""
+
+
+def watch(page, selector: str, needle: str) -> None:
+    """Remember, from now on, whether ``needle`` ever shows in ``selector`` (``seen``), however briefly."""
+    page.evaluate(WATCH_JS, [selector, needle])
+
+
+def seen(page, selector: str, needle: str) -> bool:
+    return page.evaluate("(key) => Boolean((window.__seen || {})[key])", selector + needle)
+
+
+SET_AND_CLICK_JS = """async ([values, button]) => {
+    const setter = Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, "value").set;
+    for (const [selector, value] of Object.entries(values)) {
+        const input = document.querySelector(selector);
+        setter.call(input, String(value));
+        input.dispatchEvent(new Event("input", {bubbles: true}));
+        input.dispatchEvent(new Event("change", {bubbles: true}));
+    }
+    await new Promise(requestAnimationFrame);  // the page's framework applies the values
+    document.querySelector(button).click();
+}"""
+
+
+def test_two_quick_clicks_give_two_results_in_order(browser, server):
+    """A long first generation, then a short second one clicked while it runs: the second waits its turn
+    (the page says so) and both results arrive in click order, the long one first."""
+    page = browser.new_page()
+    page.goto(server)
+    fill_subjects(page, "a cat wearing a backpack in Boston", steps=100)
+    watch(page, "#queue-note", "1 waiting")
+    page.click("#generate")
+    page.wait_for_function(  # it runs: Gradio's progress bar counts the steps
+        "document.querySelector('#status').innerText.includes('/100 steps')"
+    )
+    second = {"#seed input[type=number]": 421, "#steps input[type=number]": 2}
+    page.evaluate(SET_AND_CLICK_JS, [second, "#generate"])  # at once, while the first runs
+    try:
+        page.wait_for_function("document.querySelectorAll('#history img').length === 2", timeout=90_000)
+    except Exception:
+        state = [page.inner_text(selector) for selector in ("#status", "#queue-note", "#history")]
+        pytest.fail(f"two results did not arrive; the page shows {state}")
+    captions = page.locator("#history .caption-label").all_inner_texts()
+    assert captions == ["#2 · seed 421", "#1 · seed 420"]  # newest first: the short one came second
+    assert page.inner_text("#status").startswith("Generated 1 image of 64×64 in 2 steps (seed 421,")
+    assert seen(page, "#queue-note", "1 waiting")  # the second click's place in the queue was shown
+    assert page.inner_text("#queue-note") == ""
     page.close()

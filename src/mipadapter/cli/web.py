@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mipadapter.cli.options import DEFAULT_TINY, TINY_ARCHS
 from mipadapter.config import DEFAULT_PRESET, PRESETS
 
 
@@ -29,7 +30,20 @@ def register(subparsers) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest photo file accepted")
     parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model")
     parser.add_argument(
-        "--tiny", action="store_true", help="built-in tiny random models, offline (try the page anywhere)"
+        "--tiny",
+        nargs="?",
+        const=DEFAULT_TINY,
+        choices=sorted(TINY_ARCHS),
+        metavar="ARCH",
+        help=f"built-in tiny random models, offline (try the page anywhere): ARCH is one of "
+        f"{', '.join(sorted(TINY_ARCHS))} ({DEFAULT_TINY} when left out); an --adapter given with it is loaded "
+        "onto the tiny models",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the UNet (torch.compile): the first generation pays minutes of compilation, later ones "
+        "with the same size, number of subjects and rule reuse it; routing maps are then not drawn",
     )
     parser.set_defaults(func=run)
 
@@ -50,8 +64,16 @@ def run(args: argparse.Namespace) -> int:
 
     device, dtype = pick_device_dtype(args.device, args.dtype, tiny=args.tiny)
     pipe, models = load_pipeline(args, device, dtype)  # once, for every request
+    if args.compile:
+        pipe.compile()
     upload_bytes = int(args.max_upload_mb * 2**20)
     limits = Limits.for_pipeline(pipe, max_subjects=args.max_subjects, max_upload_bytes=upload_bytes)
-    app = build_app(pipe, limits, models, default_steps=4 if args.tiny else 30)
+    app = build_app(
+        pipe,
+        limits,
+        models,  # a ModelRecord: what every downloaded image's recipe records
+        default_steps=4 if args.tiny else 30,
+        compiled=args.compile,
+    )
     launch(app, host=args.host, port=args.port, max_file_size=upload_bytes, queue_size=args.queue_size)
     return 0

@@ -1,41 +1,60 @@
 """The Gradio page: widgets in, ``handler.generate`` called, images and routing maps out.
 
 ``build_app(pipe)`` lays the page out around a loaded ``MIPAdapterPipeline`` (models are loaded once, by
-the caller); ``launch(app, host, port)`` serves it with one generation at a time. Everything a person
-can get wrong is checked by the handler and shown next to the subject it concerns.
+the caller); ``launch(app, host, port)`` serves it with one generation at a time: a click while one runs
+waits in Gradio's queue (its position shown) and every result is kept in the page's history, in order.
+Everything a person can get wrong is checked by the handler and shown next to the subject it concerns;
+the canvas preview (``preview.region_preview``) draws each subject's region in its colour.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import tempfile
 import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check
 
 import gradio as gr  # noqa: E402
 
-from mipadapter.config import MergeRule  # noqa: E402
-from mipadapter.figures import PALETTE  # noqa: E402
+from mipadapter.config import MergeRule, MultiImageMode, RegionMode  # noqa: E402
 from mipadapter.web.handler import (  # noqa: E402
     GenerateRequest,
     Limits,
     SubjectForm,
     generate,
+    model_family,
     native_side,
+    slot_color,
 )
+from mipadapter.web.preview import region_preview  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 VISIBLE_AT_START = 2
+HISTORY_IMAGES = 24
+"""The page's history keeps this many of the latest images (older ones drop off)."""
+HISTORY_PAGES = 64
+"""Histories kept at once (one per open page); the least recently used is dropped beyond that."""
+RESULTS_MAX_AGE_S = 3600
+"""Written PNGs older than this are deleted (Gradio serves its own copies, which it also drops hourly)."""
 
 CSS = """
 .subject-error, .subject-error p { color: #b3261e !important; font-weight: 600; }
+.subject-warning, .subject-warning p { color: #8a5300 !important; font-weight: 600; }
 #status p { font-size: 1.05em; }
+.subject-photos .delete-button { opacity: 1 !important; }  /* "remove this photo" visible, not on hover */
 .subject-title h3 { margin: 0; }
-#images .fixed-height, #maps .fixed-height { min-height: 160px !important; max-height: none !important; }
+#images .fixed-height, #maps .fixed-height, #history .fixed-height {
+  min-height: 160px !important; max-height: none !important;
+}
 """
 
 
@@ -61,11 +80,101 @@ def examples(side: int) -> dict[str, dict]:
     }
 
 
+def gallery_paths(value) -> list:
+    """A gallery's value (``(path, caption)`` pairs, or bare paths) → the paths."""
+    return [item[0] if isinstance(item, (tuple, list)) else item for item in value or ()]
+
+
+def model_line(pipe, models=None, compiled: bool = False) -> str:
+    """The page's model line: the family (SDXL, SD1.5, FLUX …) and the loaded weights.
+
+    models: a ``mipadapter.recipe.ModelRecord`` or a dict (name → id); compiled: the UNet is compiled."""
+    shown = models.to_dict() if hasattr(models, "to_dict") else dict(models or {})
+    parts = [f"Model: **{model_family(pipe)}**" + (" (compiled)" if compiled else "")]
+    parts += [f"{key.replace('_', ' ')} `{value}`" for key, value in shown.items() if value is not None]
+    return " · ".join(parts)
+
+
+def results_folder() -> Path:
+    """A private folder for the PNGs the page writes, removed when the server exits."""
+    folder = Path(tempfile.mkdtemp(prefix="mipadapter-web-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def drop_old_results(folder: Path, max_age_s: float = RESULTS_MAX_AGE_S) -> None:
+    """Delete the per-generation folders in ``folder`` older than ``max_age_s`` seconds."""
+    cutoff = time.time() - max_age_s
+    for run in folder.glob("run-*"):
+        try:
+            if run.stat().st_mtime < cutoff:
+                shutil.rmtree(run, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
+class PageHistory:
+    """Every page's results, numbered in the order the model produced them, which is the order of the
+    clicks (Gradio's queue is first in, first out and runs one generation at a time).
+
+    Kept on the server by Gradio session and appended by the generation itself: a page's queued clicks
+    each carry the page's state as it was when clicked, so a history in page state would lose results.
+    """
+
+    def __init__(self, max_images: int = HISTORY_IMAGES, max_pages: int = HISTORY_PAGES) -> None:
+        self.max_images, self.max_pages = max_images, max_pages
+        self._lock = threading.Lock()
+        # session → (runs so far, [(image, caption)] newest first)
+        self._pages: OrderedDict[str, tuple[int, list]] = OrderedDict()
+
+    def add(self, page: str, images: list, caption: str) -> list:
+        """Record one run's images under ``caption`` (numbered ``#N · caption``); the page's gallery,
+        newest first."""
+        with self._lock:
+            runs, shown = self._pages.pop(page, (0, []))
+            if images:
+                runs += 1
+                shown = [(image, f"#{runs} · {caption}") for image in images] + shown
+            self._pages[page] = (runs, shown[: self.max_images])
+            while len(self._pages) > self.max_pages:
+                self._pages.popitem(last=False)
+            return list(self._pages[page][1])
+
+    def drop(self, page: str) -> None:
+        with self._lock:
+            self._pages.pop(page, None)
+
+
+QUEUE_NOTE = "queue-note-text"
+"""The element (inside the ``#queue-note`` HTML block) where the page says how many of its clicks wait."""
+
+_SHOW_PENDING = (
+    f"\n  const note = document.getElementById({QUEUE_NOTE!r});"
+    + """
+  const waiting = window.mipadapterPending - 1;
+  if (note) note.textContent = waiting > 0
+    ? `⏳ 1 generation running, ${waiting} waiting in the queue (yours run one at a time, in the order `
+      + `you clicked; your last click is number ${window.mipadapterPending} in line).`
+    : "";
+"""
+)
+QUEUE_CLICK_JS = (
+    "() => {\n  window.mipadapterPending = (window.mipadapterPending || 0) + 1;" + _SHOW_PENDING + "}"
+)
+"""Counts a click at once, in the browser: a server round trip would delay the queued generation."""
+QUEUE_DONE_JS = (
+    "(...values) => {\n  window.mipadapterPending = Math.max(0, (window.mipadapterPending || 0) - 1);"
+    + _SHOW_PENDING
+    + "  return values;\n}"
+)
+"""Counts a finished generation (success or not) and passes the event's values through unchanged."""
+
+
 class _Slot:
     """The widgets of one subject slot."""
 
     def __init__(self, index: int, default_scale: float, visible: bool) -> None:
-        color = _hex(PALETTE[index % len(PALETTE)])
+        color = _hex(slot_color(index))
         with gr.Group(visible=visible) as self.group:
             gr.Markdown(f"<h3 style='color:{color}'>Subject {index + 1}</h3>", elem_classes=["subject-title"])
             with gr.Row():
@@ -84,15 +193,26 @@ class _Slot:
                     elem_id=f"subject-{index}-strength",
                     scale=1,
                 )
-            self.photos = gr.File(
-                label="Photos (one or more)",
-                file_count="multiple",
+            self.photos = gr.Gallery(
+                label="Photos (one or more; × removes one)",
                 file_types=["image"],
                 type="filepath",
-                height=150,
+                interactive=True,
+                columns=4,
+                fit_columns=False,
+                height=130,
+                object_fit="contain",
+                allow_preview=False,
+                buttons=[],
+                format="png",
                 elem_id=f"subject-{index}-photos",
+                elem_classes=["subject-photos"],
             )
-            with gr.Accordion("Region (optional): a box, or paint where it goes", open=False):
+            with gr.Accordion(
+                "Region (optional): a box, or paint where it goes",
+                open=False,
+                elem_id=f"subject-{index}-region",
+            ) as self.region:
                 with gr.Row():
                     self.box = [
                         gr.Number(label=label, value=None, precision=0, elem_id=f"subject-{index}-{label}")
@@ -111,15 +231,27 @@ class _Slot:
                     elem_id=f"subject-{index}-painted",
                 )
             self.error = gr.Markdown("", elem_id=f"subject-{index}-error", elem_classes=["subject-error"])
+            self.warning = gr.Markdown(
+                "", elem_id=f"subject-{index}-warning", elem_classes=["subject-warning"]
+            )
 
     @property
     def inputs(self) -> list:
         return [self.name, self.photos, self.strength, *self.box, self.painted]
 
+    @property
+    def fields(self) -> list:
+        """What a reset sets: the inputs, then the two message lines."""
+        return [*self.inputs, self.error, self.warning]
+
+    def blank(self, strength: float) -> list:
+        """Values of ``fields`` for an empty slot."""
+        return ["", None, strength, None, None, None, None, None, "", ""]
+
     def form(self, values: dict) -> SubjectForm:
         return SubjectForm(
             name=values[self.name] or "",
-            photos=values[self.photos] or [],
+            photos=gallery_paths(values[self.photos]),
             strength=values[self.strength],
             box=[values[field] for field in self.box],
             painted=values[self.painted],
@@ -127,11 +259,22 @@ class _Slot:
 
 
 def build_app(
-    pipe, limits: Limits | None = None, models: dict | None = None, default_steps: int = 30
+    pipe,
+    limits: Limits | None = None,
+    models=None,
+    default_steps: int = 30,
+    results_dir: str | Path | None = None,
+    compiled: bool = False,
 ) -> gr.Blocks:
     """The page around a loaded pipeline. limits: what one request may ask (default: around the model's
-    native size); models: names shown at the top (base model, adapter, image encoder)."""
+    native size); models: the loaded models, shown at the top: a ``mipadapter.recipe.ModelRecord``
+    (then every image is served as a PNG carrying its recipe, written under ``results_dir``, a private
+    temporary folder by default) or a plain dict of names (no recipe). compiled: the UNet was compiled
+    (``MIPAdapterPipeline.compile``): routing maps are not recorded, which would break its graph."""
     limits = limits or Limits.for_pipeline(pipe)
+    record = models if hasattr(models, "to_dict") else None
+    if record is not None and results_dir is None:
+        results_dir = results_folder()
     config = pipe.adapter.config
     side = native_side(pipe)
     lock = threading.Lock()  # belt and braces beside the queue's concurrency limit of 1
@@ -141,14 +284,10 @@ def build_app(
         gr.Markdown(
             "# MIP-Adapter: several subjects in one image\n"
             "Give each subject a name that the prompt uses and one or more photos; each photo goes to "
-            "where its name is relevant. The routing maps show where each subject went."
-            + (
-                "\n\nModels: "
-                + ", ".join(f"{key.replace('_', ' ')} `{value}`" for key, value in models.items())
-                if models
-                else ""
-            )
+            "where its name is relevant, or to the region you give it. The routing maps show where each "
+            "subject went."
         )
+        gr.Markdown(model_line(pipe, models, compiled), elem_id="models")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(
@@ -173,6 +312,21 @@ def build_app(
                     remove = gr.Button("− Remove last subject", size="sm", elem_id="remove-subject")
                 slots_note = gr.Markdown("", elem_id="slots-note", elem_classes=["subject-error"])
             with gr.Column(scale=2):
+                first_preview = region_preview([], side, side)
+                with gr.Group():
+                    preview = gr.Image(
+                        first_preview.image,
+                        label="Regions on the canvas (each subject in its colour)",
+                        type="pil",
+                        format="png",
+                        interactive=False,
+                        buttons=[],
+                        height=220,
+                        elem_id="region-preview",
+                    )
+                    preview_summary = gr.Markdown(
+                        first_preview.summary, elem_id="region-summary", padding=True
+                    )
                 with gr.Group():
                     rule = gr.Dropdown(
                         [rule.value for rule in MergeRule],
@@ -210,30 +364,88 @@ def build_app(
                     num_images = gr.Slider(
                         1, limits.max_images, value=1, step=1, label="Images", elem_id="num-images"
                     )
+                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    negative_prompt = gr.Textbox(
+                        getattr(pipe, "default_negative_prompt", None) or "",
+                        label="Negative prompt (the loaded preset's; empty: none)",
+                        lines=2,
+                        elem_id="negative-prompt",
+                    )
+                    with gr.Row():
+                        guidance = gr.Number(
+                            getattr(pipe, "default_guidance_scale", None),
+                            label="Guidance (empty: the model's default)",
+                            minimum=0,
+                            maximum=limits.max_guidance,
+                            elem_id="guidance",
+                        )
+                        default_strength = gr.Number(
+                            config.default_scale,
+                            label="Image scale (sets every subject's strength)",
+                            minimum=0,
+                            maximum=1.5,
+                            step=0.05,
+                            elem_id="default-strength",
+                        )
+                    with gr.Row():
+                        region_mode = gr.Radio(
+                            [mode.value for mode in RegionMode],
+                            value=RegionMode.REPLACE.value,
+                            label="A region replaces or multiplies the routing map",
+                            elem_id="region-mode",
+                        )
+                        multi_image = gr.Radio(
+                            [mode.value for mode in MultiImageMode],
+                            value=MultiImageMode.MEAN.value,
+                            label="Several photos of a subject",
+                            elem_id="multi-image",
+                        )
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
+                # Gradio's queue runs a page's clicks one at a time in click order, but while one of them
+                # shows its progress, the later ones cannot show their place in the queue: this line does
+                gr.HTML(f"<p id='{QUEUE_NOTE}'></p>", elem_id="queue-note", padding=False)
                 status = gr.Markdown("", elem_id="status")
                 images = gr.Gallery(
-                    label="Images",
+                    label="Images" + (" (a saved PNG carries its recipe)" if record is not None else ""),
                     columns=2,
                     height="auto",
                     format="png",
+                    buttons=["download", "download_all", "fullscreen"],
                     elem_id="images",
                     interactive=False,
                 )
                 maps = gr.Gallery(
-                    label="Routing maps (where each subject's photos went)",
+                    label="Routing maps (where each subject's photos went)"
+                    + (": off, the UNet is compiled" if compiled else ""),
                     columns=2,
                     height="auto",
                     format="png",
+                    buttons=["download", "fullscreen"],
                     elem_id="maps",
                     interactive=False,
                 )
+                history = gr.Gallery(
+                    label="This page's results, newest first",
+                    columns=4,
+                    fit_columns=False,
+                    height="auto",
+                    format="png",
+                    buttons=["download", "fullscreen"],
+                    elem_id="history",
+                    interactive=False,
+                )
+        page_history = PageHistory()
 
+        def on_page_closed(request: gr.Request) -> None:
+            page_history.drop(request.session_hash)
+
+        app.unload(on_page_closed)
         errors = [slot.error for slot in slots]
+        warnings = [slot.warning for slot in slots]
 
-        def on_generate(values: dict, progress=gr.Progress()):  # noqa: B008 (gradio's idiom)
+        def on_generate(values: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (gradio's idiom)
             shown = values[count]
-            request = GenerateRequest(
+            asked = GenerateRequest(
                 prompt=values[prompt] or "",
                 subjects=[slot.form(values) for slot in slots[:shown]],
                 rule=values[rule],
@@ -242,37 +454,101 @@ def build_app(
                 width=int(values[width]),
                 height=int(values[height]),
                 num_images=int(values[num_images]),
+                negative_prompt=values[negative_prompt] or "",  # empty: none (the preset's is shown)
+                guidance=values[guidance],
+                region_mode=values[region_mode],
+                multi_image=values[multi_image],
             )
+            page = request.session_hash
             progress(0.0, desc="waiting for the model")
 
             def report(step: int, total: int) -> None:
                 progress((step, total), desc="denoising", unit="steps")
 
+            cleared = {**{e: "" for e in errors}, **{w: "" for w in warnings}}
             with lock:
                 try:
-                    result = generate(pipe, request, limits, progress=report)
+                    if results_dir is not None:
+                        drop_old_results(Path(results_dir))
+                    result = generate(
+                        pipe,
+                        asked,
+                        limits,
+                        progress=report,
+                        models=record,
+                        output_dir=results_dir,
+                        routing_maps=not compiled,
+                    )
                 except Exception as error:  # an unexpected failure: one line on the page, details in the log
                     logger.exception("generation failed")
                     message = f"Generation failed: {type(error).__name__}: {error}"
-                    return {images: [], maps: [], status: f"**{message}**", **{e: "" for e in errors}}
+                    shown = page_history.add(page, [], "")
+                    return {images: [], maps: [], status: f"**{message}**", history: shown, **cleared}
             outputs = {
                 images: result.images,
                 maps: result.maps,
                 status: result.status if result.ok else f"**{result.status}**",
+                history: page_history.add(page, result.images, f"seed {asked.seed}"),
+                **cleared,
             }
-            for index, error in enumerate(errors):
-                message = result.subject_errors.get(index)
-                outputs[error] = f"⚠ {message}" if message else ""
+            for index, (error, warning) in enumerate(zip(errors, warnings, strict=True)):
+                if index in result.subject_errors:
+                    outputs[error] = f"⚠ {result.subject_errors[index]}"
+                if index in result.subject_warnings:
+                    outputs[warning] = f"⚠ Warning: {result.subject_warnings[index]}"
             return outputs
 
+        run.click(None, js=QUEUE_CLICK_JS, queue=False, trigger_mode="multiple", api_visibility="private")
         run.click(
             on_generate,
             inputs={prompt, rule, seed, steps, width, height, num_images, count}
+            | {negative_prompt, guidance, region_mode, multi_image}
             | {component for slot in slots for component in slot.inputs},
-            outputs=[images, maps, status, *errors],
+            outputs=[images, maps, status, history, *errors, *warnings],
             concurrency_limit=1,
             concurrency_id="model",
+            trigger_mode="multiple",  # a click while one runs waits in the queue, never dropped
             api_name="generate",
+        ).then(None, js=QUEUE_DONE_JS, queue=False, show_progress="hidden", api_visibility="private")
+
+        region_inputs = [count, width, height]
+        region_inputs += [c for slot in slots for c in (slot.name, *slot.box, slot.painted)]
+
+        def on_region_change(shown, out_width, out_height, *fields):
+            per_slot = len(fields) // len(slots)
+            forms = []
+            for index in range(shown):
+                name, x0, y0, x1, y1, painted = fields[index * per_slot : (index + 1) * per_slot]
+                forms.append(SubjectForm(name=name or "", box=[x0, y0, x1, y1], painted=painted))
+            drawn = region_preview(forms, int(out_width), int(out_height))
+            return drawn.image, drawn.summary
+
+        region_triggers = [width.change, height.change] + [
+            trigger
+            for slot in slots
+            for trigger in (slot.name.change, *(number.change for number in slot.box), slot.painted.change)
+        ]
+        gr.on(
+            region_triggers,
+            on_region_change,
+            inputs=region_inputs,
+            outputs=[preview, preview_summary],
+            queue=False,
+            show_progress="hidden",
+            trigger_mode="always_last",
+            api_visibility="private",
+        )
+
+        def on_default_strength(value):
+            value = config.default_scale if value is None else value
+            return [value for _ in slots]
+
+        default_strength.input(
+            on_default_strength,
+            inputs=default_strength,
+            outputs=[slot.strength for slot in slots],
+            queue=False,
+            api_visibility="private",
         )
 
         def on_add(shown: int):
@@ -287,52 +563,74 @@ def build_app(
             outputs=[count, slots_note, *[slot.group for slot in slots]],
             queue=False,
             api_visibility="private",
+        ).then(
+            on_region_change,
+            inputs=region_inputs,
+            outputs=[preview, preview_summary],
+            queue=False,
+            show_progress="hidden",
+            api_visibility="private",
         )
 
-        slot_fields = [c for slot in slots for c in (*slot.inputs, slot.error)]
-        blank_slot = ["", None, config.default_scale, None, None, None, None, None, ""]  # as slot_fields
+        slot_fields = [c for slot in slots for c in slot.fields]
 
-        def on_remove(shown: int):
+        def on_remove(shown: int, strength: float | None):
             shown = max(1, shown - 1)
+            strength = config.default_scale if strength is None else strength
             groups = [gr.update(visible=index < shown) for index in range(len(slots))]
             fields = []
-            for index in range(len(slots)):  # hidden slots are emptied, the others left as they are
-                fields += blank_slot if index >= shown else [gr.update() for _ in blank_slot]
+            for index, slot in enumerate(slots):  # hidden slots are emptied, the others left as they are
+                fields += slot.blank(strength) if index >= shown else [gr.update() for _ in slot.fields]
             return [shown, "", *groups, *fields]
 
         remove.click(
             on_remove,
-            inputs=count,
+            inputs=[count, default_strength],
             outputs=[count, slots_note, *[slot.group for slot in slots], *slot_fields],
             queue=False,
+            api_visibility="private",
+        ).then(
+            on_region_change,
+            inputs=region_inputs,
+            outputs=[preview, preview_summary],
+            queue=False,
+            show_progress="hidden",
             api_visibility="private",
         )
 
         for button, spec in zip(example_buttons, example_specs.values(), strict=True):
 
-            def load_example(spec=spec):
+            def load_example(strength: float | None, spec=spec):
+                strength = config.default_scale if strength is None else strength
                 chosen = spec["subjects"][: limits.max_subjects]
                 values = [spec["prompt"], len(chosen), ""]
                 for index in range(len(slots)):
                     values.append(gr.update(visible=index < max(len(chosen), 1)))
-                for index in range(len(slots)):
-                    name, photo, box = chosen[index] if index < len(chosen) else ("", None, None)
-                    values += [
-                        name,
-                        [str(photo)] if photo else None,
-                        config.default_scale,
-                        *(box if box else [None] * 4),
-                        None,
-                        "",
-                    ]
+                for index in range(len(slots)):  # an example's boxes are shown opened, not hidden
+                    values.append(gr.update(open=index < len(chosen) and chosen[index][2] is not None))
+                for index, slot in enumerate(slots):
+                    if index >= len(chosen):
+                        values += slot.blank(strength)
+                        continue
+                    name, photo, box = chosen[index]
+                    values += [name, [str(photo)], strength, *(box if box else [None] * 4), None, "", ""]
                 return values + [[], [], "", side, side]  # boxes are in pixels of the native size
 
             button.click(
                 load_example,
+                inputs=default_strength,
                 outputs=[prompt, count, slots_note, *[slot.group for slot in slots]]
+                + [slot.region for slot in slots]
                 + slot_fields
                 + [images, maps, status, width, height],
                 queue=False,
+                api_visibility="private",
+            ).then(
+                on_region_change,
+                inputs=region_inputs,
+                outputs=[preview, preview_summary],
+                queue=False,
+                show_progress="hidden",
                 api_visibility="private",
             )
     return app
