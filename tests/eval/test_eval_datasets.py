@@ -160,7 +160,7 @@ def test_references_crop_whole_and_detect_once(tmp_path):
     conditioning_references(root, teapot, mode="crop", boxes=again)
     assert loads == [1] and detector.calls == 2  # read from the cache, the detector never loaded
 
-    with pytest.raises(FileNotFoundError, match=r"--reference-boxes: .*things_teapot/00.json' not found"):
+    with pytest.raises(FileNotFoundError, match=r"box file .*things_teapot/00.json' not found .* \(reference_boxes, --reference-boxes\)"):
         conditioning_references(root, teapot, mode="crop", boxes=BoxSource(tmp_path / "empty"))
     with pytest.raises(ValueError, match=r"reference mode must be one of \('crop', 'whole'\), got 'box'"):
         conditioning_references(root, teapot, mode="box")

@@ -185,8 +185,9 @@ class BoxSource:
             path = box_file(self.boxes_dir, photo)
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"--reference-boxes: {str(path)!r} not found (the box of {str(photo)!r}); give the "
-                    "authors' json_data folder, or leave the option out to detect boxes"
+                    f"box file {str(path)!r} not found (the box of {str(photo)!r}) in the reference boxes "
+                    "folder (reference_boxes, --reference-boxes): give the authors' json_data folder, or "
+                    "leave it out to detect the boxes"
                 )
             return True, read_box_file(path)
         if self.cache_dir is not None:
