@@ -164,7 +164,10 @@ def _context(rank: int | None, world_size: int | None, device: Any) -> _Context:
         return _Context(0, 1, device)
     from accelerate import PartialState  # optional dependency (the `data` extra)
 
-    state = PartialState()
+    # ranks on CPUs only join through gloo when asked, as accelerate's Accelerator reads it
+    # (ACCELERATE_USE_CPU=true); without it every process would believe it is the only one
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=cpu)
     return _Context(
         state.process_index, state.num_processes, device if device is not None else state.device, state
     )
