@@ -61,6 +61,7 @@ def test_advanced_shows_the_loaded_presets_negative_prompt_and_scale(web, pipe, 
     assert component(app, "default-strength").value == pipe.adapter.config.default_scale
     assert component(app, "subject-0-strength").value == pipe.adapter.config.default_scale
     assert component(app, "region-mode").value == "replace"
+    assert component(app, "guidance").value == 5.0  # SDXL's default, shown (an empty field would read as 0)
 
 
 def test_the_model_line_names_the_family_and_the_models(web, pipe):

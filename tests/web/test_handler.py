@@ -12,12 +12,14 @@ from PIL import Image
 
 from mipadapter.figures import overlay_map
 from mipadapter.photos import open_photo
+from mipadapter.pipeline import Subject
 from mipadapter.recipe import ModelRecord, file_record, read_recipe, recorded_region
 from mipadapter.testing.mip import tiny_mip_pipeline
 from mipadapter.web.handler import (
     GenerateRequest,
     Limits,
     SubjectForm,
+    default_guidance,
     generate,
     model_family,
     painted_mask,
@@ -425,6 +427,11 @@ def test_model_family_follows_the_wrapped_pipeline_class(class_name, family):
     assert model_family(inner) == family
 
 
-def test_model_family_of_the_tiny_pipelines(pipe):
-    assert model_family(pipe) == "SDXL"
-    assert model_family(tiny_mip_pipeline("sd15", "basic", text_weight=False)) == "SD1.5"
+def test_model_family_and_default_guidance_of_the_tiny_pipelines(pipe, monkeypatch):
+    sd15 = tiny_mip_pipeline("sd15", "basic", text_weight=False)
+    assert (model_family(pipe), model_family(sd15)) == ("SDXL", "SD1.5")
+    assert (default_guidance(pipe), default_guidance(sd15)) == (5.0, 7.5)  # diffusers' own defaults
+    settings = pipe(PROMPT, [Subject("cat", [open_photo(CAT)])], num_inference_steps=1).settings
+    assert settings["guidance_scale"] == default_guidance(pipe)  # what a call without one uses
+    monkeypatch.setattr(pipe, "default_guidance_scale", 3.5, raising=False)
+    assert default_guidance(pipe) == 3.5

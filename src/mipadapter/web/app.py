@@ -28,6 +28,7 @@ from mipadapter.web.handler import (  # noqa: E402
     GenerateRequest,
     Limits,
     SubjectForm,
+    default_guidance,
     generate,
     model_family,
     native_side,
@@ -314,9 +315,10 @@ def build_app(
             with gr.Column(scale=2):
                 first_preview = region_preview([], side, side)
                 with gr.Group():
+                    gr.Markdown("**Regions on the canvas**, each subject in its colour", padding=True)
                     preview = gr.Image(
                         first_preview.image,
-                        label="Regions on the canvas (each subject in its colour)",
+                        show_label=False,
                         type="pil",
                         format="png",
                         interactive=False,
@@ -373,8 +375,8 @@ def build_app(
                     )
                     with gr.Row():
                         guidance = gr.Number(
-                            getattr(pipe, "default_guidance_scale", None),
-                            label="Guidance (empty: the model's default)",
+                            default_guidance(pipe),
+                            label="Guidance (the model's default shown)",
                             minimum=0,
                             maximum=limits.max_guidance,
                             elem_id="guidance",

@@ -72,6 +72,21 @@ def side_multiple(pipe) -> int:
     return int(inner.vae_scale_factor * 2 ** (levels - 1))
 
 
+def default_guidance(pipe) -> float | None:
+    """The guidance scale a call without one uses: the pipeline's ``default_guidance_scale`` when it has
+    one, else the default of the wrapped diffusers pipeline's own ``__call__`` (5.0 for SDXL, 7.5 for
+    SD1.5, 3.5 for FLUX); None when neither says."""
+    import inspect
+
+    value = getattr(pipe, "default_guidance_scale", None)
+    if value is None:
+        parameter = inspect.signature(type(pipe.pipe).__call__).parameters.get("guidance_scale")
+        value = (
+            None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+        )
+    return None if value is None else float(value)
+
+
 def slot_color(slot: int) -> tuple[int, int, int]:
     """The colour of subject slot ``slot`` (0-based): its title, its region and its routing maps."""
     from mipadapter.figures import PALETTE

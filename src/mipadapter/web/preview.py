@@ -13,7 +13,7 @@ from mipadapter.web.handler import SubjectForm, painted_mask, parse_box, slot_co
 
 PREVIEW_SIDE = 256
 """The preview's longer side in pixels; the canvas keeps the output's aspect ratio."""
-BACKGROUND = (238, 238, 238)
+BACKGROUND = (222, 222, 222)  # a grey that stands out from the page around it
 FILL_ALPHA = 0.3  # boxes: a light tint, the outline carries the colour
 PAINT_ALPHA = 0.55
 OUTLINE = 3
