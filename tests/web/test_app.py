@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -86,19 +87,23 @@ def test_cli_compile_compiles_the_unet_and_turns_routing_maps_off(web, monkeypat
     assert isinstance(built["models"], ModelRecord) and built["models"].tiny == "sdxl"  # what recipes record
 
 
-def test_page_history_numbers_runs_per_page_newest_first_and_stays_bounded(web):
+def test_page_history_numbers_runs_per_page_newest_first_and_stays_bounded(web, tmp_path):
+    a1, a2, a3, a4, b1, b2, c1 = (SimpleNamespace(image=name) for name in "a1 a2 a3 a4 b1 b2 c1".split())
     history = web.PageHistory(max_images=3, max_pages=2)
-    assert history.add("a", ["a1"], "seed 1") == [("a1", "#1 · seed 1")]
-    assert history.add("b", ["b1", "b2"], "seed 9") == [("b1", "#1 · seed 9"), ("b2", "#1 · seed 9")]
-    assert history.add("a", [], "") == [("a1", "#1 · seed 1")]  # a run that made nothing is not counted
-    shown = history.add("a", ["a2", "a3"], "seed 2")
-    assert shown == [("a2", "#2 · seed 2"), ("a3", "#2 · seed 2"), ("a1", "#1 · seed 1")]
-    assert (
-        history.add("a", ["a4"], "seed 3")[0] == ("a4", "#3 · seed 3") and len(history.add("a", [], "")) == 3
-    )
-    history.add("c", ["c1"], "seed 5")  # a third page: the least recently used ("b") is dropped
+    assert history.add("a", [a1], "seed 1") == [(a1, "#1 · seed 1")]
+    assert history.add("b", [b1, b2], "seed 9") == [(b1, "#1 · seed 9"), (b2, "#1 · seed 9")]
+    assert history.add("a", [], "") == [(a1, "#1 · seed 1")]  # a run that made nothing is not counted
+    shown = history.add("a", [a2, a3], "seed 2")
+    assert shown == [(a2, "#2 · seed 2"), (a3, "#2 · seed 2"), (a1, "#1 · seed 1")]
+    assert history.add("a", [a4], "seed 3")[0] == (a4, "#3 · seed 3") and len(history.add("a", [], "")) == 3
+    history.add("c", [c1], "seed 5")  # a third page: the least recently used ("b") is dropped
     assert history.add("b", [], "") == []
-    assert history.add("c", [], "") == [("c1", "#1 · seed 5")]
+    assert history.add("c", [], "") == [(c1, "#1 · seed 5")]
+    written = tmp_path / "c2.png"  # a written PNG, deleted when results expire: it leaves the history
+    written.write_bytes(b"png")
+    assert history.add("c", [written], "seed 6") == [(written, "#2 · seed 6"), (c1, "#1 · seed 5")]
+    written.unlink()
+    assert history.add("c", [], "") == [(c1, "#1 · seed 5")]
     history.drop("c")  # the page was closed
     assert history.add("c", [], "") == []
 

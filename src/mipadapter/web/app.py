@@ -114,6 +114,11 @@ def drop_old_results(folder: Path, max_age_s: float = RESULTS_MAX_AGE_S) -> None
             pass
 
 
+def _still_there(image) -> bool:
+    """A PIL image, or a written file that still exists."""
+    return not isinstance(image, (str, os.PathLike)) or Path(image).is_file()
+
+
 class PageHistory:
     """Every page's results, numbered in the order the model produced them, which is the order of the
     clicks (Gradio's queue is first in, first out and runs one generation at a time).
@@ -133,6 +138,7 @@ class PageHistory:
         newest first."""
         with self._lock:
             runs, shown = self._pages.pop(page, (0, []))
+            shown = [item for item in shown if _still_there(item[0])]  # written files expire after an hour
             if images:
                 runs += 1
                 shown = [(image, f"#{runs} · {caption}") for image in images] + shown
