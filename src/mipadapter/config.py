@@ -52,6 +52,7 @@ class MultiImageMode(str, Enum):
 
 
 PROJECTIONS = ("basic", "plus")
+ARCHITECTURES = ("unet", "flux")  # where the processors go: a UNet's cross-attention layers, FLUX's double blocks
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class AdapterConfig:
     ``projection`` is ``basic`` (Linear → ``num_tokens`` tokens → LayerNorm, fed the image encoder's
     projected embedding of size ``image_embed_dim``) or ``plus`` (a Perceiver resampler fed the
     encoder's penultimate hidden states, ``image_embed_dim`` wide, with ``resampler_dim`` channels,
-    ``resampler_depth`` blocks and ``resampler_heads`` heads of 64).
+    ``resampler_depth`` blocks and ``resampler_heads`` heads of 64). ``architecture``: ``unet`` (SDXL,
+    SD1.5: one processor per cross-attention layer, bias-free ``to_k_ip``/``to_v_ip``) or ``flux``
+    (FLUX.1: one per double-stream block, ``to_k_ip``/``to_v_ip`` with biases, as XLabs' files have).
     """
 
     projection: str
@@ -73,10 +76,15 @@ class AdapterConfig:
     resampler_depth: int | None = None
     resampler_heads: int | None = None
     default_scale: float = 1.0
+    architecture: str = "unet"
 
     def __post_init__(self) -> None:
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.architecture == "flux" and (self.projection != "basic" or self.text_weight):
+            raise ValueError("a FLUX adapter has a basic projection and no text weight (XLabs' layout)")
         plus_fields = (self.resampler_dim, self.resampler_depth, self.resampler_heads)
         if self.projection == "plus" and None in plus_fields:
             raise ValueError(f"a plus projection needs resampler_dim/depth/heads, got {plus_fields}")

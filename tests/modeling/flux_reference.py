@@ -113,6 +113,20 @@ def text_keys(block, text_states: torch.Tensor, temb: torch.Tensor) -> np.ndarra
     return np.stack([_heads(rows, weight, bias, attn.norm_added_k, attn.heads) for rows in normed])
 
 
+def name_keys_unmodulated(block, rows: torch.Tensor) -> np.ndarray:
+    """Keys of names' rows before RoPE as our processor keys them: [b, m, h, d].
+
+    rows [b, m, C]: the names' rows entering the block (``context_embedder`` of their T5 rows). They go
+    through the block's LayerNorm of the text stream without its timestep modulation (the processor never
+    sees the timestep), then ``add_k_proj`` → ``norm_added_k``, written out here.
+    """
+    attn = block.attn
+    with torch.no_grad():
+        normed = np64(block.norm1_context.norm(rows))
+    weight, bias = np64(attn.add_k_proj.weight), np64(attn.add_k_proj.bias)
+    return np.stack([_heads(r, weight, bias, attn.norm_added_k, attn.heads) for r in normed])
+
+
 def rotate_rows(vectors: np.ndarray, cos: np.ndarray, sin: np.ndarray, rows: Sequence[int]) -> np.ndarray:
     """RoPE of [b, n, h, d] vectors, vector ``j`` at rotary row ``rows[j]``."""
     out = np.zeros_like(vectors)

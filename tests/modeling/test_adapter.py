@@ -104,7 +104,7 @@ def test_attach_and_detach_guard_against_misuse():
         adapter.attach(pipe.unet)
     adapter.detach()
     other = tiny_sd15_pipeline().unet
-    with pytest.raises(ValueError, match="different cross-attention layers"):
+    with pytest.raises(ValueError, match="different attention layers"):
         adapter.attach(other)
     with pytest.raises(ValueError, match="another base model"):
         MIPAdapter.for_unet(other, basic_config("sdxl"))  # 96-wide tokens for a 48-wide UNet

@@ -84,6 +84,16 @@ def nest_flat(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
     return nested
 
 
+def infer_flux_config(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> AdapterConfig:
+    """Read the ``AdapterConfig`` of an XLabs FLUX IP-Adapter file (either of its layouts) off its shapes."""
+    from mipadapter.checkpoint import xlabs
+
+    sizes = xlabs.infer_config(state, source)
+    return AdapterConfig(
+        "basic", sizes.image_embed_dim, sizes.cross_attention_dim, sizes.num_tokens, architecture="flux"
+    )
+
+
 def infer_h94_config(state: Mapping[str, torch.Tensor]) -> AdapterConfig:
     """Read an ``AdapterConfig`` off the shapes of a flat h94/authors state dict."""
     proj = {

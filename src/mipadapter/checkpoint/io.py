@@ -5,8 +5,10 @@ Layouts:
   the ``AdapterConfig`` as JSON in the file's metadata;
 * ``authors``: the MIP-Adapter release — h94's layout plus ``{k}.text_to_weight.weight``;
 * ``diffusers``: h94's IP-Adapter layout without the text weight, which diffusers' ``load_ip_adapter``
-  reads.
+  reads (for FLUX adapters: the keys diffusers' FLUX loader turns XLabs' file into);
+* ``xlabs`` (FLUX only): XLabs' published ``ip_adapter.safetensors`` layout.
 The h94-style layouts are written as a nested ``.bin`` (``torch.save``) or flat prefixed ``.safetensors``.
+Which architecture a file without a config belongs to comes from the model it is loaded onto.
 """
 
 from __future__ import annotations
@@ -24,18 +26,18 @@ from mipadapter.checkpoint.convert import CheckpointError
 from mipadapter.config import AdapterConfig
 from mipadapter.fileio import atomic_write
 from mipadapter.hub import resolve_file
-from mipadapter.modeling.adapter import MIPAdapter, cross_attention_layers
+from mipadapter.modeling.adapter import MIPAdapter, adapter_layers, model_architecture
 
 FORMAT_NAME = "mipadapter"
 FORMAT_VERSION = "1"
-SAVE_FORMATS = ("mipadapter", "authors", "diffusers")
+SAVE_FORMATS = ("mipadapter", "authors", "diffusers", "xlabs")
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterFile:
     """A checkpoint read from disk: its layout, config (when the file carries one) and flat tensors."""
 
-    layout: str  # "mipadapter" or "h94" (h94 covers the authors' files, which add text_to_weight)
+    layout: str  # "mipadapter", "h94" (h94 covers the authors' files and diffusers' FLUX keys) or "xlabs"
     state: dict[str, torch.Tensor]
     config: AdapterConfig | None
 
@@ -79,7 +81,7 @@ def _read_safetensors(path: Path) -> AdapterFile:
         except (KeyError, ValueError, TypeError) as error:
             raise CheckpointError(f"{path}: its adapter config metadata is unreadable ({error})") from None
         return AdapterFile(FORMAT_NAME, state, config)
-    return AdapterFile("h94", state, None)
+    return AdapterFile("xlabs" if any(key.startswith(_XLABS_PREFIXES) for key in state) else "h94", state, None)
 
 
 def _first_line(error: BaseException) -> str:
@@ -123,11 +125,18 @@ def _torch_load(path: Path):
         ) from None
 
 
+_XLABS_PREFIXES = ("ip_adapter_proj_model.", "double_blocks.")
+
+
 def _rules(adapter: MIPAdapter, layout: str) -> list[keymaps.KeyRule]:
     if layout == FORMAT_NAME:
         return keymaps.identity_image_proj_rules(adapter.state_dict()) + keymaps.named_layer_rules(
             adapter.layer_specs, adapter.config
         )
+    if adapter.config.architecture == "flux":
+        return keymaps.xlabs_rules(adapter.layer_specs, "xlabs" if layout == "xlabs" else "diffusers")
+    if layout == "xlabs":
+        raise CheckpointError("an XLabs FLUX IP-Adapter file does not fit a UNet: load it onto a FLUX pipeline")
     return keymaps.image_proj_rules(adapter.config) + keymaps.h94_layer_rules(
         adapter.layer_specs, adapter.config
     )
@@ -150,7 +159,11 @@ def check_adapter_file(
     """
     loaded = loaded if loaded is not None else read_file(path)
     config = loaded.config
-    if config is None:
+    if config is None and model_architecture(unet) == "flux":
+        config = convert.infer_flux_config(loaded.state, str(path))
+        if default_scale is not None:
+            config = dataclasses.replace(config, default_scale=float(default_scale))
+    elif config is None:
         try:
             config = convert.infer_h94_config(loaded.state)
         except CheckpointError as error:
@@ -159,9 +172,16 @@ def check_adapter_file(
             raise CheckpointError(f"{path}: image_proj lacks {error.args[0]}") from None
         if default_scale is not None:
             config = dataclasses.replace(config, default_scale=float(default_scale))
+    try:
+        layers = adapter_layers(unet, config)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        skeleton = MIPAdapter(config, cross_attention_layers(unet))
-    rules = _rules(skeleton, loaded.layout)
+        skeleton = MIPAdapter(config, layers)
+    try:
+        rules = _rules(skeleton, loaded.layout)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
     module_shapes = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     convert.check_keys(str(path), loaded.state, convert.external_shapes(rules, module_shapes))
     return AdapterFile(loaded.layout, loaded.state, config)
@@ -169,7 +189,7 @@ def check_adapter_file(
 
 def adapter_from_file(checked: AdapterFile, unet: nn.Module, source: str) -> MIPAdapter:
     """Build the adapter of a file ``check_adapter_file`` accepted for ``unet`` and load its weights."""
-    adapter = MIPAdapter(checked.config, cross_attention_layers(unet))
+    adapter = MIPAdapter(checked.config, adapter_layers(unet, checked.config))
     load_state(adapter, checked, source)
     return adapter
 
@@ -207,7 +227,8 @@ def save_adapter(adapter: MIPAdapter, path: str | Path, format: str = FORMAT_NAM
     """Write ``adapter`` to ``path`` atomically (temp file then rename).
 
     format: ``mipadapter`` (safetensors only), ``authors`` (with text_to_weight) or ``diffusers``
-    (plain IP-Adapter, text weight dropped); the last two as ``.bin`` or ``.safetensors``.
+    (plain IP-Adapter, text weight dropped), as ``.bin`` or ``.safetensors``; for FLUX adapters also
+    ``xlabs`` (XLabs' published layout, safetensors).
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {SAVE_FORMATS}")
@@ -221,7 +242,9 @@ def save_adapter(adapter: MIPAdapter, path: str | Path, format: str = FORMAT_NAM
         raise ValueError(f"save to a .safetensors or .bin file, not {path.name!r}")
     if format == "authors" and not adapter.config.text_weight:
         raise ValueError("the authors' layout carries text_to_weight, which this adapter does not have")
-    layout = FORMAT_NAME if format == FORMAT_NAME else "h94"
+    if format == "xlabs" and (adapter.config.architecture != "flux" or suffix != ".safetensors"):
+        raise ValueError("the xlabs layout is for FLUX adapters, as a .safetensors file")
+    layout = {FORMAT_NAME: FORMAT_NAME, "xlabs": "xlabs"}.get(format, "h94")
     state = adapter_state(adapter, layout)
     if format == "diffusers":
         state = {key: value for key, value in state.items() if not key.endswith(keymaps.TEXT_WEIGHT_PARAM)}
@@ -261,6 +284,6 @@ def convert_checkpoint(
     path = resolve_file(source, "checkpoint", where)
     checked = check_adapter_file(path, unet, loaded=loaded)
     dtype = next(iter(checked.state.values())).dtype
-    adapter = MIPAdapter(checked.config, cross_attention_layers(unet)).to(dtype)
+    adapter = MIPAdapter(checked.config, adapter_layers(unet, checked.config)).to(dtype)
     load_state(adapter, checked, str(path))
     return save_adapter(adapter, destination, format)

@@ -51,6 +51,7 @@ PLUS_BLOCK = {
     "1.3.weight": ("ff.1.net.2.weight",),
 }
 LAYER_PARAMS = ("to_k_ip.weight", "to_v_ip.weight")
+FLUX_LAYER_PARAMS = ("to_k_ip.weight", "to_k_ip.bias", "to_v_ip.weight", "to_v_ip.bias")  # XLabs' have biases
 TEXT_WEIGHT_PARAM = "text_to_weight.weight"
 
 
@@ -67,6 +68,8 @@ def module_layer_key(layer_name: str, param: str) -> str:
 
 
 def layer_params(config: AdapterConfig) -> tuple[str, ...]:
+    if config.architecture == "flux":
+        return FLUX_LAYER_PARAMS
     return LAYER_PARAMS + ((TEXT_WEIGHT_PARAM,) if config.text_weight else ())
 
 
@@ -94,6 +97,18 @@ def h94_layer_rules(layers: Sequence[CrossAttentionLayer], config: AdapterConfig
         for layer in layers
         for param in layer_params(config)
     ]
+
+
+def xlabs_rules(layers: Sequence[CrossAttentionLayer], layout: str) -> list[KeyRule]:
+    """XLabs' FLUX layouts (``xlabs``: the published file; ``diffusers``: the keys diffusers' loader makes of
+    it) ↔ our modules: ``checkpoint.xlabs``'s tables to its neutral keys, then neutral keys to ours."""
+    from mipadapter.checkpoint import xlabs
+
+    to_module = {f"image_proj.{key}": f"image_proj.{value}" for key, value in BASIC_IMAGE_PROJ.items()}
+    for layer in layers:
+        for param in FLUX_LAYER_PARAMS:
+            to_module[f"blocks.{layer.index}.{param}"] = module_layer_key(layer.name, param)
+    return [KeyRule(rule.external, (to_module[rule.modules[0]],)) for rule in xlabs.key_rules(layout, len(layers))]
 
 
 def named_layer_rules(layers: Sequence[CrossAttentionLayer], config: AdapterConfig) -> list[KeyRule]:

@@ -1,6 +1,6 @@
 """Modules: the one attention processor, the image projections, and the adapter container."""
 
-from mipadapter.modeling.adapter import MIPAdapter, cross_attention_layers
+from mipadapter.modeling.adapter import MIPAdapter, adapter_layers, cross_attention_layers, model_architecture
 from mipadapter.modeling.conditioning import RelevanceRecorder, SubjectConditioning
 from mipadapter.modeling.processor import MIPAttnProcessor
 from mipadapter.modeling.projection import build_image_projection
@@ -11,5 +11,7 @@ __all__ = [
     "RelevanceRecorder",
     "SubjectConditioning",
     "build_image_projection",
+    "adapter_layers",
     "cross_attention_layers",
+    "model_architecture",
 ]

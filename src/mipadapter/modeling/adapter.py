@@ -1,4 +1,5 @@
-"""The adapter container: image projection + one processor per cross-attention layer of a UNet."""
+"""The adapter container: image projection + one processor per attention layer that takes image tokens
+(a UNet's cross-attention layers, FLUX's double-stream blocks)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from torch import nn
 
 from mipadapter.config import AdapterConfig
+from mipadapter.modeling import flux
 from mipadapter.modeling.conditioning import SubjectConditioning
+from mipadapter.modeling.flux import MIPFluxAttnProcessor
 from mipadapter.modeling.processor import MIPAttnProcessor
 from mipadapter.modeling.projection import build_image_projection
 
@@ -19,11 +22,12 @@ PROCESSOR_SUFFIX = ".processor"
 
 @dataclass(frozen=True)
 class CrossAttentionLayer:
-    """A cross-attention layer of a UNet.
+    """An attention layer that takes image tokens.
 
-    name: its key in ``unet.attn_processors`` without the ``.processor`` suffix; index: its position in
-    that dict (self-attention included: the ``k`` of h94's ``"{k}.to_k_ip.weight"``); hidden_size: the
-    layer's inner width; cross_attention_dim: the width of its text tokens.
+    name: its key in ``model.attn_processors`` without the ``.processor`` suffix; index: on a UNet its
+    position in that dict (self-attention included: the ``k`` of h94's ``"{k}.to_k_ip.weight"``), on FLUX
+    the double block's number (the ``i`` of XLabs' ``double_blocks.{i}``); hidden_size: the layer's inner
+    width; cross_attention_dim: the width of the image tokens it takes.
     """
 
     name: str
@@ -48,6 +52,34 @@ def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
     return layers
 
 
+def flux_layers(transformer: nn.Module) -> list[CrossAttentionLayer]:
+    """The double-stream blocks' attention layers of a ``FluxTransformer2DModel``, in block order."""
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if not blocks or not hasattr(transformer.config, "joint_attention_dim"):
+        raise ValueError(f"{type(transformer).__name__} is not a FLUX transformer with double-stream blocks")
+    width = transformer.config.joint_attention_dim
+    return [
+        CrossAttentionLayer(f"transformer_blocks.{index}.attn", index, block.attn.to_q.out_features, width)
+        for index, block in enumerate(blocks)
+    ]
+
+
+def model_architecture(model: nn.Module) -> str:
+    """``flux`` for a FLUX transformer, ``unet`` for anything else (a UNet)."""
+    return "flux" if type(model).__name__.startswith("Flux") else "unet"
+
+
+def adapter_layers(model: nn.Module, config: AdapterConfig) -> list[CrossAttentionLayer]:
+    """The layers an adapter of ``config.architecture`` goes into (an error for a model of another kind)."""
+    found = model_architecture(model)
+    if found != config.architecture:
+        raise ValueError(
+            f"this is a {config.architecture} adapter but the model is a {type(model).__name__} ({found}): "
+            "use an adapter made for this base model"
+        )
+    return flux_layers(model) if found == "flux" else cross_attention_layers(model)
+
+
 def diagnostic_layers(layers: list[CrossAttentionLayer]) -> set[str]:
     """The layers that report routed shares for the starved-subject diagnostic: the mid block's, where
     the layout is decided at the lowest resolution (all layers when a UNet has no mid block)."""
@@ -60,10 +92,11 @@ def _module_key(layer_name: str) -> str:
 
 
 class MIPAdapter(nn.Module):
-    """Image projection and per-layer processors of one adapter, for one UNet architecture.
+    """Image projection and per-layer processors of one adapter, for one model architecture.
 
-    Build with ``MIPAdapter.for_unet``; ``attach`` installs the processors into the UNet (self-attention
-    layers keep theirs) and ``detach`` puts back what was there. Constructors do no I/O.
+    Build with ``MIPAdapter.for_model`` (a UNet or a FLUX transformer); ``attach`` installs the processors
+    into the model (other layers keep theirs) and ``detach`` puts back what was there. Constructors do no
+    I/O.
     """
 
     def __init__(self, config: AdapterConfig, layers: list[CrossAttentionLayer]) -> None:
@@ -73,25 +106,28 @@ class MIPAdapter(nn.Module):
         self.image_proj = build_image_projection(config)
         diagnosed = diagnostic_layers(layers)
         self.layers = nn.ModuleDict(
-            {
-                _module_key(layer.name): MIPAttnProcessor(
-                    layer.hidden_size,
-                    layer.cross_attention_dim,
-                    config.text_weight,
-                    layer_name=layer.name,
-                    diagnose=layer.name in diagnosed,
-                )
-                for layer in layers
-            }
+            {_module_key(layer.name): self._processor(layer, layer.name in diagnosed) for layer in layers}
         )
         self._previous: dict[str, object] | None = None
         self._unet_ref: weakref.ref | None = None  # a weakref: a Module attribute would adopt the UNet
         self._attention: dict[str, weakref.ref] = {}  # layer name → its Attention module, while attached
         self._check_widths()
 
+    def _processor(self, layer: CrossAttentionLayer, diagnose: bool) -> nn.Module:
+        if self.config.architecture == "flux":
+            return MIPFluxAttnProcessor(layer.hidden_size, layer.cross_attention_dim, layer.name, diagnose)
+        return MIPAttnProcessor(
+            layer.hidden_size, layer.cross_attention_dim, self.config.text_weight, layer.name, diagnose
+        )
+
+    @classmethod
+    def for_model(cls, model: nn.Module, config: AdapterConfig) -> MIPAdapter:
+        """An adapter of ``config`` for ``model`` (a UNet, or a FLUX transformer for ``architecture="flux"``)."""
+        return cls(config, adapter_layers(model, config))
+
     @classmethod
     def for_unet(cls, unet: nn.Module, config: AdapterConfig) -> MIPAdapter:
-        return cls(config, cross_attention_layers(unet))
+        return cls.for_model(unet, config)
 
     def _check_widths(self) -> None:
         widths = {layer.cross_attention_dim for layer in self.layer_specs}
@@ -116,9 +152,9 @@ class MIPAdapter(nn.Module):
         """Install the processors into ``unet``'s cross-attention layers."""
         if self.is_attached:
             raise RuntimeError("this adapter is already attached to a UNet; detach it first")
-        found = cross_attention_layers(unet)
+        found = adapter_layers(unet, self.config)
         if [layer.name for layer in found] != [layer.name for layer in self.layer_specs]:
-            raise ValueError("this adapter was built for a UNet with different cross-attention layers")
+            raise ValueError("this adapter was built for a model with different attention layers")
         current = unet.attn_processors
         self._previous = {layer.name: current[layer.name + PROCESSOR_SUFFIX] for layer in self.layer_specs}
         unet.set_attn_processor(
@@ -157,6 +193,8 @@ class MIPAdapter(nn.Module):
         if not self.is_attached:
             raise RuntimeError("attach the adapter to a UNet before preparing a conditioning")
         cache: dict = {}
+        if self.config.architecture == "flux":
+            cache[flux.NAME_ROWS], cache[flux.NAME_ROTARY] = flux.name_rows(self._unet_ref(), cond)
         for layer in self.layer_specs:
             attention = self._attention[layer.name]()
             if attention is None:
@@ -168,6 +206,11 @@ class MIPAdapter(nn.Module):
     def init_from_base(self, unet: nn.Module) -> None:
         """Start training from the UNet itself: ``to_k_ip``/``to_v_ip`` copy each layer's ``to_k``/``to_v``,
         and ``text_to_weight`` starts at zero (a flat gate, ``g`` = 1)."""
+        if self.config.architecture != "unet":
+            raise ValueError(
+                f"starting from the base model's keys is defined for UNets; start a {self.config.architecture} "
+                "adapter from a checkpoint"
+            )
         modules = dict(unet.named_modules())
         for layer in self.layer_specs:
             attention, processor = modules[layer.name], self.processor(layer.name)

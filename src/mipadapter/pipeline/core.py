@@ -23,8 +23,10 @@ from mipadapter.modeling.conditioning import (
     SubjectConditioning,
 )
 from mipadapter.pipeline.encoding import (
+    denoiser,
     encode_names,
     encode_photos,
+    is_flux,
     tokenizers_of,
     unconditional_features,
     unconditional_names,
@@ -82,10 +84,11 @@ class MIPAdapterOutput:
 
 
 class MIPAdapterPipeline:
-    """Multi-subject generation: a diffusers pipeline with a UNet, an adapter and an image encoder.
+    """Multi-subject generation: a diffusers pipeline, an adapter and an image encoder.
 
     ``pipe`` is a stock SDXL or SD1.5 pipeline (text-to-image, img2img, inpainting, ControlNet: any with
-    a ``unet``); ``adapter`` a loaded ``MIPAdapter`` (attached to ``pipe.unet`` here); ``image_encoder`` a
+    a ``unet``) or a ``FluxPipeline``; ``adapter`` a loaded ``MIPAdapter`` of the same architecture
+    (attached to the UNet or FLUX transformer here); ``image_encoder`` a
     ``CLIPVisionModelWithProjection`` and ``feature_extractor`` its image processor; ``negative_prompt``
     the default negative prompt of calls that give none (``from_pretrained`` takes the preset's). The
     constructor does no I/O: ``from_pretrained`` loads. The pipeline follows its models' device and
@@ -95,9 +98,10 @@ class MIPAdapterPipeline:
     def __init__(
         self, pipe, adapter: MIPAdapter, image_encoder, feature_extractor=None, *, negative_prompt: str | None = None
     ) -> None:
-        if getattr(pipe, "unet", None) is None:
+        if getattr(pipe, "unet", None) is None and not is_flux(pipe):
             raise TypeError(
-                f"{type(pipe).__name__} has no UNet: MIP-Adapter runs on SDXL / SD1.5 UNet pipelines"
+                f"{type(pipe).__name__} has neither a UNet nor a FLUX transformer: MIP-Adapter runs on SDXL, "
+                "SD1.5 and FLUX.1 pipelines"
             )
         self.pipe = pipe
         self.adapter = adapter
@@ -106,7 +110,7 @@ class MIPAdapterPipeline:
         self.default_negative_prompt = negative_prompt or None
         self.name_window: int | None = None  # set by ``compile``
         self._uncompiled_forward = None
-        adapter.attach(pipe.unet)
+        adapter.attach(denoiser(pipe))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -143,7 +147,7 @@ class MIPAdapterPipeline:
         return self
 
     def compile(self, **compile_kwargs) -> MIPAdapterPipeline:
-        """Compile the UNet's forward with ``torch.compile(**compile_kwargs)``; returns the pipeline.
+        """Compile the UNet's (FLUX: the transformer's) forward with ``torch.compile(**compile_kwargs)``.
 
         The first call pays the compilation (minutes for SDXL on a GPU). Later calls with the same image
         size, number of subjects (and of photos under ``multi_image="each"``), batch size and merge rule
@@ -151,10 +155,10 @@ class MIPAdapterPipeline:
         (``NAME_WINDOW`` tokens) and every per-call value reaches the graph as a tensor.
         ``return_relevance`` and ``text_perturbation`` run Python code at every layer and break the graph.
         """
-        unet = self.pipe.unet
+        model = denoiser(self.pipe)
         if self._uncompiled_forward is None:
-            self._uncompiled_forward = unet.forward
-        unet.forward = torch.compile(self._uncompiled_forward, **compile_kwargs)
+            self._uncompiled_forward = model.forward
+        model.forward = torch.compile(self._uncompiled_forward, **compile_kwargs)
         self.name_window = NAME_WINDOW
         return self
 
@@ -162,7 +166,7 @@ class MIPAdapterPipeline:
         """Detach the adapter (and undo ``compile``); return the plain diffusers pipeline, as it was."""
         self.adapter.detach()
         if self._uncompiled_forward is not None:
-            del self.pipe.unet.forward  # the class's forward again
+            del denoiser(self.pipe).forward  # the class's forward again
             self._uncompiled_forward = None
             self.name_window = None
         return self.pipe
@@ -229,56 +233,70 @@ class MIPAdapterPipeline:
         if len(modes) > 1:
             raise ValueError("all subjects with a region must use the same region_mode in one call")
         expected_size = self._expected_size(height, width, pipeline_kwargs)
-        guidance_scale = (
-            guidance_scale if guidance_scale is not None else (5.0 if hasattr(pipe, "tokenizer_2") else 7.5)
-        )
-        cfg = guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+        if guidance_scale is None:  # the wrapped pipeline's own default (SDXL 5, SD1.5 7.5, FLUX.1 3.5)
+            guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
         negative = self.default_negative_prompt if negative_prompt is None else (negative_prompt or None)
-
-        conditioning = self.build_conditioning(
-            prompt_rows=num_images_per_prompt,
-            subjects=subjects,
-            cfg=cfg,
-            rule=rule,
-            use_text_weight=use_text_weight,
-            multi_image=multi_image,
-            image_size=expected_size,
-            record=return_relevance,
-            record_image_attention=return_image_attention,
-            measure_shares=starved_share is not None and rule != MergeRule.UNIFORM and len(subjects) > 1,
-        )
-        conditioning.text_perturbation = text_perturbation
-        self.adapter.prepare(conditioning)
-        cross_attention_kwargs = dict(pipeline_kwargs.pop("cross_attention_kwargs", None) or {})
-        cross_attention_kwargs[CROSS_ATTENTION_KWARG] = conditioning
-        sizes = {key: value for key, value in (("height", height), ("width", width)) if value is not None}
+        flux = is_flux(pipe)
+        if flux:  # guidance-distilled: no unconditional rows; true CFG runs the negative as its own call
+            halves = [("cond",)] + ([("uncond",)] if _true_cfg(pipeline_kwargs, negative) else [])
+        else:
+            cfg = guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+            halves = [("uncond", "cond") if cfg else ("cond",)]
+        encoded = self._encode_subjects(subjects, multi_image, uncond=any("uncond" in h for h in halves))
+        conditionings = [
+            self._assemble(
+                encoded,
+                subjects,
+                halves=half,
+                rows=num_images_per_prompt,
+                rule=rule,
+                use_text_weight=use_text_weight,
+                image_size=expected_size,
+                record=return_relevance and "cond" in half,
+                record_image_attention=return_image_attention and "cond" in half,
+                measure_shares="cond" in half
+                and starved_share is not None
+                and rule != MergeRule.UNIFORM
+                and len(subjects) > 1,
+            )
+            for half in halves
+        ]
+        for conditioning in conditionings:
+            conditioning.text_perturbation = text_perturbation
+            self.adapter.prepare(conditioning)
+        conditioning = conditionings[0] if flux else conditionings[-1]  # the one carrying the cond rows
+        call = dict(pipeline_kwargs)
+        if flux:
+            negative_embeds = self._flux_negative(negative, num_images_per_prompt, call, len(conditionings) > 1)
+            hook = self._flux_hook(conditionings, negative_embeds, subjects)
+        else:
+            call["negative_prompt"] = negative
+            call["cross_attention_kwargs"] = {**(call.get("cross_attention_kwargs") or {}), CROSS_ATTENTION_KWARG: conditioning}
+            hook = self._latent_size_hook(conditioning, subjects)
+        call.update({key: value for key, value in (("height", height), ("width", width)) if value is not None})
         previous_progress = dict(getattr(pipe, "_progress_bar_config", {}))
         pipe.set_progress_bar_config(disable=not show_progress)
-        hook = pipe.unet.register_forward_pre_hook(
-            self._latent_size_hook(conditioning, subjects), with_kwargs=True
-        )
+        handle = denoiser(pipe).register_forward_pre_hook(hook, with_kwargs=True)
         try:
             result = pipe(
                 prompt=prompt,
-                negative_prompt=negative,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 num_images_per_prompt=num_images_per_prompt,
                 generator=generator,
                 output_type=output_type,
-                cross_attention_kwargs=cross_attention_kwargs,
-                **sizes,
-                **pipeline_kwargs,
+                **call,
             )
         finally:
-            hook.remove()
+            handle.remove()
             pipe._progress_bar_config = previous_progress  # the wrapped pipeline's own setting, as it was
-        image_size = tuple(side * pipe.vae_scale_factor for side in conditioning.latent_size)
+        image_size = tuple(side * _cell(pipe) for side in conditioning.latent_size)
         labels = subject_labels(names)
         output = MIPAdapterOutput(images=result.images)
+        unconditional = any("uncond" in half for half in halves)
         output.settings = {
             "prompt": prompt,
-            "negative_prompt": negative,
+            "negative_prompt": negative if unconditional else None,  # what the call used
             "guidance_scale": float(guidance_scale),
             "num_inference_steps": int(num_inference_steps),
             "height": image_size[0],
@@ -292,6 +310,8 @@ class MIPAdapterPipeline:
             "scales": dict(zip(labels, conditioning.scales[-1].tolist(), strict=True)),
             "scheduler": type(pipe.scheduler).__name__,
         }
+        if flux:
+            output.settings["true_cfg_scale"] = float(pipeline_kwargs.get("true_cfg_scale", 1.0))
         rows = num_images_per_prompt
         if return_relevance:
             output.relevance, output.relevance_by_resolution = _relevance_arrays(
@@ -302,8 +322,8 @@ class MIPAdapterPipeline:
         if conditioning.share_meter is not None:
             shares = conditioning.share_meter.shares(conditioning.first_condition)[-rows:].mean(dim=0)
             warnings_ += _starved(names, shares.tolist(), starved_share)
-        for warning in warnings_:
-            logger.warning("%s", warning.message)
+        for warning in warnings_:  # a name the caller allowed outside the prompt is expected: not a warning
+            logger.log(logging.INFO if warning.kind == "not_named" else logging.WARNING, "%s", warning.message)
         output.warnings = warnings_
         return output
 
@@ -323,10 +343,10 @@ class MIPAdapterPipeline:
             raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {steps!r}")
         if guidance is not None and not (math.isfinite(float(guidance)) and float(guidance) >= 0):
             raise ValueError(f"guidance_scale must be a finite number ≥ 0, got {guidance!r}")
-        factor = self.pipe.vae_scale_factor
+        factor = _cell(self.pipe)
         for name, side in (("height", height), ("width", width)):
             if side is not None and (not isinstance(side, int) or side <= 0 or side % factor):
-                raise ValueError(f"{name} must be a positive multiple of {factor} (the VAE's factor), got {side!r}")
+                raise ValueError(f"{name} must be a positive multiple of {factor} (one latent cell), got {side!r}")
         return subjects
 
     def _check_names(self, prompt: str, names: list[str], required: bool) -> list[SubjectWarning]:
@@ -358,30 +378,60 @@ class MIPAdapterPipeline:
             return (height, width)
         parameters = inspect.signature(pipe.__call__).parameters
         if "image" not in parameters:  # text-to-image: diffusers' default size
-            default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            default = _default_side(pipe)
             return (height or default, width or default)
         image = pipeline_kwargs.get("image")
         if isinstance(image, (list, tuple)) and image:
             image = image[0]
         if "height" not in parameters and hasattr(image, "size") and hasattr(image, "convert"):
-            factor = pipe.vae_scale_factor  # img2img keeps the image's size, rounded down to the factor
+            factor = _cell(pipe)  # img2img keeps the image's size, rounded down to the factor
             return (image.height // factor * factor, image.width // factor * factor)
         return None
 
     def _latent_size_hook(self, conditioning: SubjectConditioning, subjects: list[Subject]):
         """A UNet forward pre-hook that places the conditioning on the latents the UNet really receives
         (img2img, inpainting, ControlNet and odd sizes included), rasterising the regions at that size."""
-        factor = self.pipe.vae_scale_factor
 
         def hook(module, args, kwargs):
             sample = args[0] if args else kwargs["sample"]
-            size = tuple(sample.shape[-2:])
-            if conditioning.latent_size != size:
-                image_size = (size[0] * factor, size[1] * factor)
-                regions = self._region_masks(subjects, image_size, size, conditioning.batch_size)
-                conditioning.set_latent_size(size, regions)
+            self._place(conditioning, subjects, tuple(sample.shape[-2:]))
 
         return hook
+
+    def _flux_hook(self, conditionings: list[SubjectConditioning], negative_embeds, subjects: list[Subject]):
+        """A FLUX transformer forward pre-hook: hands each call its conditioning (the negative call of true
+        CFG, recognised by its prompt embeddings, gets the unconditional one) and places both on the
+        latent grid the transformer receives (from its image position ids)."""
+
+        def hook(module, args, kwargs):
+            if conditionings[0].latent_size is None:
+                ids = kwargs["img_ids"]  # [p, 3]: (0, row, column)
+                grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+                for conditioning in conditionings:
+                    self._place(conditioning, subjects, grid)
+            negative = negative_embeds is not None and kwargs.get("encoder_hidden_states") is negative_embeds
+            joint = dict(kwargs.get("joint_attention_kwargs") or {})
+            joint[CROSS_ATTENTION_KWARG] = conditionings[-1] if negative else conditionings[0]
+            return args, {**kwargs, "joint_attention_kwargs": joint}
+
+        return hook
+
+    def _flux_negative(self, negative: str | None, rows: int, call: dict, true_cfg: bool):
+        """With true CFG, encode the negative prompt here (the hook recognises the negative call by these
+        embeddings) and put them in ``call``; returns them, or None without true CFG."""
+        if not true_cfg:
+            call.pop("negative_prompt", None)
+            return None
+        device = next(self.adapter.parameters()).device
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=negative, device=device, num_images_per_prompt=rows)
+        call.update(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled)
+        return embeds
+
+    def _place(self, conditioning: SubjectConditioning, subjects: list[Subject], grid: tuple[int, int]) -> None:
+        """Set the conditioning's latent grid (rasterising the regions) when it changed."""
+        if conditioning.latent_size != grid:
+            image_size = (grid[0] * _cell(self.pipe), grid[1] * _cell(self.pipe))
+            conditioning.set_latent_size(grid, self._region_masks(subjects, image_size, grid, conditioning.batch_size))
 
     def _region_masks(self, subjects, image_size, latent_size, batch: int) -> torch.Tensor | None:
         """[b, n, H, W] region masks at latent resolution, or None when no subject has a region."""
@@ -425,10 +475,24 @@ class MIPAdapterPipeline:
         the regions before the call; None when only the latents will tell (the pipeline's pre-hook sets
         the latent size either way).
         """
+        return self._assemble(
+            self._encode_subjects(subjects, MultiImageMode(multi_image), uncond=cfg),
+            list(subjects),
+            halves=("uncond", "cond") if cfg else ("cond",),
+            rows=prompt_rows,
+            rule=rule,
+            use_text_weight=use_text_weight,
+            image_size=image_size,
+            record=record,
+            record_image_attention=record_image_attention,
+            measure_shares=measure_shares,
+        )
+
+    def _encode_subjects(self, subjects: Sequence[Subject], multi_image: MultiImageMode, uncond: bool) -> _Encoded:
+        """Photos and names through their encoders, once per call (``uncond``: also what the unconditional
+        rows see)."""
         adapter = self.adapter
         device = next(adapter.parameters()).device
-        dtype = self.pipe.unet.dtype
-
         features = [self.encode_subject_features(subject) for subject in subjects]
         tokens = [adapter.project(feature) for feature in features]  # each [k_i, t, c]
         if multi_image == MultiImageMode.MEAN:
@@ -439,56 +503,112 @@ class MIPAdapterPipeline:
             cond_tokens = torch.cat(tokens)  # [N, t, c]
             owner = torch.cat([torch.full((len(t),), i, device=device) for i, t in enumerate(tokens)])
             share = torch.cat([torch.full((len(t),), 1.0 / len(t), device=device) for t in tokens])
-
         name_embeds, name_mask = encode_names(self.pipe, [s.name for s in subjects], device, self.name_window)
         scales = torch.tensor(
             [adapter.config.default_scale if s.scale is None else float(s.scale) for s in subjects],
             device=device,
         )
-
-        rows_cond = prompt_rows
-        image_rows = [cond_tokens.expand(rows_cond, *cond_tokens.shape)]
-        name_rows = [name_embeds.expand(rows_cond, *name_embeds.shape)]
-        mask_rows = [name_mask.expand(rows_cond, *name_mask.shape)]
-        if cfg:
-            uncond = adapter.project(
+        encoded = _Encoded(cond_tokens, owner, share, name_embeds, name_mask, scales)
+        if uncond:
+            encoded.uncond_tokens = adapter.project(
                 unconditional_features(
                     self.image_encoder, self.feature_extractor, adapter.config.uses_hidden_states, features[0]
                 )
             )  # [1, t, c]
-            image_rows.insert(0, uncond.expand(rows_cond, len(owner), *uncond.shape[1:]))
-            empty = unconditional_names(self.pipe, name_mask, device)  # [n, m, c]: the authors' empty names
-            name_rows.insert(0, empty.expand(rows_cond, *empty.shape))
-            mask_rows.insert(0, mask_rows[0])
-        batch = rows_cond * (2 if cfg else 1)
+            encoded.uncond_names = unconditional_names(self.pipe, name_mask, device)  # [n, m, c]
+        return encoded
+
+    def _assemble(
+        self,
+        encoded: _Encoded,
+        subjects: list[Subject],
+        *,
+        halves: Sequence[str],
+        rows: int,
+        rule: MergeRule,
+        use_text_weight: bool,
+        image_size: tuple[int, int] | None,
+        record: bool,
+        record_image_attention: bool,
+        measure_shares: bool,
+    ) -> SubjectConditioning:
+        """The conditioning of one model call: ``halves`` in batch order (``uncond``, ``cond``), ``rows``
+        rows each."""
+        device = encoded.owner.device
+        dtype = denoiser(self.pipe).dtype
+        num_cond = len(encoded.owner)
+        image_rows, name_rows = [], []
+        for half in halves:
+            if half == "cond":
+                image_rows.append(encoded.cond_tokens.expand(rows, *encoded.cond_tokens.shape))
+                name_rows.append(encoded.name_embeds.expand(rows, *encoded.name_embeds.shape))
+            else:
+                uncond = encoded.uncond_tokens
+                image_rows.append(uncond.expand(rows, num_cond, *uncond.shape[1:]))
+                name_rows.append(encoded.uncond_names.expand(rows, *encoded.uncond_names.shape))
+        batch = rows * len(halves)
 
         regions = has_region = None
         if any(s.region is not None for s in subjects):
             has_region = torch.tensor([s.region is not None for s in subjects], device=device)
         latent_size = None
         if image_size is not None:
-            factor = self.pipe.vae_scale_factor
+            factor = _cell(self.pipe)
             latent_size = (image_size[0] // factor, image_size[1] // factor)
             regions = self._region_masks(subjects, image_size, latent_size, batch)  # checks the boxes now
         modes = {s.region_mode for s in subjects if s.region is not None}
+        keep = rows if "cond" in halves else 0  # recorders keep the conditional rows (the last ones)
 
         return SubjectConditioning(
             image_tokens=torch.cat(image_rows).to(dtype),
-            owner=owner,
-            share=share,
-            scales=scales.expand(batch, -1),
+            owner=encoded.owner,
+            share=encoded.share,
+            scales=encoded.scales.expand(batch, -1),
             name_embeds=torch.cat(name_rows).to(dtype),
-            name_mask=torch.cat(mask_rows),
+            name_mask=encoded.name_mask.expand(batch, -1, -1),
             rule=rule,
             use_text_weight=use_text_weight,
             latent_size=latent_size,
             regions=regions,
             has_region=has_region,
             region_mode=modes.pop() if modes else RegionMode.REPLACE,
-            recorder=RelevanceRecorder(latent_size, keep_last=rows_cond) if record else None,
-            image_attention=RelevanceRecorder(latent_size, keep_last=rows_cond) if record_image_attention else None,
-            share_meter=ShareMeter(batch, len(owner), device) if measure_shares else None,
+            recorder=RelevanceRecorder(latent_size, keep_last=keep) if record else None,
+            image_attention=RelevanceRecorder(latent_size, keep_last=keep) if record_image_attention else None,
+            share_meter=ShareMeter(batch, num_cond, device) if measure_shares else None,
         )
+
+
+@dataclass
+class _Encoded:
+    """A call's subjects after the encoders: cond_tokens [N, t, c], owner [N], share [N], name_embeds
+    [n, m, c], name_mask [n, m], scales [n]; uncond_tokens [1, t, c] and uncond_names [n, m, c] when the
+    call has unconditional rows."""
+
+    cond_tokens: torch.Tensor
+    owner: torch.Tensor
+    share: torch.Tensor
+    name_embeds: torch.Tensor
+    name_mask: torch.Tensor
+    scales: torch.Tensor
+    uncond_tokens: torch.Tensor | None = None
+    uncond_names: torch.Tensor | None = None
+
+
+def _cell(pipe) -> int:
+    """Output pixels per cell of the denoiser's latent grid: the VAE's factor (FLUX packs 2×2 latents)."""
+    return pipe.vae_scale_factor * (2 if is_flux(pipe) else 1)
+
+
+def _default_side(pipe) -> int:
+    """The output side (pixels) the diffusers pipeline defaults to."""
+    sample_size = pipe.default_sample_size if is_flux(pipe) else pipe.unet.config.sample_size
+    return sample_size * pipe.vae_scale_factor
+
+
+def _true_cfg(pipeline_kwargs: dict, negative: str | None) -> bool:
+    """Whether a FLUX call runs true classifier-free guidance (diffusers' rule: a scale above 1 and a
+    negative prompt)."""
+    return float(pipeline_kwargs.get("true_cfg_scale", 1.0)) > 1 and negative is not None
 
 
 def subject_labels(names: Sequence[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -10,8 +11,20 @@ from mipadapter.alignment import SubjectAlignmentError, name_token_ids
 from mipadapter.photos import upright
 
 
+def is_flux(pipe) -> bool:
+    """Whether ``pipe`` is a FLUX pipeline (a FLUX transformer where UNet pipelines have a UNet)."""
+    return type(getattr(pipe, "transformer", None)).__name__.startswith("Flux")
+
+
+def denoiser(pipe):
+    """The model the adapter goes into: the UNet, or FLUX's transformer."""
+    return pipe.transformer if is_flux(pipe) else pipe.unet
+
+
 def tokenizers_of(pipe) -> list:
-    """The pipeline's tokenizers (SDXL has two, SD1.5 one)."""
+    """The tokenizers of the text the attention keys: SDXL's two CLIP ones, SD1.5's one, FLUX's T5."""
+    if is_flux(pipe):
+        return [pipe.tokenizer_2]
     return [
         tok
         for tok in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
@@ -19,8 +32,18 @@ def tokenizers_of(pipe) -> list:
     ]
 
 
+def first_name_row(pipe) -> int:
+    """The row where a name encoded alone starts: after CLIP's start token; T5 has none."""
+    return 0 if is_flux(pipe) else 1
+
+
 def _encode_texts(pipe, texts: list[str], device) -> torch.Tensor:
-    """Texts → the pipeline's own prompt embeddings [k, S, c] (same layers as the prompt itself)."""
+    """Texts → the pipeline's own prompt embeddings [k, S, c] (same layers and length as the prompt's)."""
+    if is_flux(pipe):
+        length = inspect.signature(pipe.__call__).parameters["max_sequence_length"].default
+        return pipe._get_t5_prompt_embeds(
+            prompt=texts, num_images_per_prompt=1, max_sequence_length=length, device=device
+        )
     if getattr(pipe, "tokenizer_2", None) is not None:
         embeds = pipe.encode_prompt(
             prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -56,7 +79,7 @@ def name_window(longest: int, window: int | None) -> int:
 def encode_names(
     pipe, names: Sequence[str], device, window: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each name encoded on its own; the rows of its name tokens (after BOS), padded.
+    """Each name encoded on its own; the rows of its name tokens (after CLIP's start token), padded.
 
     window: pad to a multiple of this many rows (see ``name_window``); None pads to the longest name.
     An empty name has one row: the end-of-text token in the place where a name would start.
@@ -65,22 +88,25 @@ def encode_names(
     lengths = name_lengths(pipe, names)
     embeds = _encode_texts(pipe, list(names), device)  # [n, S, c]
     rows = name_window(max(lengths), window)
-    if 1 + rows > embeds.shape[1]:
+    first = first_name_row(pipe)
+    if first + rows > embeds.shape[1]:
         raise SubjectAlignmentError(
             f"subject names of {max(lengths)} tokens do not fit the text encoder's {embeds.shape[1]} tokens"
         )
     mask = torch.arange(rows, device=embeds.device)[None, :] < torch.tensor(lengths, device=embeds.device)[:, None]
-    gathered = embeds[:, 1 : 1 + rows]  # [n, m, c]; BOS is row 0
+    gathered = embeds[:, first : first + rows]  # [n, m, c]
     return gathered * mask[..., None].to(gathered.dtype), mask
 
 
 def unconditional_names(pipe, name_mask: torch.Tensor, device) -> torch.Tensor:
     """The names of classifier-free guidance's unconditional half, as the authors key them: the empty
-    string encoded once, and for each subject its rows ``1..n_i`` (``n_i`` = its own name's length).
+    string encoded once, and for each subject its rows ``1..n_i`` (``n_i`` = its own name's length; rows
+    ``0..n_i−1`` on T5, which has no start token).
 
     name_mask [n, m] (bool, from ``encode_names``) → embeds [n, m, c] (zero on padding rows).
     """
-    empty = _encode_texts(pipe, [""], device)[0, 1 : 1 + name_mask.shape[1]]  # [m, c]
+    first = first_name_row(pipe)
+    empty = _encode_texts(pipe, [""], device)[0, first : first + name_mask.shape[1]]  # [m, c]
     return empty.unsqueeze(0) * name_mask[..., None].to(empty.dtype)
 
 

@@ -1,0 +1,145 @@
+"""``MIPFluxAttnProcessor`` on the tiny FLUX transformer against the float64 loop reference (docs/flux.md).
+
+One double-stream block, random inputs: the routed image term equals the reference's merge of each
+condition's image attention (queries before RoPE, as diffusers' FLUX IP-Adapter), weighted under ``paper``
+by the relevance of the names (keys from the block's own text path, against the queries after RoPE);
+the joint attention's outputs equal diffusers' ``FluxAttnProcessor``'s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from flux_reference import (
+    flux_ids,
+    image_attention,
+    name_keys_unmodulated,
+    np64,
+    relevance,
+    rotary_table,
+    rotate_rows,
+)
+
+from mipadapter.modeling import SubjectConditioning
+from mipadapter.testing.flux import TINY_FLUX, tiny_flux_pipeline
+from mipadapter.testing.mip import tiny_flux_adapter
+
+BATCH, TEXT_TOKENS, IMAGE_TOKENS, NAME_TOKENS = 2, 5, 4, 3
+GRIDS = {"square": (4, 4), "non_square": (3, 5)}
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = tiny_flux_pipeline()
+    adapter = tiny_flux_adapter(pipe.transformer, TINY_FLUX.image_encoder.projection_dim, seed=3)
+    adapter.attach(pipe.transformer)
+    return pipe.transformer, adapter
+
+
+def conditioning(n: int, photos: str, rule: str, grid, seed: int) -> SubjectConditioning:
+    g = torch.Generator().manual_seed(seed)
+    counts = [1] * n if photos == "one" else [1 + (i + 1) % 3 for i in range(n)]
+    owner = torch.tensor([i for i, k in enumerate(counts) for _ in range(k)])
+    share = torch.tensor([1.0 / k for k in counts for _ in range(k)])
+    lengths = torch.randint(1, NAME_TOKENS + 1, (BATCH, n), generator=g)
+    return SubjectConditioning(
+        image_tokens=torch.randn(BATCH, len(owner), IMAGE_TOKENS, TINY_FLUX.joint_attention_dim, generator=g),
+        owner=owner,
+        share=share,
+        scales=torch.rand(BATCH, n, generator=g) + 0.3,
+        name_embeds=torch.randn(BATCH, n, NAME_TOKENS, TINY_FLUX.joint_attention_dim, generator=g),
+        name_mask=torch.arange(NAME_TOKENS)[None, None] < lengths[..., None],
+        rule=rule,
+        use_text_weight=False,
+        latent_size=grid,
+    )
+
+
+def block_inputs(grid, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    positions = grid[0] * grid[1]
+    hidden = torch.randn(BATCH, positions, TINY_FLUX.inner_dim, generator=g)
+    context = torch.randn(BATCH, TEXT_TOKENS, TINY_FLUX.inner_dim, generator=g)
+    text_ids, image_ids = flux_ids(TEXT_TOKENS, grid)
+    ids = torch.from_numpy(np.concatenate([text_ids, image_ids])).float()
+    return hidden, context, ids
+
+
+def reference(transformer, block, cond: SubjectConditioning, hidden, context, ids) -> np.ndarray:
+    """The routed term [b, p, C], written out: per condition its image attention, weighted by the rule."""
+    attn = block.attn
+    cos, sin = rotary_table(ids.numpy(), TINY_FLUX.axes_dims_rope)
+    from flux_reference import _heads  # the reference's Linear → heads → RMSNorm
+
+    weight, bias = np64(attn.to_q.weight), np64(attn.to_q.bias)
+    queries = np.stack([_heads(rows, weight, bias, attn.norm_q, attn.heads) for rows in np64(hidden)])  # [b,p,h,d]
+    rotated = rotate_rows(queries, cos, sin, list(range(TEXT_TOKENS, TEXT_TOKENS + queries.shape[1])))
+    name_cos, name_sin = rotary_table(np.zeros((NAME_TOKENS, 3)), TINY_FLUX.axes_dims_rope)
+    processor = transformer.attn_processors["transformer_blocks.0.attn.processor"]
+    n = cond.scales.shape[1]
+    maps = []
+    for i in range(n):
+        with torch.no_grad():
+            rows = transformer.context_embedder(cond.name_embeds[:, i])  # [b, m, C]
+        keys = rotate_rows(name_keys_unmodulated(block, rows), name_cos, name_sin, list(range(NAME_TOKENS)))
+        maps.append(relevance(rotated, keys, cond.name_mask[:, i].tolist()))  # [b, p]
+    out = np.zeros((BATCH, queries.shape[1], TINY_FLUX.inner_dim))
+    for c, (subject, part) in enumerate(zip(cond.owner.tolist(), cond.share.tolist(), strict=True)):
+        z = image_attention(queries, np64(cond.image_tokens[:, c]), processor.to_k_ip, processor.to_v_ip)
+        for b in range(BATCH):
+            a = maps[subject][b]
+            weight = np.ones_like(a) if cond.rule.value == "uniform" else a / a.mean()
+            out[b] += float(cond.scales[b, subject]) * part * weight[:, None] * z[b]
+    return out
+
+
+@pytest.mark.parametrize("shape", GRIDS)
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("photos", ["one", "several"])
+@pytest.mark.parametrize("rule", ["uniform", "paper"])
+def test_routed_term_matches_the_loop_reference(flux, rule, photos, n, shape):
+    transformer, adapter = flux
+    grid = GRIDS[shape]
+    block = transformer.transformer_blocks[0]
+    cond = conditioning(n, photos, rule, grid, seed=n + len(shape))
+    adapter.prepare(cond)
+    hidden, context, ids = block_inputs(grid, seed=n)
+    rotary = transformer.pos_embed(ids)
+    with torch.no_grad():
+        image, text, routed = block.attn(hidden, context, image_rotary_emb=rotary, ip_hidden_states=cond)
+        plain_image, plain_text = FluxAttnProcessor()(block.attn, hidden, context, None, rotary)
+    expected = reference(transformer, block, cond, hidden, context, ids)
+    assert routed.shape == expected.shape
+    error = float(np.linalg.norm(np64(routed) - expected) / np.linalg.norm(expected))
+    assert error <= 1e-5, error
+    torch.testing.assert_close(image, plain_image, rtol=1e-6, atol=1e-6)  # the joint attention is diffusers'
+    torch.testing.assert_close(text, plain_text, rtol=1e-6, atol=1e-6)
+
+
+def test_without_conditioning_the_block_is_diffusers(flux):
+    transformer, _ = flux
+    block = transformer.transformer_blocks[1]
+    hidden, context, ids = block_inputs((4, 4), seed=9)
+    rotary = transformer.pos_embed(ids)
+    with torch.no_grad():
+        ours = block.attn(hidden, context, image_rotary_emb=rotary)
+        theirs = FluxAttnProcessor()(block.attn, hidden, context, None, rotary)
+    assert len(ours) == 2
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_flux_adapter_has_no_text_weight_and_single_blocks_keep_theirs(flux):
+    transformer, adapter = flux
+    processors = transformer.attn_processors
+    assert {type(p).__name__ for key, p in processors.items() if key.startswith("single_")} == {"FluxAttnProcessor"}
+    assert len(adapter.layer_specs) == TINY_FLUX.num_layers
+    cond = conditioning(2, "one", "official", (4, 4), seed=1)
+    cond.use_text_weight = True
+    adapter.prepare(cond)
+    block = transformer.transformer_blocks[0]
+    hidden, context, ids = block_inputs((4, 4), seed=2)
+    with pytest.raises(ValueError, match="no text_to_weight"):
+        block.attn(hidden, context, image_rotary_emb=transformer.pos_embed(ids), ip_hidden_states=cond)
