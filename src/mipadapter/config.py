@@ -174,5 +174,11 @@ PRESETS: dict[str, Preset] = {
         "h94/IP-Adapter/models/image_encoder",
         0.6,
     ),
+    "ip-flux": Preset(
+        "black-forest-labs/FLUX.1-dev",
+        "XLabs-AI/flux-ip-adapter-v2/ip_adapter.safetensors",
+        "openai/clip-vit-large-patch14",
+        1.0,  # x-flux's ip_scale default and diffusers' FLUX example; XLabs' card says to tune it (docs/flux.md)
+    ),
 }
 DEFAULT_PRESET = "mip-sdxl"

@@ -139,6 +139,17 @@ class MIPAdapterPipeline:
         )
         return cls(pipe, adapter, encoder, feature_extractor, negative_prompt=PRESETS[preset].negative_prompt)
 
+    @property
+    def default_guidance_scale(self) -> float:
+        """The guidance scale of calls that give none: the wrapped diffusers pipeline's own default (SDXL 5,
+        SD1.5 7.5, FLUX.1 3.5 — FLUX's is the distilled guidance, not CFG)."""
+        return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)
+
+    @property
+    def architecture(self) -> str:
+        """``unet`` (SDXL, SD1.5) or ``flux``."""
+        return self.adapter.config.architecture
+
     def to(self, *args, **kwargs) -> MIPAdapterPipeline:
         """Move the diffusers pipeline, the adapter and the image encoder (``torch.nn.Module.to`` arguments)."""
         self.pipe.to(*args, **kwargs)
@@ -233,8 +244,8 @@ class MIPAdapterPipeline:
         if len(modes) > 1:
             raise ValueError("all subjects with a region must use the same region_mode in one call")
         expected_size = self._expected_size(height, width, pipeline_kwargs)
-        if guidance_scale is None:  # the wrapped pipeline's own default (SDXL 5, SD1.5 7.5, FLUX.1 3.5)
-            guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         negative = self.default_negative_prompt if negative_prompt is None else (negative_prompt or None)
         flux = is_flux(pipe)
         if flux:  # guidance-distilled: no unconditional rows; true CFG runs the negative as its own call
