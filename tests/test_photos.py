@@ -34,6 +34,14 @@ def test_exif_orientation_is_applied(tmp_path, orientation, turn):
         assert np.array_equal(np.asarray(upright(raw).convert("RGB")), np.asarray(expected))
 
 
+@pytest.mark.parametrize("orientation, size", [(1, (40, 24)), (3, (40, 24)), (6, (24, 40)), (8, (24, 40))])
+def test_upright_size_reads_the_turn_from_the_header(tmp_path, orientation, size):
+    from mipadapter.photos import upright_size
+
+    path = _with_orientation(_gradient(), orientation, tmp_path / "phone.png")
+    assert upright_size(path) == size == open_photo(path).size
+
+
 def test_upright_image_is_returned_as_is():
     image = _gradient()
     assert upright(image) is image

@@ -56,6 +56,18 @@ def photo_size(path: str | os.PathLike, what: str = "photo", max_pixels: int | N
     return width, height
 
 
+def upright_size(path: str | os.PathLike, what: str = "photo", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of the photo as ``open_photo`` will give it (a quarter-turn EXIF orientation swaps
+    the sides), from its header alone; the same checks as ``photo_size``."""
+    width, height = photo_size(path, what, max_pixels)
+    try:
+        with Image.open(path) as image:
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except OSError as error:
+        raise PhotoError(f"{what} {str(path)!r} cannot be read: {error}") from None
+    return (height, width) if turned else (width, height)
+
+
 def open_photo(
     path: str | os.PathLike,
     what: str = "photo",

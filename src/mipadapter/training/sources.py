@@ -125,17 +125,12 @@ def read_ids(path: str | Path) -> list[str]:
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) of the photo as `mipadapter.photos.open_photo` will give it (EXIF turn applied),
     from its header alone."""
-    from PIL import Image
-
-    from mipadapter.photos import EXIF_ORIENTATION, PhotoError, photo_size
+    from mipadapter.photos import PhotoError, upright_size
 
     try:
-        width, height = photo_size(path, "training image")
-        with Image.open(path) as image:
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn
+        return upright_size(path, "training image")
     except (PhotoError, OSError) as error:
         raise DataError(UNREADABLE_IMAGE, f"{path}: not a readable image ({error})") from None
-    return (height, width) if turned else (width, height)
 
 
 def read_authors_candidate(root: Path, image_id: str) -> Candidate:
