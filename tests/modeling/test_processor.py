@@ -1,4 +1,4 @@
-"""``MIPAttnProcessor`` on a real diffusers ``Attention`` module against a loop reference of DESIGN.md §1.
+"""``MIPAttnProcessor`` on a real diffusers ``Attention`` module against a loop reference of docs/method.md.
 
 The reference below recomputes the whole layer by hand in float64: text attention, each condition's
 image attention with ``to_k_ip``/``to_v_ip``, the subjects' relevance maps from their name tokens keyed
@@ -59,7 +59,7 @@ def attend(queries, keys, values, head, d):
 def reference_layer(
     attn: Attention, proc: MIPAttnProcessor, hidden, text, cond: SubjectConditioning | None, text_factor=1.0
 ):
-    """hidden [b, p, c], text [b, s, c_kv] → [b, p, c], the formula of DESIGN.md §1 written out.
+    """hidden [b, p, c], text [b, s, c_kv] → [b, p, c], the formula of docs/method.md (the three merge rules) written out.
 
     text_factor scales Z_text before the merge (what a ``text_perturbation`` may do)."""
     heads = attn.heads

@@ -1,4 +1,4 @@
-"""The object quality score against a direct loop over the formula of DESIGN.md §1."""
+"""The object quality score against a direct loop over the formula of docs/method.md."""
 
 from __future__ import annotations
 

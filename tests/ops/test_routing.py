@@ -107,7 +107,7 @@ def ref_area_resize(regions, size) -> np.ndarray:
 
 
 def ref_merge(rule, text_out, image_out, scales, relevance, gate, regions, has_region, mode, owner, share):
-    """The whole merge of DESIGN.md §1, position by position.
+    """The whole merge of docs/method.md (the three merge rules), position by position.
 
     text_out [b, h, p, d]; image_out [b, N, h, p, d]; scales [b, n]; relevance [b, n, p] (float64);
     gate [b, p] or None; regions [b, n, p] (already on the layer grid) or None; owner, share [N].

@@ -1,4 +1,4 @@
-"""The paper's object quality score (DESIGN.md §1), as pure tensor functions.
+"""The paper's object quality score (docs/method.md#selecting-training-data-the-object-quality-score), as pure tensor functions.
 
 For an image with objects O, CLIP text embeddings g_text(o) of the object names and CLIP image
 embeddings g_img(o) of the object crops:
