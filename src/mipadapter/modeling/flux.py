@@ -73,8 +73,7 @@ class MIPFluxAttnProcessor(nn.Module):
             keys = attn.add_k_proj(rows.to(attn.add_k_proj.weight.dtype)).unflatten(-1, (-1, attn.head_dim))
             keys = attn.norm_added_k(keys)  # [b, n, m, h, d]
             keys = apply_rotary_emb(keys.flatten(0, 1), rotary, sequence_dim=1).view(b, n, m, attn.heads, -1)
-            keys = keys.permute(0, 3, 1, 2, 4)  # [b, h, n, m, d]
-            return (keys * keys.shape[-1] ** -0.5).reshape(b, attn.heads, n * m, -1)
+            return routing.flat_name_keys(keys)
 
     # ------------------------------------------------------------------ every step
     def __call__(
@@ -89,11 +88,7 @@ class MIPFluxAttnProcessor(nn.Module):
     ):
         if ip_hidden_states is None:
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if not isinstance(ip_hidden_states, SubjectConditioning):
-            raise TypeError(
-                f"{type(self).__name__} takes a SubjectConditioning as ip_hidden_states, "
-                f"got {type(ip_hidden_states).__name__}"
-            )
+        cond = routing.check_conditioning(ip_hidden_states, self)
         if encoder_hidden_states is None:
             raise ValueError(f"{type(self).__name__} runs in double-stream blocks, which have a text stream")
         # The joint attention, as diffusers' FluxAttnProcessor computes it, keeping the image queries.
@@ -121,7 +116,7 @@ class MIPFluxAttnProcessor(nn.Module):
 
         b, positions = hidden_states.shape[:2]
         routed = routing.route(
-            ip_hidden_states,
+            cond,
             self.layer_name,
             relevance_query=query[:, text_rows:].transpose(1, 2),  # the image rows the joint attention used
             image_query=image_query.transpose(1, 2),  # the IP term attends before RoPE, as diffusers'

@@ -73,8 +73,7 @@ class MIPAttnProcessor(nn.Module):
             keys = attn.to_k(flat).view(b, n, m, attn.heads, -1)  # [b, n, m, h, d]
             if attn.norm_k is not None:
                 keys = attn.norm_k(keys)
-            keys = keys.permute(0, 3, 1, 2, 4)  # [b, h, n, m, d]
-            return (keys * keys.shape[-1] ** -0.5).reshape(b, attn.heads, n * m, -1)
+            return routing.flat_name_keys(keys)
 
     # ------------------------------------------------------------------ every step
     def __call__(
@@ -119,13 +118,8 @@ class MIPAttnProcessor(nn.Module):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # [b, h, p, d]
 
         if ip_hidden_states is not None:
-            if not isinstance(ip_hidden_states, SubjectConditioning):
-                raise TypeError(
-                    f"{type(self).__name__} takes a SubjectConditioning as ip_hidden_states, "
-                    f"got {type(ip_hidden_states).__name__}"
-                )
             out = routing.route(
-                ip_hidden_states,
+                routing.check_conditioning(ip_hidden_states, self),
                 self.layer_name,
                 relevance_query=query,
                 image_query=query,

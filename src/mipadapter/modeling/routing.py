@@ -37,6 +37,22 @@ def image_keys_values(
     return (keys * keys.shape[-1] ** -0.5).contiguous(), values.transpose(1, 2).contiguous()
 
 
+def flat_name_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Name keys [b, n, m, h, d] → [b, h, n·m, d] scaled by ``1/sqrt(d)``, the layout ``ops.position_maps``
+    takes with ``ops.relevance_weights``."""
+    b, n, m, heads, head_dim = keys.shape
+    return (keys.permute(0, 3, 1, 2, 4) * head_dim**-0.5).reshape(b, heads, n * m, head_dim)
+
+
+def check_conditioning(cond, processor: object) -> SubjectConditioning:
+    """``cond`` if it is a ``SubjectConditioning``; a ``TypeError`` naming the processor otherwise."""
+    if not isinstance(cond, SubjectConditioning):
+        raise TypeError(
+            f"{type(processor).__name__} takes a SubjectConditioning as ip_hidden_states, got {type(cond).__name__}"
+        )
+    return cond
+
+
 def layer_inputs(
     cond: SubjectConditioning,
     heads: int,
