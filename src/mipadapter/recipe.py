@@ -20,7 +20,8 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
     negative_prompt str | null       the negative prompt actually used (null: none)
     seed            int              of a CPU torch.Generator (what the CLI uses)
     steps           int
-    guidance        float            the guidance scale actually used (never null)
+    guidance        float            the guidance scale actually used (never null; FLUX: the distilled one)
+    true_cfg_scale  float            FLUX only (absent elsewhere): true classifier-free guidance, 1 = off
     height, width   int              pixels
     num_images      int              images generated together by the call (they share one generator)
     image_index     int              which of them this file is (0-based)
@@ -33,7 +34,8 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
                     region: null | [x0, y0, x1, y1] (output pixels) | {path, sha256} (mask file)
                             | {png_base64} (a mask that has no file, e.g. painted on the web page)
     models          {base_model, adapter, image_encoder, preset: str | null, tiny: null | an architecture of
-                    the CLI's --tiny ("sdxl", "sd15")}
+                    the CLI's --tiny ("sdxl", "sd15", "flux"), family: "SDXL" | "SD1.5" | "FLUX" | …}
+                    (family: the base model's, see ``model_family``; absent in files written before it)
     device, dtype   str
     versions        {mipadapter, torch, diffusers, transformers}: str | null
 
@@ -69,6 +71,12 @@ JPEG_QUALITY = 95
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VERSIONED_PACKAGES = ("mipadapter", "torch", "diffusers", "transformers")
 RULES = ("official", "paper", "uniform")
+MODEL_FAMILIES = (  # diffusers pipeline class-name prefix → the family a person knows; longest first
+    ("StableDiffusion3", "SD3"),
+    ("StableDiffusionXL", "SDXL"),
+    ("StableDiffusion", "SD1.5"),
+    ("Flux", "FLUX"),
+)
 MULTI_IMAGE_MODES = ("mean", "each")
 REGION_MODES = ("replace", "multiply")
 
@@ -123,6 +131,17 @@ class _Defaults:
     negative_prompt: str | None = None
 
 
+def model_family(pipe) -> str:
+    """The base model's family ("SDXL", "SD1.5", "FLUX" …), read from the class name of the wrapped
+    diffusers pipeline (``pipe.pipe``; a diffusers pipeline itself is also accepted). An unknown class
+    gives its own name without the ``Pipeline`` suffix. Recorded in every recipe; the web page shows it."""
+    name = type(getattr(pipe, "pipe", pipe)).__name__
+    for prefix, family in MODEL_FAMILIES:
+        if name.startswith(prefix):
+            return family
+    return name.removesuffix("Pipeline") or name
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
@@ -152,10 +171,12 @@ def package_versions() -> dict[str, str | None]:
 def _pipeline_defaults(pipe) -> _Defaults:
     """The values ``MIPAdapterPipeline.__call__`` picks for arguments left out (mirrors it)."""
     base = pipe.pipe
-    side = base.unet.config.sample_size * base.vae_scale_factor
+    unet = getattr(base, "unet", None)
+    sample_size = unet.config.sample_size if unet is not None else base.default_sample_size  # FLUX: no UNet
+    side = sample_size * base.vae_scale_factor
     config = pipe.adapter.config
     return _Defaults(
-        guidance=5.0 if hasattr(base, "tokenizer_2") else 7.5,
+        guidance=float(pipe.default_guidance_scale),
         height=side,
         width=side,
         rule=config.default_rule.value,
@@ -175,7 +196,8 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
     ``call`` (the keyword arguments given to the pipeline, ``prompt`` included) and the pipeline's defaults.
 
     Keys: prompt, negative_prompt, guidance_scale, num_inference_steps, height, width,
-    num_images_per_prompt, rule, use_text_weight, multi_image, region_mode, scheduler.
+    num_images_per_prompt, rule, use_text_weight, multi_image, region_mode, scheduler, scales,
+    default_scale, and true_cfg_scale on FLUX pipelines (None elsewhere).
     """
     given = dict(getattr(output, "settings", None) or {})
     defaults = _pipeline_defaults(pipe)
@@ -187,6 +209,11 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
             return _value(call[key])
         return fallback
 
+    from mipadapter.pipeline.encoding import is_flux  # lazily: the CLI reads recipes before torch loads
+
+    true_cfg = pick("true_cfg_scale", None)
+    if true_cfg is None and is_flux(pipe.pipe):  # diffusers' default: off
+        true_cfg = 1.0
     negative = given["negative_prompt"] if "negative_prompt" in given else call.get("negative_prompt")
     if "negative_prompt" not in given and negative is None:
         negative = defaults.negative_prompt
@@ -205,6 +232,7 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
         "scheduler": str(given.get("scheduler") or type(pipe.pipe.scheduler).__name__),
         "scales": given.get("scales"),
         "default_scale": defaults.default_scale,
+        "true_cfg_scale": None if true_cfg is None else float(true_cfg),
     }
 
 
@@ -255,8 +283,10 @@ def build_recipe(
     settings = resolved_settings(pipe, output, call)
     if settings["prompt"] is None:
         raise ValueError("build_recipe needs the prompt (in output.settings or call['prompt'])")
+    from mipadapter.pipeline.encoding import denoiser
+
     scales = _resolved_scales(subjects, settings)
-    parameter = next(pipe.pipe.unet.parameters())
+    parameter = next(denoiser(pipe.pipe).parameters())
     recipe = {
         "recipe_version": RECIPE_VERSION,
         "prompt": settings["prompt"],
@@ -264,6 +294,7 @@ def build_recipe(
         "seed": int(seed),
         "steps": settings["num_inference_steps"],
         "guidance": settings["guidance_scale"],
+        **({} if settings["true_cfg_scale"] is None else {"true_cfg_scale": settings["true_cfg_scale"]}),
         "height": settings["height"],
         "width": settings["width"],
         "num_images": settings["num_images_per_prompt"],
@@ -282,7 +313,7 @@ def build_recipe(
             }
             for subject, scale in zip(subjects, scales, strict=True)
         ],
-        "models": models.to_dict(),
+        "models": {**models.to_dict(), "family": model_family(pipe)},
         "device": str(parameter.device),
         "dtype": str(parameter.dtype).removeprefix("torch."),
         "versions": package_versions(),
@@ -433,6 +464,12 @@ _SUBJECT_FIELDS: dict[str, tuple[str, Any]] = {
     "scale": ("a finite number ≥ 0", lambda v: _is_number(v) and v >= 0),
     "region": ("null, [x0, y0, x1, y1], {path, sha256} or {png_base64}", _region_ok),
 }
+_OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {  # written only where they apply, or by later versions
+    "true_cfg_scale": ("a finite number ≥ 0", lambda v: _is_number(v) and v >= 0),
+}
+_OPTIONAL_MODEL_FIELDS: dict[str, tuple[str, Any]] = {
+    "family": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
+}
 _MODEL_FIELDS: dict[str, tuple[str, Any]] = {
     "base_model": ("a string", lambda v: isinstance(v, str)),
     "adapter": ("a string", lambda v: isinstance(v, str)),
@@ -443,11 +480,18 @@ _MODEL_FIELDS: dict[str, tuple[str, Any]] = {
 }
 
 
-def _check_fields(where: str, data: Mapping, fields: Mapping[str, tuple[str, Any]]) -> None:
+def _check_fields(
+    where: str,
+    data: Mapping,
+    fields: Mapping[str, tuple[str, Any]],
+    optional: Mapping[str, tuple[str, Any]] | None = None,
+) -> None:
+    """Every key of ``fields`` present and valid; those of ``optional`` valid where present."""
     missing = [key for key in fields if key not in data]
     if missing:
         raise RecipeError(f"{where}: the recipe lacks {', '.join(missing)}")
-    for key, (wanted, ok) in fields.items():
+    present = {key: check for key, check in (optional or {}).items() if key in data}
+    for key, (wanted, ok) in {**fields, **present}.items():
         if not ok(data[key]):
             raise RecipeError(f"{where}: recipe field {key!r} must be {wanted}, got {data[key]!r}")
 
@@ -466,7 +510,7 @@ def validate_recipe(recipe: Any, where: str) -> None:
         raise RecipeError(
             f"{where}: recipe version {version!r}, this mipadapter reads version {RECIPE_VERSION}"
         )
-    _check_fields(where, recipe, _FIELDS)
+    _check_fields(where, recipe, _FIELDS, _OPTIONAL_FIELDS)
     if recipe["image_index"] >= recipe["num_images"]:
         raise RecipeError(
             f"{where}: image_index {recipe['image_index']} is not below num_images {recipe['num_images']}"
@@ -475,7 +519,7 @@ def validate_recipe(recipe: Any, where: str) -> None:
         if not isinstance(subject, Mapping):
             raise RecipeError(f"{where}: subject #{index + 1} is not an object")
         _check_fields(f"{where} subject #{index + 1}", subject, _SUBJECT_FIELDS)
-    _check_fields(f"{where} models", recipe["models"], _MODEL_FIELDS)
+    _check_fields(f"{where} models", recipe["models"], _MODEL_FIELDS, _OPTIONAL_MODEL_FIELDS)
 
 
 # ----------------------------------------------------------------------------------------------- rerunning

@@ -6,11 +6,12 @@ import argparse
 
 from mipadapter.config import DEFAULT_PRESET, PRESETS
 
-TINY_BASE_MODELS = ("tiny-sdxl", "tiny-sd15")
+TINY_BASE_MODELS = ("tiny-sdxl", "tiny-sd15", "tiny-flux")
 FORMAT_SUFFIXES = {
     "mipadapter": (".safetensors",),
     "authors": (".safetensors", ".bin"),
     "diffusers": (".safetensors", ".bin"),
+    "xlabs": (".safetensors",),
 }
 
 
@@ -18,9 +19,10 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="convert an adapter checkpoint between formats",
-        description="Convert between our safetensors format, the authors' MIP .bin layout and the plain "
-        "IP-Adapter layout diffusers reads (which drops the text weight). Only the base model's "
-        "unet/config.json is read, never its weights.",
+        description="Convert between our safetensors format, the authors' MIP .bin layout, the plain "
+        "IP-Adapter layout diffusers reads (which drops the text weight) and, for FLUX.1 adapters, XLabs' "
+        "published layout. Only the base model's unet/config.json (FLUX: transformer/config.json) is "
+        "read, never its weights.",
     )
     parser.add_argument("input", help="checkpoint: local file or owner/repo/path/file")
     parser.add_argument(
@@ -30,13 +32,14 @@ def register(subparsers) -> None:
         "--to",
         choices=sorted(FORMAT_SUFFIXES),
         default="mipadapter",
-        help="layout to write (default: %(default)s)",
+        help="layout to write; xlabs is for FLUX adapters (default: %(default)s)",
     )
     parser.add_argument(
         "--base-model",
         default=PRESETS[DEFAULT_PRESET].base_model,
-        help="the base model the checkpoint belongs to (only its unet/config.json is read): Hub id or "
-        "folder; 'tiny-sdxl' and 'tiny-sd15' name the built-in tiny models (default: %(default)s)",
+        help="the base model the checkpoint belongs to (only its unet/config.json, or a FLUX model's "
+        "transformer/config.json, is read): Hub id or folder; 'tiny-sdxl', 'tiny-sd15' and 'tiny-flux' "
+        "name the built-in tiny models (default: %(default)s)",
     )
     parser.set_defaults(func=run)
 
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from mipadapter.checkpoint import convert_checkpoint, read_file
     from mipadapter.fileio import check_output_file
     from mipadapter.hub import resolve_file
+    from mipadapter.pipeline.loading import check_layout_fits
 
     output = check_output_file(args.output, "output", FORMAT_SUFFIXES[args.to])
     source = resolve_file(args.input, "checkpoint", "input")
@@ -53,18 +57,23 @@ def run(args: argparse.Namespace) -> int:
             f"output {args.output!r} is the input file: write the converted checkpoint elsewhere"
         )
     loaded = read_file(source)  # a corrupt file is named before the base model is looked for
-    unet = unet_for(args.base_model)
-    print(convert_checkpoint(source, output, unet, args.to, where="input", loaded=loaded))
+    model = denoiser_for(args.base_model)
+    check_layout_fits(loaded, model, source, f"--base-model {args.base_model!r}")
+    print(convert_checkpoint(source, output, model, args.to, where="input", loaded=loaded))
     return 0
 
 
-def unet_for(base_model: str):
-    """The UNet a checkpoint is checked against: a tiny one by name, else built from the base model's
-    ``unet/config.json`` on the ``meta`` device (no weights read)."""
+def denoiser_for(base_model: str):
+    """The model a checkpoint is checked against: a tiny UNet or FLUX transformer by name, else the base
+    model's UNet or FLUX transformer built from its config on the ``meta`` device (no weights read)."""
     if base_model in TINY_BASE_MODELS:
         from mipadapter.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
-        return (tiny_sdxl_pipeline if base_model == "tiny-sdxl" else tiny_sd15_pipeline)().unet
-    from mipadapter.pipeline.loading import unet_skeleton
+        if base_model == "tiny-flux":
+            from mipadapter.testing.flux import tiny_flux_pipeline
 
-    return unet_skeleton(base_model, "base model", "--base-model")
+            return tiny_flux_pipeline().transformer
+        return (tiny_sdxl_pipeline if base_model == "tiny-sdxl" else tiny_sd15_pipeline)().unet
+    from mipadapter.pipeline.loading import denoiser_skeleton
+
+    return denoiser_skeleton(base_model, "base model", "--base-model")

@@ -47,7 +47,10 @@ examples:
   mipadapter generate --prompt "a cat wearing a jacket" --subject cat=cat1.jpg,cat2.jpg \\
       --subject jacket=jacket.jpg --scale jacket=0.8 --region jacket=512,300,1024,1024 -o out.png
   mipadapter generate --tiny --prompt "a cat and a dog" --subject cat=c.jpg --subject dog=d.jpg
-  mipadapter generate --from-png out.png --seed 7 -o again.png"""
+  mipadapter generate --preset ip-flux --prompt "a cat wearing a jacket in Boston" \
+      --subject cat=cat.jpg --subject jacket=jacket.jpg --negative-prompt "blurry" --true-cfg-scale 4
+  mipadapter generate --from-png out.png --seed 7 -o again.png
+  mipadapter generate --from-png out.png --subject cat=my_cat.jpg -o mine.png   # cat keeps its scale, region"""
 
 
 def register(subparsers) -> None:
@@ -95,20 +98,35 @@ def register(subparsers) -> None:
         "--from-png",
         metavar="IMAGE",
         help="rerun the generation recorded in IMAGE (a .png or .jpg written by generate); photos are "
-        "read from their recorded paths and checked against their SHA-256",
+        "read from their recorded paths and checked against their SHA-256; --subject replaces them, and a "
+        "subject given under a recorded name keeps that subject's scale and region",
     )
 
     how = parser.add_argument_group("sampling")
     how.add_argument("--steps", type=int, help="denoising steps, ≥ 1 (default: 30)")
     how.add_argument(
-        "--guidance", type=float, help="guidance scale ≥ 0 (default: the base model's, 5.0 SDXL, 7.5 SD1.5)"
+        "--guidance",
+        type=float,
+        help="guidance scale ≥ 0 (default: the base model's, 5.0 SDXL, 7.5 SD1.5, 3.5 FLUX: there the "
+        "distilled guidance, an input of the model, not classifier-free guidance)",
+    )
+    how.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        metavar="S",
+        help="FLUX only: real classifier-free guidance against --negative-prompt, ≥ 1; each step runs the "
+        "model twice (default: 1, off)",
     )
     how.add_argument("--seed", type=int, help="seed of the CPU generator, 0 … 2**64-1 (default: 420)")
     how.add_argument(
-        "--height", type=int, help="output height in pixels, a multiple of 8 (default: the model's)"
+        "--height",
+        type=int,
+        help="output height in pixels, a multiple of 8 (16 on FLUX) (default: the model's)",
     )
     how.add_argument(
-        "--width", type=int, help="output width in pixels, a multiple of 8 (default: the model's)"
+        "--width",
+        type=int,
+        help="output width in pixels, a multiple of 8 (16 on FLUX) (default: the model's)",
     )
     how.add_argument("--num-images", type=int, help="images generated together, 1 … 64 (default: 1)")
     how.add_argument(
@@ -162,6 +180,13 @@ def register(subparsers) -> None:
         choices=["auto", "float32", "float16", "bfloat16"],
         help="weights' dtype (default: auto = float16 on GPUs, float32 on the CPU)",
     )
+    models.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (FLUX: the transformer) after loading; the first denoising step pays "
+        "the compilation (minutes for SDXL on a GPU, again in every new process), so it pays off only over "
+        "many steps and images (default: off)",
+    )
 
     out = parser.add_argument_group("output")
     out.add_argument(
@@ -212,12 +237,14 @@ class Plan:
     text_weight: bool | None
     multi_image: str
     region_mode: str
+    true_cfg_scale: float | None
     outputs: list[Path]
     contact_sheet: Path | None
     models: argparse.Namespace
     device: str
     dtype: str
     source: Path | None = None
+    compile: bool = False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -237,7 +264,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     value = _merger(args, recipe)
     models = _models(args, recipe)
     arch = options.tiny_arch(models.tiny)
-    factor = options.TINY_ARCHS[arch].vae_factor if arch else options.VAE_FACTOR
+    flux = _is_flux(args, models)
+    factor = options.FLUX_CELL if flux else options.VAE_FACTOR
 
     prompt = value("prompt")
     if not prompt or not prompt.strip():
@@ -248,6 +276,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     height = options.check_side(value("height"), "--height", factor)
     width = options.check_side(value("width"), "--width", factor)
     guidance = options.check_guidance(value("guidance"))
+    true_cfg_scale = _true_cfg_scale(args, recipe, flux, models, value("negative_prompt"))
     max_mp = value("max_photo_mp")
     if not max_mp > 0:
         raise ValueError(f"--max-photo-mp must be > 0, got {max_mp}")
@@ -289,13 +318,56 @@ def make_plan(args: argparse.Namespace) -> Plan:
         text_weight=value("text_weight"),
         multi_image=value("multi_image"),
         region_mode=value("region_mode"),
+        true_cfg_scale=true_cfg_scale,
         outputs=outputs,
         contact_sheet=sheet,
         models=models,
         device=device,
         dtype=dtype,
         source=source,
+        compile=bool(args.compile),
     )
+
+
+def _is_flux(args, models) -> bool:
+    """Whether the base model is FLUX, decided before loading — asked only when it matters (a FLUX-only
+    flag, an output size, a FLUX model from --tiny or a preset), so that plain runs read nothing early."""
+    from mipadapter.cli import options
+
+    arch = options.tiny_arch(models.tiny)
+    if arch is not None or not models.base_model:
+        return options.base_model_kind(models) == "flux"
+    if args.true_cfg_scale is None and args.height is None and args.width is None:
+        return False  # not needed before loading; the pipeline checks what it is given
+    return options.base_model_kind(models) == "flux"
+
+
+def _true_cfg_scale(args, recipe, flux: bool, models, negative_prompt: str | None) -> float | None:
+    """``--true-cfg-scale`` (FLUX only; above 1 it needs a negative prompt), else the recorded one on a
+    FLUX model. negative_prompt: the flag's or recorded value (None: the preset's default applies)."""
+    from mipadapter.cli import options
+    from mipadapter.config import PRESETS
+
+    given = options.check_true_cfg_scale(args.true_cfg_scale)
+    if given is None:
+        recorded = recipe.get("true_cfg_scale") if recipe else None
+        return recorded if flux else None
+    if not flux:
+        if models.tiny:
+            model = f"--tiny {options.tiny_arch(models.tiny)} is not a FLUX model"
+        elif models.base_model:
+            model = f"the base model {models.base_model!r} is not a FLUX model"
+        else:
+            model = f"the {models.preset} preset's base model is not FLUX"
+        raise ValueError(f"--true-cfg-scale is FLUX's classifier-free guidance, but {model} (use --guidance)")
+    if negative_prompt is None and not models.tiny:
+        negative_prompt = PRESETS[models.preset].negative_prompt
+    if given > 1 and not negative_prompt:
+        raise ValueError(
+            f"--true-cfg-scale {given:g} needs a --negative-prompt: true guidance steers away from it "
+            "(without one FLUX runs no unconditional pass)"
+        )
+    return given
 
 
 def _recipe_of(args):
@@ -380,22 +452,58 @@ def _models(args, recipe) -> argparse.Namespace:
 
 
 def _subjects(args, recipe) -> list[SubjectPlan]:
+    """The subjects: ``--subject`` (with ``--from-png``, each keeps the recorded scale and region of the
+    recorded subject with its label: ``dog``, then ``dog#2`` …), else the recorded ones."""
     from mipadapter.cli import options
 
     if args.subject:
-        return [SubjectPlan(s.name, s.photos) for s in options.parse_subjects(args.subject)]
-    from mipadapter.recipe import recorded_region
-
+        plans = [SubjectPlan(s.name, s.photos) for s in options.parse_subjects(args.subject)]
+        if recipe is not None:
+            _keep_recorded_settings(plans, recipe, args.from_png)
+        return plans
     plans = []
     for subject in recipe["subjects"]:
+        photos = tuple(Path(photo["path"]) for photo in subject["photos"])
+        plans.append(SubjectPlan(subject["name"], photos, subject["scale"], _recorded_region(subject)))
+    return plans
+
+
+def _recorded_region(subject: dict):
+    """A recorded subject's region as a plan holds it: a mask file as its path (recorded again by path and
+    hash), a box or an embedded mask as the pipeline takes it, or None."""
+    from mipadapter.recipe import recorded_region
+
+    region = subject["region"]
+    if isinstance(region, dict) and "path" in region:
+        return Path(region["path"])
+    return recorded_region(region) if region is not None else None
+
+
+def _keep_recorded_settings(plans: list[SubjectPlan], recipe: dict, source) -> None:
+    """Give each new subject the scale and region recorded for the subject of the same label; a kept
+    mask file must still be the recorded one."""
+    from mipadapter.cli import options
+    from mipadapter.recipe import RecipeError, file_sha256
+
+    names = [subject["name"] for subject in recipe["subjects"]]
+    recorded = dict(zip(options.subject_labels(names), recipe["subjects"], strict=True))
+    for plan, label in zip(plans, options.subject_labels([p.name for p in plans]), strict=True):
+        subject = recorded.get(label)
+        if subject is None:
+            continue
         region = subject["region"]
         if isinstance(region, dict) and "path" in region:
-            region = Path(region["path"])  # a mask file: recorded again by path and hash
-        elif region is not None:
-            region = recorded_region(region)
-        photos = tuple(Path(photo["path"]) for photo in subject["photos"])
-        plans.append(SubjectPlan(subject["name"], photos, subject["scale"], region))
-    return plans
+            mask = Path(region["path"])
+            if not mask.is_file():
+                raise FileNotFoundError(
+                    f"{label}'s region mask {region['path']!r}, recorded in {str(source)!r}, is missing"
+                )
+            if file_sha256(mask) != region["sha256"]:
+                raise RecipeError(
+                    f"{label}'s region mask {region['path']!r} has changed since {str(source)!r} was made "
+                    "(its SHA-256 differs)"
+                )
+        plan.scale, plan.region = subject["scale"], _recorded_region(subject)
 
 
 def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, int | None]) -> None:
@@ -468,6 +576,8 @@ def generate(plan: Plan):
     ]
     device, dtype = options.pick_device_dtype(plan.device, plan.dtype, tiny=plan.models.tiny)
     pipe, record = options.load_pipeline(plan.models, device, dtype)
+    if plan.compile:
+        pipe.compile()
     generator = torch.Generator(device="cpu").manual_seed(plan.seed)
     output = pipe(
         plan.prompt,
@@ -480,8 +590,10 @@ def generate(plan: Plan):
 
 
 def call_arguments(plan: Plan) -> dict[str, Any]:
-    """The pipeline call's settings (also what the recipe is built from)."""
+    """The pipeline call's settings (also what the recipe is built from); ``true_cfg_scale`` only on FLUX."""
+    extra = {} if plan.true_cfg_scale is None else {"true_cfg_scale": plan.true_cfg_scale}
     return {
+        **extra,
         "rule": plan.rule,
         "use_text_weight": plan.text_weight,
         "multi_image": plan.multi_image,

@@ -16,6 +16,8 @@ from mipadapter.recipe import ModelRecord
 MODEL_FLAGS = {"base_model": "--base-model", "adapter": "--adapter", "image_encoder": "--image-encoder"}
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping
 TINY_ADAPTER = "built-in tiny (random)"
+VAE_FACTOR = 8  # SD1.5 and SDXL pixel sides per latent side
+FLUX_CELL = 16  # FLUX.1: the VAE's factor 8 times the transformer's 2×2 latent patches
 
 
 @dataclass(frozen=True)
@@ -23,17 +25,18 @@ class TinyArch:
     """One built-in tiny architecture of ``--tiny ARCH``: offline random models with the real structure."""
 
     name: str
-    vae_factor: int  # output sides are multiples of this
+    vae_factor: int  # output sides are multiples of this: the pixel side of one cell of the latent grid
     native_side: int  # output side when --height/--width are not given
+    family: str = "unet"  # "unet" or "flux" (which guidance flags apply)
 
 
 TINY_ARCHS = {
     "sdxl": TinyArch("sdxl", vae_factor=8, native_side=64),
     "sd15": TinyArch("sd15", vae_factor=8, native_side=64),
+    "flux": TinyArch("flux", vae_factor=FLUX_CELL, native_side=64, family="flux"),
 }
 """``--tiny`` choices (``--tiny`` alone is ``sdxl``); a new architecture is one more row."""
 DEFAULT_TINY = "sdxl"
-VAE_FACTOR = 8  # SD1.5 and SDXL pixel sides per latent side
 
 
 def tiny_arch(value) -> str | None:
@@ -187,8 +190,33 @@ def check_int(value: int, flag: str, low: int, high: int | None = None) -> int:
 
 def check_side(value: int | None, flag: str, factor: int) -> int | None:
     if value is not None and (value <= 0 or value % factor):
-        raise ValueError(f"{flag} must be a positive multiple of {factor} (the VAE's factor), got {value}")
+        why = "the VAE's factor" if factor == VAE_FACTOR else "one latent cell: FLUX packs 2×2 VAE latents"
+        raise ValueError(f"{flag} must be a positive multiple of {factor} ({why}), got {value}")
     return value
+
+
+def check_true_cfg_scale(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"--true-cfg-scale must be a finite number ≥ 1 (1 is off), got {value}")
+    return value
+
+
+def base_model_kind(models) -> str:
+    """``flux`` or ``unet``: the kind of base model ``models`` (``tiny``, ``preset``, ``base_model``) will
+    load, known before loading it: the tiny architecture, else the base model's ``model_index.json`` (read
+    from its folder or the Hub), else the preset's base model."""
+    arch = tiny_arch(getattr(models, "tiny", None))
+    if arch is not None:
+        return TINY_ARCHS[arch].family
+    if getattr(models, "base_model", None):
+        from mipadapter.pipeline.loading import denoiser_kind
+
+        return denoiser_kind(models.base_model, "base model", MODEL_FLAGS["base_model"])
+    from mipadapter.config import PRESETS
+
+    preset = PRESETS[models.preset]
+    declared = getattr(preset, "architecture", None)  # config.Preset may name it; else its base model does
+    return declared or ("flux" if "/flux" in preset.base_model.lower() else "unet")
 
 
 def check_guidance(value: float | None) -> float | None:
@@ -243,9 +271,11 @@ def load_pipeline(args, device, dtype):
     check_model_flags(args)
     arch = tiny_arch(getattr(args, "tiny", None))
     if arch is not None:
+        from mipadapter.pipeline.encoding import denoiser
+
         pipe, record = load_tiny(arch, getattr(args, "adapter", None))
         pipe.to(device)
-        if dtype != pipe.pipe.unet.dtype:
+        if dtype != denoiser(pipe.pipe).dtype:
             pipe.to(dtype=dtype)
         return pipe, record
     from mipadapter.config import PRESETS
@@ -276,8 +306,9 @@ def _recorded_path(source) -> str:
 
 
 def load_tiny(arch: str, adapter: str | Path | None = None):
-    """The tiny pipeline of ``arch``; with ``adapter`` (a file trained or saved on the tiny models) that
-    adapter on the tiny base model and the tiny image encoder its projection needs."""
+    """The tiny pipeline of ``arch``; with ``adapter`` (a file trained or saved on the tiny models; for
+    ``flux`` also an XLabs-layout file sized for the tiny FLUX) that adapter on the tiny base model and the
+    tiny image encoder its projection needs."""
     from mipadapter.testing.mip import tiny_mip_pipeline
 
     if arch not in TINY_ARCHS:
@@ -290,19 +321,21 @@ def load_tiny(arch: str, adapter: str | Path | None = None):
     from mipadapter.checkpoint import adapter_from_file, check_adapter_file, read_file
     from mipadapter.hub import resolve_file
     from mipadapter.pipeline import MIPAdapterPipeline
-    from mipadapter.pipeline.loading import check_encoder_fits
+    from mipadapter.pipeline.encoding import denoiser
+    from mipadapter.pipeline.loading import check_encoder_fits, check_layout_fits
     from mipadapter.testing.mip import tiny_parts
 
     path = resolve_file(adapter, "adapter", "--adapter")
-    read_file(path)  # a corrupt file is named before anything is built
+    read = read_file(path)  # a corrupt file is named before anything is built
     pipe, _, _ = tiny_parts(arch, "basic")
-    checked = check_adapter_file(path, pipe.unet)
+    check_layout_fits(read, denoiser(pipe), path, f"--tiny {arch}")
+    checked = check_adapter_file(path, denoiser(pipe), loaded=read)
     projection = checked.config.projection
     _, encoder, processor = tiny_parts(arch, projection, base_pipe=pipe)
     check_encoder_fits(
         encoder.config.to_dict(), checked.config, f"tiny {arch} {projection}", "the --tiny image encoder"
     )
-    loaded = adapter_from_file(checked, pipe.unet, str(path))
+    loaded = adapter_from_file(checked, denoiser(pipe), str(path))
     record = ModelRecord(base, str(path.resolve()), f"tiny {arch} {projection} (random)", None, arch)
     return MIPAdapterPipeline(pipe, loaded, encoder, processor), record
 

@@ -1,13 +1,15 @@
 """Loading the three models of a pipeline (base model, image encoder, adapter) from Hub ids or local paths.
 
 The small things are read and checked before the big ones, so a wrong file is reported in seconds, not
-after minutes of loading SDXL:
+after minutes of loading SDXL or FLUX:
 
-1. the adapter file, checked key by key and shape by shape against a UNet built from the base model's
-   ``unet/config.json`` on the ``meta`` device (no weights read);
+1. the adapter file, checked key by key and shape by shape against the base model's denoiser built on the
+   ``meta`` device from its config (no weights read): the UNet from ``unet/config.json``, or for FLUX.1
+   (``model_index.json`` names a FLUX ``transformer``) the ``FluxTransformer2DModel`` from
+   ``transformer/config.json``;
 2. the image encoder's ``config.json`` against the adapter's input width, then the encoder itself;
 3. the base model;
-4. the adapter's weights, copied onto the base model's UNet.
+4. the adapter's weights, copied onto the base model's UNet or FLUX transformer.
 
 Every location goes through ``mipadapter.hub`` (local path, Hub cache, fail at once offline).
 """
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 
 from mipadapter.config import PRESETS, AdapterConfig
-from mipadapter.hub import fetch_failed, resolve_folder, resolve_folder_file
+from mipadapter.hub import ModelNotFoundError, fetch_failed, resolve_folder, resolve_folder_file
+from mipadapter.pipeline.encoding import denoiser
 
 ARGUMENT_NAMES = {"base_model": "base_model", "adapter": "adapter", "image_encoder": "image_encoder"}
 """How errors name each model by default (the Python arguments); the CLI passes its flags instead."""
@@ -44,14 +47,16 @@ def default_feature_extractor(image_encoder):
     return _clip_processor_class()(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
-def unet_skeleton(base_model: str | Path, what: str = "base model", where: str = "base_model"):
+def unet_skeleton(
+    base_model: str | Path, what: str = "base model", where: str = "base_model", cache_dir=None
+):
     """The base model's UNet built from its ``unet/config.json`` on the ``meta`` device (no weights read).
 
     base_model: a diffusers model folder or ``owner/repo[/subfolder]``.
     """
     from diffusers import UNet2DConditionModel
 
-    config_file = resolve_folder_file(base_model, "unet/config.json", what, where)
+    config_file = resolve_folder_file(base_model, "unet/config.json", what, where, cache_dir=cache_dir)
     try:
         config = UNet2DConditionModel.load_config(str(config_file.parent))
     except (OSError, ValueError) as error:
@@ -60,11 +65,83 @@ def unet_skeleton(base_model: str | Path, what: str = "base model", where: str =
         return UNet2DConditionModel.from_config(config)
 
 
+def denoiser_kind(
+    base_model: str | Path, what: str = "base model", where: str = "base_model", cache_dir=None
+) -> str:
+    """``unet`` or ``flux``: which denoiser the base model has, from its ``model_index.json``. A local folder
+    without one (a copy of just the denoiser's config, as ``convert`` needs) is FLUX when it holds
+    ``transformer/config.json`` and no ``unet/config.json``, else a UNet model."""
+    try:
+        index_file = resolve_folder_file(base_model, "model_index.json", what, where, cache_dir=cache_dir)
+    except ModelNotFoundError:
+        folder = Path(base_model).expanduser()
+        if not folder.is_dir():
+            raise
+        bare_flux = (folder / "transformer/config.json").is_file() and not (
+            folder / "unet/config.json"
+        ).is_file()
+        return "flux" if bare_flux else "unet"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{what} {str(base_model)!r}: unreadable {index_file} ({error})") from None
+    transformer = index.get("transformer") if isinstance(index, Mapping) else None
+    if isinstance(transformer, list) and len(transformer) == 2 and str(transformer[1]).startswith("Flux"):
+        return "flux"
+    if isinstance(index, Mapping) and index.get("unet") is not None:
+        return "unet"
+    kind = index.get("_class_name", "unknown") if isinstance(index, Mapping) else "unknown"
+    raise ValueError(
+        f"{what} {str(base_model)!r} is a {kind} without a UNet or a FLUX transformer: MIP-Adapter runs on "
+        "SDXL, SD1.5 and FLUX.1 base models"
+    )
+
+
+def denoiser_skeleton(
+    base_model: str | Path, what: str = "base model", where: str = "base_model", cache_dir=None
+):
+    """The base model's denoiser built on the ``meta`` device from its config (no weights read): the UNet
+    (``unet/config.json``) or FLUX's transformer (``transformer/config.json``), as ``denoiser_kind`` says."""
+    if denoiser_kind(base_model, what, where, cache_dir) == "unet":
+        return unet_skeleton(base_model, what, where, cache_dir)
+    from diffusers import FluxTransformer2DModel
+
+    config_file = resolve_folder_file(base_model, "transformer/config.json", what, where, cache_dir=cache_dir)
+    try:
+        config = FluxTransformer2DModel.load_config(str(config_file.parent))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{what} {str(base_model)!r}: unreadable {config_file} ({error})") from None
+    with torch.device("meta"):
+        return FluxTransformer2DModel.from_config(config)
+
+
+def check_layout_fits(loaded, model, path: str | Path, where: str) -> None:
+    """Refuse an XLabs FLUX IP-Adapter file (``loaded``, from ``read_file``) for a UNet ``model`` in one
+    line saying what it is for (the generic key listing would not say). where: how to name the base model."""
+    from mipadapter.checkpoint import CheckpointError
+    from mipadapter.modeling.adapter import model_architecture
+
+    if loaded.layout == "xlabs" and model_architecture(model) != "flux":
+        raise CheckpointError(
+            f"{path} is an XLabs FLUX IP-Adapter, but {where} is a {type(model).__name__}: "
+            "load it onto a FLUX.1 base model"
+        )
+
+
 def encoder_input_width(encoder_config: Mapping, uses_hidden_states: bool) -> int | None:
     """The feature width an image encoder's config promises: its hidden size (plus adapters read hidden
-    states) or its projection size (basic adapters read the projected embedding)."""
+    states) or its projection size (basic adapters read the projected embedding).
+
+    encoder_config: a ``CLIPVisionModelWithProjection`` config (h94's image encoders), or a whole CLIP
+    model's (``openai/clip-vit-large-patch14``, read by XLabs' FLUX adapters), whose vision part is nested
+    in ``vision_config``: ``CLIPVisionModelWithProjection.from_pretrained`` builds from that part, so its
+    sizes are the ones read (the top-level ``projection_dim`` only where the part lacks one).
+    """
     vision = encoder_config.get("vision_config", encoder_config)
-    width = vision.get("hidden_size") if uses_hidden_states else encoder_config.get("projection_dim")
+    if uses_hidden_states:
+        width = vision.get("hidden_size")
+    else:
+        width = vision.get("projection_dim", encoder_config.get("projection_dim"))
     return int(width) if width is not None else None
 
 
@@ -106,7 +183,7 @@ def load_components(
     argument names; the CLI passes its flags). Other keyword arguments go to the base model's
     ``from_pretrained``.
     """
-    from mipadapter.checkpoint import adapter_from_file, check_adapter_file
+    from mipadapter.checkpoint import adapter_from_file, check_adapter_file, read_file
     from mipadapter.hub import resolve_file
 
     if preset not in PRESETS:
@@ -118,10 +195,12 @@ def load_components(
     adapter_source = str(adapter or defaults.adapter)
     cache_dir = pipeline_kwargs.get("cache_dir")
 
-    # 1. the adapter file, against the base model's UNet config
+    # 1. the adapter file, against the base model's UNet (or FLUX transformer) config
     adapter_path = resolve_file(adapter_source, "adapter", names["adapter"], cache_dir=cache_dir)
-    skeleton = unet_skeleton(base_model, "base model", names["base_model"])
-    checked = check_adapter_file(adapter_path, skeleton, default_scale=defaults.scale)
+    read = read_file(adapter_path)  # a corrupt file is named before the base model is looked for
+    skeleton = denoiser_skeleton(base_model, "base model", names["base_model"], cache_dir)
+    check_layout_fits(read, skeleton, adapter_path, f"{names['base_model']} {base_model!r}")
+    checked = check_adapter_file(adapter_path, skeleton, default_scale=defaults.scale, loaded=read)
     # 2. the image encoder
     check_encoder_fits(
         _encoder_config(image_encoder, names["image_encoder"]),
@@ -135,7 +214,7 @@ def load_components(
     # 3. the base model
     pipe = _load_base_model(base_model, names["base_model"], torch_dtype, pipeline_kwargs)
     # 4. the adapter's weights
-    loaded = adapter_from_file(checked, pipe.unet, str(adapter_path))
+    loaded = adapter_from_file(checked, denoiser(pipe), str(adapter_path))
     if torch_dtype is not None:
         loaded.to(torch_dtype)
     return pipe, loaded, encoder, feature_extractor
