@@ -86,3 +86,83 @@ def test_convert_mistakes_are_one_line_and_leave_nothing(tmp_path, files, capsys
         assert first in err and second in err, err
         assert time.monotonic() - start < 5 and list(out.iterdir()) == []
     assert files.mip_basic_bin.stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------- FLUX
+@pytest.fixture(scope="module")
+def xlabs(tmp_path_factory):
+    """An XLabs-layout file for the tiny FLUX in bfloat16 (bits and dtype must survive every conversion)."""
+    from mipadapter.testing.flux import fabricate_xlabs_state, save_xlabs_file, tiny_flux_ip_files
+
+    folder = tmp_path_factory.mktemp("xlabs")
+    config = tiny_flux_ip_files(folder, seed=5).config
+    state = {key: value.to(torch.bfloat16) for key, value in fabricate_xlabs_state(config, seed=5).items()}
+    return save_xlabs_file(state, folder / "ip_adapter_bf16.safetensors")
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_xlabs_to_ours_to_xlabs_round_trips_bit_exactly(tmp_path, xlabs):
+    from mipadapter.checkpoint.xlabs import convert_state
+
+    ours, back, plain = tmp_path / "ours.safetensors", tmp_path / "back.safetensors", tmp_path / "plain.bin"
+    assert main(["convert", str(xlabs), str(ours), "--base-model", "tiny-flux"]) == 0
+    read = read_file(ours)
+    assert read.layout == "mipadapter" and read.config.architecture == "flux" and read.config.num_tokens == 4
+    assert main(["convert", str(ours), str(back), "--to", "xlabs", "--base-model", "tiny-flux"]) == 0
+    assert main(["convert", str(back), str(plain), "--to", "diffusers", "--base-model", "tiny-flux"]) == 0
+    original = read_file(xlabs).state
+    assert read_file(back).layout == "xlabs" and _same_tensors(read_file(back).state, original)
+    assert all(value.dtype == torch.bfloat16 for value in read.state.values())
+    # diffusers' keys (image_proj.*, ip_adapter.{i}.to_k_ip.*): the same tensors under their names
+    assert _same_tensors(read_file(plain).state, convert_state(original, "diffusers"))
+
+
+def test_convert_reads_only_a_flux_models_transformer_config(tmp_path, xlabs):
+    from mipadapter.testing.flux import tiny_flux_pipeline
+
+    transformer = tiny_flux_pipeline().transformer
+    transformer.save_config(tmp_path / "bare" / "transformer")  # no weights, no model_index.json
+    transformer.save_config(tmp_path / "full" / "transformer")
+    index = '{"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}'
+    (tmp_path / "full" / "model_index.json").write_text(index)
+    for base in ("bare", "full"):
+        out = tmp_path / f"{base}.safetensors"
+        assert main(["convert", str(xlabs), str(out), "--to", "xlabs", "--base-model", str(tmp_path / base)]) == 0
+        assert _same_tensors(read_file(out).state, read_file(xlabs).state)
+
+
+def test_bad_xlabs_files_and_mismatches_are_one_line_and_leave_nothing(tmp_path, xlabs, files, capsys):
+    from mipadapter.testing.flux import save_xlabs_file
+
+    out = tmp_path / "out"
+    out.mkdir()
+    state = dict(read_file(xlabs).state)
+    missing = "double_blocks.1.processor.ip_adapter_double_stream_k_proj.weight"
+    misshaped = "double_blocks.2.processor.ip_adapter_double_stream_v_proj.bias"
+    del state[missing]
+    state["double_blocks.0.processor.ip_adapter_double_stream_q_proj.weight"] = torch.zeros(2, 2)
+    state[misshaped] = torch.zeros(5)
+    bad = save_xlabs_file(state, tmp_path / "bad.safetensors")
+    cases = [
+        ([str(bad), str(out / "x.safetensors"), "--base-model", "tiny-flux"],
+         [f"{bad} does not fit this adapter", f"missing: {missing}",
+          "unexpected: double_blocks.0.processor.ip_adapter_double_stream_q_proj.weight",
+          f"wrong shape: {misshaped} (5,) (expected (32,))"]),
+        ([str(xlabs), str(out / "x.safetensors"), "--base-model", "tiny-sdxl"],
+         [f"{xlabs} is an XLabs FLUX IP-Adapter, but --base-model 'tiny-sdxl' is a UNet2DConditionModel"]),
+        ([str(files.mip_basic_bin), str(out / "x.safetensors"), "--to", "xlabs", "--base-model", "tiny-sdxl"],
+         ["the xlabs layout is for FLUX adapters, as a .safetensors file"]),
+        ([str(xlabs), str(out / "x.bin"), "--to", "xlabs", "--base-model", "tiny-flux"],
+         ["output", "the extension must be one of .safetensors"]),
+        ([str(xlabs), str(out / "x.bin"), "--to", "authors", "--base-model", "tiny-flux"],
+         ["the authors' layout carries text_to_weight, which this adapter does not have"]),
+    ]  # fmt: skip
+    for args, expected in cases:
+        code = main(["convert", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("mipadapter convert: error: "), err
+        assert all(part in err for part in expected), err
+        assert list(out.iterdir()) == []

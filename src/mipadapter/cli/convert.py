@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from mipadapter.checkpoint import convert_checkpoint, read_file
     from mipadapter.fileio import check_output_file
     from mipadapter.hub import resolve_file
-    from mipadapter.pipeline.loading import check_layout_fits
+    from mipadapter.pipeline.loading import check_adapter_fits
 
     output = check_output_file(args.output, "output", FORMAT_SUFFIXES[args.to])
     source = resolve_file(args.input, "checkpoint", "input")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         )
     loaded = read_file(source)  # a corrupt file is named before the base model is looked for
     model = denoiser_for(args.base_model)
-    check_layout_fits(loaded, model, source, f"--base-model {args.base_model!r}")
+    check_adapter_fits(loaded, model, source, f"--base-model {args.base_model!r}")
     print(convert_checkpoint(source, output, model, args.to, where="input", loaded=loaded))
     return 0
 

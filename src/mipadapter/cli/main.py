@@ -24,6 +24,7 @@ EPILOG = """\
 examples:
   mipadapter generate --prompt "a cat wearing a backpack" --subject cat=cat.jpg --subject backpack=bag.jpg -o out.png
   mipadapter generate --tiny --prompt "a cat" --subject cat=cat.jpg     # offline smoke test, tiny models
+  mipadapter generate --preset ip-flux --prompt "a dog with a duck toy" --subject dog=dog.jpg --subject "duck toy"=toy.jpg
   mipadapter generate --from-png out.png --seed 7 -o again.png            # rerun a recorded generation
   mipadapter convert model_sdxl.bin model_sdxl.safetensors
   mipadapter web

@@ -318,18 +318,17 @@ def load_tiny(arch: str, adapter: str | Path | None = None):
         return tiny_mip_pipeline(arch, "basic", text_weight=True), ModelRecord(
             base, TINY_ADAPTER, f"tiny {arch} basic (random)", None, arch
         )
-    from mipadapter.checkpoint import adapter_from_file, check_adapter_file, read_file
+    from mipadapter.checkpoint import adapter_from_file, read_file
     from mipadapter.hub import resolve_file
     from mipadapter.pipeline import MIPAdapterPipeline
     from mipadapter.pipeline.encoding import denoiser
-    from mipadapter.pipeline.loading import check_encoder_fits, check_layout_fits
+    from mipadapter.pipeline.loading import check_adapter_fits, check_encoder_fits
     from mipadapter.testing.mip import tiny_parts
 
     path = resolve_file(adapter, "adapter", "--adapter")
     read = read_file(path)  # a corrupt file is named before anything is built
     pipe, _, _ = tiny_parts(arch, "basic")
-    check_layout_fits(read, denoiser(pipe), path, f"--tiny {arch}")
-    checked = check_adapter_file(path, denoiser(pipe), loaded=read)
+    checked = check_adapter_fits(read, denoiser(pipe), path, f"--tiny {arch}")
     projection = checked.config.projection
     _, encoder, processor = tiny_parts(arch, projection, base_pipe=pipe)
     check_encoder_fits(

@@ -115,10 +115,13 @@ def denoiser_skeleton(
         return FluxTransformer2DModel.from_config(config)
 
 
-def check_layout_fits(loaded, model, path: str | Path, where: str) -> None:
-    """Refuse an XLabs FLUX IP-Adapter file (``loaded``, from ``read_file``) for a UNet ``model`` in one
-    line saying what it is for (the generic key listing would not say). where: how to name the base model."""
-    from mipadapter.checkpoint import CheckpointError
+def check_adapter_fits(loaded, model, path: str | Path, where: str, default_scale: float | None = None):
+    """``check_adapter_file`` for an adapter file already read (``loaded``, from ``read_file``) against
+    ``model`` (a UNet or FLUX transformer, on ``meta`` or not), with every refusal one line naming the
+    file: an XLabs FLUX file given for a UNet is said to be one (the key listing would not say), and a
+    width mismatch found while the adapter is built gets the file's name. where: how to name the base
+    model. Returns the checked file."""
+    from mipadapter.checkpoint import CheckpointError, check_adapter_file
     from mipadapter.modeling.adapter import model_architecture
 
     if loaded.layout == "xlabs" and model_architecture(model) != "flux":
@@ -126,6 +129,12 @@ def check_layout_fits(loaded, model, path: str | Path, where: str) -> None:
             f"{path} is an XLabs FLUX IP-Adapter, but {where} is a {type(model).__name__}: "
             "load it onto a FLUX.1 base model"
         )
+    try:
+        return check_adapter_file(path, model, default_scale=default_scale, loaded=loaded)
+    except CheckpointError:
+        raise
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
 
 
 def encoder_input_width(encoder_config: Mapping, uses_hidden_states: bool) -> int | None:
@@ -183,7 +192,7 @@ def load_components(
     argument names; the CLI passes its flags). Other keyword arguments go to the base model's
     ``from_pretrained``.
     """
-    from mipadapter.checkpoint import adapter_from_file, check_adapter_file, read_file
+    from mipadapter.checkpoint import adapter_from_file, read_file
     from mipadapter.hub import resolve_file
 
     if preset not in PRESETS:
@@ -199,8 +208,9 @@ def load_components(
     adapter_path = resolve_file(adapter_source, "adapter", names["adapter"], cache_dir=cache_dir)
     read = read_file(adapter_path)  # a corrupt file is named before the base model is looked for
     skeleton = denoiser_skeleton(base_model, "base model", names["base_model"], cache_dir)
-    check_layout_fits(read, skeleton, adapter_path, f"{names['base_model']} {base_model!r}")
-    checked = check_adapter_file(adapter_path, skeleton, default_scale=defaults.scale, loaded=read)
+    checked = check_adapter_fits(
+        read, skeleton, adapter_path, f"{names['base_model']} {base_model!r}", defaults.scale
+    )
     # 2. the image encoder
     check_encoder_fits(
         _encoder_config(image_encoder, names["image_encoder"]),
