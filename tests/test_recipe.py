@@ -211,3 +211,82 @@ def test_jpeg_without_our_comment_is_refused(tmp_path):
     Image.new("RGB", (8, 8)).save(path, comment=b"some camera")
     with pytest.raises(RecipeError, match=r"photo\.jpg' carries no mipadapter recipe"):
         read_recipe(path)
+
+
+# ----------------------------------------------------------------------------------------------- FLUX
+DOG = ASSETS / "dreambooth" / "dog" / "00.jpg"
+FLUX_MODELS = ModelRecord("tiny-flux (random)", "tiny (random)", "tiny", preset=None, tiny="flux")
+
+
+@pytest.fixture(scope="module")
+def flux_generated():
+    pipe = tiny_mip_pipeline("flux")
+    call = dict(prompt="a dog with a backpack", num_inference_steps=1, negative_prompt="blurry", true_cfg_scale=2.5)
+    subjects = [Subject("dog", [Image.open(DOG)]), Subject("backpack", [Image.open(BACKPACK)], scale=0.5)]
+    output = pipe(
+        call["prompt"],
+        subjects,
+        generator=torch.Generator().manual_seed(1),
+        show_progress=False,
+        **{k: v for k, v in call.items() if k != "prompt"},
+    )
+    return pipe, output, call
+
+
+def test_a_flux_recipe_names_flux_and_records_true_guidance(flux_generated, tmp_path):
+    pipe, output, call = flux_generated
+    subjects = [RecipeSubject("dog", [DOG]), RecipeSubject("backpack", [BACKPACK], scale=0.5)]
+    recipe = build_recipe(pipe, output, seed=1, subjects=subjects, models=FLUX_MODELS, call=call)
+    assert recipe["models"]["family"] == "FLUX" and recipe["models"]["tiny"] == "flux"
+    assert recipe["true_cfg_scale"] == 2.5 and recipe["negative_prompt"] == "blurry"
+    assert recipe["guidance"] == pipe.default_guidance_scale == 3.5
+    assert recipe["rule"] == "paper" and recipe["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert [s["scale"] for s in recipe["subjects"]] == [1.0, 0.5] and recipe["device"] == "cpu"
+    path = write_image(output.images[0], tmp_path / "flux.png", recipe)
+    assert read_recipe(path) == recipe
+
+
+def test_defaults_come_from_the_pipeline_when_the_output_has_no_settings(flux_generated, generated):
+    """Outputs without ``settings`` (an older pipeline) are completed from the pipeline's own defaults:
+    its default guidance and native size, FLUX's true CFG off."""
+    from types import SimpleNamespace
+
+    for pipe, expected in ((flux_generated[0], (3.5, 64, 1.0)), (generated[0], (5.0, 64, None))):
+        bare = SimpleNamespace(images=[None], settings={})
+        recipe = build_recipe(pipe, bare, seed=0, subjects=[RecipeSubject("dog", [DOG])], models=MODELS,
+                              call={"prompt": "a dog"})  # fmt: skip
+        assert (recipe["guidance"], recipe["height"], recipe.get("true_cfg_scale")) == expected
+        assert recipe["guidance"] == pipe.default_guidance_scale
+
+
+def test_unet_recipes_carry_their_family_and_no_true_guidance(generated):
+    recipe = recipe_of(generated, None)
+    assert recipe["models"]["family"] == "SDXL" and "true_cfg_scale" not in recipe
+
+
+def test_optional_fields_may_be_absent_but_not_wrong(generated, tmp_path):
+    good = recipe_of(generated, None)
+    older = {**good, "models": {k: v for k, v in good["models"].items() if k != "family"}}
+    assert read_recipe(_png_with_text(tmp_path / "older.png", json.dumps(older))) == older
+    cases = {
+        "cfg.png": ({**good, "true_cfg_scale": "high"}, "recipe field 'true_cfg_scale' must be a finite number"),
+        "family.png": ({**good, "models": {**good["models"], "family": 3}}, "recipe field 'family' must be"),
+    }
+    for name, (recipe, message) in cases.items():
+        with pytest.raises(RecipeError, match=message):
+            read_recipe(_png_with_text(tmp_path / name, json.dumps(recipe)))
+
+
+@pytest.mark.parametrize(
+    ("class_name", "family"),
+    [("StableDiffusionXLPipeline", "SDXL"), ("StableDiffusionXLImg2ImgPipeline", "SDXL"),
+     ("StableDiffusionPipeline", "SD1.5"), ("StableDiffusion3Pipeline", "SD3"), ("FluxPipeline", "FLUX"),
+     ("FluxImg2ImgPipeline", "FLUX"), ("KandinskyPipeline", "Kandinsky")],
+)  # fmt: skip
+def test_model_family_follows_the_wrapped_pipeline_class(class_name, family):
+    from types import SimpleNamespace
+
+    from mipadapter.recipe import model_family
+
+    inner = type(class_name, (), {})()
+    assert model_family(SimpleNamespace(pipe=inner)) == model_family(inner) == family
