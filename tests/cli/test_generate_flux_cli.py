@@ -62,6 +62,28 @@ def test_true_cfg_scale_is_used_recorded_and_rerun(tmp_path):
     assert np.array_equal(pixels(off), pixels(plain))  # 1 is off: the distilled guidance alone
 
 
+def test_flux_models_from_local_folders_through_the_cli_and_rerun(tmp_path, monkeypatch):
+    """The non-tiny path: a saved FLUX, an XLabs-layout file and its encoder as local paths with the
+    ip-flux preset; true CFG recorded and rerun (the base model is looked up to know it is FLUX)."""
+    from mipadapter.testing.flux import tiny_flux_ip_files, tiny_flux_pipeline
+
+    tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
+    files = tiny_flux_ip_files(tmp_path / "xlabs", seed=2, std=0.3)
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "--preset", "ip-flux", "--base-model", "flux", "--adapter", str(files.weight_path),
+            "--image-encoder", str(files.image_encoder), "--prompt", PROMPT, "--subject", f"dog={DOG}",
+            "--subject", f"duck toy={TOY}", "--steps", "2", "--height", "64", "--width", "80",
+            "--negative-prompt", "blurry", "--true-cfg-scale", "2", "-o", "first.png"]  # fmt: skip
+    assert main(argv) == 0
+    recipe = read_recipe(tmp_path / "first.png")
+    assert recipe["models"]["family"] == "FLUX" and recipe["models"]["preset"] == "ip-flux"
+    assert recipe["models"]["base_model"] == str(tmp_path / "flux") and recipe["true_cfg_scale"] == 2.0
+    assert (recipe["height"], recipe["width"]) == (64, 80) and recipe["subjects"][0]["scale"] == 1.0
+    assert main(["generate", "--from-png", "first.png", "-o", "again.png"]) == 0
+    assert np.array_equal(pixels(tmp_path / "first.png"), pixels(tmp_path / "again.png"))
+    assert read_recipe(tmp_path / "again.png")["true_cfg_scale"] == 2.0
+
+
 @pytest.fixture
 def no_models(monkeypatch):
     def refuse(*args, **kwargs):

@@ -264,7 +264,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     value = _merger(args, recipe)
     models = _models(args, recipe)
     arch = options.tiny_arch(models.tiny)
-    flux = _is_flux(args, models)
+    flux = _is_flux(args, models, recipe)
     factor = options.FLUX_CELL if flux else options.VAE_FACTOR
 
     prompt = value("prompt")
@@ -329,16 +329,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def _is_flux(args, models) -> bool:
-    """Whether the base model is FLUX, decided before loading — asked only when it matters (a FLUX-only
-    flag, an output size, a FLUX model from --tiny or a preset), so that plain runs read nothing early."""
+def _is_flux(args, models, recipe) -> bool:
+    """Whether the base model is FLUX, decided before loading. A base model given by path or Hub id is
+    looked up (its ``model_index.json``) only when it matters: a FLUX-only flag or value (given, or
+    recorded by ``--from-png``) or an output size to check; else the pipeline checks what it is given."""
     from mipadapter.cli import options
 
-    arch = options.tiny_arch(models.tiny)
-    if arch is not None or not models.base_model:
+    if options.tiny_arch(models.tiny) is not None or not models.base_model:
         return options.base_model_kind(models) == "flux"
-    if args.true_cfg_scale is None and args.height is None and args.width is None:
-        return False  # not needed before loading; the pipeline checks what it is given
+    recorded_true_cfg = recipe is not None and recipe.get("true_cfg_scale") is not None
+    if args.true_cfg_scale is None and args.height is None and args.width is None and not recorded_true_cfg:
+        return False
     return options.base_model_kind(models) == "flux"
 
 
