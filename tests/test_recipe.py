@@ -237,7 +237,7 @@ def test_a_flux_recipe_names_flux_and_records_true_guidance(flux_generated, tmp_
     pipe, output, call = flux_generated
     subjects = [RecipeSubject("dog", [DOG]), RecipeSubject("backpack", [BACKPACK], scale=0.5)]
     recipe = build_recipe(pipe, output, seed=1, subjects=subjects, models=FLUX_MODELS, call=call)
-    assert recipe["models"]["family"] == "FLUX" and recipe["models"]["tiny"] == "flux"
+    assert recipe["model_family"] == "FLUX" and recipe["models"]["tiny"] == "flux"
     assert recipe["true_cfg_scale"] == 2.5 and recipe["negative_prompt"] == "blurry"
     assert recipe["guidance"] == pipe.default_guidance_scale == 3.5
     assert recipe["rule"] == "paper" and recipe["scheduler"] == "FlowMatchEulerDiscreteScheduler"
@@ -261,16 +261,16 @@ def test_defaults_come_from_the_pipeline_when_the_output_has_no_settings(flux_ge
 
 def test_unet_recipes_carry_their_family_and_no_true_guidance(generated):
     recipe = recipe_of(generated, None)
-    assert recipe["models"]["family"] == "SDXL" and "true_cfg_scale" not in recipe
+    assert recipe["model_family"] == "SDXL" and "true_cfg_scale" not in recipe
 
 
 def test_optional_fields_may_be_absent_but_not_wrong(generated, tmp_path):
     good = recipe_of(generated, None)
-    older = {**good, "models": {k: v for k, v in good["models"].items() if k != "family"}}
+    older = {k: v for k, v in good.items() if k != "model_family"}
     assert read_recipe(_png_with_text(tmp_path / "older.png", json.dumps(older))) == older
     cases = {
         "cfg.png": ({**good, "true_cfg_scale": "high"}, "recipe field 'true_cfg_scale' must be a finite number"),
-        "family.png": ({**good, "models": {**good["models"], "family": 3}}, "recipe field 'family' must be"),
+        "family.png": ({**good, "model_family": 3}, "recipe field 'model_family' must be"),
     }
     for name, (recipe, message) in cases.items():
         with pytest.raises(RecipeError, match=message):

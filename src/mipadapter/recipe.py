@@ -34,8 +34,9 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
                     region: null | [x0, y0, x1, y1] (output pixels) | {path, sha256} (mask file)
                             | {png_base64} (a mask that has no file, e.g. painted on the web page)
     models          {base_model, adapter, image_encoder, preset: str | null, tiny: null | an architecture of
-                    the CLI's --tiny ("sdxl", "sd15", "flux"), family: "SDXL" | "SD1.5" | "FLUX" | …}
-                    (family: the base model's, see ``model_family``; absent in files written before it)
+                    the CLI's --tiny ("sdxl", "sd15", "flux")}
+    model_family    "SDXL" | "SD1.5" | "FLUX" | …   the base model's (``model_family``; absent in files
+                                     written before it)
     device, dtype   str
     versions        {mipadapter, torch, diffusers, transformers}: str | null
 
@@ -313,7 +314,8 @@ def build_recipe(
             }
             for subject, scale in zip(subjects, scales, strict=True)
         ],
-        "models": {**models.to_dict(), "family": model_family(pipe)},
+        "models": models.to_dict(),
+        "model_family": model_family(pipe),
         "device": str(parameter.device),
         "dtype": str(parameter.dtype).removeprefix("torch."),
         "versions": package_versions(),
@@ -466,9 +468,7 @@ _SUBJECT_FIELDS: dict[str, tuple[str, Any]] = {
 }
 _OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {  # written only where they apply, or by later versions
     "true_cfg_scale": ("a finite number ≥ 0", lambda v: _is_number(v) and v >= 0),
-}
-_OPTIONAL_MODEL_FIELDS: dict[str, tuple[str, Any]] = {
-    "family": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
+    "model_family": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
 }
 _MODEL_FIELDS: dict[str, tuple[str, Any]] = {
     "base_model": ("a string", lambda v: isinstance(v, str)),
@@ -519,7 +519,7 @@ def validate_recipe(recipe: Any, where: str) -> None:
         if not isinstance(subject, Mapping):
             raise RecipeError(f"{where}: subject #{index + 1} is not an object")
         _check_fields(f"{where} subject #{index + 1}", subject, _SUBJECT_FIELDS)
-    _check_fields(f"{where} models", recipe["models"], _MODEL_FIELDS, _OPTIONAL_MODEL_FIELDS)
+    _check_fields(f"{where} models", recipe["models"], _MODEL_FIELDS)
 
 
 # ----------------------------------------------------------------------------------------------- rerunning

@@ -36,7 +36,7 @@ def test_tiny_flux_end_to_end_names_flux_and_reruns_bit_for_bit(tmp_path, capsys
     assert capsys.readouterr().out.split() == [str(out)]
     recipe = read_recipe(out)
     models = recipe["models"]
-    assert (models["family"], models["tiny"], models["base_model"]) == ("FLUX", "flux", "tiny-flux (random)")
+    assert (recipe["model_family"], models["tiny"], models["base_model"]) == ("FLUX", "flux", "tiny-flux (random)")
     assert recipe["guidance"] == 3.5  # FLUX.1's distilled guidance by default
     assert recipe["true_cfg_scale"] == 1.0  # true CFG off
     assert recipe["rule"] == "paper" and recipe["text_weight"] is False  # XLabs files have no text weight
@@ -76,7 +76,7 @@ def test_flux_models_from_local_folders_through_the_cli_and_rerun(tmp_path, monk
             "--negative-prompt", "blurry", "--true-cfg-scale", "2", "-o", "first.png"]  # fmt: skip
     assert main(argv) == 0
     recipe = read_recipe(tmp_path / "first.png")
-    assert recipe["models"]["family"] == "FLUX" and recipe["models"]["preset"] == "ip-flux"
+    assert recipe["model_family"] == "FLUX" and recipe["models"]["preset"] == "ip-flux"
     assert recipe["models"]["base_model"] == str(tmp_path / "flux") and recipe["true_cfg_scale"] == 2.0
     assert (recipe["height"], recipe["width"]) == (64, 80) and recipe["subjects"][0]["scale"] == 1.0
     assert main(["generate", "--from-png", "first.png", "-o", "again.png"]) == 0
