@@ -125,7 +125,8 @@ AUTHORS_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low q
 class Preset:
     """A known combination of public weights (hub ids and files; docs/formats.md) and its call defaults.
 
-    scale: the default image scale; negative_prompt: the default negative prompt (None: none).
+    scale: the default image scale; negative_prompt: the default negative prompt (None: none);
+    architecture: the base model's denoiser (``unet`` or ``flux``), known without downloading anything.
     """
 
     base_model: str
@@ -133,6 +134,7 @@ class Preset:
     image_encoder: str
     scale: float
     negative_prompt: str | None = None
+    architecture: str = "unet"
 
 
 PRESETS: dict[str, Preset] = {
@@ -179,6 +181,7 @@ PRESETS: dict[str, Preset] = {
         "XLabs-AI/flux-ip-adapter-v2/ip_adapter.safetensors",
         "openai/clip-vit-large-patch14",
         1.0,  # x-flux's ip_scale default and diffusers' FLUX example; XLabs' card says to tune it (docs/flux.md)
+        architecture="flux",
     ),
 }
 DEFAULT_PRESET = "mip-sdxl"

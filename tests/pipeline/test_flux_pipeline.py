@@ -117,6 +117,13 @@ def test_true_cfg_gives_the_negative_call_the_unconditional_subjects(mip, photo)
     assert plain.settings["negative_prompt"] is None and rel(out.images, plain.images) > 1e-4
 
 
+def test_an_empty_negative_prompt_runs_true_cfg_as_in_diffusers(mip, photo):
+    subjects = [Subject("dog", photo(1))]
+    empty = run(mip, subjects, negative_prompt="", true_cfg_scale=3.0)
+    assert empty.settings["negative_prompt"] == ""
+    assert rel(empty.images, run(mip, subjects).images) > 1e-4  # a second, unconditional call was made
+
+
 def test_flux_names_are_matched_with_t5(mip, photo):
     from mipadapter.alignment import SubjectAlignmentError
 

@@ -234,6 +234,13 @@ def test_flux_from_pretrained_with_local_folders_is_the_same_models_in_memory(fl
     assert np.abs(images - text_only).max() > 1e-3  # the loaded adapter acts
 
 
+def test_a_flux_base_model_without_a_preset_takes_ip_flux_defaults(flux_saved):
+    root, files = flux_saved
+    loaded = MIPAdapterPipeline.from_pretrained(root / "base", files.weight_path, files.image_encoder)
+    assert loaded.architecture == "flux"
+    assert loaded.adapter.config.default_scale == 1.0 and loaded.default_negative_prompt is None  # not mip-sdxl's
+
+
 def _full_clip_folder(encoder_folder: Path, target: Path) -> Path:
     """A whole CLIP model (text and vision, ``vision_config`` nested, as openai/clip-vit-large-patch14 is
     published) whose vision half is the given image encoder."""

@@ -159,6 +159,11 @@ def check_adapter_file(
     """
     loaded = loaded if loaded is not None else read_file(path)
     config = loaded.config
+    if loaded.layout == "xlabs" and model_architecture(unet) != "flux":
+        raise CheckpointError(
+            f"{path} is an XLabs FLUX IP-Adapter file, which does not fit {type(unet).__name__}: load it "
+            "onto a FLUX pipeline"
+        )
     if config is None and model_architecture(unet) == "flux":
         config = convert.infer_flux_config(loaded.state, str(path))
         if default_scale is not None:
@@ -176,8 +181,11 @@ def check_adapter_file(
         layers = adapter_layers(unet, config)
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        skeleton = MIPAdapter(config, layers)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            skeleton = MIPAdapter(config, layers)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
     try:
         rules = _rules(skeleton, loaded.layout)
     except CheckpointError as error:

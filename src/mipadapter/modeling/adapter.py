@@ -133,8 +133,8 @@ class MIPAdapter(nn.Module):
         widths = {layer.cross_attention_dim for layer in self.layer_specs}
         if widths != {self.config.cross_attention_dim}:
             raise ValueError(
-                f"adapter tokens are {self.config.cross_attention_dim} wide but the UNet's cross-attention "
-                f"layers take {sorted(widths)}: this adapter belongs to another base model"
+                f"adapter tokens are {self.config.cross_attention_dim} wide but the model's attention layers "
+                f"take {sorted(widths)}: this adapter belongs to another base model"
             )
 
     def processor(self, layer_name: str) -> MIPAttnProcessor:

@@ -108,6 +108,9 @@ class MIPAdapterPipeline:
         self.image_encoder = image_encoder
         self.feature_extractor = feature_extractor or default_feature_extractor(image_encoder)
         self.default_negative_prompt = negative_prompt or None
+        # calls that give no guidance scale use the wrapped pipeline's own default (SDXL 5, SD1.5 7.5,
+        # FLUX.1 3.5 — FLUX's is the distilled guidance, not CFG); set it to change the default
+        self.default_guidance_scale = float(inspect.signature(pipe.__call__).parameters["guidance_scale"].default)
         self.name_window: int | None = None  # set by ``compile``
         self._uncompiled_forward = None
         adapter.attach(denoiser(pipe))
@@ -120,11 +123,12 @@ class MIPAdapterPipeline:
         adapter: str | Path | None = None,
         image_encoder: str | Path | None = None,
         *,
-        preset: str = "mip-sdxl",
+        preset: str | None = None,
         torch_dtype: torch.dtype | None = None,
         **pipeline_kwargs,
     ) -> MIPAdapterPipeline:
-        """Load the three models from Hub ids or local paths (a ``preset`` fills the ones not given).
+        """Load the three models from Hub ids or local paths (a ``preset`` fills the ones not given; None:
+        ``ip-flux`` for a FLUX base model, else ``mip-sdxl``).
 
         base_model: a diffusers model folder or Hub id; adapter: a checkpoint file, local or
         ``owner/repo/file``; image_encoder: a folder or ``owner/repo/subfolder``. The preset's image scale
@@ -132,18 +136,13 @@ class MIPAdapterPipeline:
         of h94/authors files; files in our format keep their own. The preset's negative prompt (the
         authors' for the ``mip-*`` presets) becomes the default negative prompt.
         """
-        from mipadapter.pipeline.loading import load_components
+        from mipadapter.pipeline.loading import default_preset, load_components
 
+        preset = preset or default_preset(base_model, cache_dir=pipeline_kwargs.get("cache_dir"))
         pipe, adapter, encoder, feature_extractor = load_components(
             base_model, adapter, image_encoder, preset=preset, torch_dtype=torch_dtype, **pipeline_kwargs
         )
         return cls(pipe, adapter, encoder, feature_extractor, negative_prompt=PRESETS[preset].negative_prompt)
-
-    @property
-    def default_guidance_scale(self) -> float:
-        """The guidance scale of calls that give none: the wrapped diffusers pipeline's own default (SDXL 5,
-        SD1.5 7.5, FLUX.1 3.5 — FLUX's is the distilled guidance, not CFG)."""
-        return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)
 
     @property
     def architecture(self) -> str:
@@ -214,9 +213,11 @@ class MIPAdapterPipeline:
         training-free mode) or ``uniform`` (plain IP-Adapter). use_text_weight: gate with the trained
         text weight (default: when the adapter has one). multi_image: ``mean`` of a subject's photos'
         image tokens (the authors' choice) or ``each`` photo its own condition. negative_prompt: None
-        uses the pipeline's default (``default_negative_prompt``), ``""`` none. height, width: the
-        output size (multiples of the VAE's factor); None leaves it to the diffusers pipeline (its
-        default, or the size of an img2img / inpainting / ControlNet image).
+        uses the pipeline's default (``default_negative_prompt``), ``""`` none (on FLUX, where a negative
+        prompt only acts with ``true_cfg_scale`` > 1, ``""`` is an empty negative prompt, as in
+        diffusers). height, width: the output size (multiples of one latent cell: 8 px, 16 on FLUX);
+        None leaves it to the diffusers pipeline (its default, or the size of an img2img / inpainting /
+        ControlNet image).
         require_names_in_prompt: every name must occur in the prompt (a typo fails fast); False allows
         a subject the prompt does not name (its routing still comes from its own name, encoded alone)
         and reports it in ``warnings``. starved_share: warn about a subject routed less than this
@@ -246,11 +247,13 @@ class MIPAdapterPipeline:
         expected_size = self._expected_size(height, width, pipeline_kwargs)
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale
-        negative = self.default_negative_prompt if negative_prompt is None else (negative_prompt or None)
         flux = is_flux(pipe)
         if flux:  # guidance-distilled: no unconditional rows; true CFG runs the negative as its own call
+            # diffusers' reading: any negative prompt, "" included, with true_cfg_scale > 1 turns it on
+            negative = self.default_negative_prompt if negative_prompt is None else negative_prompt
             halves = [("cond",)] + ([("uncond",)] if _true_cfg(pipeline_kwargs, negative) else [])
         else:
+            negative = self.default_negative_prompt if negative_prompt is None else (negative_prompt or None)
             cfg = guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
             halves = [("uncond", "cond") if cfg else ("cond",)]
         encoded = self._encode_subjects(subjects, multi_image, uncond=any("uncond" in h for h in halves))

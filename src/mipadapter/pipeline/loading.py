@@ -175,6 +175,15 @@ def _encoder_config(image_encoder: str, where: str) -> dict:
         raise ValueError(f"{where} {image_encoder!r}: unreadable {config_file} ({error})") from None
 
 
+def default_preset(base_model: str | Path | None, where: str = "base_model", cache_dir=None) -> str:
+    """The preset a call that names none takes: ``ip-flux`` for a FLUX base model, else ``mip-sdxl``."""
+    from mipadapter.config import DEFAULT_PRESET
+
+    if base_model is None:
+        return DEFAULT_PRESET
+    return "ip-flux" if denoiser_kind(base_model, "base model", where, cache_dir) == "flux" else DEFAULT_PRESET
+
+
 def load_components(
     base_model: str | Path | None = None,
     adapter: str | Path | None = None,

@@ -94,23 +94,11 @@ def slot_color(slot: int) -> tuple[int, int, int]:
     return PALETTE[slot % len(PALETTE)]
 
 
-MODEL_FAMILIES = (  # diffusers pipeline class-name prefix → the family a person knows; longest first
-    ("StableDiffusion3", "SD3"),
-    ("StableDiffusionXL", "SDXL"),
-    ("StableDiffusion", "SD1.5"),
-    ("Flux", "FLUX"),
-)
-
-
 def model_family(pipe) -> str:
-    """The base model's family for the page ("SDXL", "SD1.5", "FLUX" …), read from the class name of the
-    wrapped diffusers pipeline (``pipe.pipe``; a diffusers pipeline itself is also accepted). An unknown
-    class gives its own name without the ``Pipeline`` suffix."""
-    name = type(getattr(pipe, "pipe", pipe)).__name__
-    for prefix, family in MODEL_FAMILIES:
-        if name.startswith(prefix):
-            return family
-    return name.removesuffix("Pipeline") or name
+    """The base model's family for the page ("SDXL", "SD1.5", "FLUX" …): the recipe's (one rule for both)."""
+    from mipadapter.recipe import model_family as family
+
+    return family(pipe)
 
 
 @dataclass
