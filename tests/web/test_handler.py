@@ -435,3 +435,16 @@ def test_model_family_and_default_guidance_of_the_tiny_pipelines(pipe, monkeypat
     assert settings["guidance_scale"] == default_guidance(pipe)  # what a call without one uses
     monkeypatch.setattr(pipe, "default_guidance_scale", 3.5, raising=False)
     assert default_guidance(pipe) == 3.5
+
+
+def test_a_flux_pipeline_serves_the_page_as_sdxl_does():
+    """The page needs nothing FLUX-specific: the handler runs the tiny FLUX, names it, and sizes it."""
+    from mipadapter.web.handler import Limits, native_side, side_multiple
+
+    flux = tiny_mip_pipeline("flux")
+    assert model_family(flux) == "FLUX" and default_guidance(flux) == 3.5
+    assert (native_side(flux), side_multiple(flux)) == (64, 16)
+    result = generate(flux, request(*two_subjects(), prompt="a cat with a backpack", width=64, height=64),
+                      limits=Limits.for_pipeline(flux))  # fmt: skip
+    assert result.ok, result.status
+    assert result.images[0].size == (64, 64) and len(result.maps) == 2
