@@ -159,7 +159,7 @@ class Bench:
         gen = torch.Generator().manual_seed(seed)
         side = size // 16
         name_mask = torch.arange(NAME_TOKENS)[None, :] < (1 + torch.arange(subjects) % NAME_TOKENS)[:, None]
-        name_mask = name_mask.expand(batch, -1, -1)  # [b, n, m]
+        name_mask = name_mask.expand(batch, -1, -1).to(self.device)  # [b, n, m]
         rows = torch.arange(side).repeat_interleave(side)
         columns = torch.arange(side).repeat(side)
 
@@ -179,7 +179,7 @@ class Bench:
             "image_tokens": rand(batch, subjects, IMAGE_TOKENS, self.cross),
             # the names' T5 rows [b, n, m, J] (zero past each name's length, as encode_names gives them)
             "name_embeds": rand(batch, subjects, NAME_TOKENS, self.cross) * name_mask[..., None].to(self.dtype),
-            "name_mask": name_mask.to(self.device),
+            "name_mask": name_mask,
             "latent_size": (side, side),
         }
 
