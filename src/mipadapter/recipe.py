@@ -215,12 +215,14 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
     true_cfg = pick("true_cfg_scale", None)
     if true_cfg is None and is_flux(pipe.pipe):  # diffusers' default: off
         true_cfg = 1.0
-    negative = given["negative_prompt"] if "negative_prompt" in given else call.get("negative_prompt")
-    if "negative_prompt" not in given and negative is None:
-        negative = defaults.negative_prompt
+    if "negative_prompt" in given:  # the pipeline says what it used ("" on FLUX with true CFG is one)
+        negative = given["negative_prompt"]
+    else:
+        negative = call.get("negative_prompt")
+        negative = defaults.negative_prompt if negative is None else (negative or None)  # "": none used
     return {
         "prompt": pick("prompt", None),
-        "negative_prompt": negative or None,  # "" turns it off: recorded as none used
+        "negative_prompt": negative,
         "guidance_scale": float(pick("guidance_scale", defaults.guidance)),
         "num_inference_steps": int(pick("num_inference_steps", 30)),
         "height": int(pick("height", defaults.height)),

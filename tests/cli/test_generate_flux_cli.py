@@ -60,6 +60,11 @@ def test_true_cfg_scale_is_used_recorded_and_rerun(tmp_path):
     assert np.array_equal(pixels(guided), pixels(again)) and read_recipe(again)["true_cfg_scale"] == 3.0
     assert main(["generate", "--from-png", str(guided), "--true-cfg-scale", "1", "-o", str(off)]) == 0
     assert np.array_equal(pixels(off), pixels(plain))  # 1 is off: the distilled guidance alone
+    empty, empty_again = tmp_path / "empty.png", tmp_path / "empty_again.png"
+    assert flux(empty, "--negative-prompt", "", "--true-cfg-scale", "3") == 0  # "" is a negative prompt here
+    assert read_recipe(empty)["negative_prompt"] == "" and not np.array_equal(pixels(empty), pixels(plain))
+    assert main(["generate", "--from-png", str(empty), "-o", str(empty_again)]) == 0
+    assert np.array_equal(pixels(empty), pixels(empty_again))
 
 
 def test_flux_models_from_local_folders_through_the_cli_and_rerun(tmp_path, monkeypatch):
@@ -120,7 +125,6 @@ def test_flux_only_and_flux_sized_flags_fail_in_one_line_before_loading(tmp_path
         (["--tiny", "flux", "--true-cfg-scale", "0.5"], "--true-cfg-scale must be a finite number ≥ 1 (1 is off), got 0.5"),
         (["--tiny", "flux", "--true-cfg-scale", "nan"], "--true-cfg-scale must be a finite number ≥ 1"),
         (["--tiny", "flux", "--true-cfg-scale", "4"], "--true-cfg-scale 4 needs a --negative-prompt"),
-        (["--tiny", "flux", "--true-cfg-scale", "4", "--negative-prompt", ""], "needs a --negative-prompt"),
         (["--tiny", "flux", "--height", "72"],
          "--height must be a positive multiple of 16 (one latent cell: FLUX packs 2×2 VAE latents), got 72"),
         (["--tiny", "flux", "--region", "cat=0,0,80,10"], "the box reaches beyond the 64×64 output"),

@@ -92,7 +92,8 @@ def register(subparsers) -> None:
     )
     what.add_argument(
         "--negative-prompt",
-        help="negative prompt; '' for none (default: the preset's: the authors' for mip-* presets)",
+        help="negative prompt; '' for none — with FLUX's --true-cfg-scale, '' is an empty negative prompt "
+        "(default: the preset's: the authors' for mip-* presets)",
     )
     what.add_argument(
         "--from-png",
@@ -363,7 +364,7 @@ def _true_cfg_scale(args, recipe, flux: bool, models, negative_prompt: str | Non
         raise ValueError(f"--true-cfg-scale is FLUX's classifier-free guidance, but {model} (use --guidance)")
     if negative_prompt is None and not models.tiny:
         negative_prompt = PRESETS[models.preset].negative_prompt
-    if given > 1 and not negative_prompt:
+    if given > 1 and negative_prompt is None:  # "" is a negative prompt too (diffusers' FLUX reading)
         raise ValueError(
             f"--true-cfg-scale {given:g} needs a --negative-prompt: true guidance steers away from it "
             "(without one FLUX runs no unconditional pass)"
