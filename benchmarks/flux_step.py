@@ -36,14 +36,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import diffusers
 import torch
@@ -51,6 +46,9 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside this script
+from harness import Variant, card, median, relative_error, run_interleaved, timed_ms, write_outputs  # noqa: E402
 
 from mipadapter.config import AdapterConfig
 from mipadapter.modeling import MIPAdapter, SubjectConditioning
@@ -86,18 +84,6 @@ DEFAULT_SIZE = {"flux1": 1024, "mid": 512, "tiny": 64}
 DEFAULT_TEXT_TOKENS = {"flux1": 512, "mid": 512, "tiny": 16}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RULES = ("uniform", "paper")  # official needs a trained text weight; XLabs' FLUX adapters have none
-
-
-@dataclass
-class Variant:
-    name: str
-    kind: str  # text_only | ip_concat | ip_multi | ours
-    subjects: int
-    rule: str | None = None
-    times_ms: list[float] = field(default_factory=list)  # by the clock --timer picks
-    wall_ms: list[float] = field(default_factory=list)
-    cpu_ms: list[float] = field(default_factory=list)  # process CPU time (CPU runs only)
-    peak_gib: list[float] = field(default_factory=list)
 
 
 class Bench:
@@ -262,54 +248,8 @@ class Bench:
 # Timing
 
 
-def timed_ms(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
-    """(elapsed ms, process CPU ms or None): CUDA events on GPU; ``perf_counter`` and ``process_time`` on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end), None
-    begin, begin_cpu = time.perf_counter(), time.process_time()
-    fn()
-    return (time.perf_counter() - begin) * 1e3, (time.process_time() - begin_cpu) * 1e3
-
-
-def run_interleaved(bench: Bench, variants: list[Variant], x: dict, warmup: int, repeats: int,
-                    log: Callable[[str], None], timer: str = "wall") -> None:
-    """Every variant once per round, round-robin; ``warmup`` untimed rounds first."""
-    cuda = bench.device.type == "cuda"
-    for round_index in range(warmup + repeats):
-        timed_round = round_index >= warmup
-        for variant in variants:
-            with bench.installed(variant), torch.no_grad():
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(bench.device)
-                elapsed, cpu_elapsed = timed_ms(lambda v=variant: bench.forward(v, x), bench.device)
-                peak = torch.cuda.max_memory_allocated(bench.device) / 2**30 if cuda else None
-            if timed_round:
-                variant.wall_ms.append(elapsed)
-                if cpu_elapsed is not None:
-                    variant.cpu_ms.append(cpu_elapsed)
-                variant.times_ms.append(cpu_elapsed if timer == "cpu" and cpu_elapsed is not None else elapsed)
-                if peak is not None:
-                    variant.peak_gib.append(peak)
-        log(f"  round {round_index + 1}/{warmup + repeats}{'' if timed_round else ' (warm-up)'} done")
-
-
-def median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 # --------------------------------------------------------------------------------------------------------
 # Checks and reports
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def parity_checks(bench: Bench, x: dict, subjects: Sequence[int] = (), paper: bool = False) -> dict:
@@ -354,32 +294,6 @@ def describe_parity(label: str, check: dict) -> str:
     if "paper_vs_uniform" in check:
         text += f"; ours_paper differs from ours_uniform by {check['paper_vs_uniform']:.1e}"
     return text + ")"
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def card(device: torch.device) -> dict:
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def summarise(variants: list[Variant]) -> dict:
@@ -593,7 +507,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     log(f"inference: {len(variants)} variants, {size}² batch {args.batch}, {args.warmup} warm-up + "
         f"{args.repeats} timed rounds …")
-    run_interleaved(bench, variants, x, args.warmup, args.repeats, log, args.timer)
+    def step(variant: Variant):
+        def run():
+            with torch.no_grad():
+                return bench.forward(variant, x)
+
+        return run
+
+    run_interleaved(bench, variants, step, args.warmup, args.repeats, log, args.timer)
     result["inference"] = summarise(variants)
     log(format_table(f"\ntransformer step ({args.config}, {size}², {text_tokens} text rows, batch {args.batch}, "
                      f"{result['settings']['dtype']}, {device}, {result['settings']['timer']})",
@@ -609,15 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown = f"{value:.3f}" if value is not None else "-"
         log(f"  {check['target']}: {shown} (limit {check['limit']}) {verdict}"
             + (f" — {check['note']}" if check.get("note") else ""))
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=2, ensure_ascii=False)
-        log(f"\nwrote {args.out}")
-    if args.markdown:
-        with open(args.markdown, "w") as handle:
-            handle.write(markdown(result))
-        log(f"wrote {args.markdown}")
-    return 0
+    return write_outputs(result, args.out, args.markdown, markdown, log)
 
 
 if __name__ == "__main__":

@@ -37,14 +37,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import diffusers
 import torch
@@ -53,6 +50,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside this script
+from harness import Variant, card, median, relative_error, run_interleaved, write_outputs  # noqa: E402
 
 from mipadapter.config import AdapterConfig, MergeRule
 from mipadapter.modeling import MIPAdapter, SubjectConditioning
@@ -201,18 +201,6 @@ class AuthorsStyleProcessor(nn.Module):
 # Bench: one UNet, its processor sets, and the inputs of every variant.
 
 
-@dataclass
-class Variant:
-    name: str
-    kind: str  # text_only | ip_concat | ip_masked | ours | authors
-    subjects: int
-    rule: str | None = None
-    times_ms: list[float] = field(default_factory=list)  # by the clock --timer picks
-    wall_ms: list[float] = field(default_factory=list)
-    cpu_ms: list[float] = field(default_factory=list)  # process CPU time (CPU runs only)
-    peak_gib: list[float] = field(default_factory=list)
-
-
 class Bench:
     def __init__(self, config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
         self.config, self.device, self.dtype = config, device, dtype
@@ -356,53 +344,6 @@ class Bench:
 # Timing
 
 
-def timed_ms(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
-    """(elapsed ms, process CPU ms or None): CUDA events on GPU; ``perf_counter`` and ``process_time`` on CPU.
-
-    On a CPU shared with other jobs, wall-clock time swings with their load while the process's own CPU
-    time stays put (with one thread, no spinning workers): ``--timer cpu`` ranks variants by it.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end), None
-    begin, begin_cpu = time.perf_counter(), time.process_time()
-    fn()
-    return (time.perf_counter() - begin) * 1e3, (time.process_time() - begin_cpu) * 1e3
-
-
-def run_interleaved(bench: Bench, variants: list[Variant], step: Callable[[Variant], Callable[[], object]],
-                    warmup: int, repeats: int, log: Callable[[str], None], timer: str = "wall") -> None:
-    """Every variant once per round, round-robin; ``warmup`` untimed rounds first."""
-    cuda = bench.device.type == "cuda"
-    for round_index in range(warmup + repeats):
-        timed_round = round_index >= warmup
-        for variant in variants:
-            with bench.installed(variant):
-                fn = step(variant)
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(bench.device)
-                elapsed, cpu_elapsed = timed_ms(fn, bench.device)
-                if cuda:
-                    peak = torch.cuda.max_memory_allocated(bench.device) / 2**30
-            if timed_round:
-                variant.wall_ms.append(elapsed)
-                if cpu_elapsed is not None:
-                    variant.cpu_ms.append(cpu_elapsed)
-                variant.times_ms.append(cpu_elapsed if timer == "cpu" and cpu_elapsed is not None else elapsed)
-                if cuda:
-                    variant.peak_gib.append(peak)
-        log(f"  round {round_index + 1}/{warmup + repeats}{'' if timed_round else ' (warm-up)'} done")
-
-
-def median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 # --------------------------------------------------------------------------------------------------------
 # Checks: per-call constants, parities, graph breaks
 
@@ -443,11 +384,6 @@ def generation_check(bench: Bench, x: dict, subjects: int, steps: int) -> dict:
         for hook in hooks:
             hook.remove()
     return report
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def parity_checks(bench: Bench, x: dict) -> dict:
@@ -517,31 +453,6 @@ def explain_graph_breaks(bench: Bench, x: dict, subjects: int) -> dict:
 
 # --------------------------------------------------------------------------------------------------------
 # Report
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def card(device: torch.device) -> dict:
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def summarise(variants: list[Variant]) -> dict:
@@ -818,15 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _finish(result: dict, args: argparse.Namespace, log: Callable[[str], None]) -> int:
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=2, ensure_ascii=False)
-        log(f"\nwrote {args.out}")
-    if args.markdown:
-        with open(args.markdown, "w") as handle:
-            handle.write(markdown(result))
-        log(f"wrote {args.markdown}")
-    return 0
+    return write_outputs(result, args.out, args.markdown, markdown, log)
 
 
 if __name__ == "__main__":
