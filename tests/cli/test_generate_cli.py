@@ -248,3 +248,16 @@ def test_the_cli_labels_repeated_names_as_the_pipeline_does():
     for _ in range(50):
         names = [rng.choice(["dog", "cat", "wooden pot", "dog#2"]) for _ in range(rng.randint(1, 6))]
         assert cli_labels(names) == subject_labels(names)
+
+
+def test_tiny_stands_for_the_default_preset_and_records_the_negative_prompt_it_used(tmp_path):
+    """The built-in tiny MIP adapter stands for mip-sdxl: the authors' negative prompt by default, recorded;
+    --negative-prompt "" turns it off, recorded as none."""
+    from mipadapter.config import AUTHORS_NEGATIVE_PROMPT
+
+    base = ["generate", "--tiny", "--prompt", "a cat wearing a backpack", "--subject", f"cat={CAT}",
+            "--subject", f"backpack={BACKPACK}", "--steps", "1"]  # fmt: skip
+    assert main(base + ["-o", str(tmp_path / "default.png")]) == 0
+    assert read_recipe(tmp_path / "default.png")["negative_prompt"] == AUTHORS_NEGATIVE_PROMPT
+    assert main(base + ["--negative-prompt", "", "-o", str(tmp_path / "off.png")]) == 0
+    assert read_recipe(tmp_path / "off.png")["negative_prompt"] is None

@@ -315,9 +315,9 @@ def load_tiny(arch: str, adapter: str | Path | None = None):
         raise ValueError(f"--tiny {arch!r}: choose one of {', '.join(TINY_ARCHS)}")
     base = f"tiny-{arch} (random)"
     if adapter is None:
-        return tiny_mip_pipeline(arch, "basic", text_weight=True), ModelRecord(
-            base, TINY_ADAPTER, f"tiny {arch} basic (random)", None, arch
-        )
+        pipe = tiny_mip_pipeline(arch, "basic", text_weight=True)
+        _as_default_preset(pipe)
+        return pipe, ModelRecord(base, TINY_ADAPTER, f"tiny {arch} basic (random)", None, arch)
     from mipadapter.checkpoint import adapter_from_file, read_file
     from mipadapter.hub import resolve_file
     from mipadapter.pipeline import MIPAdapterPipeline
@@ -336,7 +336,18 @@ def load_tiny(arch: str, adapter: str | Path | None = None):
     )
     loaded = adapter_from_file(checked, denoiser(pipe), str(path))
     record = ModelRecord(base, str(path.resolve()), f"tiny {arch} {projection} (random)", None, arch)
-    return MIPAdapterPipeline(pipe, loaded, encoder, processor), record
+    tiny = MIPAdapterPipeline(pipe, loaded, encoder, processor)
+    _as_default_preset(tiny)
+    return tiny, record
+
+
+def _as_default_preset(pipe) -> None:
+    """A tiny MIP adapter (one with a text weight) on a UNet stands for the default preset, ``mip-sdxl``:
+    it takes that preset's default negative prompt (the authors'), as a real run would."""
+    from mipadapter.config import DEFAULT_PRESET, PRESETS
+
+    if pipe.adapter.config.text_weight and pipe.architecture == "unet":
+        pipe.default_negative_prompt = PRESETS[DEFAULT_PRESET].negative_prompt
 
 
 # ----------------------------------------------------------------------------------------------- photos
