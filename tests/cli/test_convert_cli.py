@@ -37,6 +37,23 @@ def test_convert_between_formats_round_trips(tmp_path, files):
     assert set(stripped) == {key for key in original if not key.endswith("text_to_weight.weight")}
 
 
+def test_the_default_scale_of_a_file_without_one_is_given_with_scale_or_noted(tmp_path, files, capsys):
+    """The authors' files carry no scale (their presets use 0.75): --scale stores one; without it, 1.0 is
+    stored and a note on stderr says so; our own files keep theirs (--scale is then an error)."""
+    scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
+    assert main(["convert", str(files.mip_basic_bin), str(scaled), "--base-model", "tiny-sdxl", "--scale", "0.75"]) == 0
+    assert read_file(scaled).config.default_scale == 0.75 and "note:" not in capsys.readouterr().err
+    assert main(["convert", str(files.mip_basic_bin), str(plain), "--base-model", "tiny-sdxl"]) == 0
+    assert read_file(plain).config.default_scale == 1.0
+    assert "carries no default image scale; 1.0 was stored (pass --scale" in capsys.readouterr().err
+    again = tmp_path / "again.safetensors"
+    assert main(["convert", str(scaled), str(again), "--base-model", "tiny-sdxl", "--scale", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--scale: " in err and "carries its own default scale" in err and not again.exists()
+    assert main(["convert", str(files.mip_basic_bin), str(again), "--base-model", "tiny-sdxl", "--scale", "nan"]) == 2
+    assert "--scale must be a finite number ≥ 0, got nan" in capsys.readouterr().err and not again.exists()
+
+
 def test_convert_reads_only_the_unet_config_of_a_base_model_folder(tmp_path, files):
     tiny_sdxl_pipeline().unet.save_config(tmp_path / "base" / "unet")  # no weights at all
     out = tmp_path / "ours.safetensors"

@@ -282,15 +282,18 @@ def convert_checkpoint(
     *,
     where: str = "source",
     loaded: AdapterFile | None = None,
+    default_scale: float | None = None,
 ) -> Path:
     """Rewrite a checkpoint in another layout, keeping its tensors' dtype and values bit-exactly.
 
     ``unet`` supplies the layer names and indices (weights are not read, so a UNet built on the ``meta``
     device from its config will do). where: how errors name ``source``; loaded: ``read_file(source)``
-    when the caller has read it already.
+    when the caller has read it already; default_scale: the image scale our format stores for a source
+    that carries none (h94, the authors', XLabs' files: 1.0 when None; the presets use 0.75 for the authors'
+    ``model_sdxl.bin``, 0.65 for ``model_sdxl_plus.bin``).
     """
     path = resolve_file(source, "checkpoint", where)
-    checked = check_adapter_file(path, unet, loaded=loaded)
+    checked = check_adapter_file(path, unet, default_scale, loaded=loaded)
     dtype = next(iter(checked.state.values())).dtype
     adapter = MIPAdapter(checked.config, adapter_layers(unet, checked.config)).to(dtype)
     load_state(adapter, checked, str(path))

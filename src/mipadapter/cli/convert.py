@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 
 from mipadapter.config import DEFAULT_PRESET, PRESETS
 
@@ -41,6 +43,14 @@ def register(subparsers) -> None:
         "transformer/config.json, is read): Hub id or folder; 'tiny-sdxl', 'tiny-sd15' and 'tiny-flux' "
         "name the built-in tiny models (default: %(default)s)",
     )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        metavar="S",
+        help="the default image scale our format stores for a source without one (h94, the authors', XLabs' "
+        "files; they carry no scale, and 1.0 is stored otherwise): 0.75 for the authors' model_sdxl.bin and "
+        "0.65 for model_sdxl_plus.bin, as the mip-sdxl and mip-sdxl-plus presets use",
+    )
     parser.set_defaults(func=run)
 
 
@@ -56,10 +66,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"output {args.output!r} is the input file: write the converted checkpoint elsewhere"
         )
+    if args.scale is not None and not (math.isfinite(args.scale) and args.scale >= 0):
+        raise ValueError(f"--scale must be a finite number ≥ 0, got {args.scale:g}")
     loaded = read_file(source)  # a corrupt file is named before the base model is looked for
+    if loaded.config is not None and args.scale is not None:
+        raise ValueError(f"--scale: {args.input!r} is in our format and carries its own default scale")
     model = denoiser_for(args.base_model)
     check_adapter_fits(loaded, model, source, f"--base-model {args.base_model!r}")
-    print(convert_checkpoint(source, output, model, args.to, where="input", loaded=loaded))
+    print(convert_checkpoint(source, output, model, args.to, where="input", loaded=loaded, default_scale=args.scale))
+    if args.to == "mipadapter" and loaded.config is None and args.scale is None:
+        print(
+            f"note: {args.input} carries no default image scale; 1.0 was stored (pass --scale, e.g. 0.75 "
+            "for the authors' model_sdxl.bin)",
+            file=sys.stderr,
+        )
     return 0
 
 
