@@ -138,6 +138,16 @@ def unnamed_subjects(tokenizers: Sequence, prompt: str, names: Sequence[str]) ->
     return sorted(missing)
 
 
+def subject_labels(names: Sequence[str]) -> list[str]:
+    """Unique labels of a call's subjects: the names, with ``#2``, ``#3``… on repeats ("dog", "dog#2")."""
+    seen: dict[str, int] = {}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return labels
+
+
 def align_subjects(tokenizers: Sequence, prompt: str, names: Sequence[str]) -> list[list[NameSpan]]:
     """``locate_names`` for every tokenizer of a pipeline (SDXL has two): [tokenizer][subject]."""
     aligned = []

@@ -242,7 +242,7 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
 def _resolved_scales(subjects: Sequence[RecipeSubject], settings: Mapping[str, Any]) -> list[float]:
     """Per-subject scales in subject order: the pipeline's resolved ones (by subject label: "dog",
     "dog#2" for a repeated name), else the scale asked for or the adapter's default."""
-    from mipadapter.pipeline import subject_labels
+    from mipadapter.alignment import subject_labels
 
     recorded = settings.get("scales")
     labels = subject_labels([subject.name for subject in subjects])

@@ -238,18 +238,6 @@ def test_models_from_local_folders_are_recorded_and_rerun(tmp_path, monkeypatch)
     assert np.array_equal(pixels(tmp_path / "first.png"), pixels(elsewhere / "again.png"))
 
 
-def test_the_cli_labels_repeated_names_as_the_pipeline_does():
-    import random
-
-    from mipadapter.cli.options import subject_labels as cli_labels
-    from mipadapter.pipeline import subject_labels
-
-    rng = random.Random(0)
-    for _ in range(50):
-        names = [rng.choice(["dog", "cat", "wooden pot", "dog#2"]) for _ in range(rng.randint(1, 6))]
-        assert cli_labels(names) == subject_labels(names)
-
-
 def test_tiny_stands_for_the_default_preset_and_records_the_negative_prompt_it_used(tmp_path):
     """The built-in tiny MIP adapter stands for mip-sdxl: the authors' negative prompt by default, recorded;
     --negative-prompt "" turns it off, recorded as none."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mipadapter.alignment import subject_labels
 from mipadapter.cli.options import DEFAULT_TINY, TINY_ARCHS
 from mipadapter.config import DEFAULT_PRESET, PRESETS, MergeRule, MultiImageMode, RegionMode
 
@@ -484,12 +485,11 @@ def _recorded_region(subject: dict):
 def _keep_recorded_settings(plans: list[SubjectPlan], recipe: dict, source) -> None:
     """Give each new subject the scale and region recorded for the subject of the same label; a kept
     mask file must still be the recorded one."""
-    from mipadapter.cli import options
     from mipadapter.recipe import RecipeError, file_sha256
 
     names = [subject["name"] for subject in recipe["subjects"]]
-    recorded = dict(zip(options.subject_labels(names), recipe["subjects"], strict=True))
-    for plan, label in zip(plans, options.subject_labels([p.name for p in plans]), strict=True):
+    recorded = dict(zip(subject_labels(names), recipe["subjects"], strict=True))
+    for plan, label in zip(plans, subject_labels([p.name for p in plans]), strict=True):
         subject = recorded.get(label)
         if subject is None:
             continue
@@ -514,7 +514,7 @@ def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, 
     from mipadapter.photos import photo_size
 
     names = [s.name for s in subjects]
-    labels = options.subject_labels(names)
+    labels = subject_labels(names)
     for index, value in options.address(options.parse_keyed(args.scale, "--scale"), names, "--scale").items():
         subjects[index].scale = options.parse_scale(value, labels[index])
     for index, value in options.address(
@@ -626,7 +626,6 @@ def write_outputs(plan: Plan, output, pipe, record) -> None:
         print(path)
     if plan.contact_sheet is not None:
         from mipadapter.figures import contact_sheet
-        from mipadapter.pipeline import subject_labels
 
         labels = subject_labels([s.name for s in plan.subjects])
         sheet = contact_sheet(dict(zip(labels, plan.photos, strict=True)), output.images, output.relevance)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mipadapter.alignment import subject_labels
 from mipadapter.recipe import ModelRecord
 
 MODEL_FLAGS = {"base_model": "--base-model", "adapter": "--adapter", "image_encoder": "--image-encoder"}
@@ -80,17 +81,6 @@ def parse_keyed(values: Sequence[str], flag: str, *, occurrences: bool = True) -
         else:
             parsed.append(Keyed(name, None, rest))
     return parsed
-
-
-def subject_labels(names: Sequence[str]) -> list[str]:
-    """``["dog", "cat", "dog"]`` → ``["dog", "cat", "dog#2"]``: the labels of ``mipadapter.pipeline
-    .subject_labels`` (a test pins them equal), kept here so that checking arguments imports no torch."""
-    seen: dict[str, int] = {}
-    labels = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return labels
 
 
 def address(items: Sequence[Keyed], names: Sequence[str], flag: str) -> dict[int, str]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mipadapter.alignment import align_subjects, unnamed_subjects
+from mipadapter.alignment import align_subjects, subject_labels, unnamed_subjects
 from mipadapter.config import PRESETS, MergeRule, MultiImageMode, RegionMode
 from mipadapter.modeling.adapter import MIPAdapter
 from mipadapter.modeling.conditioning import (
@@ -623,16 +623,6 @@ def _true_cfg(pipeline_kwargs: dict, negative: str | None) -> bool:
     """Whether a FLUX call runs true classifier-free guidance (diffusers' rule: a scale above 1 and a
     negative prompt)."""
     return float(pipeline_kwargs.get("true_cfg_scale", 1.0)) > 1 and negative is not None
-
-
-def subject_labels(names: Sequence[str]) -> list[str]:
-    """Unique labels of a call's subjects: the names, with ``#2``, ``#3``… on repeats ("dog", "dog#2")."""
-    seen: dict[str, int] = {}
-    labels = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return labels
 
 
 def _starved(names: list[str], shares: list[float], threshold: float) -> list[SubjectWarning]:
