@@ -537,16 +537,20 @@ def verify_inputs(recipe: Mapping[str, Any], source: str | os.PathLike) -> None:
         if isinstance(subject["region"], Mapping) and "path" in subject["region"]:
             records.append(("region mask", subject["region"]))
         for what, record in records:
-            path = Path(record["path"])
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{label}'s {what} {record['path']!r}, recorded in {str(source)!r}, is missing"
-                )
-            if file_sha256(path) != record["sha256"]:
-                raise RecipeError(
-                    f"{label}'s {what} {record['path']!r} has changed since {str(source)!r} was made "
-                    "(its SHA-256 differs)"
-                )
+            check_recorded_file(record, f"{label}'s {what}", source)
+
+
+def check_recorded_file(record: Mapping[str, str], what: str, source: str | os.PathLike) -> Path:
+    """A recorded ``{path, sha256}`` input, still there and unchanged; ``FileNotFoundError`` or
+    ``RecipeError`` naming ``what``, the file and the image it was recorded in otherwise. Returns the path."""
+    path = Path(record["path"])
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {record['path']!r}, recorded in {str(source)!r}, is missing")
+    if file_sha256(path) != record["sha256"]:
+        raise RecipeError(
+            f"{what} {record['path']!r} has changed since {str(source)!r} was made (its SHA-256 differs)"
+        )
+    return path
 
 
 def recorded_region(region: Any):

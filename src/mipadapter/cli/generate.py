@@ -485,7 +485,7 @@ def _recorded_region(subject: dict):
 def _keep_recorded_settings(plans: list[SubjectPlan], recipe: dict, source) -> None:
     """Give each new subject the scale and region recorded for the subject of the same label; a kept
     mask file must still be the recorded one."""
-    from mipadapter.recipe import RecipeError, file_sha256
+    from mipadapter.recipe import check_recorded_file
 
     names = [subject["name"] for subject in recipe["subjects"]]
     recorded = dict(zip(subject_labels(names), recipe["subjects"], strict=True))
@@ -495,16 +495,7 @@ def _keep_recorded_settings(plans: list[SubjectPlan], recipe: dict, source) -> N
             continue
         region = subject["region"]
         if isinstance(region, dict) and "path" in region:
-            mask = Path(region["path"])
-            if not mask.is_file():
-                raise FileNotFoundError(
-                    f"{label}'s region mask {region['path']!r}, recorded in {str(source)!r}, is missing"
-                )
-            if file_sha256(mask) != region["sha256"]:
-                raise RecipeError(
-                    f"{label}'s region mask {region['path']!r} has changed since {str(source)!r} was made "
-                    "(its SHA-256 differs)"
-                )
+            check_recorded_file(region, f"{label}'s region mask", source)
         plan.scale, plan.region = subject["scale"], _recorded_region(subject)
 
 
