@@ -74,11 +74,14 @@ def open_photo(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     mode: str | None = "RGB",
+    turn: bool = True,
 ) -> Image.Image:
     """Decode a photo fully, upright, in ``mode`` (None keeps the file's mode).
 
-    what: how errors name it (``--subject cat``, ``photo #2 of 'cat'``, a config key). Raises
-    ``FileNotFoundError`` or ``PhotoError`` (a ``ValueError``) with the path in the message.
+    what: how errors name it (``--subject cat``, ``photo #2 of 'cat'``, a config key). turn: False keeps
+    the stored pixel frame (the EXIF bytes stay in ``info``, for ``upright`` later: boxes recorded in the
+    stored frame are cut there first). Raises ``FileNotFoundError`` or ``PhotoError`` (a ``ValueError``)
+    with the path in the message.
     """
     photo_size(path, what, max_pixels)
     try:
@@ -86,7 +89,7 @@ def open_photo(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                turned = upright(image)
+                turned = upright(image) if turn else image
                 converted = turned if mode is None or turned.mode == mode else turned.convert(mode)
                 return converted.copy() if converted is image else converted
     except OSError as error:  # "image file is truncated", broken data streams

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from PIL import Image
 
 from mipadapter.eval.cases import SubjectSpec
 from mipadapter.fileio import atomic_write_text
-from mipadapter.photos import DEFAULT_MAX_PIXELS, PhotoError, open_photo, photo_size, upright
+from mipadapter.photos import open_photo, upright
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +92,7 @@ def stored_frame_800(path: str | Path, what: str = "reference photo") -> Image.I
 
     The EXIF bytes stay in ``info`` (convert, resize and crop keep them), so `upright` can turn a crop.
     """
-    photo_size(path, what, DEFAULT_MAX_PIXELS)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as stored:
-                stored.load()
-                return resize_short_side(stored.convert("RGB"))
-    except OSError as error:
-        raise PhotoError(f"{what} {str(path)!r} cannot be decoded: {error}") from None
+    return resize_short_side(open_photo(path, what, turn=False))
 
 
 def crop_reference(
