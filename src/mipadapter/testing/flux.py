@@ -28,7 +28,7 @@ from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
 from mipadapter.checkpoint.xlabs import XLABS, XLabsConfig, expected_shapes
 from mipadapter.fileio import atomic_write
-from mipadapter.testing.tiny import TinyImageEncoderSpec, _eval, _seeded, _text_config
+from mipadapter.testing.tiny import TinyImageEncoderSpec, clip_text_config, seeded, set_eval, tiny_vae
 from mipadapter.testing.tokenizer import FALLBACK_WORDS, VocabChoice, build_clip_tokenizer
 
 __all__ = [
@@ -154,21 +154,13 @@ def _transformer(spec: TinyFluxSpec) -> FluxTransformer2DModel:
 
 
 def _vae(spec: TinyFluxSpec) -> AutoencoderKL:
-    levels = len(spec.vae_block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=spec.vae_block_out_channels,
-        layers_per_block=1,
-        latent_channels=spec.latent_channels,
-        norm_num_groups=8,
-        sample_size=spec.default_image_side,
-        scaling_factor=FLUX_VAE_SCALING_FACTOR,
-        shift_factor=FLUX_VAE_SHIFT_FACTOR,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+    return tiny_vae(
+        spec.vae_block_out_channels,
+        spec.latent_channels,
+        spec.default_image_side,
+        FLUX_VAE_SCALING_FACTOR,
+        FLUX_VAE_SHIFT_FACTOR,
+        quant_conv=False,
     )
 
 
@@ -220,15 +212,15 @@ def tiny_flux_pipeline(seed: int = 0, *, vocab: VocabChoice = "auto") -> FluxPip
     spec = TINY_FLUX
     tokenizer = build_clip_tokenizer(vocab=vocab)
     tokenizer_2 = build_t5_tokenizer()
-    with _seeded(seed):
+    with seeded(seed):
         transformer = _transformer(spec)
-    with _seeded(seed + 1):
+    with seeded(seed + 1):
         vae = _vae(spec)
-    with _seeded(seed + 2):
-        text_encoder = CLIPTextModel(_text_config(tokenizer, spec.pooled_projection_dim, None, "quick_gelu"))
-    with _seeded(seed + 3):
+    with seeded(seed + 2):
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, spec.pooled_projection_dim, None, "quick_gelu"))
+    with seeded(seed + 3):
         text_encoder_2 = _t5(spec, tokenizer_2)
-    _eval(transformer, vae, text_encoder, text_encoder_2)
+    set_eval(transformer, vae, text_encoder, text_encoder_2)
     pipe = FluxPipeline(
         scheduler=_scheduler(),
         vae=vae,

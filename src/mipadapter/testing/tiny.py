@@ -169,7 +169,7 @@ TINY_SD15 = TinySpec(
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Draw from a CPU RNG seeded with `seed`, restoring the caller's global RNG state afterwards."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -205,23 +205,40 @@ def _unet(spec: TinySpec) -> UNet2DConditionModel:
     )
 
 
-def _vae(spec: TinySpec) -> AutoencoderKL:
-    levels = len(spec.vae_block_out_channels)
+def tiny_vae(
+    block_out_channels: tuple[int, ...],
+    latent_channels: int,
+    sample_size: int,
+    scaling_factor: float,
+    shift_factor: float | None = None,
+    quant_conv: bool = True,
+) -> AutoencoderKL:
+    """A small ``AutoencoderKL`` with one level per entry of ``block_out_channels`` (scale factor
+    ``2**(levels - 1)``); SD/SDXL VAEs have 4 latent channels and quant convs, FLUX's 16 and none."""
+    levels = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=spec.vae_block_out_channels,
+        block_out_channels=block_out_channels,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
-        sample_size=spec.default_image_side,
-        scaling_factor=0.13025 if spec.arch == "sdxl" else 0.18215,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=quant_conv,
+        use_post_quant_conv=quant_conv,
     )
 
 
-def _text_config(
+def _vae(spec: TinySpec) -> AutoencoderKL:
+    scaling = 0.13025 if spec.arch == "sdxl" else 0.18215
+    return tiny_vae(spec.vae_block_out_channels, 4, spec.default_image_side, scaling)
+
+
+def clip_text_config(
     tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int | None, act: str
 ) -> CLIPTextConfig:
     return CLIPTextConfig(
@@ -254,7 +271,7 @@ def _count_cross_attention(unet: UNet2DConditionModel, spec: TinySpec) -> None:
         )
 
 
-def _eval(*modules: torch.nn.Module) -> None:
+def set_eval(*modules: torch.nn.Module) -> None:
     for module in modules:
         module.float().eval().requires_grad_(False)
 
@@ -274,17 +291,17 @@ def tiny_sdxl_pipeline(seed: int = 0, *, vocab: VocabChoice = "auto") -> StableD
     _check_spec(spec)
     tokenizer = build_clip_tokenizer(vocab=vocab)
     tokenizer_2 = build_clip_tokenizer("!", vocab=vocab)
-    with _seeded(seed):
+    with seeded(seed):
         unet = _unet(spec)
-    with _seeded(seed + 1):
+    with seeded(seed + 1):
         vae = _vae(spec)
-    with _seeded(seed + 2):
-        text_encoder = CLIPTextModel(_text_config(tokenizer, spec.text_hidden_sizes[0], None, "quick_gelu"))
-    with _seeded(seed + 3):
+    with seeded(seed + 2):
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, spec.text_hidden_sizes[0], None, "quick_gelu"))
+    with seeded(seed + 3):
         text_encoder_2 = CLIPTextModelWithProjection(
-            _text_config(tokenizer_2, spec.text_hidden_sizes[1], spec.text_projection_dim, "gelu")
+            clip_text_config(tokenizer_2, spec.text_hidden_sizes[1], spec.text_projection_dim, "gelu")
         )
-    _eval(unet, vae, text_encoder, text_encoder_2)
+    set_eval(unet, vae, text_encoder, text_encoder_2)
     _count_cross_attention(unet, spec)
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
@@ -320,13 +337,13 @@ def tiny_sd15_pipeline(seed: int = 0, *, vocab: VocabChoice = "auto") -> StableD
     spec = TINY_SD15
     _check_spec(spec)
     tokenizer = build_clip_tokenizer(vocab=vocab)
-    with _seeded(seed):
+    with seeded(seed):
         unet = _unet(spec)
-    with _seeded(seed + 1):
+    with seeded(seed + 1):
         vae = _vae(spec)
-    with _seeded(seed + 2):
-        text_encoder = CLIPTextModel(_text_config(tokenizer, spec.text_hidden_sizes[0], None, "quick_gelu"))
-    _eval(unet, vae, text_encoder)
+    with seeded(seed + 2):
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, spec.text_hidden_sizes[0], None, "quick_gelu"))
+    set_eval(unet, vae, text_encoder)
     _count_cross_attention(unet, spec)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
@@ -400,9 +417,9 @@ def tiny_image_encoder(
         patch_size=patch_size,
         hidden_act="gelu",
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = CLIPVisionModelWithProjection(config)
-    _eval(model)
+    set_eval(model)
     processor = _clip_image_processor_class()(
         do_resize=True,
         size={"shortest_edge": image_size},
