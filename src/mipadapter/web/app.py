@@ -531,21 +531,21 @@ def build_app(
             drawn = region_preview(forms, int(out_width), int(out_height))
             return drawn.image, drawn.summary
 
+        # what every change of the subjects' slots (adding, removing, an example) runs after itself
+        refresh_preview = dict(
+            fn=on_region_change,
+            inputs=region_inputs,
+            outputs=[preview, preview_summary],
+            queue=False,
+            show_progress="hidden",
+            api_visibility="private",
+        )
         region_triggers = [width.change, height.change] + [
             trigger
             for slot in slots
             for trigger in (slot.name.change, *(number.change for number in slot.box), slot.painted.change)
         ]
-        gr.on(
-            region_triggers,
-            on_region_change,
-            inputs=region_inputs,
-            outputs=[preview, preview_summary],
-            queue=False,
-            show_progress="hidden",
-            trigger_mode="always_last",
-            api_visibility="private",
-        )
+        gr.on(region_triggers, **refresh_preview, trigger_mode="always_last")
 
         def on_default_strength(value):
             value = config.default_scale if value is None else value
@@ -571,14 +571,7 @@ def build_app(
             outputs=[count, slots_note, *[slot.group for slot in slots]],
             queue=False,
             api_visibility="private",
-        ).then(
-            on_region_change,
-            inputs=region_inputs,
-            outputs=[preview, preview_summary],
-            queue=False,
-            show_progress="hidden",
-            api_visibility="private",
-        )
+        ).then(**refresh_preview)
 
         slot_fields = [c for slot in slots for c in slot.fields]
 
@@ -597,14 +590,7 @@ def build_app(
             outputs=[count, slots_note, *[slot.group for slot in slots], *slot_fields],
             queue=False,
             api_visibility="private",
-        ).then(
-            on_region_change,
-            inputs=region_inputs,
-            outputs=[preview, preview_summary],
-            queue=False,
-            show_progress="hidden",
-            api_visibility="private",
-        )
+        ).then(**refresh_preview)
 
         for button, spec in zip(example_buttons, example_specs.values(), strict=True):
 
@@ -633,14 +619,7 @@ def build_app(
                 + [images, maps, status, width, height],
                 queue=False,
                 api_visibility="private",
-            ).then(
-                on_region_change,
-                inputs=region_inputs,
-                outputs=[preview, preview_summary],
-                queue=False,
-                show_progress="hidden",
-                api_visibility="private",
-            )
+            ).then(**refresh_preview)
     return app
 
 
