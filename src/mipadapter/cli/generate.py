@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mipadapter.alignment import subject_labels
-from mipadapter.cli.options import DEFAULT_TINY, TINY_ARCHS
+from mipadapter.cli.options import add_tiny_argument
 from mipadapter.config import DEFAULT_PRESET, PRESETS, MergeRule, MultiImageMode, RegionMode
 
 DEFAULTS: dict[str, Any] = {
@@ -164,16 +164,7 @@ def register(subparsers) -> None:
         "--image-encoder",
         help="CLIP image encoder: local folder or owner/repo/subfolder (default: the preset's)",
     )
-    models.add_argument(
-        "--tiny",
-        nargs="?",
-        const=DEFAULT_TINY,
-        choices=sorted(TINY_ARCHS),
-        metavar="ARCH",
-        help=f"built-in tiny random models, offline: an install smoke test, not a picture; ARCH is one of "
-        f"{', '.join(TINY_ARCHS)} ({DEFAULT_TINY} for --tiny alone); an --adapter given with it is loaded "
-        "onto the tiny models (default: off, the preset's models)",
-    )
+    add_tiny_argument(models, "an install smoke test, not a picture")
     models.add_argument(
         "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 … (default: auto)"
     )

@@ -40,6 +40,20 @@ TINY_ARCHS = {
 DEFAULT_TINY = "sdxl"
 
 
+def add_tiny_argument(parser, purpose: str) -> None:
+    """``--tiny [ARCH]`` on a command's parser (one definition for every command that offers it)."""
+    parser.add_argument(
+        "--tiny",
+        nargs="?",
+        const=DEFAULT_TINY,
+        choices=sorted(TINY_ARCHS),
+        metavar="ARCH",
+        help=f"built-in tiny random models, offline ({purpose}): ARCH is one of {', '.join(sorted(TINY_ARCHS))} "
+        f"({DEFAULT_TINY} for --tiny alone); an --adapter given with it is loaded onto the tiny models "
+        "(default: off, the preset's models)",
+    )
+
+
 def tiny_arch(value) -> str | None:
     """``args.tiny`` as an architecture name: None (not tiny), True (a ``store_true`` flag) → the default."""
     if value in (None, False):

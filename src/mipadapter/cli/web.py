@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mipadapter.cli.options import DEFAULT_TINY, TINY_ARCHS
+from mipadapter.cli.options import add_tiny_argument
 from mipadapter.config import DEFAULT_PRESET, PRESETS
 
 
@@ -29,16 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-subjects", type=int, default=4, help="subjects one request may give")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest photo file accepted")
     parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model")
-    parser.add_argument(
-        "--tiny",
-        nargs="?",
-        const=DEFAULT_TINY,
-        choices=sorted(TINY_ARCHS),
-        metavar="ARCH",
-        help=f"built-in tiny random models, offline (try the page anywhere): ARCH is one of "
-        f"{', '.join(sorted(TINY_ARCHS))} ({DEFAULT_TINY} when left out); an --adapter given with it is loaded "
-        "onto the tiny models",
-    )
+    add_tiny_argument(parser, "try the page anywhere")
     parser.add_argument(
         "--compile",
         action="store_true",
