@@ -7,8 +7,8 @@ step in the cross-attention layers: when the call carries a `TextNoisePlan`, the
 
 * uniform: ``level · rms(Z_text) · ε`` per batch row;
 * weighted: ``ε ⊙ A_i / mean_p A_i`` rescaled to the uniform noise's norm, where ``A_i`` [p] is the
-  relevance of subject i's name (`mipadapter.ops.relevance_maps`: the layer's own query against the
-  frozen ``to_k`` of the name's rows, the name encoded on its own by `mipadapter.pipeline.encode_names`).
+  relevance of subject i's name (the layer's own query against the frozen ``to_k`` of the name's rows,
+  the name encoded on its own by `mipadapter.pipeline.encode_names`; the same ops as the MIP processor's).
 
 Classifier-free guidance (the paper says nothing about it): only the conditional half is perturbed and
 the relevance maps come from its queries. The unconditional half encodes the negative prompt, where an
@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mipadapter import ops
+from mipadapter.modeling.processor import finish_attention, name_keys, text_attention
 
 KWARG = "text_noise"
 
@@ -53,8 +53,9 @@ class TextNoisePlan:
 
 
 class TextNoiseProcessor:
-    """SDPA attention exactly as diffusers' ``AttnProcessor2_0``; with a plan, cross-attention layers
-    add the plan's noise to the conditional rows' ``Z_text`` (module docstring)."""
+    """SDPA attention exactly as diffusers' ``AttnProcessor2_0`` (the MIP processor's text branch,
+    ``text_attention`` / ``finish_attention``); with a plan, cross-attention layers add the plan's noise to
+    the conditional rows' ``Z_text`` (module docstring)."""
 
     def __init__(self) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -73,65 +74,20 @@ class TextNoiseProcessor:
     ) -> torch.Tensor:
         if text_noise is None or encoder_hidden_states is None:  # self-attention, or no experiment
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(
-                attention_mask, encoder_hidden_states.shape[1], batch
-            )
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [b, h, p, d]
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [b, h, s, d]
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # [b, h, p, d]
-
+        query, out, shape = text_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        batch = query.shape[0]
         first = batch // 2 if text_noise.cfg else 0  # rows [first:] are conditional
-        conditional = query[first:]
-        relevance = ops.relevance_maps(
-            conditional,
-            self._name_keys(attn, text_noise, batch - first),
-            text_noise.name_mask.expand(batch - first, -1, -1),
-        )  # [b', n, p]
-        out = torch.cat([out[:first], text_noise.perturb(out[first:], relevance)])
-
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # [b, p, c]
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-    @staticmethod
-    def _name_keys(attn, plan: TextNoisePlan, rows: int) -> torch.Tensor:
-        """The frozen keys of the names' rows: [rows, n, h, m, d]."""
-        names = plan.name_embeds.to(attn.to_k.weight.dtype)  # [n, m, c]
-        n, m, _ = names.shape
-        if attn.norm_cross:
-            names = attn.norm_encoder_hidden_states(names)
+        keys = name_keys(attn, text_noise.name_embeds.unsqueeze(0))  # [1, h, n·m, d]
+        n = text_noise.name_mask.shape[0]
+        weights = ops.relevance_weights(
+            text_noise.name_mask.unsqueeze(0), attn.heads, torch.arange(n, device=query.device),
+            with_total=False, dtype=ops.working_dtype(query.dtype),
+        )  # fmt: skip
         with torch.no_grad():
-            keys = attn.to_k(names).view(n, m, attn.heads, -1).transpose(1, 2)  # [n, h, m, d]
-        if attn.norm_k is not None:
-            keys = attn.norm_k(keys)
-        return keys.unsqueeze(0).expand(rows, -1, -1, -1, -1)
+            maps = ops.position_maps(query[first:], keys.expand(batch - first, -1, -1, -1), weights.expand(batch - first, -1, -1))
+        relevance = maps.transpose(1, 2).to(query.dtype)  # [b', n, p]
+        out = torch.cat([out[:first], text_noise.perturb(out[first:], relevance)])
+        return finish_attention(attn, out, hidden_states, shape)
 
 
 @contextlib.contextmanager

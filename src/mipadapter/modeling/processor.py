@@ -56,24 +56,10 @@ class MIPAttnProcessor(nn.Module):
             cond,
             attn.heads,
             routing.image_keys_values(self.to_k_ip, self.to_v_ip, cond, attn.heads),
-            lambda: self._name_keys(attn, cond),
+            lambda: name_keys(attn, cond.name_embeds),
             ops.working_dtype(attn.to_k.weight.dtype),
             {} if cache is None else cache,
         )
-
-    @staticmethod
-    def _name_keys(attn, cond: SubjectConditioning) -> torch.Tensor:
-        """The frozen text keys of the subjects' name rows, scaled by ``1/sqrt(d)``: [b, h, n·m, d]."""
-        names = cond.name_embeds
-        b, n, m, _ = names.shape
-        flat = names.reshape(b * n, m, -1).to(attn.to_k.weight.dtype)
-        with torch.no_grad():
-            if attn.norm_cross:
-                flat = attn.norm_encoder_hidden_states(flat)
-            keys = attn.to_k(flat).view(b, n, m, attn.heads, -1)  # [b, n, m, h, d]
-            if attn.norm_k is not None:
-                keys = attn.norm_k(keys)
-            return routing.flat_name_keys(keys)
 
     # ------------------------------------------------------------------ every step
     def __call__(
@@ -86,37 +72,7 @@ class MIPAttnProcessor(nn.Module):
         ip_hidden_states: SubjectConditioning | None = None,
         **unused,
     ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        spatial = None
-        if input_ndim == 4:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # [b, p, c]
-            spatial = (height, width)
-        batch, positions, _ = hidden_states.shape
-        if attention_mask is not None:  # padded to the key length, as AttnProcessor2_0 does
-            key_length = positions if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-            attention_mask = attn.prepare_attention_mask(attention_mask, key_length, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        query = self._heads(attn.to_q(hidden_states), attn.heads)  # [b, h, p, d]
-        key = self._heads(attn.to_k(encoder_hidden_states), attn.heads)  # [b, h, s, d]
-        value = self._heads(attn.to_v(encoder_hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # [b, h, p, d]
-
+        query, out, shape = text_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if ip_hidden_states is not None:
             out = routing.route(
                 routing.check_conditioning(ip_hidden_states, self),
@@ -126,24 +82,90 @@ class MIPAttnProcessor(nn.Module):
                 base=out,
                 gate=None if self.text_to_weight is None else self._text_gate,
                 diagnose=self.diagnose,
-                spatial=spatial,
+                spatial=None if shape is None else shape[1:],
             )
-
-        out = out.transpose(1, 2).reshape(batch, positions, -1)  # [b, p, c]; a view of SDPA's layout
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor
-
-    @staticmethod
-    def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
-        """[b, s, h·d] → [b, h, s, d]."""
-        return tensor.view(tensor.shape[0], tensor.shape[1], heads, -1).transpose(1, 2)
+        return finish_attention(attn, out, hidden_states, shape)
 
     def _text_gate(self, text_out: torch.Tensor) -> torch.Tensor:
         """``g`` from the text branch's output [b, h, p, d] → [b, p]."""
         b, heads, positions, head_dim = text_out.shape
         flat = text_out.transpose(1, 2).reshape(b, positions, heads * head_dim)  # [b, p, c]
         return ops.text_gate(self.text_to_weight(flat).squeeze(-1))
+
+
+def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, s, h·d] → [b, h, s, d]."""
+    return tensor.view(tensor.shape[0], tensor.shape[1], heads, -1).transpose(1, 2)
+
+
+def text_attention(
+    attn,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    temb: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int] | None]:
+    """The attention of diffusers' ``AttnProcessor2_0`` up to ``to_out``: (query, out, shape).
+
+    query, out [b, h, p, d]; shape: (channels, h, w) of a 4-D input, else None. ``finish_attention``
+    completes the layer; between the two a processor may change ``out`` (the routed merge, or the
+    relevance experiment's noise).
+    """
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    shape = None
+    if hidden_states.ndim == 4:
+        batch, channels, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # [b, p, c]
+        shape = (channels, height, width)
+    batch, positions, _ = hidden_states.shape
+    if attention_mask is not None:  # padded to the key length, as AttnProcessor2_0 does
+        key_length = positions if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        attention_mask = attn.prepare_attention_mask(attention_mask, key_length, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+    query = _heads(attn.to_q(hidden_states), attn.heads)  # [b, h, p, d]
+    key = _heads(attn.to_k(encoder_hidden_states), attn.heads)  # [b, h, s, d]
+    value = _heads(attn.to_v(encoder_hidden_states), attn.heads)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask), shape
+
+
+def finish_attention(
+    attn, out: torch.Tensor, residual: torch.Tensor, shape: tuple[int, int, int] | None
+) -> torch.Tensor:
+    """``to_out``, the input's shape, the residual and the output scale, as ``AttnProcessor2_0`` ends.
+
+    out [b, h, p, d]; residual: the layer's input; shape: from ``text_attention``.
+    """
+    batch, _, positions, _ = out.shape
+    out = out.transpose(1, 2).reshape(batch, positions, -1)  # [b, p, c]; a view of SDPA's layout
+    out = attn.to_out[1](attn.to_out[0](out))
+    if shape is not None:
+        out = out.transpose(-1, -2).reshape(batch, *shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor
+
+
+def name_keys(attn, names: torch.Tensor) -> torch.Tensor:
+    """The layer's frozen text keys of names' rows [b, n, m, c_kv], scaled by ``1/sqrt(d)``: [b, h, n·m, d]."""
+    b, n, m, _ = names.shape
+    flat = names.reshape(b * n, m, -1).to(attn.to_k.weight.dtype)
+    with torch.no_grad():
+        if attn.norm_cross:
+            flat = attn.norm_encoder_hidden_states(flat)
+        keys = attn.to_k(flat).view(b, n, m, attn.heads, -1)  # [b, n, m, h, d]
+        if attn.norm_k is not None:
+            keys = attn.norm_k(keys)
+        return routing.flat_name_keys(keys)
