@@ -13,7 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: above any phone photo, far below what exhausts memory
+from mipadapter.limits import DEFAULT_MAX_PIXELS
+
 EXIF_ORIENTATION = 0x0112
 
 

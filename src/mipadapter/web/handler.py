@@ -18,58 +18,9 @@ from typing import Any
 import numpy as np
 
 from mipadapter.alignment import SubjectAlignmentError
+from mipadapter.limits import Limits, native_side, side_multiple  # noqa: F401  (the page's names)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask of the server.
-
-    Output sides lie in ``[min_side, max_side]`` and are multiples of ``side_multiple`` pixels.
-    """
-
-    max_subjects: int = 4
-    max_photos: int = 4  # per subject
-    max_upload_bytes: int = 10 * 2**20  # per photo file
-    max_photo_pixels: int = 40_000_000  # per photo (width × height)
-    min_side: int = 512
-    max_side: int = 1536
-    side_multiple: int = 32
-    max_steps: int = 100
-    max_images: int = 4
-    max_guidance: float = 30.0
-
-    @classmethod
-    def for_pipeline(cls, pipe, **overrides) -> Limits:
-        """Output sizes around the model's native side (half to one and a half times it)."""
-        side, multiple = native_side(pipe), side_multiple(pipe)
-        sizes = {
-            "min_side": max(multiple, side // 2 // multiple * multiple),
-            "max_side": max(multiple, side * 3 // 2 // multiple * multiple),
-            "side_multiple": multiple,
-        }
-        return cls(**{**sizes, **overrides})
-
-
-def native_side(pipe) -> int:
-    """The output side the base model was trained at (pixels): latent sample size × VAE scale factor
-    (the UNet's sample size; a transformer pipeline's ``default_sample_size``)."""
-    inner = pipe.pipe
-    unet = getattr(inner, "unet", None)
-    sample_size = unet.config.sample_size if unet is not None else inner.default_sample_size
-    return int(sample_size * inner.vae_scale_factor)
-
-
-def side_multiple(pipe) -> int:
-    """Output sides must be multiples of this: the VAE factor times the UNet's total downsampling (a
-    transformer pipeline such as FLUX packs latents in 2×2 patches: twice the VAE factor)."""
-    inner = pipe.pipe
-    unet = getattr(inner, "unet", None)
-    if unet is None:
-        return int(inner.vae_scale_factor * 2)
-    levels = len(unet.config.block_out_channels)
-    return int(inner.vae_scale_factor * 2 ** (levels - 1))
 
 
 def default_guidance(pipe) -> float | None:
