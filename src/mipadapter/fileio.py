@@ -117,3 +117,20 @@ def check_output_dir(path: str | os.PathLike, what: str, *, create: bool = True)
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {str(path)!r} is not writable")
     return path
+
+
+def check_creatable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Refuse an output folder that could not be written, without creating it (a run that fails its
+    later checks leaves no empty folder behind): the folder, or its nearest existing parent, must be a
+    writable folder. Returns the path."""
+    path = Path(path).expanduser()
+    if path.exists():
+        return check_output_dir(path, what, create=False)
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is not writable")
+    return path

@@ -242,7 +242,7 @@ def _settings(args):
 
 def _check_common(args) -> None:
     """What can be checked before any model loads: numbers, folders, the run folder."""
-    from mipadapter.fileio import check_output_dir
+    from mipadapter.fileio import check_creatable_dir
 
     if getattr(args, "images_per_prompt", 1) < 1:
         raise ValueError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
@@ -256,7 +256,7 @@ def _check_common(args) -> None:
         raise FileNotFoundError(f"--reference-boxes {str(boxes)!r} is not a folder")
     if boxes is not None and getattr(args, "references", "crop") != "crop":
         raise ValueError("--reference-boxes goes with --references crop")
-    check_output_dir(args.out, "--out")
+    check_creatable_dir(args.out, "--out")  # made by the run once every check has passed
 
 
 def _common(args) -> dict:

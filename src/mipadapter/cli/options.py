@@ -322,25 +322,12 @@ def load_tiny(arch: str, adapter: str | Path | None = None):
         pipe = tiny_mip_pipeline(arch, "basic", text_weight=True)
         _as_default_preset(pipe)
         return pipe, ModelRecord(base, TINY_ADAPTER, f"tiny {arch} basic (random)", None, arch)
-    from mipadapter.checkpoint import adapter_from_file, read_file
     from mipadapter.hub import resolve_file
-    from mipadapter.pipeline import MIPAdapterPipeline
-    from mipadapter.pipeline.encoding import denoiser
-    from mipadapter.pipeline.loading import check_adapter_fits, check_encoder_fits
-    from mipadapter.testing.mip import tiny_parts
+    from mipadapter.testing.mip import tiny_pipeline_with_adapter
 
     path = resolve_file(adapter, "adapter", "--adapter")
-    read = read_file(path)  # a corrupt file is named before anything is built
-    pipe, _, _ = tiny_parts(arch, "basic")
-    checked = check_adapter_fits(read, denoiser(pipe), path, f"--tiny {arch}")
-    projection = checked.config.projection
-    _, encoder, processor = tiny_parts(arch, projection, base_pipe=pipe)
-    check_encoder_fits(
-        encoder.config.to_dict(), checked.config, f"tiny {arch} {projection}", "the --tiny image encoder"
-    )
-    loaded = adapter_from_file(checked, denoiser(pipe), str(path))
+    tiny, projection = tiny_pipeline_with_adapter(arch, path, f"--tiny {arch}")
     record = ModelRecord(base, str(path.resolve()), f"tiny {arch} {projection} (random)", None, arch)
-    tiny = MIPAdapterPipeline(pipe, loaded, encoder, processor)
     _as_default_preset(tiny)
     return tiny, record
 

@@ -59,9 +59,10 @@ class ModelOptions:
         from mipadapter.config import PRESETS
 
         if self.tiny:
+            adapter = self._given(model)[1]
             return {
                 "base_model": "tiny-sdxl (random)",
-                "adapter": f"tiny-{model} (random)",
+                "adapter": str(Path(adapter).resolve()) if adapter else f"tiny-{model} (random)",
                 "image_encoder": "tiny",
             }
         preset = PRESETS[self.preset if model == "mip" else self.ip_preset]
@@ -73,6 +74,59 @@ class ModelOptions:
             "image_encoder": str(given[2] or preset.image_encoder),
         }
 
+    def check_tiny(self) -> None:
+        """With ``tiny``, refuse real base models and image encoders (the tiny ones are used), in one line
+        naming the flag, as ``generate --tiny`` does; adapter files are loaded onto the tiny models."""
+        if not self.tiny:
+            return
+        for flag, value in (
+            ("--base-model", self.base_model),
+            ("--image-encoder", self.image_encoder),
+            ("--ip-base-model", self.ip_base_model),
+            ("--ip-image-encoder", self.ip_image_encoder),
+        ):
+            if value:
+                raise ValueError(f"{flag} cannot be used with --tiny (it picks the tiny base model and image encoder)")
+
+    def identities(self, model: str, *, base_only: bool = False) -> dict[str, dict[str, Any]]:
+        """``{role: identity}`` (see `mipadapter.provenance`) of the models ``"mip"`` or ``"ip"`` uses,
+        found without loading them (adapter files hashed; Hub ids resolved from the cache, or their
+        configs fetched); an adapter file given with ``tiny`` is checked against the tiny models here.
+        base_only: the base model alone (the relevance experiment)."""
+        from mipadapter.config import PRESETS
+        from mipadapter.hub import resolve_file, resolve_folder_file
+        from mipadapter.provenance import source_identity
+
+        flag = "--" if model == "mip" else "--ip-"
+        base, adapter, encoder = self._given(model)
+        if self.tiny:
+            found = {f"{model}.base_model": _tiny_identity("sdxl", _TINY_SEEDS[model])}
+            if not base_only:
+                if adapter:
+                    path = resolve_file(adapter, "adapter", f"{flag}adapter")
+                    self._tiny_adapter_pipeline(path)  # refuse a file that does not fit, before the run
+                    found[f"{model}.adapter"] = source_identity(adapter, path)
+                else:
+                    found[f"{model}.adapter"] = {"tiny": f"{model} adapter", "seed": _TINY_SEEDS[model]}
+            return found
+        preset = PRESETS[self.preset if model == "mip" else self.ip_preset]
+        base = str(base or preset.base_model)
+        marker = resolve_folder_file(base, "model_index.json", "base model", f"{flag}base-model")
+        found = {f"{model}.base_model": source_identity(base, marker.parent, folder_marker=marker)}
+        if base_only:
+            return found
+        adapter = str(adapter or preset.adapter)
+        found[f"{model}.adapter"] = source_identity(adapter, resolve_file(adapter, "adapter", f"{flag}adapter"))
+        encoder = str(encoder or preset.image_encoder)
+        marker = resolve_folder_file(encoder, "config.json", "image encoder", f"{flag}image-encoder")
+        found[f"{model}.image_encoder"] = source_identity(encoder, marker.parent, folder_marker=marker)
+        return found
+
+    def _tiny_adapter_pipeline(self, path):
+        from mipadapter.testing.mip import tiny_pipeline_with_adapter
+
+        return tiny_pipeline_with_adapter("sdxl", path, "--tiny")[0]
+
     def _given(self, model: str) -> tuple[str | None, str | None, str | None]:
         if model == "mip":
             return self.base_model, self.adapter, self.image_encoder
@@ -80,12 +134,16 @@ class ModelOptions:
 
     def pipeline_factory(self, model: str) -> Callable[[], Any]:
         def load():
-            if self.tiny:
+            adapter = self._given(model)[1]
+            if self.tiny and adapter:
+                from mipadapter.hub import resolve_file
+
+                flag = "--adapter" if model == "mip" else "--ip-adapter"
+                pipe = self._tiny_adapter_pipeline(resolve_file(adapter, "adapter", flag))
+            elif self.tiny:
                 from mipadapter.testing.mip import tiny_mip_pipeline
 
-                pipe = tiny_mip_pipeline(
-                    "sdxl", "basic", text_weight=model == "mip", seed=0 if model == "mip" else 1
-                )
+                pipe = tiny_mip_pipeline("sdxl", "basic", text_weight=model == "mip", seed=_TINY_SEEDS[model])
             else:
                 from mipadapter.pipeline import MIPAdapterPipeline
 
@@ -148,6 +206,18 @@ class ModelOptions:
         )
 
 
+_TINY_SEEDS = {"mip": 0, "ip": 1}  # the tiny "mip" and "ip" models differ by their seed
+
+
+def _tiny_identity(arch: str, seed: int) -> dict[str, Any]:
+    """A tiny base model's identity: factory, seed and its tokenizer's (the environment decides whether
+    the tests' fallback vocabulary or CLIP's real BPE is used)."""
+    from mipadapter.provenance import tokenizer_identity
+    from mipadapter.testing import build_clip_tokenizer
+
+    return {"tiny": arch, "seed": seed, "tokenizer": tokenizer_identity(build_clip_tokenizer())}
+
+
 class _CentreBoxDetector:
     """Tiny mode's detector: the centre half of the image for every label."""
 
@@ -193,7 +263,10 @@ def tiny_encoders(seed: int = 0) -> FeatureEncoders:
 def _run_kwargs(options: ModelOptions, variants: Sequence[str] | str) -> dict[str, Any]:
     chosen = resolve_variants(variants if isinstance(variants, str) else list(variants))
     models = sorted({v.model for v in chosen})
+    options.check_tiny()
+    identities = {role: found for model in models for role, found in options.identities(model).items()}
     return {
+        "identities": identities,
         "variants": variants,
         "pipelines": {model: options.pipeline_factory(model) for model in models},
         "encoders": options.encoders,  # loaded when scoring starts

@@ -36,6 +36,7 @@ from mipadapter.eval.references import REFERENCE_MODES, BoxSource, conditioning_
 from mipadapter.eval.schema import SCHEMA, validate_results
 from mipadapter.eval.scoring import score_images
 from mipadapter.eval.variants import GenerationSettings, Variant, resolve_variants
+from mipadapter.provenance import check_same_models
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ def check_run_folder(
     run_file, prompts_file = out_dir / "run.json", out_dir / "prompts.json"
     if run_file.exists():
         before = json.loads(run_file.read_text())
+        if before.get("models") is not None or run_info.get("models") is not None:
+            check_same_models(out_dir, before.get("models"), run_info.get("models") or {})
         changed = sorted(key for key in set(before) | set(run_info) if before.get(key) != run_info.get(key))
         if changed:
             details = "; ".join(f"{key}: {before.get(key)!r} → {run_info.get(key)!r}" for key in changed)
@@ -146,6 +149,7 @@ def run_benchmark(
     detector: Detector | Callable[[], Detector] | None = None,
     figures: bool = False,
     models: Mapping[str, Any] | None = None,
+    identities: Mapping[str, Any] | None = None,
     missing_subjects: Sequence[str] = (),
     score: bool = True,
     progress: bool = False,
@@ -160,7 +164,9 @@ def run_benchmark(
     convention: the CLIP-T convention of this benchmark's table; references: ``crop`` (the authors'
     crop of each reference to its object's box, see `mipadapter.eval.references`) or ``whole``;
     reference_boxes: the authors' ``json_data`` folder of boxes (without it, boxes are detected and
-    cached in ``reference_boxes/``); detector: a `Detector` or a factory of one (boxes of references and
+    cached in ``reference_boxes/``); identities: ``{role: identity}`` of the models (see
+    `mipadapter.provenance`), recorded in ``run.json``: a later call on the folder with other models is
+    refused before anything loads; detector: a `Detector` or a factory of one (boxes of references and
     the local-add ablation); figures: also record routing maps and the image branch's attention maps,
     and draw routing and attention figures and a contact sheet per image; rank / world_size: this
     process's share of the work (default: accelerate's when launched through it, else all of it).
@@ -202,6 +208,7 @@ def run_benchmark(
         "clip_t_convention": convention,
         "references": references,
         "reference_boxes": (boxes.describe() if references == "crop" else None),
+        "models": dict(identities) if identities is not None else None,
     }
     ranks = current_ranks(rank, world_size)
     check_reference_photos(root, cases)

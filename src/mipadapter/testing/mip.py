@@ -85,3 +85,25 @@ def tiny_mip_pipeline(
     encoder_spec = spec.basic_image_encoder if projection == "basic" else spec.plus_image_encoder
     adapter = tiny_adapter(pipe.unet, encoder_spec, projection, text_weight, seed)
     return MIPAdapterPipeline(pipe, adapter, encoder, processor)
+
+
+def tiny_pipeline_with_adapter(arch: Literal["sdxl", "sd15", "flux"], path, where: str):
+    """The adapter file ``path`` (trained or saved on the tiny models; for ``flux`` also an XLabs-layout
+    file sized for the tiny FLUX) on the tiny base model of ``arch`` and the tiny image encoder its
+    projection needs. Returns ``(MIPAdapterPipeline, projection)``. where: how refusals name the base
+    model (e.g. ``"--tiny sdxl"``); a file that does not fit is refused in one line naming it."""
+    from mipadapter.checkpoint import adapter_from_file, read_file
+    from mipadapter.pipeline import MIPAdapterPipeline
+    from mipadapter.pipeline.encoding import denoiser
+    from mipadapter.pipeline.loading import check_adapter_fits, check_encoder_fits
+
+    read = read_file(path)  # a corrupt file is named before anything is built
+    pipe, _, _ = tiny_parts(arch, "basic")
+    checked = check_adapter_fits(read, denoiser(pipe), path, where)
+    projection = checked.config.projection
+    _, encoder, processor = tiny_parts(arch, projection, base_pipe=pipe)
+    check_encoder_fits(
+        encoder.config.to_dict(), checked.config, f"tiny {arch} {projection}", "the --tiny image encoder"
+    )
+    loaded = adapter_from_file(checked, denoiser(pipe), str(path))
+    return MIPAdapterPipeline(pipe, loaded, encoder, processor), projection
