@@ -51,7 +51,6 @@ pipeline resolves them.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import math
@@ -63,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from mipadapter.fileio import atomic_write
+from mipadapter.provenance import file_sha256
 
 RECIPE_VERSION = 2
 PNG_KEY = "mipadapter"
@@ -141,15 +141,6 @@ def model_family(pipe) -> str:
         if name.startswith(prefix):
             return family
     return name.removesuffix("Pipeline") or name
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_record(path: str | os.PathLike) -> dict[str, str]:

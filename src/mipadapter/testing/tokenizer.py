@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import importlib.util
 import json
 import os
@@ -40,6 +39,7 @@ from typing import Literal
 from transformers import CLIPTokenizer
 
 from mipadapter.fileio import atomic_write_text
+from mipadapter.provenance import file_sha256
 
 __all__ = [
     "CLIP_MAX_LENGTH",
@@ -135,14 +135,6 @@ def _byte_symbols() -> list[str]:
     return symbols + [s + "</w>" for s in symbols]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def clip_vocab_files(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
     """Write (once) and return ``(vocab.json, merges.txt)`` of the real CLIP tokenizer.
 
@@ -156,7 +148,7 @@ def clip_vocab_files(cache_dir: str | os.PathLike[str] | None = None) -> tuple[P
             "bpe_simple_vocab_16e6.txt.gz it is built from; use vocab='fallback' without it"
         )
     if cache_dir is None:
-        folder = Path(tempfile.gettempdir()) / f"mipadapter-clip-bpe-{_file_sha256(bpe)[:16]}"
+        folder = Path(tempfile.gettempdir()) / f"mipadapter-clip-bpe-{file_sha256(bpe)[:16]}"
     else:
         folder = Path(cache_dir)
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
