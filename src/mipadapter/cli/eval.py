@@ -120,6 +120,14 @@ def register(subparsers) -> None:
     )
     c101.add_argument("--combinations", type=_ints, help="only these combination indices")
     c101.add_argument("--on-quirk", choices=["flag", "skip"], default="flag", help="known dataset errors")
+    c101.add_argument(
+        "--authors-scoring",
+        action="store_true",
+        help="score as the authors' evaluation does, quirks included, to match their table to the digit: "
+        "CLIP-T against the prompt read back from their file names ('..._gen.' without a final period), "
+        "a prompt repeated in a combination counted once (their file is overwritten), combinations "
+        "weighted equally (default: every image scored against its own prompt, all images equal)",
+    )
     _run_arguments(c101, 1)
     _generation_arguments(c101)
     _reference_arguments(c101, "crop")
@@ -299,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             combinations=args.combinations,
             on_quirk=args.on_quirk,
+            authors_scoring=args.authors_scoring,
             **_common(args),
         )
         print(_summary(results))

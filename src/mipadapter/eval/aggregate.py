@@ -12,6 +12,9 @@ Definitions (the same for CLIP-I and DINO):
   An image that loses one subject scores low here even when the mean over subjects stays high.
 * ``by_subject``: each subject key's mean over every image that shows it (all seeds), and
   ``worst_subject``: the subject with the lowest such mean.
+
+With ``by_group`` (the authors' evaluation) a seed's value is the mean over groups (Concept101's
+combinations) of each group's mean over its images, instead of the mean over all images.
 """
 
 from __future__ import annotations
@@ -51,7 +54,16 @@ def per_image_values(record: Mapping[str, Any], metric: str) -> float:
     return min(values) if metric.endswith("_min") else float(np.mean(values))
 
 
-def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def _mean_of(records: Sequence[Mapping[str, Any]], metric: str, by_group: bool) -> float:
+    if not by_group:
+        return float(np.mean([per_image_values(r, metric) for r in records]))
+    groups: dict[str, list[float]] = {}
+    for record in records:
+        groups.setdefault(str(record["group"]), []).append(per_image_values(record, metric))
+    return float(np.mean([np.mean(values) for values in groups.values()]))
+
+
+def aggregate(records: Iterable[Mapping[str, Any]], *, by_group: bool = False) -> dict[str, Any]:
     """Aggregate the image records of one configuration (see the module docstring for definitions).
 
     Returns ``{metric: {"mean", "std", "per_seed": {seed: value}}}`` for every metric of
@@ -65,8 +77,8 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     for metric in TABLE_METRICS:
         per_seed = {}
         for seed in seeds:
-            values = [per_image_values(r, metric) for r in records if int(r["seed"]) == seed]
-            per_seed[str(seed)] = float(np.mean(values))
+            of_seed = [r for r in records if int(r["seed"]) == seed]
+            per_seed[str(seed)] = _mean_of(of_seed, metric, by_group)
         mean, std = mean_std(list(per_seed.values()))
         result[metric] = {"mean": mean, "std": std, "per_seed": per_seed}
     by_subject: dict[str, dict[str, float]] = {}

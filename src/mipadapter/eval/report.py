@@ -124,6 +124,8 @@ def markdown_report(results: Sequence[Mapping[str, Any]], labels: Sequence[str])
         lines.append("|" + "---|" * len(header))
         notes: list[str] = []
         for label, data in runs:
+            if data.get("scoring") == "authors":  # the authors' quirks, never passed off as ours
+                label = f"{label} (authors' scoring)"
             for name, variant in data["variants"].items():
                 lines.append(_row(label, name, variant["aggregate"]))
                 if variant["aggregate_without_quirks"] is not None:

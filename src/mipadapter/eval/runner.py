@@ -152,6 +152,7 @@ def run_benchmark(
     identities: Mapping[str, Any] | None = None,
     missing_subjects: Sequence[str] = (),
     score: bool = True,
+    authors_scoring: bool = False,
     progress: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
@@ -164,7 +165,10 @@ def run_benchmark(
     convention: the CLIP-T convention of this benchmark's table; references: ``crop`` (the authors'
     crop of each reference to its object's box, see `mipadapter.eval.references`) or ``whole``;
     reference_boxes: the authors' ``json_data`` folder of boxes (without it, boxes are detected and
-    cached in ``reference_boxes/``); identities: ``{role: identity}`` of the models (see
+    cached in ``reference_boxes/``); authors_scoring: score as the authors' evaluation does, quirks
+    included (CLIP-T against the prompt as read back from their file names; of repeated prompts in a
+    combination only the last image; each combination weighted equally), see `mipadapter.eval.scoring`;
+    identities: ``{role: identity}`` of the models (see
     `mipadapter.provenance`), recorded in ``run.json``: a later call on the folder with other models is
     refused before anything loads; detector: a `Detector` or a factory of one (boxes of references and
     the local-add ablation); figures: also record routing maps and the image branch's attention maps,
@@ -268,6 +272,7 @@ def run_benchmark(
         encoders=encoders,
         references=_cached(lambda s: metric_references(root, s)),
         convention=convention,
+        authors=authors_scoring,
     )
     results = build_results(
         benchmark,
@@ -281,6 +286,7 @@ def run_benchmark(
         encoders=encoders,
         detector=detector,
         missing_subjects=missing_subjects,
+        authors_scoring=authors_scoring,
     )
     validate_results(results)
     write_json(results, out_dir / "results.json")
@@ -303,17 +309,20 @@ def build_results(
     encoders: Any,
     detector: Detector | None,
     missing_subjects: Sequence[str],
+    authors_scoring: bool = False,
 ) -> dict[str, Any]:
     """Assemble the results document (see `mipadapter.eval.schema`)."""
     by_variant: dict[str, Any] = {}
     for variant in variants:
-        mine = [r for r in records if r["variant"] == variant.name]
+        mine = [r for r in records if r["variant"] == variant.name and r.get("authors_kept", True)]
         clean = [r for r in mine if not r["quirks"]]
         has_quirks = len(clean) != len(mine)
         by_variant[variant.name] = {
             "config": variant.to_json(),
-            "aggregate": aggregate(mine),
-            "aggregate_without_quirks": aggregate(clean) if has_quirks and clean else None,
+            "aggregate": aggregate(mine, by_group=authors_scoring),
+            "aggregate_without_quirks": (
+                aggregate(clean, by_group=authors_scoring) if has_quirks and clean else None
+            ),
         }
     quirks = sorted({(case.group, quirk) for case in cases for quirk in case.quirks})
     by_case = {case.index: case for case in cases}
@@ -326,6 +335,7 @@ def build_results(
         "benchmark": benchmark,
         "clip_t_convention": convention,
         "clip_t_formula": metrics.CLIP_T_CONVENTIONS[convention],
+        "scoring": "authors" if authors_scoring else "ours",
         "models": {
             **models,
             "clip": encoders.clip.model_id,
@@ -382,6 +392,8 @@ def run_dreambench(
 ) -> dict[str, Any] | None:
     """DreamBench single- or multi-subject evaluation (CLIP-T raw); see `run_benchmark`. References are
     the whole photos by default (the protocol later papers use)."""
+    if kwargs.get("authors_scoring"):
+        raise ValueError("authors_scoring reproduces the authors' Concept101 evaluation; DreamBench has none")
     cases, missing = dreambench_cases(
         dataset_dir, mode=mode, subjects=subjects, pairs=pairs, unique_token=unique_token
     )

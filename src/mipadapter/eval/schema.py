@@ -5,6 +5,8 @@ Top level::
     schema              "mipadapter.eval.results/2"
     benchmark           "concept101" | "dreambench-single" | "dreambench-multi"
     clip_t_convention   "concept101" (2.5·max(cos, 0)) | "raw"; clip_t_formula spells it out
+    scoring             "ours" | "authors" (``--authors-scoring``: their CLIP-T text, overwritten repeats
+                        dropped, combinations weighted equally; absent in older files: "ours")
     models              {"mip": {...}, "ip": {...} | null, "clip": id, "dino": id, "detector": id | null}
     settings            generation settings, seeds, images_per_prompt, the image seed rule
     dataset             {"root", "cases", "quirks": [{"group", "quirk"}], "missing_subjects",
@@ -16,7 +18,9 @@ Image record: variant, case, seed, k, file (relative to the run folder), prompt,
 words), subjects (concept keys), clip_t_cos (raw cosine), clip_t (in the run's convention), clip_i and
 dino ({subject key: score}), quirks (the case's flagged problems), not_named (subject names the prompt
 does not contain: generated with ``require_names_in_prompt=False``, routed by the name's own embedding),
-warnings (the pipeline's warnings for the image: subject, index, kind, message).
+warnings (the pipeline's warnings for the image: subject, index, kind, message); clip_t_text (the text
+CLIP-T compared the image with) and, with the authors' scoring, authors_kept (False: their file naming
+overwrites this image, so it is not counted).
 """
 
 from __future__ import annotations
