@@ -53,6 +53,7 @@ class MultiImageMode(str, Enum):
 
 PROJECTIONS = ("basic", "plus")
 ARCHITECTURES = ("unet", "flux")  # where the processors go: a UNet's cross-attention layers, FLUX's double blocks
+TEXT_WEIGHT_INITS = ("pytorch", "zeros")  # a fresh text_to_weight: nn.Linear's own (the authors'), or a flat gate
 
 
 @dataclass(frozen=True)

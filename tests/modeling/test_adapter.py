@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from torch import nn
 
 from mipadapter.config import AdapterConfig
 from mipadapter.modeling import MIPAdapter, MIPAttnProcessor, build_image_projection, cross_attention_layers
@@ -110,16 +111,31 @@ def test_attach_and_detach_guard_against_misuse():
         MIPAdapter.for_unet(other, basic_config("sdxl"))  # 96-wide tokens for a 48-wide UNet
 
 
-def test_init_from_base_copies_to_k_to_v_and_zeroes_the_gate():
+def test_init_from_base_copies_to_k_to_v_and_starts_the_gate_as_the_authors():
+    """The authors' gate is an nn.Linear(c, 1, bias=False) their load leaves alone: PyTorch's own init.
+    Guards a gate zeroed by default (the earlier behaviour) or drawn any other way."""
     unet = tiny_sd15_pipeline().unet
     adapter = random_adapter(unet, "sd15")
+    torch.manual_seed(7)
     adapter.init_from_base(unet)
-    for layer in adapter.layer_specs:
+    torch.manual_seed(7)
+    fresh = [nn.Linear(layer.hidden_size, 1, bias=False).weight for layer in adapter.layer_specs]
+    for layer, expected in zip(adapter.layer_specs, fresh, strict=True):
         attention, processor = unet.get_submodule(layer.name), adapter.processor(layer.name)
         assert torch.equal(processor.to_k_ip.weight, attention.to_k.weight)
         assert torch.equal(processor.to_v_ip.weight, attention.to_v.weight)
         assert not processor.to_k_ip.weight.data_ptr() == attention.to_k.weight.data_ptr()  # a copy
-        assert torch.count_nonzero(processor.text_to_weight.weight) == 0
+        assert torch.equal(processor.text_to_weight.weight, expected)
+        assert processor.text_to_weight.weight.abs().max() <= layer.hidden_size**-0.5
+
+
+def test_the_zero_gate_is_an_option_and_other_names_are_refused():
+    unet = tiny_sd15_pipeline().unet
+    adapter = random_adapter(unet, "sd15")
+    adapter.init_from_base(unet, "zeros")
+    assert all(torch.count_nonzero(p.text_to_weight.weight) == 0 for p in adapter.processors().values())
+    with pytest.raises(ValueError, match=r"text weight init must be one of \('pytorch', 'zeros'\), got 'ones'"):
+        adapter.init_text_weights("ones")
 
 
 def test_processors_are_ordered_and_sized_per_layer():

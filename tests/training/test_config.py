@@ -69,6 +69,10 @@ def test_overrides(tmp_path):
         ({"export": {"formats": ["onnx"]}}, r"export.formats must be one of"),
         ({"model": {"base_model": "b", "image_encoder": "e"}}, r"set model.train_image_proj: true"),
         ({"validation": {"every": 10}}, r"validation.prompts is empty"),
+        (
+            {"model": {**MINIMAL["model"], "text_weight_init": "ones"}},
+            r"model.text_weight_init must be one of \('pytorch', 'zeros'\), got 'ones'",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(change, message):

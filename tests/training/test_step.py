@@ -132,3 +132,20 @@ def test_loss_falls_and_only_trainable_parameters_change(fixed_batch):
     after.update({f"adapter.{n}": t for n, t in adapter.state_dict().items()})
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"adapter.{n}" for n in trainable}
+
+
+@pytest.mark.parametrize("how", ["pytorch", "zeros"])
+def test_an_h94_start_gets_the_gate_the_config_asks_for(fixed_batch, how):
+    """An h94 file has no text_to_weight; the authors' training keeps nn.Linear's own init for it
+    (their load is strict=False), ``zeros`` is the option. Guards a gate always zeroed or never set
+    (the exact draw against nn.Linear is pinned in tests/modeling/test_adapter.py)."""
+    components, files, _ = fixed_batch
+    config = ModelConfig(base_model="-", image_encoder="-", adapter_init=str(files.basic_bin), text_weight_init=how)
+    adapter = build_adapter(config, components.unet, components.image_encoder)
+    for layer in adapter.layer_specs:
+        gate = adapter.processor(layer.name).text_to_weight.weight
+        if how == "zeros":
+            assert torch.count_nonzero(gate) == 0
+        else:
+            assert torch.count_nonzero(gate) == gate.numel() and gate.abs().max() <= layer.hidden_size**-0.5
+            assert gate.std() > 0.2 * layer.hidden_size**-0.5  # spread over the range, not a constant

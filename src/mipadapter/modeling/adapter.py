@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mipadapter.config import AdapterConfig
+from mipadapter.config import TEXT_WEIGHT_INITS, AdapterConfig
 from mipadapter.modeling import flux
 from mipadapter.modeling.conditioning import SubjectConditioning
 from mipadapter.modeling.flux import MIPFluxAttnProcessor
@@ -203,9 +203,9 @@ class MIPAdapter(nn.Module):
         return cond
 
     @torch.no_grad()
-    def init_from_base(self, unet: nn.Module) -> None:
+    def init_from_base(self, unet: nn.Module, text_weight_init: str = "pytorch") -> None:
         """Start training from the UNet itself: ``to_k_ip``/``to_v_ip`` copy each layer's ``to_k``/``to_v``,
-        and ``text_to_weight`` starts at zero (a flat gate, ``g`` = 1)."""
+        and ``text_to_weight`` is initialised by `init_text_weights`."""
         if self.config.architecture != "unet":
             raise ValueError(
                 f"starting from the base model's keys is defined for UNets; start a {self.config.architecture} "
@@ -216,8 +216,23 @@ class MIPAdapter(nn.Module):
             attention, processor = modules[layer.name], self.processor(layer.name)
             processor.to_k_ip.weight.copy_(attention.to_k.weight)
             processor.to_v_ip.weight.copy_(attention.to_v.weight)
-            if processor.text_to_weight is not None:
+        self.init_text_weights(text_weight_init)
+
+    @torch.no_grad()
+    def init_text_weights(self, how: str = "pytorch") -> None:
+        """(Re)initialise every layer's ``text_to_weight``: ``"pytorch"``, nn.Linear's own initialisation
+        (uniform in ±1/sqrt(c), from the global RNG), which the authors' training keeps since their
+        checkpoint load leaves the gate out (``strict=False``); ``"zeros"``, a flat gate (``g`` = 1) at the
+        start. Nothing happens without a text weight."""
+        if how not in TEXT_WEIGHT_INITS:
+            raise ValueError(f"text weight init must be one of {TEXT_WEIGHT_INITS}, got {how!r}")
+        for processor in self.processors().values():
+            if processor.text_to_weight is None:
+                continue
+            if how == "zeros":
                 processor.text_to_weight.weight.zero_()
+            else:
+                processor.text_to_weight.reset_parameters()
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Image-encoder features ([k, D] basic, [k, L, D] plus) → image tokens [k, t, c_kv]."""

@@ -135,8 +135,9 @@ def build_adapter(config: ModelConfig, unet: nn.Module, image_encoder: nn.Module
     """The adapter to train, before ``attach``.
 
     With ``adapter_init`` the checkpoint is loaded strictly (our format, h94's or the authors'); a file
-    without ``text_to_weight`` gets zero-initialised gates (``g`` = 1) when ``text_weight`` is set. Without
-    it, ``to_k_ip``/``to_v_ip`` copy the layers' ``to_k``/``to_v`` and the projection is fresh.
+    without ``text_to_weight`` gets fresh gates when ``text_weight`` is set (``text_weight_init``: PyTorch's
+    own initialisation, as the authors' training, or zeros). Without it, ``to_k_ip``/``to_v_ip`` copy the
+    layers' ``to_k``/``to_v``, the gates start as ``text_weight_init`` says and the projection is fresh.
     """
     from mipadapter.checkpoint import load_adapter
 
@@ -155,7 +156,7 @@ def build_adapter(config: ModelConfig, unet: nn.Module, image_encoder: nn.Module
             ),
         )
         adapter = MIPAdapter.for_unet(unet, adapter_config)
-        adapter.init_from_base(unet)
+        adapter.init_from_base(unet, config.text_weight_init)
         return adapter
 
     loaded = load_adapter(config.adapter_init, unet)
@@ -170,10 +171,12 @@ def build_adapter(config: ModelConfig, unet: nn.Module, image_encoder: nn.Module
     adapter = MIPAdapter.for_unet(unet, dataclasses.replace(loaded.config, text_weight=config.text_weight))
     missing, unexpected = adapter.load_state_dict(loaded.state_dict(), strict=False)
     if config.text_weight:
-        logger.info("%s has no text_to_weight: the gates start at zero (g = 1)", config.adapter_init)
-        with torch.no_grad():
-            for processor in adapter.processors().values():
-                processor.text_to_weight.weight.zero_()
+        logger.info(
+            "%s has no text_to_weight: the gates start from the %s initialisation",
+            config.adapter_init,
+            config.text_weight_init,
+        )
+        adapter.init_text_weights(config.text_weight_init)
     else:
         logger.warning(
             "model.text_weight is false: the text_to_weight of %s is not used", config.adapter_init

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mipadapter.config import MergeRule
+from mipadapter.config import TEXT_WEIGHT_INITS, MergeRule
 from mipadapter.object_filters import ObjectFilterConfig
 
 ARCHS = ("auto", "sdxl", "sd15")
@@ -48,7 +48,9 @@ class ModelConfig:
     start from (file or ``owner/repo/file``); None starts ``to_k_ip``/``to_v_ip`` from each layer's
     ``to_k``/``to_v`` with a fresh projection (which then has to be trained: set train_image_proj).
     projection/num_tokens: the projection built when adapter_init is None. text_weight: train MIP's
-    ``text_to_weight`` gate (zero-initialised: a flat gate at the start).
+    ``text_to_weight`` gate. text_weight_init: how a gate the starting weights lack begins: ``pytorch``
+    (nn.Linear's own initialisation, as the authors' training: their checkpoint load leaves it out) or
+    ``zeros`` (a flat gate, ``g`` = 1, at the start).
     """
 
     base_model: str
@@ -59,6 +61,7 @@ class ModelConfig:
     num_tokens: int = 4
     text_weight: bool = True
     train_image_proj: bool = False
+    text_weight_init: str = "pytorch"
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,9 @@ def validate(config: TrainConfig) -> None:
     _check(m.arch in ARCHS, "model.arch", m.arch, f"one of {ARCHS}")
     _check(m.projection in PROJECTIONS, "model.projection", m.projection, f"one of {PROJECTIONS}")
     _check(m.num_tokens >= 1, "model.num_tokens", m.num_tokens, ">= 1")
+    _check(
+        m.text_weight_init in TEXT_WEIGHT_INITS, "model.text_weight_init", m.text_weight_init, f"one of {TEXT_WEIGHT_INITS}"
+    )
     if m.adapter_init is None and not m.train_image_proj:
         raise ConfigError(
             "model.adapter_init is empty, so the image projection starts random; it must then be trained: "
