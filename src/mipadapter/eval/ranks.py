@@ -9,9 +9,14 @@ writes the run's own files, and scores once every rank is done.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from mipadapter.launching import check_process_count, several_processes_note
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Ranks", "current_ranks"]
 
@@ -52,6 +57,9 @@ def current_ranks(rank: int | None = None, world_size: int | None = None) -> Ran
             raise ValueError(f"rank and world_size go together, got {rank} and {world_size}")
         return Ranks(rank, world_size)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        note = several_processes_note()
+        if note:
+            logger.warning(note)
         return Ranks()
     from accelerate import PartialState  # only when launched by accelerate (a slow import)
 
@@ -59,4 +67,5 @@ def current_ranks(rank: int | None = None, world_size: int | None = None) -> Ran
     # reads it: ACCELERATE_USE_CPU=true (e.g. `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ...`)
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     state = PartialState(cpu=cpu)
+    check_process_count(state.num_processes)
     return Ranks(state.process_index, state.num_processes, state)
