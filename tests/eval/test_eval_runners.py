@@ -124,8 +124,27 @@ def test_a_run_folder_refuses_other_settings(tmp_path, tiny_encoders):
         reference_boxes=root / "json_data",
     )
     assert run_concept101(root, out, **kwargs) is None
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=r"other settings \(seeds: \[420\] → \[1\]\)"):
         run_concept101(root, out, seeds=(1,), **kwargs)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost
+
+
+def test_a_run_folder_without_images_starts_again_with_new_settings(tmp_path, tiny_encoders):
+    """A run stopped before its first image (e.g. a model failed to load) may be rerun with other
+    settings; its record is then the new one. Guards both a refusal and a stale run.json."""
+    root, out = _concept101(tmp_path), tmp_path / "run"
+    kwargs = dict(encoders=tiny_encoders, settings=FAST, score=False, reference_boxes=root / "json_data")
+
+    def failing():
+        raise OSError("could not load the model")
+
+    with pytest.raises(OSError, match="could not load"):
+        run_concept101(root, out, pipelines={"mip": failing}, **kwargs)
+    assert json.loads((out / "run.json").read_text())["seeds"] == [420]
+    assert run_concept101(root, out, pipelines={"mip": FakePipeline}, seeds=(1,), **kwargs) is None
+    assert json.loads((out / "run.json").read_text())["seeds"] == [1]
+    assert sorted(p.name for p in (out / "images").rglob("*.png"))[0].endswith("_s1_0.png")
 
 
 def test_dreambench_multi_runner_with_figures(tmp_path, mip_pipe, tiny_encoders):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,27 @@ logger = logging.getLogger(__name__)
 __all__ = ["check_run_folder", "run_benchmark", "run_concept101", "run_dreambench"]
 
 
+def _produced_anything(out_dir: Path) -> bool:
+    """Whether a run folder holds a generated image."""
+    return any((out_dir / "images").rglob("*.png"))
+
+
 def check_run_folder(
     out_dir: Path, run_info: dict[str, Any], cases: list[Case], *, write: bool = True
 ) -> None:
-    """Write ``run.json`` / ``prompts.json`` on a first run; on a later run refuse other settings or cases.
+    """Write ``run.json`` / ``prompts.json`` on a first run; on a later run refuse other settings, models
+    or cases — unless the folder holds no image yet, when the run starts again with what it is given.
 
     write: False only checks (the other ranks of a sharded run, after the main process wrote)."""
     run_file, prompts_file = out_dir / "run.json", out_dir / "prompts.json"
+    if write and run_file.exists() and not _produced_anything(out_dir):
+        # a run that made no image yet (it failed early, or was stopped at once) starts again as asked;
+        # boxes cached by another box source go with it
+        before = json.loads(run_file.read_text())
+        if before.get("reference_boxes") != run_info.get("reference_boxes"):
+            shutil.rmtree(out_dir / "reference_boxes", ignore_errors=True)
+        run_file.unlink()
+        prompts_file.unlink(missing_ok=True)
     if run_file.exists():
         before = json.loads(run_file.read_text())
         if before.get("models") is not None or run_info.get("models") is not None:
