@@ -62,7 +62,7 @@ def test_overrides(tmp_path):
         ({"colour": 1}, r"unknown key\(s\) \['colour'\]"),
         ({"data": {"root": "d", "filters": {"min_scor": 0.1}}}, r"data.filters.min_scor"),
         ({"optim": {"max_steps": "ten"}}, r"optim.max_steps must be an integer, got 'ten'"),
-        ({"optim": {"batch_size": 0}}, r"optim.batch_size must be >= 1, got 0"),
+        ({"optim": {"batch_size": 0}}, r"optim.batch_size must be in \[1, 4096\], got 0"),
         ({"optim": {"rule": "uniform"}}, r"optim.rule must be one of \('official', 'paper'\)"),
         ({"optim": {"drop_text": 0.6, "drop_image": 0.6}}, r"sum <= 1"),
         ({"data": {"root": "d", "filters": {"min_area_frac": 2.0}}}, r"min_area_frac must be in \[0, 1\]"),
