@@ -386,8 +386,8 @@ def load_label_map(
         raise DataError(UNREADABLE_MASK, f"{what} cannot be decoded ({error})") from None
     if array.ndim == 3:  # a colour PNG of a binary mask: any non-zero channel is the object
         array = array.any(axis=-1)
-    if array.dtype == np.bool_:
-        array = array.view(np.uint8)
+    if array.dtype == np.bool_:  # not a view: Pillow's mode "1" arrays hold 255 behind True
+        array = array.astype(np.uint8)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise DataError(UNREADABLE_MASK, f"{what} holds {array.dtype} pixels, not integer labels")
     return array
