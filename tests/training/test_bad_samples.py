@@ -69,7 +69,9 @@ def test_bad_manifest_lines_are_skipped_with_their_reasons(tmp_path):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     records, report = build_index(*manifest_candidates(path), RULES)
     assert [r.id for r in records] == ["img_5", "img_6"]
-    assert report.skipped == {"bad_field": 2, "box_outside_image": 1, "missing_image": 1, "too_many_pixels": 1}
+    assert report.skipped == {
+        "bad_field": 2, "box_outside_image": 1, "missing_image": 1, "too_many_pixels": 1,
+    }  # fmt: skip
 
 
 def test_a_slightly_overshooting_detector_box_is_kept(tmp_path):
@@ -103,7 +105,9 @@ def test_a_mask_bomb_is_refused_from_its_header_before_decoding(tmp_path, monkey
     assert bomb.stat().st_size < 200_000  # 144 MP behind 140 KB
     decoded = []
     real_load = ImageFile.ImageFile.load
-    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self)
+    )
     tracemalloc.start()
     try:
         with pytest.raises(DataError) as error:
@@ -231,7 +235,8 @@ def test_no_warning_below_the_share(tmp_path, capsys):
     (root / "images" / "sa_3.png").unlink()
     prepare_index(_index_config(root, tmp_path / "run"), write=True)  # 1 of 10: not above 0.1
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "training data: 9 of 10 images usable" and err[1].startswith("  skipped 1: missing_image")
+    assert err[0] == "training data: 9 of 10 images usable"
+    assert err[1].startswith("  skipped 1: missing_image")
     assert len(err) == 2
     prepare_index(_index_config(root, tmp_path / "run2", warn_skipped_share=0.05), write=True)
     assert capsys.readouterr().err.splitlines()[-1].startswith("warning: 1 of 10 training images (10%)")

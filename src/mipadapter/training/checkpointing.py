@@ -142,7 +142,9 @@ def remove_unfinished(output_dir: str | Path) -> list[Path]:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    unfinished = sorted(p for p in root.iterdir() if _TEMP_NAME.match(p.name) and p.is_dir() and not p.is_symlink())
+    unfinished = sorted(
+        p for p in root.iterdir() if _TEMP_NAME.match(p.name) and p.is_dir() and not p.is_symlink()
+    )
     for folder in unfinished:
         shutil.rmtree(folder)
     return unfinished

@@ -413,7 +413,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         try:
             number = float(value)
         except OverflowError:  # an integer beyond any float
-            number = math.inf
+            message = f"{key} must be a finite number, got an integer beyond any float"
+            raise ConfigError(message, key) from None
         if not math.isfinite(number):
             raise ConfigError(f"{key} must be a finite number, got {value!r}", key)
         return number
@@ -483,16 +484,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    elif suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    else:
+    if suffix not in (".yaml", ".yml", ".toml"):
         raise ConfigError(f"config file {path.name!r}: use .yaml, .yml or .toml")
+    import tomllib
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as error:  # TOML errors and int digit limits too
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {reason}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a table at the top level")
     return data
@@ -514,5 +516,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     except ConfigError as error:
         if str(error).startswith("config file "):
             raise
-        source = f"--set {error.key}" if error.key in {key for key, _ in pairs} else f"config file {str(path)!r}"
+        overridden = error.key in {key for key, _ in pairs}
+        source = f"--set {error.key}" if overridden else f"config file {str(path)!r}"
         raise ConfigError(f"{source}: {error}", error.key) from None

@@ -253,7 +253,8 @@ def _check_boxes(record: ImageRecord, source: str) -> None:
             box = "[" + ", ".join(f"{v:g}" for v in obj.box) + "]"
             raise DataError(
                 BOX_OUTSIDE_IMAGE,
-                f"{source}: the box {box} of {obj.name!r} lies outside the {record.width}×{record.height} image",
+                f"{source}: the box {box} of {obj.name!r} lies outside the "
+                f"{record.width}×{record.height} image",
             )
 
 
@@ -265,7 +266,8 @@ def read_authors_candidate(root: Path, image_id: str) -> Candidate:
     image_path = root / "images" / f"{image_id}.png"
     mask_path = root / "masks" / f"{image_id}.png"
     try:
-        for path, reason in ((json_path, MISSING_JSON), (image_path, MISSING_IMAGE), (mask_path, MISSING_MASK)):
+        files = ((json_path, MISSING_JSON), (image_path, MISSING_IMAGE), (mask_path, MISSING_MASK))
+        for path, reason in files:
             if not path.is_file():
                 raise DataError(reason, f"{image_id}: {path} does not exist")
         try:
