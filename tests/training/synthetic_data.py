@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import random
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from mipadapter.manifest import ImageRecord, ObjectRecord, write_manifest
+from mipadapter.testing.images import png_bomb
 
 WIDTH, HEIGHT = 80, 64
 NAMES = ("cat", "dog", "ball", "cup", "box")
@@ -121,22 +119,9 @@ def write_manifest_layout(root: Path, count: int, seed: int = 0, binary_masks: b
 
 
 def write_png_bomb(path: Path, width: int, height: int) -> Path:
-    """A black greyscale PNG of ``width`` × ``height``, built row by row so neither this writer nor the
-    file (zeros compress 1000:1) is large; decoding it would take ``width × height`` bytes."""
-    path.write_bytes(_png_bomb_bytes(width, height))
+    """A small PNG at ``path`` (140 KB for 12000²) that would decode to ``width × height`` bytes."""
+    path.write_bytes(png_bomb(width, height))
     return path
-
-
-@functools.lru_cache(maxsize=2)
-def _png_bomb_bytes(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    packer = zlib.compressobj(9)
-    row = bytes(width + 1)  # filter byte 0, then the row's pixels
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def _edit_json(path: Path, edit) -> None:
