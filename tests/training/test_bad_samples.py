@@ -74,6 +74,18 @@ def test_bad_manifest_lines_are_skipped_with_their_reasons(tmp_path):
     }  # fmt: skip
 
 
+def test_json_nested_too_deep_is_corrupt_in_both_layouts(tmp_path):
+    root = tmp_path / "a"
+    write_authors_layout(root, 2)
+    (root / "jsons" / "sa_0.json").write_text("[" * 100_000)
+    records, report = build_index(*authors_candidates(root, None), RULES)
+    assert [r.id for r in records] == ["sa_1"] and report.skipped == {"corrupt_json": 1}
+    path = write_manifest_layout(tmp_path / "m", 2)
+    path.write_text("[" * 100_000 + "\n" + path.read_text().splitlines()[1] + "\n")
+    records, report = build_index(*manifest_candidates(path), RULES)
+    assert [r.id for r in records] == ["img_1"] and report.skipped == {"corrupt_json": 1}
+
+
 def test_a_slightly_overshooting_detector_box_is_kept(tmp_path):
     root = tmp_path / "a"
     write_authors_layout(root, 1)

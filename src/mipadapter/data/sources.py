@@ -226,7 +226,7 @@ def iter_items(shard: Shard, skips: SkipLog) -> Iterator[Item]:
 def _parse_json(data: bytes, name: str, skips: SkipLog) -> dict[str, Any] | None:
     try:
         meta = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         skips.add(CORRUPT_JSON, name)
         return None
     if not isinstance(meta, dict):

@@ -272,7 +272,7 @@ def read_authors_candidate(root: Path, image_id: str) -> Candidate:
                 raise DataError(reason, f"{image_id}: {path} does not exist")
         try:
             data = json.loads(json_path.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as error:  # UnicodeDecodeError is a ValueError
+        except (ValueError, OSError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
             raise DataError(CORRUPT_JSON, f"{json_path}: {type(error).__name__}: {error}") from None
         caption, objects, original = _authors_fields(data, str(json_path), str(mask_path))
         width, height = image_size(image_path, image_id)
@@ -317,8 +317,8 @@ def manifest_candidates(path: str | Path) -> tuple[list[str], Callable[[str], Ca
         try:
             try:
                 data = json.loads(by_key[key])
-            except json.JSONDecodeError as error:
-                raise DataError(CORRUPT_JSON, f"{key}: {error}") from None
+            except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+                raise DataError(CORRUPT_JSON, f"{key}: {type(error).__name__}: {error}") from None
             try:
                 record = record_from_dict(data, key)
             except ManifestError as error:
