@@ -81,9 +81,11 @@ def test_json_nested_too_deep_is_corrupt_in_both_layouts(tmp_path):
     records, report = build_index(*authors_candidates(root, None), RULES)
     assert [r.id for r in records] == ["sa_1"] and report.skipped == {"corrupt_json": 1}
     path = write_manifest_layout(tmp_path / "m", 2)
-    path.write_text("[" * 100_000 + "\n" + path.read_text().splitlines()[1] + "\n")
+    good = path.read_bytes().splitlines()[1]
+    path.write_bytes(b"[" * 100_000 + b"\n" + good.replace(b"a photo", b"a ph\xffoto") + b"\n" + good + b"\n")
     records, report = build_index(*manifest_candidates(path), RULES)
-    assert [r.id for r in records] == ["img_1"] and report.skipped == {"corrupt_json": 1}
+    assert [r.id for r in records] == ["img_1"] and report.skipped == {"corrupt_json": 2}
+    assert report.examples["corrupt_json"].startswith("manifest.jsonl line 1: RecursionError: ")
 
 
 def test_a_slightly_overshooting_detector_box_is_kept(tmp_path):

@@ -304,7 +304,12 @@ def _authors_items(shard: Shard, skips: SkipLog) -> Iterator[Item]:
         if missing:
             skips.add(MISSING_FILE, f"{item_id}: {', '.join(missing)}")
             continue
-        meta = _parse_json(meta_path.read_bytes(), str(meta_path.relative_to(root)), skips)
+        try:
+            data = meta_path.read_bytes()
+        except OSError:  # unreadable (permissions, I/O): counted as a JSON that cannot be used
+            skips.add(CORRUPT_JSON, str(meta_path.relative_to(root)))
+            continue
+        meta = _parse_json(data, str(meta_path.relative_to(root)), skips)
         if meta is None:
             continue
         yield Item(

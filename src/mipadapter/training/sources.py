@@ -308,16 +308,15 @@ def manifest_candidates(path: str | Path) -> tuple[list[str], Callable[[str], Ca
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
     folder = path.resolve().parent
-    lines = [
-        (n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()
-    ]
+    # bytes: a line that is not UTF-8 is that line's failure (corrupt_json), not the whole manifest's
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
     by_key = {f"{path.name} line {n}": line for n, line in lines}
 
     def read(key: str) -> Candidate:
         try:
             try:
-                data = json.loads(by_key[key])
-            except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+                data = json.loads(by_key[key].decode("utf-8"))
+            except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, or nested too deep
                 raise DataError(CORRUPT_JSON, f"{key}: {type(error).__name__}: {error}") from None
             try:
                 record = record_from_dict(data, key)
