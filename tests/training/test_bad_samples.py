@@ -134,6 +134,13 @@ def test_a_mask_bomb_is_refused_from_its_header_before_decoding(tmp_path, monkey
     assert decoded == [] and peak < 2_000_000  # decoding would take 144 MB (1.15 GB as int64)
 
 
+def test_a_mask_past_pillows_own_bomb_limit_is_too_many_pixels_even_without_ours(tmp_path):
+    bomb = write_png_bomb(tmp_path / "bomb.png", 14000, 14000)  # 196 MP: Pillow refuses above 179 MP
+    with pytest.raises(DataError, match="has more pixels than Pillow will decode") as error:
+        load_label_map(bomb, max_pixels=None)
+    assert error.value.reason == "too_many_pixels"
+
+
 def test_scanning_many_bomb_masks_in_parallel_stays_small(tmp_path):
     root = tmp_path / "a"
     write_authors_layout(root, 9)
