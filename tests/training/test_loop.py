@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,37 +214,56 @@ def test_bad_samples_never_stop_a_run(setup, tmp_path, capsys):
     assert [json.loads(line)["id"] for line in lines] == ["sa_12", "sa_13", "sa_14"]
 
 
+def _killed_while_writing(path):
+    """Leave what a process killed inside ``atomic_write`` leaves: a half-written temporary beside
+    ``path`` (a child process that dies mid-write, so the temporary's name is whatever ``atomic_write``
+    gives it). Returns the leftover."""
+    import os
+    import subprocess
+    import sys
+
+    import mipadapter
+
+    before = set(path.parent.iterdir())
+    code = (
+        "import os, sys; from mipadapter.fileio import atomic_write; "
+        "atomic_write(sys.argv[1], lambda tmp: (tmp.write_bytes(b'half a file'), os._exit(3)))"
+    )
+    src = str(Path(mipadapter.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    assert subprocess.run([sys.executable, "-c", code, str(path)], env=env).returncode == 3
+    (left,) = set(path.parent.iterdir()) - before
+    return left
+
+
 def test_a_resumed_run_removes_what_interrupted_writes_left(setup, tmp_path):
     out = tmp_path / "run"
     config = make_config(setup, out, max_steps=2)
     first = train(config, components=components(setup), stop_after=1)
     assert not first.finished
-    # what kills inside atomic_write leave (its temp names), and a checkpoint folder cut short
     (out / "export").mkdir()
     left = [
-        out / "export" / ".mip_adapter.k3j9x0ab.tmp.safetensors",
-        out / "export" / ".model.a1b2c3d4.tmp.bin",
-        out / "data" / ".index.zz_0a9q1.tmp.jsonl",
-        out / "logs" / ".metrics.q9w8e7r6.tmp.jsonl",
-        out / ".config.abcdefgh.tmp.json",
-        out / "checkpoints" / "step-00000001" / ".trainer_state.00000000.tmp.json",
+        _killed_while_writing(out / "export" / "mip_adapter.safetensors"),
+        _killed_while_writing(out / "export" / "model.bin"),
+        _killed_while_writing(out / "data" / "index.jsonl"),
+        _killed_while_writing(out / "logs" / "metrics.jsonl"),
+        _killed_while_writing(out / "config.json"),
+        _killed_while_writing(out / "checkpoints" / "step-00000001" / ckpt.STATE_FILE),
     ]
-    for path in left:
-        path.write_bytes(b"half a file")
-    unfinished = out / "checkpoints" / ".tmp-step-00000007"
+    unfinished = out / "checkpoints" / ".tmp-step-00000007"  # a save cut short
     unfinished.mkdir()
     (unfinished / "optimizer.pt").write_bytes(b"half")
     kept = [out / "export" / "notes.txt", out / "export" / ".hidden", out / "export" / ".a.tmp.bin"]
     for path in kept:
         path.write_bytes(b"the user's")
-    (out / "export" / ".dir.abcdefgh.tmp.bin").mkdir()  # a folder is never ours
+    folder = out / "export" / left[0].name.replace("mip_adapter", "folder")
+    folder.mkdir()  # a folder is never ours
 
     second = train(config, components=components(setup))
     assert second.finished and second.step == 2
     assert not any(path.exists() for path in left) and not unfinished.exists()
-    assert all(path.read_bytes() == b"the user's" for path in kept)
-    assert (out / "export" / ".dir.abcdefgh.tmp.bin").is_dir()
+    assert all(path.read_bytes() == b"the user's" for path in kept) and folder.is_dir()
     assert {p.name for p in (out / "export").iterdir()} == {
         "mip_adapter.safetensors", "model.bin", "ip_adapter.bin", "notes.txt", ".hidden", ".a.tmp.bin",
-        ".dir.abcdefgh.tmp.bin",
+        folder.name,
     }  # fmt: skip
