@@ -279,3 +279,13 @@ def test_choose_subjects_holds_a_bounded_number_of_label_maps(tmp_path):
     big = LabelMaps((100, 100), budget=1)  # the newest map is always kept
     assert int(big(paths[2])[0, 0]) == 3 and list(big._maps) == [paths[2]]
 
+
+
+def test_changing_the_warning_share_keeps_the_index(tmp_path, capsys):
+    root = tmp_path / "a"
+    write_authors_layout(root, 3)
+    first = prepare_index(_index_config(root, tmp_path / "run"), write=True)
+    again = prepare_index(_index_config(root, tmp_path / "run", warn_skipped_share=0.5), write=True)
+    assert [r.id for r in again] == [r.id for r in first]  # reused, not refused as other data settings
+    with pytest.raises(ValueError, match="was built with other data settings"):
+        prepare_index(_index_config(root, tmp_path / "run", resolution=256), write=True)
