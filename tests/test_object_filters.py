@@ -146,3 +146,22 @@ def test_accept_runs_before_the_nesting_rule():
     assert kept == [inner] and rejected == [(outer, "bad")]
     kept, rejected = select_objects([outer, inner], SIZE, CAPTION)
     assert kept == [outer] and rejected == [(inner, f.NESTED)]
+
+
+@pytest.mark.parametrize(("width", "height"), [(80, 64), (1500, 2250)])
+def test_box_inside_image_allows_a_detectors_overshoot_only(width, height):
+    from mipadapter.object_filters import BOX_SLACK, box_inside_image
+
+    dx, dy = BOX_SLACK * width, BOX_SLACK * height
+    assert box_inside_image((0, 0, width, height), width, height)
+    assert box_inside_image((-dx, -dy, width + dx, height + dy), width, height)  # at the slack: kept
+    for box in [
+        (-dx - 1, 0, 10, 10),
+        (0, -dy - 1, 10, 10),
+        (0, 0, width + dx + 1, 10),
+        (0, 0, 10, height + dy + 1),
+        (0, 0, 5000, 5000),
+        (width * 2, height * 2, width * 3, height * 3),  # wholly outside
+        (float("nan"), 0, 10, 10),
+    ]:
+        assert not box_inside_image(box, width, height), box

@@ -13,6 +13,7 @@ before it does anything slow.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -32,6 +33,31 @@ def current_umask() -> int:
 def default_file_mode() -> int:
     """The mode ``open(path, "w")`` gives a new file: 0666 minus the umask."""
     return 0o666 & ~current_umask()
+
+
+# the names `atomic_write` gives its temporary files: "." + target stem + "." + mkstemp's 8 random
+# characters + ".tmp" + target suffix
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?$")
+
+
+def is_stale_temp(path: Path) -> bool:
+    """Whether ``path`` is a regular file named like a temporary file of ``atomic_write``."""
+    return bool(_TEMP_NAME.match(path.name)) and path.is_file() and not path.is_symlink()
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove what an interrupted ``atomic_write`` left in ``folder`` (not below it): files named like
+    its temporary files. Only for a folder no other process is writing into (a run's own folders, at
+    its start). Returns the removed paths; a missing folder removes nothing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if is_stale_temp(path):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, fsync: bool = False) -> Path:

@@ -61,3 +61,36 @@ def side_multiple(pipe) -> int:
         return int(inner.vae_scale_factor * 2)
     levels = len(unet.config.block_out_channels)
     return int(inner.vae_scale_factor * 2 ** (levels - 1))
+
+
+# --- images opened for training and data construction (issue 18, training and data-set parts) --------
+
+MAX_TRAINING_SIDE = 4096  # data.resolution: a square sample of 16.7 MP, four times SDXL's native side
+MAX_RECORDED_SIDE = 100_000  # a recorded original_size side (SDXL micro-conditioning): beyond any camera
+
+
+class PixelLimitError(ValueError):
+    """An image whose header declares more pixels than allowed; nothing of it was decoded."""
+
+
+def header_size(source, what: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) as stored in an image's header (a path or a binary file object), read without
+    decoding a pixel; raises `PixelLimitError` above ``max_pixels`` (None: Pillow's own bomb limit only),
+    ``FileNotFoundError`` for a missing file, and Pillow's ``OSError`` family for a file it cannot read."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            with Image.open(source) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:  # Pillow refuses past twice its own limit before giving the size
+        raise PixelLimitError(f"{what} has more pixels than Pillow will decode") from None
+    if max_pixels is not None and width * height > max_pixels:
+        raise PixelLimitError(
+            f"{what} is {width}×{height} ({width * height / 1e6:.1f} MP), above the "
+            f"{max_pixels / 1e6:g} MP limit"
+        )
+    return width, height

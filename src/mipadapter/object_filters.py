@@ -95,6 +95,17 @@ class ObjectFilterConfig:
             raise ValueError(f"ObjectFilterConfig.max_objects must be >= 1 or None, got {self.max_objects!r}")
 
 
+BOX_SLACK = 0.05  # share of the image's side a detector's box may overshoot an edge by (rounding)
+
+
+def box_inside_image(box: Sequence[float], width: int, height: int, slack: float = BOX_SLACK) -> bool:
+    """Whether the [x1, y1, x2, y2] box lies in the image, each edge allowed to overshoot by ``slack`` of
+    the image's side (detector boxes are not clamped). A box far outside belongs to another image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    dx, dy = slack * width, slack * height
+    return -dx <= x1 and -dy <= y1 and x2 <= width + dx and y2 <= height + dy
+
+
 def name_in_caption(name: str, caption: str) -> bool:
     """Whether `name` occurs in `caption` as whole word(s), ignoring case ("cat" is not in "category")."""
     words = name.strip().split()

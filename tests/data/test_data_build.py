@@ -218,3 +218,53 @@ def test_slots_fit_the_default_filters():
     for x1, y1, x2, y2 in SLOTS:
         area = (x2 - x1) * (y2 - y1) / 64**2
         assert 0.08 < area < 0.7 and 0.3 < (x2 - x1) / (y2 - y1) < 3
+
+
+def test_folder_input_skips_oversized_and_vanished_images(tmp_path, monkeypatch):
+    from data_fakes import draw
+
+    from mipadapter.data import sources
+    from mipadapter.testing.images import png_bomb
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    draw(layout("apple", "frog")).save(folder / "a.png")
+    (folder / "bomb.png").write_bytes(png_bomb(12000, 12000))  # 144 MP behind 140 KB
+    draw(layout("car", "banana")).save(folder / "gone.png")
+    listed = sources.list_shards
+
+    def list_then_delete(*args, **kwargs):  # the photo vanishes between listing and reading
+        shards = listed(*args, **kwargs)
+        (folder / "gone.png").unlink()
+        return shards
+
+    monkeypatch.setattr(sources, "list_shards", list_then_delete)
+    report = build(folder, tmp_path / "out", DataConfig(images_per_shard=3))
+    assert [r.id for r in read_manifest(tmp_path / "out" / "manifest.jsonl")] == ["a"]
+    assert report.skips.counts == {"too_many_pixels": 1, "missing_image": 1}
+    assert report.skips.examples["too_many_pixels"] == ["files_00000/bomb.png"]
+
+
+def test_a_bomb_member_of_a_tar_shard_is_skipped(tmp_path):
+    import io
+    import tarfile
+
+    from data_fakes import draw
+
+    from mipadapter.testing.images import png_bomb
+
+    good = io.BytesIO()
+    draw(layout("apple", "frog")).save(good, format="PNG")
+    meta = json.dumps({"image": {}, "annotations": [{"id": 1}]}).encode()
+    members = {"sa_1.png": good.getvalue(), "sa_1.json": meta}
+    members |= {"sa_2.png": png_bomb(12000, 12000), "sa_2.json": meta}
+    shard = tmp_path / "shards" / "sa_000000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    report = build(shard.parent, tmp_path / "out")
+    assert [r.id for r in read_manifest(tmp_path / "out" / "manifest.jsonl")] == ["sa_1"]
+    assert report.skips.counts == {"too_many_pixels": 1}

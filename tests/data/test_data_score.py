@@ -151,3 +151,66 @@ def test_score_with_a_real_tiny_clip_through_the_cli(authors, tmp_path):
     assert len(records[2].objects) == 3
     assert all(set(r.scores) == {"s_single", "s_pair", "s_quality"} for r in records)
     assert len(json.loads((out / "selection.json").read_text())["rankings"]["s_quality"]) == 1
+
+
+def test_bad_authors_items_are_skipped_with_their_reasons(tmp_path):
+    """Each kind of broken item is counted under its own reason; the good ones are still scored."""
+    from mipadapter.testing.images import png_bomb
+
+    root = tmp_path / "subject_dataset"
+    for sub in ("images", "masks", "jsons"):
+        (root / sub).mkdir(parents=True)
+    for number in range(1, 12):
+        write_authors_item(root, f"{number:05d}", ("apple", "frog"))
+
+    def edit(item_id, change):
+        path = root / "jsons" / f"{item_id}.json"
+        meta = json.loads(path.read_text())
+        change(meta)
+        path.write_text(json.dumps(meta))
+
+    edit("00001", lambda m: m.update(original_size=["a", "b"]))
+    edit("00002", lambda m: m["final_masks"][1].update(logit="high"))
+    edit("00003", lambda m: m["final_masks"][1].update(box=[1, 2, 3]))
+    edit("00004", lambda m: m["final_masks"][1].update(box=[0, 0, 5000, 5000]))
+    (root / "masks" / "00005.png").write_bytes(png_bomb(12000, 12000))
+    (root / "images" / "00006.png").write_bytes(png_bomb(12000, 12000))
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "masks" / "00007.png")
+    (root / "masks" / "00008.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (root / "images" / "00009.png").write_bytes(b"not an image")
+    out = tmp_path / "scored"
+    report = score_dataset(
+        root, out, DataConfig(), backends=Backends(embedder=fake_backends().embedder), rank=0, world_size=1,
+        progress=False,
+    )  # fmt: skip
+    assert [r.id for r in read_manifest(out / "manifest.jsonl")] == ["00010", "00011"]
+    assert report.skips.counts == {
+        "bad_field": 3, "box_outside_image": 1, "too_many_pixels": 2, "mask_size_mismatch": 1,
+        "corrupt_mask": 1, "corrupt_image": 1,
+    }  # fmt: skip
+    examples = report.skips.examples["too_many_pixels"]
+    assert examples == ["authors_00000/00006.png", "authors_00000/00005 (mask)"]
+
+
+def test_a_mask_bomb_is_refused_from_its_header(tmp_path):
+    import tracemalloc
+
+    from mipadapter.data.masks import read_label_map
+    from mipadapter.limits import PixelLimitError
+    from mipadapter.testing.images import png_bomb
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_bomb(12000, 12000))
+    tracemalloc.start()
+    try:
+        with pytest.raises(PixelLimitError, match=r"is 12000×12000 \(144.0 MP\), above the 50 MP limit"):
+            read_label_map(str(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000  # decoded and cast to int64 as before: 1.15 GB
+    label_map = np.zeros((40, 50), np.uint16)
+    label_map[5:9, 5:9] = 300
+    Image.fromarray(label_map).save(tmp_path / "wide.png")
+    read = read_label_map(str(tmp_path / "wide.png"))
+    assert read.dtype == np.uint16 and int(read.max()) == 300  # the file's own type, not int64

@@ -50,6 +50,13 @@ def test_tar_damage_is_counted(tmp_path):
     assert items == [] and skips == {"corrupt_json": 1, "missing_image": 1}
 
 
+def test_a_json_nested_too_deep_is_corrupt(tmp_path):
+    image = png_bytes(Image.new("RGB", (4, 4)))
+    write_tar(tmp_path / "a.tar", [("sa_1.jpg", image), ("sa_1.json", b"[" * 100_000)])
+    items, skips = read(list_shards(tmp_path / "a.tar")[0])
+    assert items == [] and skips == {"corrupt_json": 1}  # the pair is not trusted
+
+
 def test_tar_cut_inside_a_header_is_reported(tmp_path):
     image = png_bytes(Image.new("RGB", (4, 4)))
     write_tar(

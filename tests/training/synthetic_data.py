@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from mipadapter.manifest import ImageRecord, ObjectRecord, write_manifest
+from mipadapter.testing.images import png_bomb
 
 WIDTH, HEIGHT = 80, 64
 NAMES = ("cat", "dog", "ball", "cup", "box")
@@ -115,3 +116,55 @@ def write_manifest_layout(root: Path, count: int, seed: int = 0, binary_masks: b
     path = root / "manifest.jsonl"
     write_manifest(records, path)
     return path
+
+
+def write_png_bomb(path: Path, width: int, height: int) -> Path:
+    """A small PNG at ``path`` (140 KB for 12000²) that would decode to ``width × height`` bytes."""
+    path.write_bytes(png_bomb(width, height))
+    return path
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def plant_bad_authors_samples(root: Path) -> dict[str, list[str]]:
+    """Break images sa_0 … sa_11 of an authors' layout (written with at least 13 images), one way each;
+    returns reason → the ids skipped for it. The images from sa_12 on stay good."""
+    jsons, images, masks = root / "jsons", root / "images", root / "masks"
+
+    def set_original(data):
+        data["original_size"] = ["a", "b"]
+
+    def set_logit(data):
+        data["final_masks"][0]["logit"] = "high"
+
+    def box_outside(data):
+        data["final_masks"][0]["box"] = [0.0, 0.0, 5000.0, 5000.0]
+
+    _edit_json(jsons / "sa_0.json", set_original)
+    _edit_json(jsons / "sa_1.json", set_logit)
+    (images / "sa_2.png").unlink()
+    (masks / "sa_3.png").unlink()
+    (jsons / "sa_4.json").unlink()
+    (jsons / "sa_5.json").write_text("{not json")
+    (images / "sa_6.png").write_bytes(b"not a png")
+    (masks / "sa_7.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png either")
+    write_png_bomb(masks / "sa_8.png", 12000, 12000)
+    write_png_bomb(images / "sa_9.png", 12000, 12000)
+    Image.fromarray(np.zeros((HEIGHT // 2, WIDTH // 2), np.uint8)).save(masks / "sa_10.png")
+    _edit_json(jsons / "sa_11.json", box_outside)
+    return {
+        "bad_field": ["sa_0", "sa_1"],
+        "missing_image": ["sa_2"],
+        "missing_mask": ["sa_3"],
+        "missing_json": ["sa_4"],
+        "corrupt_json": ["sa_5"],
+        "unreadable_image": ["sa_6"],
+        "unreadable_mask": ["sa_7"],
+        "too_many_pixels": ["sa_8", "sa_9"],
+        "mask_size_mismatch": ["sa_10"],
+        "box_outside_image": ["sa_11"],
+    }

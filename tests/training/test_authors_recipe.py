@@ -257,9 +257,9 @@ def test_exif_turned_training_image_gives_the_same_sample(tmp_path):
         stored, exif=exif.tobytes(), quality=100
     )
     Image.open(upright.image).save(tmp_path / "same.jpg", quality=100)  # the same JPEG coding, upright
-    from mipadapter.training.sources import _image_size
+    from mipadapter.training.sources import image_size
 
-    assert _image_size(stored) == (120, 80)
+    assert image_size(stored, "turned") == (120, 80)
     settings = SampleSettings(64, 32, rules=_rules(), drop_text=0, drop_image=0, drop_both=0)
     record = choose_subjects(upright, _rules(), Counter(), label_map=True)
     a = build_sample(

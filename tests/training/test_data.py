@@ -17,9 +17,11 @@ from mipadapter.training.batching import Collator, EmptyBatch, ResumableBatchSam
 from mipadapter.training.config import FilterConfig
 from mipadapter.training.samples import CLIP_MEAN, CLIP_STD, SampleSettings, SkippedSample, build_sample
 from mipadapter.training.sources import (
+    BAD_FIELD,
     CORRUPT_JSON,
     EMPTY_MASK,
-    MISSING_FILE,
+    MISSING_IMAGE,
+    MISSING_MASK,
     NO_VALID_OBJECT,
     NoValidDataError,
     SubjectRules,
@@ -145,7 +147,7 @@ def test_sampler_is_resumable_and_shards_processes():
 def test_bad_data_is_skipped_and_counted(tmp_path):
     root = tmp_path / "bad"
     write_authors_layout(root, 6)
-    (root / "images" / "sa_0.png").unlink()  # missing file
+    (root / "images" / "sa_0.png").unlink()  # missing image
     (root / "jsons" / "sa_1.json").write_text("{not json")  # corrupt JSON
     Image.fromarray(np.zeros((HEIGHT, WIDTH), np.uint8)).save(root / "masks" / "sa_2.png")  # empty mask
     data = json.loads((root / "jsons" / "sa_3.json").read_text())
@@ -153,7 +155,7 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
     (root / "jsons" / "sa_3.json").write_text(json.dumps(data))
     records, report = build_index(*authors_candidates(root, None), RULES)
     assert [r.id for r in records] == ["sa_4", "sa_5"]
-    assert report.skipped == {MISSING_FILE: 1, CORRUPT_JSON: 1, EMPTY_MASK: 1, NO_VALID_OBJECT: 1}
+    assert report.skipped == {MISSING_IMAGE: 1, CORRUPT_JSON: 1, EMPTY_MASK: 1, NO_VALID_OBJECT: 1}
     assert report.total == 6 and report.kept == 2
 
 
@@ -166,7 +168,7 @@ def test_bad_manifest_lines_are_skipped_and_counted(tmp_path):
     (tmp_path / "m" / "masks" / "img_2_0.png").unlink()
     records, report = build_index(*manifest_candidates(path), RULES)
     assert [r.id for r in records] == ["img_3"]
-    assert report.skipped == {CORRUPT_JSON: 2, MISSING_FILE: 1}
+    assert report.skipped == {CORRUPT_JSON: 1, BAD_FIELD: 1, MISSING_MASK: 1}
 
 
 def test_nothing_valid_is_a_clear_error(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,81 @@ export:
     assert (tmp_path / "out" / "checkpoints" / "step-00000002").is_dir()
     report = json.loads((tmp_path / "out" / "data" / "report.json").read_text())
     assert report["kept"] == 3  # the one-object image is skipped: two subjects per sample by default
+
+
+def test_bad_samples_never_stop_a_run(setup, tmp_path, capsys):
+    from synthetic_data import plant_bad_authors_samples
+
+    tmp, _, _, files = setup
+    root = tmp_path / "bad"
+    ids = write_authors_layout(root, 15)
+    (root / "ids.txt").write_text("\n".join(ids) + "\n")
+    expected = plant_bad_authors_samples(root)
+    config = make_config(setup, tmp_path / "run", max_steps=2)
+    data = {**config.to_dict()["data"], "root": str(root), "ids_file": str(root / "ids.txt")}
+    data["min_subjects"] = 1
+    config = config_from_dict({**config.to_dict(), "data": data})
+    result = train(config, components=components(setup))
+    assert result.finished and result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    err = capsys.readouterr().err.splitlines()
+    assert "training data: 3 of 15 images usable" in err
+    for reason, skipped in expected.items():
+        assert any(line.startswith(f"  skipped {len(skipped)}: {reason} (e.g. ") for line in err), reason
+    assert any(line.startswith("warning: 12 of 15 training images (80%) were skipped") for line in err)
+    lines = (tmp_path / "run" / "data" / "index.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["sa_12", "sa_13", "sa_14"]
+
+
+def _killed_while_writing(path):
+    """Leave what a process killed inside ``atomic_write`` leaves: a half-written temporary beside
+    ``path`` (a child process that dies mid-write, so the temporary's name is whatever ``atomic_write``
+    gives it). Returns the leftover."""
+    import os
+    import subprocess
+    import sys
+
+    import mipadapter
+
+    before = set(path.parent.iterdir())
+    code = (
+        "import os, sys; from mipadapter.fileio import atomic_write; "
+        "atomic_write(sys.argv[1], lambda tmp: (tmp.write_bytes(b'half a file'), os._exit(3)))"
+    )
+    src = str(Path(mipadapter.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    assert subprocess.run([sys.executable, "-c", code, str(path)], env=env).returncode == 3
+    (left,) = set(path.parent.iterdir()) - before
+    return left
+
+
+def test_a_resumed_run_removes_what_interrupted_writes_left(setup, tmp_path):
+    out = tmp_path / "run"
+    config = make_config(setup, out, max_steps=2)
+    first = train(config, components=components(setup), stop_after=1)
+    assert not first.finished
+    (out / "export").mkdir()
+    left = [
+        _killed_while_writing(out / "export" / "mip_adapter.safetensors"),
+        _killed_while_writing(out / "export" / "model.bin"),
+        _killed_while_writing(out / "data" / "index.jsonl"),
+        _killed_while_writing(out / "logs" / "metrics.jsonl"),
+        _killed_while_writing(out / "config.json"),
+        _killed_while_writing(out / "checkpoints" / "step-00000001" / ckpt.STATE_FILE),
+    ]
+    unfinished = out / "checkpoints" / ".tmp-step-00000007"  # a save cut short
+    unfinished.mkdir()
+    (unfinished / "optimizer.pt").write_bytes(b"half")
+    kept = [out / "export" / "notes.txt", out / "export" / ".hidden", out / "export" / ".a.tmp.bin"]
+    for path in kept:
+        path.write_bytes(b"the user's")
+    folder = out / "export" / left[0].name.replace("mip_adapter", "folder")
+    folder.mkdir()  # a folder is never ours
+
+    second = train(config, components=components(setup))
+    assert second.finished and second.step == 2
+    assert not any(path.exists() for path in left) and not unfinished.exists()
+    assert all(path.read_bytes() == b"the user's" for path in kept) and folder.is_dir()
+    assert {p.name for p in (out / "export").iterdir()} == {
+        "mip_adapter.safetensors", "model.bin", "ip_adapter.bin", "notes.txt", ".hidden", ".a.tmp.bin",
+        folder.name,
+    }  # fmt: skip

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mipadapter.limits import DEFAULT_MAX_PIXELS, header_size
+
 
 def paint_label_map(masks: torch.Tensor) -> torch.Tensor:
     """Overlapping masks -> one label map: bool [k, H, W] -> uint8 [H, W], object i has label i + 1."""
@@ -51,13 +53,20 @@ def encode_png(label_map: torch.Tensor | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def read_label_map(path: str) -> np.ndarray:
-    """A label-map PNG as integers [H, W] (palette and 16-bit PNGs keep their raw values)."""
+def read_label_map(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A label-map PNG as integers [H, W] in the file's own integer type (palette and 16-bit PNGs keep
+    their raw values). The header is read first: ``PixelLimitError`` above ``max_pixels``, before a
+    pixel is decoded; a mask decoded in full takes one or two bytes a pixel, never eight."""
+    header_size(path, f"mask {path}", max_pixels)
     with Image.open(path) as image:
-        array = np.array(image)
+        array = np.asarray(image)
     if array.ndim == 3:  # an RGB(A) export of a label map: all channels carry the label
         array = array[..., 0]
-    return array.astype(np.int64)
+    if array.dtype == np.bool_:  # a mode "1" PNG: Pillow's bools hold 255 behind True
+        array = array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"mask {path} holds {array.dtype} pixels, not integer labels")
+    return array
 
 
 def _pad_square(image: Image.Image, fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

@@ -7,6 +7,7 @@ authors' layout) and runs filter -> crop -> CLIP -> score. Both batch every mode
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from mipadapter.data.masks import (
 from mipadapter.data.phrases import caption_nouns
 from mipadapter.data.stages import Backends, Detection
 from mipadapter.fileio import atomic_write_bytes
+from mipadapter.limits import PixelLimitError, header_size
 from mipadapter.manifest import ImageRecord, ObjectRecord
-from mipadapter.object_filters import select_objects
+from mipadapter.object_filters import box_inside_image, select_objects
 from mipadapter.ops.quality import object_similarity, s_pair, s_single
 
 A = TypeVar("A")
@@ -40,6 +42,15 @@ B = TypeVar("B")
 EMPTY_SEGMENT = "empty_segment"
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _unreadable(error: Exception, corrupt: str) -> str:
+    """The skip reason of an image or mask that could not be opened (``corrupt``: the default reason)."""
+    if isinstance(error, PixelLimitError):
+        return sources.TOO_MANY_PIXELS
+    if isinstance(error, FileNotFoundError):
+        return sources.MISSING_IMAGE if corrupt == sources.CORRUPT_IMAGE else sources.MISSING_FILE
+    return corrupt
 
 
 @dataclass
@@ -82,8 +93,8 @@ def decode(items: Sequence[sources.Item], skips: sources.SkipLog) -> list[Candid
     for item in items:
         try:
             image = sources.open_image(item)
-        except _DECODE_ERRORS:
-            skips.add(sources.CORRUPT_IMAGE, f"{item.shard}/{item.id}{item.suffix}")
+        except _DECODE_ERRORS as error:
+            skips.add(_unreadable(error, sources.CORRUPT_IMAGE), f"{item.shard}/{item.id}{item.suffix}")
             continue
         out.append(Candidate(item=item, image=image))
     return out
@@ -272,10 +283,18 @@ def build_chunk(
 # --- score an existing set (authors' layout) --------------------------------------------------------
 
 
+def _finite(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return float(value)
+
+
 def _authors_objects(meta: dict[str, Any]) -> tuple[str | None, list[tuple[Detection, int | None]]]:
     """The caption and the boxed entries (with their label value, if given) of an authors' JSON.
 
     Their training set uses `text` / `final_masks`; their Concept101 files use `caption` / `mask`.
+    Raises ValueError or TypeError for an entry whose box is not four finite numbers, whose score is
+    not a finite number or whose label is not a string.
     """
     caption = meta.get("text", meta.get("caption"))
     entries = meta.get("final_masks", meta.get("mask")) or []
@@ -283,14 +302,30 @@ def _authors_objects(meta: dict[str, Any]) -> tuple[str | None, list[tuple[Detec
     for entry in entries:
         if not isinstance(entry, dict) or "box" not in entry:
             continue  # the background entry has no box
-        value = entry.get("value")
+        box, label, value = entry["box"], entry["label"], entry.get("value")
+        if not isinstance(box, list) or len(box) != 4 or not isinstance(label, str):
+            raise ValueError(f"an entry needs a label string and a box [x1, y1, x2, y2], got {entry!r}")
         objects.append(
             (
-                Detection(str(entry["label"]), tuple(float(v) for v in entry["box"]), float(entry["logit"])),
-                int(value) if isinstance(value, int) else None,
+                Detection(label, tuple(_finite(v) for v in box), _finite(entry["logit"])),
+                value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None,
             )
         )
     return (caption if isinstance(caption, str) else None), objects
+
+
+def _original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
+    """The JSON's ``original_size`` [W, H] (None when absent); ValueError when it is not two whole
+    positive numbers."""
+    original = meta.get("original_size")
+    if original is None:
+        return None
+    if not isinstance(original, list) or len(original) != 2:
+        raise ValueError(f"original_size must be [width, height], got {original!r}")
+    sides = [_finite(v) for v in original]
+    if not all(side == int(side) and side >= 1 for side in sides):
+        raise ValueError(f"original_size must hold whole positive numbers, got {original!r}")
+    return int(sides[0]), int(sides[1])
 
 
 def score_chunk(
@@ -301,12 +336,13 @@ def score_chunk(
     skips: sources.SkipLog,
 ) -> list[ImageRecord]:
     """Score images that already have objects and a label map (authors' layout); writes no new files."""
-    prepared = []
+    prepared, original_sizes = [], {}
     for item in items:
         try:
             caption, objects = _authors_objects(item.meta)
+            original_sizes[item.id] = _original_size(item.meta)
         except (KeyError, TypeError, ValueError):
-            skips.add(sources.CORRUPT_JSON, f"{item.shard}/{item.id}.json")
+            skips.add(sources.BAD_FIELD, f"{item.shard}/{item.id}.json")
             continue
         if caption is None:
             skips.add(sources.CORRUPT_JSON, f"{item.shard}/{item.id}.json")
@@ -319,16 +355,20 @@ def score_chunk(
     scored, masks = [], []
     for candidate in candidates:
         _, caption, objects = by_id[candidate.item.id]
+        name = f"{candidate.item.shard}/{candidate.item.id}"
         candidate.caption = caption
+        if not all(box_inside_image(d.box, *candidate.image.size) for d, _ in objects):
+            skips.add(sources.BOX_OUTSIDE_IMAGE, name)
+            continue
         values = {id(d): v for d, v in objects}
         kept, _ = select_objects([d for d, _ in objects], candidate.image.size, caption, config.filters)
-        try:
+        try:  # the mask's header first: the pixel limit, then its size, before decoding it
+            if header_size(candidate.item.mask_path, f"mask {name}") != candidate.image.size:
+                skips.add(sources.MASK_SIZE_MISMATCH, f"{name} (mask)")
+                continue
             label_map = read_label_map(candidate.item.mask_path)
-        except _DECODE_ERRORS:
-            skips.add(sources.CORRUPT_IMAGE, f"{candidate.item.shard}/{candidate.item.id} (mask)")
-            continue
-        if label_map.shape != (candidate.image.height, candidate.image.width):
-            skips.add(sources.CORRUPT_IMAGE, f"{candidate.item.shard}/{candidate.item.id} (mask size)")
+        except _DECODE_ERRORS as error:
+            skips.add(_unreadable(error, sources.CORRUPT_MASK), f"{name} (mask)")
             continue
         chosen, labels = [], []
         for detection in kept:
@@ -348,11 +388,7 @@ def score_chunk(
     for candidate, (clip_scores, scores) in zip(
         scored, score_candidates(scored, masks, backends, config), strict=True
     ):
-        meta = by_id[candidate.item.id][0].meta
-        original = meta.get("original_size")
-        original_size = (
-            tuple(int(v) for v in original) if isinstance(original, list) and len(original) == 2 else None
-        )
+        original_size = original_sizes[candidate.item.id]
         records.append(
             _record(
                 candidate,

@@ -35,6 +35,11 @@ JSON_WITHOUT_OBJECTS = "json_without_objects"
 MISSING_FILE = "missing_file"
 MISSING_IMAGE = "missing_image"
 NO_VALID_OBJECTS = "no_valid_objects"
+BAD_FIELD = "bad_field"  # a JSON field of the wrong type or out of range
+TOO_MANY_PIXELS = "too_many_pixels"  # an image or mask whose header declares more than the pixel limit
+CORRUPT_MASK = "corrupt_mask"
+MASK_SIZE_MISMATCH = "mask_size_mismatch"
+BOX_OUTSIDE_IMAGE = "box_outside_image"
 
 
 @dataclass(frozen=True)
@@ -221,7 +226,7 @@ def iter_items(shard: Shard, skips: SkipLog) -> Iterator[Item]:
 def _parse_json(data: bytes, name: str, skips: SkipLog) -> dict[str, Any] | None:
     try:
         meta = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         skips.add(CORRUPT_JSON, name)
         return None
     if not isinstance(meta, dict):
@@ -299,7 +304,12 @@ def _authors_items(shard: Shard, skips: SkipLog) -> Iterator[Item]:
         if missing:
             skips.add(MISSING_FILE, f"{item_id}: {', '.join(missing)}")
             continue
-        meta = _parse_json(meta_path.read_bytes(), str(meta_path.relative_to(root)), skips)
+        try:
+            data = meta_path.read_bytes()
+        except OSError:  # unreadable (permissions, I/O): counted as a JSON that cannot be used
+            skips.add(CORRUPT_JSON, str(meta_path.relative_to(root)))
+            continue
+        meta = _parse_json(data, str(meta_path.relative_to(root)), skips)
         if meta is None:
             continue
         yield Item(
@@ -308,20 +318,19 @@ def _authors_items(shard: Shard, skips: SkipLog) -> Iterator[Item]:
 
 
 def open_image(item: Item):
-    """Decode an item's image fully (RGB), turned upright by its EXIF orientation, refused above the
-    pixel limit by its header (`mipadapter.photos`). Raises OSError/ValueError-family errors for corrupt
-    or oversized data."""
+    """Decode an item's image fully (RGB), turned upright by its EXIF orientation. Its header is read
+    first: ``mipadapter.limits.PixelLimitError`` above the pixel limit, ``FileNotFoundError`` for a file
+    gone since listing; other OSError/ValueError-family errors for corrupt data."""
     from PIL import Image
 
-    from mipadapter.photos import DEFAULT_MAX_PIXELS, PhotoError, open_photo, upright
+    from mipadapter.limits import header_size
+    from mipadapter.photos import open_photo, upright
 
+    what = f"image {item.id} of {item.shard}"
     if item.data is None:
-        return open_photo(item.path, f"image {item.id}")
-    with Image.open(io.BytesIO(item.data)) as image:  # a member of a tar shard
-        width, height = image.size
-        if width * height > DEFAULT_MAX_PIXELS:
-            raise PhotoError(
-                f"image {item.id} of {item.shard} is {width}×{height}, above the {DEFAULT_MAX_PIXELS / 1e6:g} MP limit"
-            )
+        header_size(item.path, what)
+        return open_photo(item.path, what)
+    header_size(io.BytesIO(item.data), what)  # a member of a tar shard
+    with Image.open(io.BytesIO(item.data)) as image:
         image.load()  # decode now: a lazy open accepts a file whose pixels are garbage
         return upright(image).convert("RGB")

@@ -29,6 +29,7 @@ from mipadapter.fileio import atomic_write_text
 STATE_FILE = "trainer_state.json"
 ADAPTER_FILE = "adapter.safetensors"
 _NAME = re.compile(r"^step-(\d{8})$")
+_TEMP_NAME = re.compile(r"^\.tmp-step-(\d{8})$")
 
 
 @dataclass
@@ -133,6 +134,20 @@ def finish(folder: Path, output_dir: str | Path, state: TrainerState, keep_last:
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def remove_unfinished(output_dir: str | Path) -> list[Path]:
+    """Remove the temporary checkpoint folders (``.tmp-step-*``) a run killed while saving left; returns
+    them. A complete checkpoint is renamed out of its temporary name, so none of these is one."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    unfinished = sorted(
+        p for p in root.iterdir() if _TEMP_NAME.match(p.name) and p.is_dir() and not p.is_symlink()
+    )
+    for folder in unfinished:
+        shutil.rmtree(folder)
+    return unfinished
 
 
 def prepare_temp(output_dir: str | Path, step: int) -> Path:

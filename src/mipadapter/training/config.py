@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mipadapter.config import TEXT_WEIGHT_INITS, MergeRule
+from mipadapter.limits import MAX_TRAINING_SIDE, Limits
 from mipadapter.object_filters import ObjectFilterConfig
 
 ARCHS = ("auto", "sdxl", "sd15")
@@ -33,10 +35,24 @@ PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 EXPORT_FORMATS = ("mipadapter", "authors", "diffusers")
 TRAIN_RULES = (MergeRule.OFFICIAL.value, MergeRule.PAPER.value)
+# upper bounds of counts no machine needs more of: a typo (an extra 0, a seed pasted twice) is refused
+# before any model loads instead of failing hours in
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch generators take the seed times a small factor
+MAX_STEPS = 99_999_999  # checkpoint folders carry the step in 8 digits
+MAX_BATCH_SIZE = 4096
+MAX_WORKERS = 256
+MAX_VIEWS = 64
+MAX_SUBJECTS = 64
+MAX_TOKENS = 1024
 
 
 class ConfigError(ValueError):
-    """A configuration file or value that does not fit `TrainConfig`; the message names the key."""
+    """A configuration file or value that does not fit `TrainConfig`; the message names the key (also in
+    ``key`` when one key is at fault)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -123,7 +139,9 @@ class DataConfig:
     every detected box when one can, else the centre square is taken and the post-crop filter decides
     which subjects remain) or ``subjects`` (the square holds the chosen subjects; the lowest-ranked are
     dropped until one does). crop_coords: SDXL's crop offset in the frame of the stored image (``authors``,
-    as their time ids) or of the image resized to the training size (``resized``).
+    as their time ids) or of the image resized to the training size (``resized``). warn_skipped_share:
+    the end of indexing prints the skipped images by reason on stderr, with a warning when more than
+    this share of the images was skipped (0.1: one in ten).
     """
 
     root: str
@@ -141,6 +159,7 @@ class DataConfig:
     num_workers: int = 4
     scan_workers: int = 8
     limit: int | None = None
+    warn_skipped_share: float = 0.1
     filters: FilterConfig = field(default_factory=FilterConfig)
 
 
@@ -259,7 +278,11 @@ class TrainConfig:
 
 def _check(condition: bool, key: str, value: Any, want: str) -> None:
     if not condition:
-        raise ConfigError(f"{key} must be {want}, got {value!r}")
+        raise ConfigError(f"{key} must be {want}, got {value!r}", key)
+
+
+def _in_range(value: Any, low: float, high: float, key: str) -> None:
+    _check(value is not None and low <= value <= high, key, value, f"in [{low}, {high}]")
 
 
 def validate(config: TrainConfig) -> None:
@@ -267,7 +290,7 @@ def validate(config: TrainConfig) -> None:
     m, d, o, r = config.model, config.data, config.optim, config.run
     _check(m.arch in ARCHS, "model.arch", m.arch, f"one of {ARCHS}")
     _check(m.projection in PROJECTIONS, "model.projection", m.projection, f"one of {PROJECTIONS}")
-    _check(m.num_tokens >= 1, "model.num_tokens", m.num_tokens, ">= 1")
+    _in_range(m.num_tokens, 1, MAX_TOKENS, "model.num_tokens")
     _check(
         m.text_weight_init in TEXT_WEIGHT_INITS, "model.text_weight_init", m.text_weight_init, f"one of {TEXT_WEIGHT_INITS}"
     )
@@ -277,9 +300,15 @@ def validate(config: TrainConfig) -> None:
             "set model.train_image_proj: true (or give an IP-Adapter checkpoint as model.adapter_init)"
         )
     _check(d.format in DATA_FORMATS, "data.format", d.format, f"one of {DATA_FORMATS}")
-    _check(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", d.resolution, "a multiple of 8")
+    _check(
+        8 <= d.resolution <= MAX_TRAINING_SIDE and d.resolution % 8 == 0,
+        "data.resolution",
+        d.resolution,
+        f"a multiple of 8 in [8, {MAX_TRAINING_SIDE}]",
+    )
+    _in_range(d.max_subjects, 1, MAX_SUBJECTS, "data.max_subjects")
     _check(1 <= d.min_subjects <= d.max_subjects, "data.min_subjects", d.min_subjects, "in [1, max_subjects]")
-    _check(d.views >= 1, "data.views", d.views, ">= 1")
+    _in_range(d.views, 1, MAX_VIEWS, "data.views")
     _check(0.0 < d.view_min_scale <= 1.0, "data.view_min_scale", d.view_min_scale, "in (0, 1]")
     _check(d.crop in CROPS, "data.crop", d.crop, f"one of {CROPS}")
     _check(d.crop_coords in CROP_COORDS, "data.crop_coords", d.crop_coords, f"one of {CROP_COORDS}")
@@ -290,8 +319,10 @@ def validate(config: TrainConfig) -> None:
         f"one of {DUPLICATE_NAMES}",
     )
     _check(0.0 <= d.flip_prob <= 1.0, "data.flip_prob", d.flip_prob, "in [0, 1]")
-    _check(d.num_workers >= 0 and d.scan_workers >= 1, "data.num_workers", d.num_workers, ">= 0")
+    _in_range(d.num_workers, 0, MAX_WORKERS, "data.num_workers")
+    _in_range(d.scan_workers, 1, MAX_WORKERS, "data.scan_workers")
     _check(d.limit is None or d.limit >= 1, "data.limit", d.limit, "None or >= 1")
+    _in_range(d.warn_skipped_share, 0.0, 1.0, "data.warn_skipped_share")
     _check(
         0.0 <= d.filters.min_mask_fill <= 1.0,
         "data.filters.min_mask_fill",
@@ -313,28 +344,36 @@ def validate(config: TrainConfig) -> None:
         o.unet_precision,
         f"one of {UNET_PRECISIONS}",
     )
-    for name in ("learning_rate", "adam_epsilon"):
-        _check(getattr(o, name) > 0, f"optim.{name}", getattr(o, name), "> 0")
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
-        _check(getattr(o, name) >= 1, f"optim.{name}", getattr(o, name), ">= 1")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _check(0 < o.learning_rate <= 1, "optim.learning_rate", o.learning_rate, "in (0, 1]")
+    _check(0 < o.adam_epsilon <= 1, "optim.adam_epsilon", o.adam_epsilon, "in (0, 1]")
+    _in_range(o.weight_decay, 0.0, 1.0, "optim.weight_decay")
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(o, name) < 1, f"optim.{name}", getattr(o, name), "in [0, 1)")
+    _in_range(o.max_steps, 1, MAX_STEPS, "optim.max_steps")
+    _in_range(o.batch_size, 1, MAX_BATCH_SIZE, "optim.batch_size")
+    _in_range(o.gradient_accumulation_steps, 1, MAX_BATCH_SIZE, "optim.gradient_accumulation_steps")
+    _in_range(o.warmup_steps, 0, o.max_steps, "optim.warmup_steps")
     _check(
         o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", o.max_grad_norm, "None or > 0"
     )
+    for name in ("drop_text", "drop_image", "drop_both"):
+        _in_range(getattr(o, name), 0.0, 1.0, f"optim.{name}")
     drops = (o.drop_text, o.drop_image, o.drop_both)
-    _check(
-        all(p >= 0 for p in drops) and sum(drops) <= 1,
-        "optim.drop_text/drop_image/drop_both",
-        drops,
-        "non-negative with a sum <= 1",
-    )
+    _check(sum(drops) <= 1, "optim.drop_text/drop_image/drop_both", drops, "probabilities with a sum <= 1")
+    _in_range(o.noise_offset, 0.0, 1.0, "optim.noise_offset")
+    _in_range(o.seed, 0, MAX_SEED, "optim.seed")
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", r.checkpoint_every, ">= 1")
     _check(r.keep_last >= 1, "run.keep_last", r.keep_last, ">= 1")
     _check(r.log_every >= 1, "run.log_every", r.log_every, ">= 1")
     v = config.validation
     _check(v.every >= 0, "validation.every", v.every, ">= 0")
     if v.every and not v.prompts:
-        raise ConfigError("validation.every is set but validation.prompts is empty")
+        raise ConfigError("validation.every is set but validation.prompts is empty", "validation.prompts")
+    caps = Limits()  # the generation caps every command shares
+    _in_range(v.num_inference_steps, 1, caps.max_steps, "validation.num_inference_steps")
+    _in_range(v.guidance_scale, 0.0, caps.max_guidance, "validation.guidance_scale")
+    _in_range(v.scale, 0.0, 10.0, "validation.scale")
+    _in_range(v.seed, 0, MAX_SEED, "validation.seed")
     for f in config.export.formats:
         _check(f in EXPORT_FORMATS, "export.formats", f, f"one of {EXPORT_FORMATS}")
     _check(config.export.dtype in ("fp16", "fp32"), "export.dtype", config.export.dtype, "fp16 or fp32")
@@ -364,27 +403,34 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, option, key)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {options}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {options}", key)
     if _is_dataclass_type(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key} must be a table of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key} must be a table of {tp.__name__} fields, got {value!r}", key)
         return build(tp, value, key)
     if origin is tuple:
         if not isinstance(value, Sequence) or isinstance(value, str):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {value!r}", key)
         (item,) = typing.get_args(tp)[:1]
         return tuple(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key} must be a number, got {value!r}", key)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            message = f"{key} must be a finite number, got an integer beyond any float"
+            raise ConfigError(message, key) from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}", key)
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+            raise ConfigError(f"{key} must be an integer, got {value!r}", key)
         return value
     if tp in (str, bool):
         if not isinstance(value, tp):
-            raise ConfigError(f"{key} must be a {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{key} must be a {tp.__name__}, got {value!r}", key)
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
@@ -421,7 +467,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a table")
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a table", dotted)
     node[keys[-1]] = value
 
 
@@ -444,16 +490,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    elif suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    else:
+    if suffix not in (".yaml", ".yml", ".toml"):
         raise ConfigError(f"config file {path.name!r}: use .yaml, .yml or .toml")
+    import tomllib
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as error:  # TOML errors and int digit limits too
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {reason}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a table at the top level")
     return data
@@ -467,5 +514,14 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[tuple[str, Any
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML/TOML training config, apply ``KEY=VALUE`` overrides, and check it."""
-    return config_from_dict(read_config_file(path), parse_overrides(overrides))
+    """Read a YAML/TOML training config, apply ``KEY=VALUE`` overrides, and check it. An error names
+    where the bad value came from: the file, or ``--set KEY`` when an override set that key."""
+    pairs = parse_overrides(overrides)
+    try:
+        return config_from_dict(read_config_file(path), pairs)
+    except ConfigError as error:
+        if str(error).startswith("config file "):
+            raise
+        overridden = error.key in {key for key, _ in pairs}
+        source = f"--set {error.key}" if overridden else f"config file {str(path)!r}"
+        raise ConfigError(f"{source}: {error}", error.key) from None

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mipadapter.fileio import atomic_write_text
+from mipadapter.fileio import atomic_write_text, remove_stale_temps
 from mipadapter.manifest import read_manifest, write_manifest
 from mipadapter.training import checkpointing as ckpt
 from mipadapter.training.batching import (
@@ -58,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # data settings that change what a run trains on (worker counts do not)
-_DATA_KEYS_IGNORED = ("num_workers", "scan_workers")
+_DATA_KEYS_IGNORED = ("num_workers", "scan_workers", "warn_skipped_share")
 
 
 @dataclass
@@ -117,14 +118,29 @@ def prepare_index(config: TrainConfig, write: bool) -> list:
     else:
         keys, read = manifest_candidates(d.root)
     records, report = build_index(keys, read, subject_rules(config), workers=d.scan_workers, limit=d.limit)
-    logger.info("training data: %s", report.summary())
-    if write:
+    if write:  # the main process builds the index; the others read what it wrote
+        for line in report.lines(d.warn_skipped_share):
+            print(line, file=sys.stderr)
         write_manifest(records, index_path)
         atomic_write_text(report_path, json.dumps({**report.to_dict(), "data_config": fingerprint}, indent=2))
     return records
 
 
 # --- resume -------------------------------------------------------------------------------------------
+
+
+def remove_leftovers(output_dir: str | Path) -> list[Path]:
+    """What a run killed while writing left in its folder: the temporary files of interrupted atomic
+    writes (config, index, logs, exports, checkpoints, validation images) and unfinished checkpoint
+    folders. Run by the main process at the start of ``train``, before anything writes there."""
+    root = Path(output_dir)
+    folders = [root, root / "data", root / "logs", root / "export"]
+    for parent in (ckpt.checkpoint_root(root), root / "validation"):
+        if parent.is_dir():
+            folders += sorted(p for p in parent.iterdir() if p.is_dir() and not p.is_symlink())
+    removed = [path for folder in folders for path in remove_stale_temps(folder)]
+    return removed + ckpt.remove_unfinished(root)
+
 
 
 def resume_source(config: TrainConfig) -> Path | None:
@@ -196,6 +212,8 @@ def train(
     device = accelerator.device
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_leftovers(output_dir):
+            logger.info("removed %s, left by an interrupted write", path)
         atomic_write_text(output_dir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True))
     source = resume_source(config)
     _seed_everything(o.seed + rank)
@@ -437,7 +455,8 @@ def train(
                 adapter, output_dir / "export", config.export.formats, config.export.dtype
             )
             if skipped:
-                logger.info("samples skipped while training: %s", dict(skipped))
+                counts = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+                print(f"training samples skipped: {counts}", file=sys.stderr)
         accelerator.wait_for_everyone()
     finally:
         adapter.detach()

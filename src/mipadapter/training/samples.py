@@ -21,22 +21,26 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from mipadapter.manifest import ImageRecord
 from mipadapter.training.sources import (
+    CHANGED_SINCE_INDEX,
     EMPTY_MASK,
     NO_VALID_OBJECT,
+    UNEXPECTED_ERROR,
     UNREADABLE_IMAGE,
     DataError,
+    LabelMaps,
     SubjectRules,
     authors_crop,
     crop_range,
     final_subjects,
+    image_size,
     int_box,
-    load_label_map,
     object_mask,
 )
 
@@ -93,12 +97,21 @@ class SkippedSample:
     message: str
 
 
-def _load_rgb(path: str) -> np.ndarray:
+def _load_rgb(record: ImageRecord) -> np.ndarray:
+    """The record's image [H, W, 3] uint8, measured from its header first (`sources.image_size`: missing,
+    over the pixel limit, unreadable) and refused when it is not the size it was indexed at."""
     from mipadapter.photos import PhotoError, open_photo
 
+    path = record.image
+    size = image_size(Path(path), record.id)
+    if size != (record.width, record.height):
+        raise DataError(
+            CHANGED_SINCE_INDEX,
+            f"{path} is {size[0]}×{size[1]} but was indexed as {record.width}×{record.height}",
+        )
     try:
         return np.array(open_photo(path, "training image"))
-    except (PhotoError, OSError) as error:
+    except (PhotoError, OSError) as error:  # pixel data that does not decode behind a good header
         raise DataError(UNREADABLE_IMAGE, f"{path}: not a readable image ({error})") from None
 
 
@@ -209,25 +222,13 @@ def build_sample(
     record: ImageRecord, index: int, rng: random.Random, settings: SampleSettings
 ) -> TrainSample:
     """Build the sample of an indexed record (subject candidates chosen by `choose_subjects`)."""
-    image = _load_rgb(record.image)
+    image = _load_rgb(record)
     height, width = image.shape[:2]
-    if (width, height) != (record.width, record.height):
-        raise DataError(
-            UNREADABLE_IMAGE,
-            f"{record.image} is {width}x{height} but was indexed as {record.width}x{record.height}",
-        )
     left, top, offset, subjects = crop_and_subjects(record, width, height, rng, settings)
-    label_maps: dict[str, np.ndarray] = {}
+    label_maps = LabelMaps((width, height))  # each mask's header checked against the image first
     references = []
     for obj in subjects:  # 1-N subjects per image, in the data loader's worker
-        if obj.mask not in label_maps:
-            label_maps[obj.mask] = load_label_map(obj.mask)
-        labels = label_maps[obj.mask]
-        if labels.shape != (height, width):
-            raise DataError(
-                UNREADABLE_IMAGE, f"{obj.mask} is {labels.shape[::-1]}, its image {width}x{height}"
-            )
-        mask = object_mask(labels, obj.mask_label)
+        mask = object_mask(label_maps(obj.mask), obj.mask_label)
         if not mask.any():
             raise DataError(EMPTY_MASK, f"{record.id}: the mask of {obj.name!r} is empty")
         square = segment_square(image, mask, obj.box)
@@ -273,3 +274,5 @@ def safe_build_sample(
         return build_sample(record, index, random.Random(seed), settings)
     except DataError as error:
         return SkippedSample(index, error.reason, str(error))
+    except Exception as error:  # one sample never stops a run: the batch drops it and counts it
+        return SkippedSample(index, UNEXPECTED_ERROR, f"{record.id}: {type(error).__name__}: {error}")

@@ -2,7 +2,9 @@
 then filtered into a training index (the chosen subjects of each usable image).
 
 Bad data never stops a run and is never retried: each image that cannot be used is skipped and counted
-under one reason (`SKIP_REASONS`); only an index with no usable image at all is an error.
+under one reason (`SKIP_REASONS`); only an index with no usable image at all is an error. Images and
+masks are measured from their headers before anything is decoded (`mipadapter.limits.header_size`), and
+label maps keep the PNG's own integer type, so a scan thread holds at most a bounded number of pixels.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import io
 import json
 import math
 import pickle
-from collections import Counter
+import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -19,16 +22,44 @@ from pathlib import Path
 
 import numpy as np
 
+from mipadapter.limits import DEFAULT_MAX_PIXELS, MAX_RECORDED_SIDE, PixelLimitError, header_size
 from mipadapter.manifest import Box, ImageRecord, ManifestError, ObjectRecord, record_from_dict
-from mipadapter.object_filters import ObjectFilterConfig, select_objects
+from mipadapter.object_filters import ObjectFilterConfig, box_inside_image, select_objects
 
-MISSING_FILE = "missing_file"
-CORRUPT_JSON = "corrupt_json"
+MISSING_JSON = "missing_json"
+MISSING_IMAGE = "missing_image"
+MISSING_MASK = "missing_mask"
+CORRUPT_JSON = "corrupt_json"  # not JSON at all
+BAD_FIELD = "bad_field"  # JSON, but a field of the wrong type or out of range
 UNREADABLE_IMAGE = "unreadable_image"
+UNREADABLE_MASK = "unreadable_mask"
+TOO_MANY_PIXELS = "too_many_pixels"  # the image or mask header declares more than the pixel limit
+MASK_SIZE_MISMATCH = "mask_size_mismatch"
+BOX_OUTSIDE_IMAGE = "box_outside_image"
+CHANGED_SINCE_INDEX = "changed_since_index"  # training time: the image is not the one that was indexed
 NO_VALID_OBJECT = "no_valid_object"
 EMPTY_MASK = "empty_mask"
 DUPLICATE_NAMES = "duplicate_names"
-SKIP_REASONS = (MISSING_FILE, CORRUPT_JSON, UNREADABLE_IMAGE, NO_VALID_OBJECT, EMPTY_MASK, DUPLICATE_NAMES)
+UNEXPECTED_ERROR = "unexpected_error"  # any other failure of one sample (its message is kept)
+SKIP_REASONS = (
+    MISSING_JSON,
+    MISSING_IMAGE,
+    MISSING_MASK,
+    CORRUPT_JSON,
+    BAD_FIELD,
+    UNREADABLE_IMAGE,
+    UNREADABLE_MASK,
+    TOO_MANY_PIXELS,
+    MASK_SIZE_MISMATCH,
+    BOX_OUTSIDE_IMAGE,
+    CHANGED_SINCE_INDEX,
+    NO_VALID_OBJECT,
+    EMPTY_MASK,
+    DUPLICATE_NAMES,
+    UNEXPECTED_ERROR,
+)
+LABEL_MAP_BUDGET = DEFAULT_MAX_PIXELS  # bytes of label maps one image's scan keeps decoded at once
+EXAMPLE_CHARS = 160  # the example message of a reason printed at the end of indexing, cut to this
 
 # object-level reasons added to those of `mipadapter.object_filters`
 OBJECT_EMPTY_MASK = "empty_mask"
@@ -90,6 +121,23 @@ class ScanReport:
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
         return f"{self.kept} of {self.total} images usable; skipped: {skipped}"
 
+    def lines(self, warn_share: float) -> list[str]:
+        """What the end of indexing prints on stderr: the kept count, one short line per skip reason
+        (count and the first message seen), and a warning when more than ``warn_share`` was skipped."""
+        out = [f"training data: {self.kept} of {self.total} images usable"]
+        for reason, count in sorted(self.skipped.items()):
+            example = self.examples.get(reason, "")
+            if len(example) > EXAMPLE_CHARS:
+                example = example[: EXAMPLE_CHARS - 1] + "…"
+            out.append(f"  skipped {count}: {reason} (e.g. {example})")
+        skipped = self.total - self.kept
+        if self.total and skipped / self.total > warn_share:
+            out.append(
+                f"warning: {skipped} of {self.total} training images ({skipped / self.total:.0%}) were "
+                f"skipped, more than data.warn_skipped_share ({warn_share:g}): check the reasons above"
+            )
+        return out
+
 
 # --- id lists ----------------------------------------------------------------------------------------
 
@@ -122,15 +170,92 @@ def read_ids(path: str | Path) -> list[str]:
 # --- readers ------------------------------------------------------------------------------------------
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path, source: str) -> tuple[int, int]:
     """(width, height) of the photo as `mipadapter.photos.open_photo` will give it (EXIF turn applied),
-    from its header alone."""
+    from its header alone; raises `DataError` (missing, over the pixel limit, unreadable)."""
     from mipadapter.photos import PhotoError, upright_size
 
     try:
+        header_size(path, f"image {path}")
         return upright_size(path, "training image")
+    except FileNotFoundError:
+        raise DataError(MISSING_IMAGE, f"{source}: image {path} does not exist") from None
+    except PixelLimitError as error:
+        raise DataError(TOO_MANY_PIXELS, f"{source}: {error}") from None
     except (PhotoError, OSError) as error:
-        raise DataError(UNREADABLE_IMAGE, f"{path}: not a readable image ({error})") from None
+        raise DataError(UNREADABLE_IMAGE, f"{source}: {path} is not a readable image ({error})") from None
+
+
+def _bad_field(source: str, message: str) -> DataError:
+    return DataError(BAD_FIELD, f"{source}: {message}")
+
+
+def _finite_number(value, source: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad_field(source, f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_original_size(value, source: str) -> tuple[int, int] | None:
+    """A recorded ``original_size`` [W, H]: None, or two whole numbers in [1, MAX_RECORDED_SIDE]."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise _bad_field(source, f"'original_size' must be [width, height], got {value!r}")
+    sides = [_finite_number(v, source, "'original_size'") for v in value]
+    if not all(side == int(side) and 1 <= side <= MAX_RECORDED_SIDE for side in sides):
+        raise _bad_field(
+            source, f"'original_size' sides must be whole numbers in [1, {MAX_RECORDED_SIDE}], got {value!r}"
+        )
+    return int(sides[0]), int(sides[1])
+
+
+def _authors_fields(data, source: str, mask: str) -> tuple[str, tuple[ObjectRecord, ...], tuple | None]:
+    """(caption, boxed objects, original size) of one authors' JSON; `DataError` ``bad_field`` naming the
+    field. Entries without a box (the background) are not objects."""
+    if not isinstance(data, dict):
+        raise _bad_field(source, f"the JSON must be an object, got {type(data).__name__}")
+    caption = data.get("text")
+    if not isinstance(caption, str):
+        raise _bad_field(source, f"'text' must be a string, got {caption!r}")
+    entries = data.get("final_masks", [])
+    if not isinstance(entries, list):
+        raise _bad_field(source, f"'final_masks' must be a list, got {type(entries).__name__}")
+    objects = []
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "box" not in entry:
+            continue
+        where = f"'final_masks[{number}]'"
+        box = entry["box"]
+        if not isinstance(box, list) or len(box) != 4:
+            raise _bad_field(source, f"{where}.box must be [x1, y1, x2, y2], got {box!r}")
+        label = entry.get("label")
+        if not isinstance(label, str):
+            raise _bad_field(source, f"{where}.label must be a string, got {label!r}")
+        try:
+            obj = ObjectRecord(
+                name=label,
+                box=tuple(_finite_number(v, source, f"{where}.box") for v in box),
+                score=_finite_number(entry.get("logit"), source, f"{where}.logit"),
+                mask=mask,
+            )
+        except DataError:
+            raise
+        except ValueError as error:
+            raise _bad_field(source, f"{where}: {error}") from None
+        objects.append(obj)
+    return caption, tuple(objects), check_original_size(data.get("original_size"), source)
+
+
+def _check_boxes(record: ImageRecord, source: str) -> None:
+    for obj in record.objects:
+        if not box_inside_image(obj.box, record.width, record.height):
+            box = "[" + ", ".join(f"{v:g}" for v in obj.box) + "]"
+            raise DataError(
+                BOX_OUTSIDE_IMAGE,
+                f"{source}: the box {box} of {obj.name!r} lies outside the "
+                f"{record.width}×{record.height} image",
+            )
 
 
 def read_authors_candidate(root: Path, image_id: str) -> Candidate:
@@ -141,25 +266,16 @@ def read_authors_candidate(root: Path, image_id: str) -> Candidate:
     image_path = root / "images" / f"{image_id}.png"
     mask_path = root / "masks" / f"{image_id}.png"
     try:
-        for path in (json_path, image_path, mask_path):
+        files = ((json_path, MISSING_JSON), (image_path, MISSING_IMAGE), (mask_path, MISSING_MASK))
+        for path, reason in files:
             if not path.is_file():
-                raise DataError(MISSING_FILE, f"{image_id}: {path} does not exist")
+                raise DataError(reason, f"{image_id}: {path} does not exist")
         try:
             data = json.loads(json_path.read_text(encoding="utf-8"))
-            entries = [e for e in data.get("final_masks", []) if "box" in e]
-            objects = tuple(
-                ObjectRecord(
-                    name=str(e["label"]), box=tuple(e["box"]), score=float(e["logit"]), mask=str(mask_path)
-                )
-                for e in entries
-            )
-            original = data.get("original_size")
-            caption = data["text"]
-            if not isinstance(caption, str):
-                raise TypeError(f"'text' is {type(caption).__name__}, not a string")
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
+        except (ValueError, OSError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
             raise DataError(CORRUPT_JSON, f"{json_path}: {type(error).__name__}: {error}") from None
-        width, height = _image_size(image_path)
+        caption, objects, original = _authors_fields(data, str(json_path), str(mask_path))
+        width, height = image_size(image_path, image_id)
         record = ImageRecord(
             id=image_id,
             image=str(image_path),
@@ -167,8 +283,9 @@ def read_authors_candidate(root: Path, image_id: str) -> Candidate:
             height=height,
             caption=caption,
             objects=objects,
-            original_size=tuple(original) if original else None,
+            original_size=original,
         )
+        _check_boxes(record, image_id)
         return Candidate(image_id, record, label_map=True)
     except DataError as error:
         return Candidate(image_id, None, error)
@@ -191,27 +308,33 @@ def manifest_candidates(path: str | Path) -> tuple[list[str], Callable[[str], Ca
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
     folder = path.resolve().parent
-    lines = [
-        (n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()
-    ]
+    # bytes: a line that is not UTF-8 is that line's failure (corrupt_json), not the whole manifest's
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
     by_key = {f"{path.name} line {n}": line for n, line in lines}
 
     def read(key: str) -> Candidate:
         try:
             try:
-                record = record_from_dict(json.loads(by_key[key]), key)
-            except (json.JSONDecodeError, ManifestError) as error:
-                raise DataError(CORRUPT_JSON, f"{key}: {error}") from None
+                data = json.loads(by_key[key].decode("utf-8"))
+            except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, or nested too deep
+                raise DataError(CORRUPT_JSON, f"{key}: {type(error).__name__}: {error}") from None
+            try:
+                record = record_from_dict(data, key)
+            except ManifestError as error:
+                raise DataError(BAD_FIELD, str(error)) from None
+            check_original_size(record.original_size, key)
             image = folder / record.image
             if not image.is_file():
-                raise DataError(MISSING_FILE, f"{key}: image {image} does not exist")
+                raise DataError(MISSING_IMAGE, f"{key}: image {image} does not exist")
             objects = []
             for obj in record.objects:
                 mask = str(folder / obj.mask) if obj.mask is not None else None
                 if mask is not None and not Path(mask).is_file():
-                    raise DataError(MISSING_FILE, f"{key}: mask {mask} of {obj.name!r} does not exist")
+                    raise DataError(MISSING_MASK, f"{key}: mask {mask} of {obj.name!r} does not exist")
                 objects.append(replace(obj, mask=mask))
-            width, height = _image_size(image)
+            # boxes are in the recorded frame: checked there, then scaled to the image as stored now
+            _check_boxes(record, key)
+            width, height = image_size(image, key)
             scale_x, scale_y = width / record.width, height / record.height
             if (width, height) != (record.width, record.height):  # boxes refer to the recorded size
                 objects = [
@@ -232,18 +355,63 @@ def manifest_candidates(path: str | Path) -> tuple[list[str], Callable[[str], Ca
 # --- masks and choosing subjects ----------------------------------------------------------------------
 
 
-def load_label_map(path: str | Path) -> np.ndarray:
-    """A mask PNG as a 2-D integer array [H, W] (binary masks: 0 / non-zero; label maps: labels)."""
+def load_label_map(
+    path: str | Path, size: tuple[int, int] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """A mask PNG as a 2-D integer array [H, W] in the file's own integer type (binary masks: 0 /
+    non-zero; label maps: labels; a colour mask: 1 where any channel is set).
+
+    The header is read first: a missing file, one above ``max_pixels`` or (with ``size``, the image's
+    (width, height)) of another size than its image raises `DataError` before a pixel is decoded."""
     from PIL import Image
 
+    what = f"mask {path}"
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image)
+        stored = header_size(path, what, max_pixels)
+    except FileNotFoundError:
+        raise DataError(MISSING_MASK, f"{what} does not exist") from None
+    except PixelLimitError as error:
+        raise DataError(TOO_MANY_PIXELS, str(error)) from None
     except OSError as error:
-        raise DataError(UNREADABLE_IMAGE, f"{path}: not a readable mask ({error})") from None
+        raise DataError(UNREADABLE_MASK, f"{what} is not a readable image ({error})") from None
+    if size is not None and stored != tuple(size):
+        raise DataError(
+            MASK_SIZE_MISMATCH, f"{what} is {stored[0]}×{stored[1]}, its image {size[0]}×{size[1]}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the header check decided
+            with Image.open(path) as image:
+                array = np.asarray(image)
+    except OSError as error:  # truncated or corrupt pixel data
+        raise DataError(UNREADABLE_MASK, f"{what} cannot be decoded ({error})") from None
     if array.ndim == 3:  # a colour PNG of a binary mask: any non-zero channel is the object
-        array = array.any(axis=-1).astype(np.uint8)
-    return array.astype(np.int64, copy=False)
+        array = array.any(axis=-1)
+    if array.dtype == np.bool_:  # not a view: Pillow's mode "1" arrays hold 255 behind True
+        array = array.astype(np.uint8)
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise DataError(UNREADABLE_MASK, f"{what} holds {array.dtype} pixels, not integer labels")
+    return array
+
+
+class LabelMaps:
+    """The label maps of one image's objects, each decoded once while it fits: at most ``budget`` bytes
+    are kept (the least recently used dropped first, the newest always kept), so one scan thread or data
+    loader worker holds a bounded amount whatever a record lists. size: the image's (width, height)."""
+
+    def __init__(self, size: tuple[int, int] | None, budget: int = LABEL_MAP_BUDGET) -> None:
+        self.size, self.budget = size, budget
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __call__(self, path: str) -> np.ndarray:
+        if path in self._maps:
+            self._maps.move_to_end(path)
+            return self._maps[path]
+        array = load_label_map(path, self.size)
+        self._maps[path] = array
+        while len(self._maps) > 1 and sum(a.nbytes for a in self._maps.values()) > self.budget:
+            self._maps.popitem(last=False)
+        return array
 
 
 def int_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
@@ -417,14 +585,10 @@ def choose_subjects(
     ``rejected``. label_map: objects without a ``mask_label`` take the most frequent non-zero label inside
     their box (the authors' label maps); otherwise a mask without a label is binary.
     """
-    label_maps: dict[str, np.ndarray] = {}
+    label_maps = LabelMaps((record.width, record.height))
 
     def labels_of(obj: ObjectRecord) -> np.ndarray | None:
-        if obj.mask is None:
-            return None
-        if obj.mask not in label_maps:
-            label_maps[obj.mask] = load_label_map(obj.mask)
-        return label_maps[obj.mask]
+        return label_maps(obj.mask) if obj.mask is not None else None
 
     def accept(obj: ObjectRecord) -> str | None:
         labels = labels_of(obj)
@@ -516,13 +680,15 @@ def build_index(
 
     def one(key: str) -> tuple[ImageRecord | None, DataError | None, Counter]:
         rejected: Counter = Counter()
-        candidate = read(key)
-        if candidate.error is not None:
-            return None, candidate.error, rejected
         try:
+            candidate = read(key)
+            if candidate.error is not None:
+                return None, candidate.error, rejected
             return choose_subjects(candidate.record, rules, rejected, candidate.label_map), None, rejected
         except DataError as error:
             return None, error, rejected
+        except Exception as error:  # one sample never stops the scan: counted, its message kept
+            return None, DataError(UNEXPECTED_ERROR, f"{key}: {type(error).__name__}: {error}"), rejected
 
     records: list[ImageRecord] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
