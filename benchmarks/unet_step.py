@@ -668,16 +668,15 @@ def bench_for(args: argparse.Namespace, benches: dict | None) -> Bench:
     return bench
 
 
-def compiled(unet: nn.Module, backend: str) -> nn.Module:
-    """``torch.compile`` of the UNet with every variant its own static graph (other processors, other
-    inputs): recompilation limits raised so none falls back to eager, shapes never made dynamic."""
+def static_graphs() -> contextlib.AbstractContextManager:
+    """Dynamo settings under which every variant is its own static graph (other processors, other inputs):
+    recompilation limits raised so none falls back to eager, shapes never made dynamic. A context, so the
+    process's settings come back afterwards."""
     import torch._dynamo as dynamo
 
-    for option in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo.config, option):
-            setattr(dynamo.config, option, max(getattr(dynamo.config, option), 128))
-    dynamo.config.automatic_dynamic_shapes = False
-    return torch.compile(unet, backend=backend)
+    options = {option: max(getattr(dynamo.config, option), 128)
+               for option in ("recompile_limit", "cache_size_limit") if hasattr(dynamo.config, option)}
+    return dynamo.config.patch(automatic_dynamic_shapes=False, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -736,56 +735,41 @@ def run(argv: Sequence[str] | None = None, *, benches: dict | None = None, deadl
             return _finish(result, args, log)
 
     unet = bench.unet
+    compiling = contextlib.ExitStack()
     if args.compile:
-        unet = compiled(bench.unet, args.compile_backend)
+        import torch._dynamo as dynamo
+
+        compiling.enter_context(static_graphs())
+        compiling.callback(dynamo.reset)  # drop the graphs and their guards when done
+        unet = torch.compile(bench.unet, backend=args.compile_backend)
         # one warm-up round compiles every variant's graph (ours: one per rule and subject count)
         args.warmup = max(args.warmup, 1)
         result["settings"]["warmup"] = args.warmup
 
     result["inference"] = {}
-    if not args.no_inference:
-        variants = inference_variants(subjects, rules, authors=not args.no_authors, masked=not args.no_masked)
-        conds = {(v.subjects, v.rule): bench.conditioning(x, v.subjects, v.rule) for v in variants if v.kind == "ours"}
+    with compiling:
+        if not args.no_inference:
+            inference(args, bench, x, unet, deadline, result, log)
 
-        def inference_step(variant: Variant):
-            cond = conds.get((variant.subjects, variant.rule))
-
-            def run_step():
-                with torch.no_grad():
-                    return bench.forward(variant, x, cond, unet)
-
-            return run_step
-
-        log(f"inference: {len(variants)} variants, {size}² batch {args.batch}, {args.warmup} warm-up + "
-            f"{args.repeats} timed rounds …")
-        graphs_before = unique_graphs() if args.compile else 0
-        run_interleaved(bench, variants, inference_step, args.warmup, args.repeats, log, args.timer, deadline)
-        result["inference"] = summarise(variants)
-        if args.compile:  # one graph per variant: a variant that recompiles shows as more
-            result["graphs"] = {"compiled": unique_graphs() - graphs_before, "variants": len(variants)}
-            log(f"compiled graphs: {result['graphs']['compiled']} for {len(variants)} variants")
-        log(format_table(f"\ninference step ({args.config}, {size}², batch {args.batch}, "
-                         f"{result['settings']['dtype']}, {device}, {result['settings']['timer']})", result["inference"]))
-
-    result["training"] = {}
-    if not args.no_train:
-        n = args.train_subjects
-        tx = bench.inputs(args.train_batch, train_size, n, seed=2)
-        train_variants = training_variants(n, authors=not args.no_authors)
-        for param in bench.adapter_params:
-            param.requires_grad_(True)
-        try:
-            log(f"training: {len(train_variants)} variants, {train_size}² batch {args.train_batch} …")
-            run_interleaved(bench, train_variants, lambda v: (lambda: bench.train_step(v, tx, unet)),
-                            args.warmup, args.repeats, log, args.timer, deadline)
-        finally:
+        result["training"] = {}
+        if not args.no_train:
+            n = args.train_subjects
+            tx = bench.inputs(args.train_batch, train_size, n, seed=2)
+            train_variants = training_variants(n, authors=not args.no_authors)
             for param in bench.adapter_params:
-                param.requires_grad_(False)
-                param.grad = None
-        result["training"] = summarise(train_variants)
-        log(format_table(f"\ntraining step (forward + backward; {train_size}², batch {args.train_batch}, "
-                         f"{result['settings']['timer']})",
-                         result["training"]))
+                param.requires_grad_(True)
+            try:
+                log(f"training: {len(train_variants)} variants, {train_size}² batch {args.train_batch} …")
+                run_interleaved(bench, train_variants, lambda v: (lambda: bench.train_step(v, tx, unet)),
+                                args.warmup, args.repeats, log, args.timer, deadline)
+            finally:
+                for param in bench.adapter_params:
+                    param.requires_grad_(False)
+                    param.grad = None
+            result["training"] = summarise(train_variants)
+            log(format_table(f"\ntraining step (forward + backward; {train_size}², batch {args.train_batch}, "
+                             f"{result['settings']['timer']})",
+                             result["training"]))
     if device.type != "cuda":
         result["memory_note"] = "peak memory is measured on CUDA only (torch.cuda.max_memory_allocated)"
 
@@ -805,6 +789,35 @@ def run(argv: Sequence[str] | None = None, *, benches: dict | None = None, deadl
         verdict = {True: "met", False: "MISSED", None: "n/a"}[check["met"]]
         log(f"  {check['target']}: {shown} (limit {check['limit']}) {verdict}")
     return _finish(result, args, log)
+
+
+def inference(args: argparse.Namespace, bench: Bench, x: dict, unet: nn.Module, deadline: float | None,
+              result: dict, log: Callable[[str], None]) -> None:
+    """Time the inference step's variants into ``result["inference"]`` (and, compiled, the graph count)."""
+    size, device = args.size, bench.device
+    variants = inference_variants(args.subjects, args.rules, authors=not args.no_authors, masked=not args.no_masked)
+    conds = {(v.subjects, v.rule): bench.conditioning(x, v.subjects, v.rule) for v in variants if v.kind == "ours"}
+
+    def inference_step(variant: Variant):
+        cond = conds.get((variant.subjects, variant.rule))
+
+        def run_step():
+            with torch.no_grad():
+                return bench.forward(variant, x, cond, unet)
+
+        return run_step
+
+    log(f"inference: {len(variants)} variants, {size}² batch {args.batch}, {args.warmup} warm-up + "
+        f"{args.repeats} timed rounds …")
+    graphs_before = unique_graphs() if args.compile else 0
+    run_interleaved(bench, variants, inference_step, args.warmup, args.repeats, log, args.timer, deadline)
+    result["inference"] = summarise(variants)
+    if args.compile:  # one graph per variant: a variant that recompiles shows as more
+        result["graphs"] = {"compiled": unique_graphs() - graphs_before, "variants": len(variants)}
+        log(f"compiled graphs: {result['graphs']['compiled']} for {len(variants)} variants")
+    log(format_table(f"\ninference step ({args.config}, {size}², batch {args.batch}, "
+                     f"{result['settings']['dtype']}, {device}, {result['settings']['timer']})", result["inference"]))
+
 
 
 def unique_graphs() -> int:
