@@ -103,6 +103,37 @@ def test_a_budget_below_every_estimate_measures_nothing_and_lists_everything(gpu
     assert "| inference | ours_official/n=2 ÷ authors/n=2 (inference) ≤ 0.45 | not measured (skipped) |" in md
 
 
+def _failing_on(gpu, monkeypatch, name: str, error: BaseException) -> None:
+    real = gpu.call
+
+    def call(part, argv, benches, deadline):
+        if part.name == name:
+            raise error
+        return real(part, argv, benches, deadline)
+
+    monkeypatch.setattr(gpu, "call", call)
+
+
+def test_a_run_cut_short_leaves_every_part_it_measured(gpu, tmp_path, monkeypatch):
+    _failing_on(gpu, monkeypatch, "operators", KeyboardInterrupt())  # the machine taken back mid-run
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main(["--tiny", "--out-dir", str(tmp_path), "--parts", "processor,operators"])
+    summary = json.loads((tmp_path / "gpu.json").read_text())
+    assert [(part["name"], part["status"]) for part in summary["parts"]] == [("processor", "done")]
+    assert "operators" in summary["not_run_yet"] and (tmp_path / "processor.json").exists()
+    md = (tmp_path / "gpu.md").read_text()
+    assert "### One cross-attention layer at SDXL's shapes" in md and "| operators | not reached yet |" in md
+
+
+def test_a_failing_part_is_recorded_and_the_next_one_runs(gpu, tmp_path, monkeypatch):
+    _failing_on(gpu, monkeypatch, "processor", RuntimeError("CUDA out of memory. Tried to allocate 9 GiB\nmore"))
+    summary, md, _ = _run(gpu, tmp_path, "--parts", "processor,operators")
+    processor, operators = summary["parts"]
+    assert processor["status"] == "failed" and processor["reason"] == "RuntimeError: CUDA out of memory. Tried to allocate 9 GiB"
+    assert operators["status"] == "done"
+    assert "| processor | failed: RuntimeError: CUDA out of memory. Tried to allocate 9 GiB |" in md
+
+
 def test_flux_is_skipped_with_a_note_on_a_card_under_80_gb(gpu, tmp_path):
     assert gpu.flux_fits({"gpu_memory_bytes": 141e9}) is None and gpu.flux_fits({}) is None
     assert "the card has 48 GB" in gpu.flux_fits({"gpu_memory_bytes": 48e9})
