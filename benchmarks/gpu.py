@@ -329,13 +329,14 @@ def run_parts(run: Run, parts: Sequence[Part], out_dir: Path, log: Callable[[str
         argv = argv_of(part, run.tiny)
         guess = estimate(part, argv, costs, run.probe, built is not None and built == part.model)
         scaled = guess.total_s * run.scale()
-        record = {"name": part.name, "title": part.title, "estimate_s": round(guess.total_s, 1),
-                  "scaled_estimate_s": round(scaled, 1), "command": command_line(part.script, argv),
-                  "owes": list(part.owes)}
         left = run.budget_s - run.elapsed()
+        record = {"name": part.name, "title": part.title, "estimate_s": round(guess.total_s, 2),
+                  "scaled_estimate_s": round(scaled, 2), "budget_left_s": round(left, 2),
+                  "command": command_line(part.script, argv), "owes": list(part.owes)}
         reason = flux_fits(run.card) if part.script == "flux_step" else None
         if reason is None and scaled > left:
-            reason = f"estimated {scaled:.0f} s, {max(left, 0):.0f} s of the budget left"
+            reason = (f"estimated {record['scaled_estimate_s']:.0f} s, "
+                      f"{max(record['budget_left_s'], 0):.0f} s of the budget left")
         if reason is not None:
             log(f"\n[{part.name}] skipped: {reason}")
             run.parts.append({**record, "status": "skipped", "reason": reason, "seconds": 0.0})
@@ -381,7 +382,11 @@ def command_line(script: str, argv: Sequence[str]) -> str:
 def call(part: Part, argv: Sequence[str], benches: dict, deadline: float) -> dict:
     module = SCRIPTS[part.script]
     if part.script == "processor_layer":
-        return module.run(argv)
+        threads = torch.get_num_threads()
+        try:
+            return module.run(argv)
+        finally:
+            torch.set_num_threads(threads)  # it times on one thread; the parts after it keep the run's
     return module.run(argv, benches=benches, deadline=deadline)
 
 
