@@ -604,7 +604,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="steps of the per-call check (30 GPU, 3 CPU; 0 skips it)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet; report graph breaks")
     parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend (aot_eager: dynamo's graphs without inductor's code generation)")
+                        help="torch.compile backend (eager or aot_eager: dynamo's graphs without inductor's code generation)")
     parser.add_argument("--explain", action="store_true", help="report graph breaks (torch._dynamo.explain) only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
