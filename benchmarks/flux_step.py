@@ -53,6 +53,7 @@ from harness import Variant, card, median, relative_error, run_interleaved, time
 from mipadapter.config import AdapterConfig
 from mipadapter.modeling import MIPAdapter, SubjectConditioning
 from mipadapter.modeling.conditioning import CROSS_ATTENTION_KWARG
+from mipadapter.testing.flux import TINY_FLUX
 
 IMAGE_TOKENS = 16  # per image: XLabs' v2 file (v1: 4)
 IMAGE_EMBED_DIM = 768  # CLIP ViT-L/14's projected embedding (the projection is not timed: tokens come projected)
@@ -76,9 +77,11 @@ FLUX1 = dict(
 # FLUX's proportions per block.
 MID = {**FLUX1, "num_layers": 3, "num_single_layers": 6, "num_attention_heads": 4, "joint_attention_dim": 768,
        "pooled_projection_dim": 256}
-# The tiny FLUX of mipadapter.testing.flux (TINY_FLUX).
-TINY = {**FLUX1, "num_layers": 3, "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
-        "joint_attention_dim": 48, "pooled_projection_dim": 24, "axes_dims_rope": (4, 6, 6)}
+# The tiny FLUX of the tests (mipadapter.testing.flux.TINY_FLUX).
+TINY = {**FLUX1, "in_channels": TINY_FLUX.in_channels, "num_layers": TINY_FLUX.num_layers,
+        "num_single_layers": TINY_FLUX.num_single_layers, "attention_head_dim": TINY_FLUX.attention_head_dim,
+        "num_attention_heads": TINY_FLUX.num_attention_heads, "joint_attention_dim": TINY_FLUX.joint_attention_dim,
+        "pooled_projection_dim": TINY_FLUX.pooled_projection_dim, "axes_dims_rope": TINY_FLUX.axes_dims_rope}
 CONFIGS = {"flux1": FLUX1, "mid": MID, "tiny": TINY}
 DEFAULT_SIZE = {"flux1": 1024, "mid": 512, "tiny": 64}
 DEFAULT_TEXT_TOKENS = {"flux1": 512, "mid": 512, "tiny": 16}
@@ -399,6 +402,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {fmt(row['median_ms'], '.1f')} | {fmt(row['vs_ip_concat'], '.3f')} | "
                      f"{fmt(row['vs_ip_multi'], '.3f')} | {fmt(row['vs_text_only'], '.3f')} | "
                      f"{fmt(row['peak_gib'], '.2f')} |")
+    done = min((len(row["times_ms"]) for row in result["inference"].values()), default=settings["repeats"])
+    if done < settings["repeats"]:
+        lines.append(f"\nThe step ran {done} of {settings['repeats']} timed rounds (time budget).")
     if result.get("prepare_ms"):
         prepared = ", ".join(f"{name} {ms:.1f}" for name, ms in result["prepare_ms"].items())
         lines.append(f"\nOurs' per-call preparation (`MIPAdapter.prepare`, once per generation, not per step), "
@@ -458,6 +464,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+def bench_for(config: str, device: torch.device, dtype: torch.dtype, seed: int, benches: dict | None) -> Bench:
+    """The run's ``Bench``: taken from ``benches`` when one of the same config, device, dtype and seed is
+    there (a caller running several parts keeps one transformer), else built (and kept there)."""
+    key = ("flux", config, str(device), dtype, seed)
+    if benches is not None and key in benches:
+        return benches[key]
+    bench = Bench(CONFIGS[config], device, dtype, seed=seed)
+    if benches is not None:
+        benches[key] = bench
+    return bench
+
+
+def run(argv: Sequence[str] | None = None, *, benches: dict | None = None, deadline: float | None = None) -> dict:
+    """The benchmark as ``main`` runs it; returns the results (also written to ``--out``/``--markdown``).
+
+    ``benches``: a dict the caller keeps to reuse the transformer (``bench_for``); ``deadline`` (a
+    ``time.monotonic()`` value): timed rounds stop early rather than run past it (``run_interleaved``)."""
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -472,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(message, flush=True)
 
     log(f"building {args.config} FLUX transformer on {device} in {dtype} …")
-    bench = Bench(CONFIGS[args.config], device, dtype, seed=args.seed)
+    bench = bench_for(args.config, device, dtype, args.seed, benches)
     log(f"  {sum(p.numel() for p in bench.transformer.parameters()) / 1e6:.0f} M parameters, "
         f"{len(bench.double_names)} double-stream blocks")
     x = bench.inputs(args.batch, size, max(subjects), text_tokens)
@@ -514,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run
 
-    run_interleaved(bench, variants, step, args.warmup, args.repeats, log, args.timer)
+    run_interleaved(bench, variants, step, args.warmup, args.repeats, log, args.timer, deadline)
     result["inference"] = summarise(variants)
     log(format_table(f"\ntransformer step ({args.config}, {size}², {text_tokens} text rows, batch {args.batch}, "
                      f"{result['settings']['dtype']}, {device}, {result['settings']['timer']})",
@@ -530,7 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown = f"{value:.3f}" if value is not None else "-"
         log(f"  {check['target']}: {shown} (limit {check['limit']}) {verdict}"
             + (f" — {check['note']}" if check.get("note") else ""))
-    return write_outputs(result, args.out, args.markdown, markdown, log)
+    write_outputs(result, args.out, args.markdown, markdown, log)
+    return result
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import diffusers
 import torch
 
+from mipadapter.fileio import atomic_write_text
+
 
 @dataclass
 class Variant:
@@ -54,11 +56,21 @@ def timed_ms(fn: Callable[[], object], device: torch.device) -> tuple[float, flo
 
 
 def run_interleaved(bench, variants: list[Variant], step: Callable[[Variant], Callable[[], object]],
-                    warmup: int, repeats: int, log: Callable[[str], None], timer: str = "wall") -> None:
+                    warmup: int, repeats: int, log: Callable[[str], None], timer: str = "wall",
+                    deadline: float | None = None) -> int:
     """Every variant once per round, round-robin; ``warmup`` untimed rounds first. ``bench.installed(variant)``
-    installs a variant's processors; ``step(variant)`` returns the call to time."""
+    installs a variant's processors; ``step(variant)`` returns the call to time.
+
+    ``deadline`` (a ``time.monotonic()`` value): after the first timed round, no round starts that the last
+    round's duration says would end past it, so a run under a time budget keeps every variant's rounds even
+    (fewer of them) instead of overrunning. Returns the number of timed rounds run."""
     cuda = bench.device.type == "cuda"
+    timed_rounds, last_round_s = 0, 0.0
     for round_index in range(warmup + repeats):
+        if deadline is not None and timed_rounds and time.monotonic() + last_round_s > deadline:
+            log(f"  stopped after {timed_rounds} of {repeats} timed rounds: the time budget is spent")
+            break
+        round_start = time.monotonic()
         timed_round = round_index >= warmup
         for variant in variants:
             with bench.installed(variant):
@@ -74,7 +86,10 @@ def run_interleaved(bench, variants: list[Variant], step: Callable[[Variant], Ca
                 variant.times_ms.append(cpu_elapsed if timer == "cpu" and cpu_elapsed is not None else elapsed)
                 if peak is not None:
                     variant.peak_gib.append(peak)
+        timed_rounds += timed_round
+        last_round_s = time.monotonic() - round_start
         log(f"  round {round_index + 1}/{warmup + repeats}{'' if timed_round else ' (warm-up)'} done")
+    return timed_rounds
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -114,13 +129,12 @@ def card(device: torch.device) -> dict:
 
 def write_outputs(result: dict, out: str | None, markdown_path: str | None, markdown: Callable[[dict], str],
                   log: Callable[[str], None]) -> int:
-    """Write the run as JSON (``--out``) and Markdown (``--markdown``) when asked; returns 0."""
+    """Write the run as JSON (``--out``) and Markdown (``--markdown``) when asked, each atomically (a run
+    killed mid-write leaves the previous file or none, never half of one); returns 0."""
     if out:
-        with open(out, "w") as handle:
-            json.dump(result, handle, indent=2, ensure_ascii=False)
+        atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False))
         log(f"\nwrote {out}")
     if markdown_path:
-        with open(markdown_path, "w") as handle:
-            handle.write(markdown(result))
+        atomic_write_text(markdown_path, markdown(result))
         log(f"wrote {markdown_path}")
     return 0

@@ -24,9 +24,13 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside this script
+from harness import card, write_outputs  # noqa: E402
 
 from mipadapter.modeling import MIPAttnProcessor, SubjectConditioning
 
@@ -134,7 +138,21 @@ def run_case(positions: int, heads: int, subjects: int, rule: str, args, device,
     }
 
 
+def parse_case(spec: str) -> tuple[int, int, int, str]:
+    """``"4096x10:2:official"`` → (positions, heads, subjects, rule)."""
+    shape, subjects, rule = spec.split(":")
+    positions, heads = (int(v) for v in shape.split("x"))
+    return positions, heads, int(subjects), rule
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """The benchmark as ``main`` runs it: prints a table, returns the results (also written to ``--out`` and
+    ``--markdown`` when asked)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -143,29 +161,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--count-ops", action="store_true", help="count dispatched operators instead of timing")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--markdown", default=None, help="write the card and table as Markdown here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    result = {"card": card(device), "settings": {"device": str(device), "dtype": args.dtype, "rounds": args.rounds,
+                                                 "inner": args.inner, "count_ops": args.count_ops},
+              "cases": []}
     if args.count_ops:
         print(f"{'case':<22}{'processor':<11}{'operators':>10}{'kernels':>9}  kernels by name")
-        for spec in args.cases.split(","):
-            shape, subjects, rule = spec.split(":")
-            positions, heads = (int(v) for v in shape.split("x"))
-            row = run_case(positions, heads, int(subjects), rule, args, device, dtype)
-            for name in ("text_only", "ip_concat", "ours"):
+    else:
+        print(f"{'case':<22}{'text ms':>9}{'ip ms':>9}{'ours ms':>9}{'ours÷ip':>9}{'extra÷ip extra':>16}")
+    for spec in args.cases.split(","):
+        row = run_case(*parse_case(spec), args, device, dtype)
+        result["cases"].append(row)
+        if args.count_ops:
+            for name in PROCESSORS:
                 ops = row[name]
                 names = ", ".join(f"{op.removeprefix('aten::')} {count}" for op, count in ops["by_name"].items())
                 print(f"{row['case']:<22}{name:<11}{ops['operators']:>10}{ops['kernels']:>9}  {names}", flush=True)
-        return 0
-    print(f"{'case':<22}{'text ms':>9}{'ip ms':>9}{'ours ms':>9}{'ours÷ip':>9}{'extra÷ip extra':>16}")
-    for spec in args.cases.split(","):
-        shape, subjects, rule = spec.split(":")
-        positions, heads = (int(v) for v in shape.split("x"))
-        row = run_case(positions, heads, int(subjects), rule, args, device, dtype)
-        extra = row["extra_vs_ip_extra"]
-        print(f"{row['case']:<22}{row['text_only_ms']:>9.2f}{row['ip_concat_ms']:>9.2f}{row['ours_ms']:>9.2f}"
-              f"{row['ours_vs_ip']:>9.3f}{'-' if extra is None else format(extra, '.2f'):>16}", flush=True)
-    return 0
+        else:
+            extra = row["extra_vs_ip_extra"]
+            print(f"{row['case']:<22}{row['text_only_ms']:>9.2f}{row['ip_concat_ms']:>9.2f}{row['ours_ms']:>9.2f}"
+                  f"{row['ours_vs_ip']:>9.3f}{'-' if extra is None else format(extra, '.2f'):>16}", flush=True)
+    write_outputs(result, args.out, args.markdown, markdown, print)
+    return result
+
+
+PROCESSORS = ("text_only", "ip_concat", "ours")
+
+
+def markdown(result: dict) -> str:
+    """The run as Markdown: per case, the three processors' times and ratios, or their operator counts."""
+    card_, settings = result["card"], result["settings"]
+    where = card_.get("gpu") or f"{card_['cpu']} ({card_['threads']} thread(s))"
+    lines = [f"Card: {where}; torch {card_['torch']}, {settings['dtype']}; {card_['date']}.", ""]
+    if settings["count_ops"]:
+        lines += ["| case (positions × heads : subjects : rule) | processor | operators | kernels |",
+                  "| --- | --- | ---: | ---: |"]
+        for row in result["cases"]:
+            lines += [f"| {row['case']} | {name} | {row[name]['operators']} | {row[name]['kernels']} |"
+                      for name in PROCESSORS]
+    else:
+        lines += [f"Median over {settings['rounds']} rounds of the best of {settings['inner']} calls.", "",
+                  "| case (positions × heads : subjects : rule) | text-only ms | ip ms | ours ms | ours ÷ ip "
+                  "| extra ÷ ip extra |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for row in result["cases"]:
+            extra = row["extra_vs_ip_extra"]
+            lines.append(f"| {row['case']} | {row['text_only_ms']:.3f} | {row['ip_concat_ms']:.3f} | "
+                         f"{row['ours_ms']:.3f} | {row['ours_vs_ip']:.3f} | "
+                         f"{'-' if extra is None else format(extra, '.2f')} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from harness import Variant, card, median, relative_error, run_interleaved, writ
 
 from mipadapter.config import AdapterConfig, MergeRule
 from mipadapter.modeling import MIPAdapter, SubjectConditioning
+from mipadapter.testing import TINY_SDXL
 
 TEXT_TOKENS = 77
 IMAGE_TOKENS = 4  # per image (basic IP-Adapter)
@@ -97,17 +98,18 @@ MID = {
     "transformer_layers_per_block": (1, 2, 4),
     "attention_head_dim": (1, 2, 4),
 }
+# SDXL's block layout at the widths of the tests' tiny SDXL (mipadapter.testing.TINY_SDXL), for CI.
 TINY = {
     **SDXL,
-    "sample_size": 8,
+    "sample_size": TINY_SDXL.latent_size,
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "block_out_channels": (32, 64),
-    "transformer_layers_per_block": (1, 2),
-    "attention_head_dim": (2, 4),
-    "cross_attention_dim": 96,
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+    "block_out_channels": TINY_SDXL.block_out_channels,
+    "transformer_layers_per_block": TINY_SDXL.transformer_layers_per_block,
+    "attention_head_dim": TINY_SDXL.attention_heads,
+    "cross_attention_dim": TINY_SDXL.cross_attention_dim,
+    "addition_time_embed_dim": TINY_SDXL.addition_time_embed_dim,
+    "projection_class_embeddings_input_dim": 6 * TINY_SDXL.addition_time_embed_dim + TINY_SDXL.text_projection_dim,
 }
 CONFIGS = {"sdxl": SDXL, "mid": MID, "tiny": TINY}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -525,6 +527,19 @@ def markdown(result: dict) -> str:
                                  f"projections" for kind in ("ours", "authors")) + ".")
     for label, parity in result.get("parity", {}).items():
         lines.append(f"Parity {label}: relative error {parity['relative_error']:.1e}.")
+    for title, rows in (("inference", result.get("inference", {})), ("training", result.get("training", {}))):
+        done = min((len(row["times_ms"]) for row in rows.values()), default=settings["repeats"])
+        if done < settings["repeats"]:
+            lines.append(f"The {title} step ran {done} of {settings['repeats']} timed rounds (time budget).")
+    for label, report in result.get("graph_breaks", {}).items():
+        if label == "error":
+            lines.append(f"Graph breaks: not counted ({report}).")
+        else:
+            reasons = "; ".join(report["reasons"])
+            lines.append(f"Graph breaks, {label}: {report['graph_breaks']}" + (f" ({reasons})" if reasons else "") + ".")
+    if "graphs" in result:
+        lines.append(f"Compiled graphs ({settings['compile_backend']}): {result['graphs']['compiled']} for "
+                     f"{result['graphs']['variants']} variants (one per variant expected).")
     if result.get("targets"):
         lines += ["", "| the issue's target | measured | limit | met |", "| --- | ---: | ---: | --- |"]
         for check in result["targets"]:
@@ -582,9 +597,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--subjects", default="1,2,4,8")
     parser.add_argument("--rules", default="uniform,paper,official")
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
+    parser.add_argument("--no-inference", action="store_true", help="skip the inference step")
     parser.add_argument("--no-authors", action="store_true", help="skip the authors' approach")
-    parser.add_argument("--gen-steps", type=int, default=None, help="steps of the per-call check (30 GPU, 3 CPU)")
+    parser.add_argument("--no-masked", action="store_true", help="skip diffusers' IP-Adapter with masks")
+    parser.add_argument("--gen-steps", type=int, default=None,
+                        help="steps of the per-call check (30 GPU, 3 CPU; 0 skips it)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet; report graph breaks")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (eager or aot_eager: dynamo's graphs without inductor's code generation)")
     parser.add_argument("--explain", action="store_true", help="report graph breaks (torch._dynamo.explain) only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
@@ -597,25 +617,91 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def inference_variants(subjects: Sequence[int], rules: Sequence[str], authors: bool = True,
+                       masked: bool = True) -> list[Variant]:
+    """The inference step's variants: ``text_only``, then for every ``n``: ``ip_concat``, ``ip_masked``, ours
+    under every rule, the authors'."""
+    variants = [Variant("text_only", "text_only", 0)]
+    for n in subjects:
+        variants.append(Variant(f"ip_concat/n={n}", "ip_concat", n))
+        if masked:
+            variants.append(Variant(f"ip_masked/n={n}", "ip_masked", n))
+        variants += [Variant(f"ours_{rule}/n={n}", "ours", n, rule) for rule in rules]
+        if authors:
+            variants.append(Variant(f"authors/n={n}", "authors", n, MergeRule.OFFICIAL.value))
+    return variants
+
+
+def training_variants(subjects: int, authors: bool = True) -> list[Variant]:
+    """The training step's variants: ``ip_concat``, ours under ``official``, the authors'."""
+    variants = [Variant(f"ip_concat/n={subjects}", "ip_concat", subjects),
+                Variant(f"ours_official/n={subjects}", "ours", subjects, MergeRule.OFFICIAL.value)]
+    if authors:
+        variants.append(Variant(f"authors/n={subjects}", "authors", subjects, MergeRule.OFFICIAL.value))
+    return variants
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on the device and config (dtype, sizes, subjects, rules, --gen-steps)."""
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    args.size = args.size or {"sdxl": 1024, "mid": 512, "tiny": 64}[args.config]
+    args.train_size = args.train_size or (64 if args.config == "tiny" else 512)
+    if isinstance(args.subjects, str):
+        args.subjects = sorted({int(s) for s in args.subjects.split(",") if s.strip()})
+    if isinstance(args.rules, str):
+        args.rules = [MergeRule.parse(r.strip()).value for r in args.rules.split(",") if r.strip()]
+    if args.gen_steps is None:
+        args.gen_steps = 30 if device.type == "cuda" else 3
+    return args
+
+
+def bench_for(args: argparse.Namespace, benches: dict | None) -> Bench:
+    """The run's ``Bench``: taken from ``benches`` when one of the same config, device, dtype and seed is
+    there (a caller running several parts keeps one UNet), else built (and kept there)."""
+    key = (args.config, args.device, args.dtype, args.seed)
+    if benches is not None and key in benches:
+        return benches[key]
+    bench = Bench(CONFIGS[args.config], torch.device(args.device), DTYPES[args.dtype], seed=args.seed)
+    if benches is not None:
+        benches[key] = bench
+    return bench
+
+
+def static_graphs() -> contextlib.AbstractContextManager:
+    """Dynamo settings under which every variant is its own static graph (other processors, other inputs):
+    recompilation limits raised so none falls back to eager, shapes never made dynamic. A context, so the
+    process's settings come back afterwards."""
+    import torch._dynamo as dynamo
+
+    options = {option: max(getattr(dynamo.config, option), 128)
+               for option in ("recompile_limit", "cache_size_limit") if hasattr(dynamo.config, option)}
+    return dynamo.config.patch(automatic_dynamic_shapes=False, **options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+def run(argv: Sequence[str] | None = None, *, benches: dict | None = None, deadline: float | None = None) -> dict:
+    """The benchmark as ``main`` runs it; returns the results (also written to ``--out``/``--markdown``).
+
+    ``benches``: a dict the caller keeps across runs to reuse the UNet (see ``bench_for``); ``deadline`` (a
+    ``time.monotonic()`` value): timed rounds stop early rather than run past it (``run_interleaved``)."""
+    args = resolve(parse_args(argv))
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    default_size = {"sdxl": 1024, "mid": 512, "tiny": 64}[args.config]
-    size = args.size or default_size
-    train_size = args.train_size or (64 if args.config == "tiny" else 512)
-    subjects = sorted({int(s) for s in args.subjects.split(",") if s.strip()})
-    rules = [MergeRule.parse(r.strip()).value for r in args.rules.split(",") if r.strip()]
-    gen_steps = args.gen_steps if args.gen_steps is not None else (30 if device.type == "cuda" else 3)
+    size, train_size, subjects, rules, gen_steps = args.size, args.train_size, args.subjects, args.rules, args.gen_steps
 
     def log(message: str) -> None:
         if not args.quiet:
             print(message, flush=True)
 
-    log(f"building {args.config} UNet on {device} in {dtype} …")
-    bench = Bench(CONFIGS[args.config], device, dtype, seed=args.seed)
+    log(f"building {args.config} UNet on {device} in {args.dtype} …")
+    bench = bench_for(args, benches)
+    dtype = bench.dtype
     log(f"  {sum(p.numel() for p in bench.unet.parameters()) / 1e6:.0f} M parameters, "
         f"{len(bench.layer_names)} cross-attention layers")
     max_n = max(subjects + [args.train_subjects])
@@ -626,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "batch": args.batch, "train_size": train_size, "train_batch": args.train_batch,
                      "train_subjects": args.train_subjects, "subjects": subjects, "rules": rules,
                      "repeats": args.repeats, "warmup": args.warmup, "compile": args.compile,
+                     "compile_backend": args.compile_backend if args.compile else None,
                      "timer": "cuda events" if device.type == "cuda" else
                      {"wall": "perf_counter", "cpu": "process_time"}[args.timer],
                      "threads": torch.get_num_threads()},
@@ -648,75 +735,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _finish(result, args, log)
 
     unet = bench.unet
+    compiling = contextlib.ExitStack()
     if args.compile:
         import torch._dynamo as dynamo
 
-        # every variant is its own graph (other processors, other inputs): keep them all, each static
-        for option in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dynamo.config, option):
-                setattr(dynamo.config, option, max(getattr(dynamo.config, option), 128))
-        dynamo.config.automatic_dynamic_shapes = False
-        unet = torch.compile(bench.unet)
+        compiling.enter_context(static_graphs())
+        compiling.callback(dynamo.reset)  # drop the graphs and their guards when done
+        unet = torch.compile(bench.unet, backend=args.compile_backend)
         # one warm-up round compiles every variant's graph (ours: one per rule and subject count)
         args.warmup = max(args.warmup, 1)
         result["settings"]["warmup"] = args.warmup
 
-    variants = [Variant("text_only", "text_only", 0)]
-    for n in subjects:
-        variants += [Variant(f"ip_concat/n={n}", "ip_concat", n), Variant(f"ip_masked/n={n}", "ip_masked", n)]
-        variants += [Variant(f"ours_{rule}/n={n}", "ours", n, rule) for rule in rules]
-        if not args.no_authors:
-            variants.append(Variant(f"authors/n={n}", "authors", n, MergeRule.OFFICIAL.value))
-    conds = {(v.subjects, v.rule): bench.conditioning(x, v.subjects, v.rule) for v in variants if v.kind == "ours"}
+    result["inference"] = {}
+    with compiling:
+        if not args.no_inference:
+            inference(args, bench, x, unet, deadline, result, log)
 
-    def inference_step(variant: Variant):
-        cond = conds.get((variant.subjects, variant.rule))
-
-        def run():
-            with torch.no_grad():
-                return bench.forward(variant, x, cond, unet)
-
-        return run
-
-    log(f"inference: {len(variants)} variants, {size}² batch {args.batch}, {args.warmup} warm-up + "
-        f"{args.repeats} timed rounds …")
-    run_interleaved(bench, variants, inference_step, args.warmup, args.repeats, log, args.timer)
-    result["inference"] = summarise(variants)
-    log(format_table(f"\ninference step ({args.config}, {size}², batch {args.batch}, {result['settings']['dtype']}, "
-                     f"{device}, {result['settings']['timer']})", result["inference"]))
-
-    result["training"] = {}
-    if not args.no_train:
-        n = args.train_subjects
-        tx = bench.inputs(args.train_batch, train_size, n, seed=2)
-        train_variants = [Variant(f"ip_concat/n={n}", "ip_concat", n),
-                          Variant(f"ours_official/n={n}", "ours", n, MergeRule.OFFICIAL.value)]
-        if not args.no_authors:
-            train_variants.append(Variant(f"authors/n={n}", "authors", n, MergeRule.OFFICIAL.value))
-        for param in bench.adapter_params:
-            param.requires_grad_(True)
-        try:
-            log(f"training: {len(train_variants)} variants, {train_size}² batch {args.train_batch} …")
-            run_interleaved(bench, train_variants, lambda v: (lambda: bench.train_step(v, tx, unet)),
-                            args.warmup, args.repeats, log, args.timer)
-        finally:
+        result["training"] = {}
+        if not args.no_train:
+            n = args.train_subjects
+            tx = bench.inputs(args.train_batch, train_size, n, seed=2)
+            train_variants = training_variants(n, authors=not args.no_authors)
             for param in bench.adapter_params:
-                param.requires_grad_(False)
-                param.grad = None
-        result["training"] = summarise(train_variants)
-        log(format_table(f"\ntraining step (forward + backward; {train_size}², batch {args.train_batch}, "
-                         f"{result['settings']['timer']})",
-                         result["training"]))
+                param.requires_grad_(True)
+            try:
+                log(f"training: {len(train_variants)} variants, {train_size}² batch {args.train_batch} …")
+                run_interleaved(bench, train_variants, lambda v: (lambda: bench.train_step(v, tx, unet)),
+                                args.warmup, args.repeats, log, args.timer, deadline)
+            finally:
+                for param in bench.adapter_params:
+                    param.requires_grad_(False)
+                    param.grad = None
+            result["training"] = summarise(train_variants)
+            log(format_table(f"\ntraining step (forward + backward; {train_size}², batch {args.train_batch}, "
+                             f"{result['settings']['timer']})",
+                             result["training"]))
     if device.type != "cuda":
         result["memory_note"] = "peak memory is measured on CUDA only (torch.cuda.max_memory_allocated)"
 
-    log(f"\nper-call constants over a {gen_steps}-step loop with one conditioning …")
-    n = min(2, max_n)
-    result["generation"] = generation_check(bench, x, n, gen_steps)
-    generation = result["generation"]
-    for kind in ("ours", "authors"):
-        log(f"  {kind}: to_k_ip calls {generation[kind]['to_k_ip']}, name-key projections "
-            f"{generation[kind]['name_keys']} ({generation['cross_attention_layers']} layers, {gen_steps} steps)")
+    generation = None
+    if gen_steps:
+        log(f"\nper-call constants over a {gen_steps}-step loop with one conditioning …")
+        generation = result["generation"] = generation_check(bench, x, min(2, max_n), gen_steps)
+        for kind in ("ours", "authors"):
+            log(f"  {kind}: to_k_ip calls {generation[kind]['to_k_ip']}, name-key projections "
+                f"{generation[kind]['name_keys']} ({generation['cross_attention_layers']} layers, {gen_steps} steps)")
 
     result["targets"] = targets(result["inference"], result["training"], generation, device.type == "cuda")
     log("\ntargets (the issue's, set for GPU fp16 SDXL; other settings are indicative):")
@@ -728,8 +791,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _finish(result, args, log)
 
 
-def _finish(result: dict, args: argparse.Namespace, log: Callable[[str], None]) -> int:
-    return write_outputs(result, args.out, args.markdown, markdown, log)
+def inference(args: argparse.Namespace, bench: Bench, x: dict, unet: nn.Module, deadline: float | None,
+              result: dict, log: Callable[[str], None]) -> None:
+    """Time the inference step's variants into ``result["inference"]`` (and, compiled, the graph count)."""
+    size, device = args.size, bench.device
+    variants = inference_variants(args.subjects, args.rules, authors=not args.no_authors, masked=not args.no_masked)
+    conds = {(v.subjects, v.rule): bench.conditioning(x, v.subjects, v.rule) for v in variants if v.kind == "ours"}
+
+    def inference_step(variant: Variant):
+        cond = conds.get((variant.subjects, variant.rule))
+
+        def run_step():
+            with torch.no_grad():
+                return bench.forward(variant, x, cond, unet)
+
+        return run_step
+
+    log(f"inference: {len(variants)} variants, {size}² batch {args.batch}, {args.warmup} warm-up + "
+        f"{args.repeats} timed rounds …")
+    graphs_before = unique_graphs() if args.compile else 0
+    run_interleaved(bench, variants, inference_step, args.warmup, args.repeats, log, args.timer, deadline)
+    result["inference"] = summarise(variants)
+    if args.compile:  # one graph per variant: a variant that recompiles shows as more
+        result["graphs"] = {"compiled": unique_graphs() - graphs_before, "variants": len(variants)}
+        log(f"compiled graphs: {result['graphs']['compiled']} for {len(variants)} variants")
+    log(format_table(f"\ninference step ({args.config}, {size}², batch {args.batch}, "
+                     f"{result['settings']['dtype']}, {device}, {result['settings']['timer']})", result["inference"]))
+
+
+
+def unique_graphs() -> int:
+    """How many graphs dynamo has compiled so far in this process (its ``unique_graphs`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _finish(result: dict, args: argparse.Namespace, log: Callable[[str], None]) -> dict:
+    write_outputs(result, args.out, args.markdown, markdown, log)
+    return result
 
 
 if __name__ == "__main__":
