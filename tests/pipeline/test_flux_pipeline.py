@@ -262,3 +262,45 @@ def test_diffusers_ip_adapter_arguments_are_refused_in_one_line(mip, photo, key)
 def test_official_is_not_offered_on_flux(mip, photo):
     with pytest.raises(ValueError, match="^rule 'official' is not offered on FLUX"):
         run(mip, [Subject("dog", photo(1))], rule="official")
+
+
+# --------------------------------------------------------------------- per-block scales
+
+
+RAMP = [0.3, 0.9, 1.4]  # one per double block of the tiny FLUX (diffusers' docstring ramps 0.3 → 0.92 over 19)
+
+
+@pytest.mark.parametrize("true_cfg", [None, {"negative_prompt": "", "true_cfg_scale": 3.0}])
+def test_per_block_scales_equal_diffusers_set_ip_adapter_scale(files, photo, true_cfg):
+    image = photo(4)
+    extra = true_cfg or {}
+    expected = latents_of(diffusers_flux(files, list(RAMP)), ip_adapter_image=image, **extra)
+    ours = ours_flux(files)
+    out = run(ours, [Subject("dog", image, scale=list(RAMP))], rule="uniform", output_type="latent", **extra)
+    assert float((out.images - expected).abs().max()) <= 1e-4
+    assert out.settings["scales"] == {"dog": RAMP}
+    flat = run(ours, [Subject("dog", image, scale=0.9)], rule="uniform", output_type="latent", **extra).images
+    assert float((flat - expected).abs().max()) > 1e-3  # the per-block values reached their blocks
+    reversed_ramp = latents_of(diffusers_flux(files, RAMP[::-1]), ip_adapter_image=image, **extra)
+    assert float((reversed_ramp - expected).abs().max()) > 1e-3
+
+
+def test_per_block_scales_mix_with_plain_scales_under_paper(mip, photo):
+    """A subject's list replaces its scale block by block; the other subjects keep theirs. All blocks at the
+    same value equal that plain scale."""
+    toy = Subject("duck toy", photo(2), scale=0.7)
+    same = run(mip, [Subject("dog", photo(1), scale=[1.1] * 3), toy], rule="paper").images
+    plain = run(mip, [Subject("dog", photo(1), scale=1.1), toy], rule="paper").images
+    np.testing.assert_allclose(same, plain, atol=1e-6, rtol=0)
+    ramped = run(mip, [Subject("dog", photo(1), scale=[0.0, 1.1, 2.0]), toy], rule="paper").images
+    assert rel(ramped, plain) > 1e-4
+
+
+@pytest.mark.parametrize("scale, message", [
+    ([0.5, 1.0], "subject 'dog': give one scale per FLUX double block, 3, got 2"),
+    ({"up": 1.0}, "subject 'dog': per-block scales on FLUX are a list, one per double block (3)"),
+])  # fmt: skip
+def test_per_block_scales_of_the_wrong_form_are_refused(mip, photo, scale, message):
+    with pytest.raises(ValueError) as error:
+        run(mip, [Subject("dog", photo(1), scale=scale)])
+    assert str(error.value) == message

@@ -33,7 +33,7 @@ from mipadapter.pipeline.encoding import (
     unconditional_names,
 )
 from mipadapter.pipeline.loading import default_feature_extractor
-from mipadapter.pipeline.subjects import Subject, region_mask
+from mipadapter.pipeline.subjects import Subject, is_layered, layer_scales, region_mask
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +374,12 @@ class MIPAdapterPipeline:
             "multi_image": multi_image.value,
             "region_mode": modes.pop().value if modes else None,
             "names": names,
-            "scales": dict(zip(labels, conditioning.scales[-1].tolist(), strict=True)),
+            "scales": {  # per-layer scales as given (a list, or diffusers' dict form), else the resolved one
+                label: subject.scale if is_layered(subject.scale) else value
+                for label, subject, value in zip(
+                    labels, subjects, conditioning.scales[-1].tolist(), strict=True
+                )
+            },
             "scheduler": type(pipe.scheduler).__name__,
         }
         if flux:
@@ -594,11 +599,14 @@ class MIPAdapterPipeline:
         name_embeds, name_mask = encode_names(
             self.pipe, [s.name for s in subjects], device, self.name_window, sequence_length
         )
+        # a subject with per-layer scales has none of its own: its layers' scales replace it everywhere
         scales = torch.tensor(
-            [adapter.config.default_scale if s.scale is None else float(s.scale) for s in subjects],
+            [adapter.config.default_scale if s.scale is None else 1.0 if is_layered(s.scale) else float(s.scale)
+             for s in subjects],
             device=device,
-        )
+        )  # fmt: skip
         encoded = _Encoded(cond_tokens, owner, share, name_embeds, name_mask, scales)
+        encoded.layer_scales = self._layer_scales(subjects, scales)
         if uncond:
             encoded.uncond_tokens = adapter.project(
                 unconditional_features(
@@ -611,6 +619,21 @@ class MIPAdapterPipeline:
             )  # [1, t, c]
             encoded.uncond_names = unconditional_names(self.pipe, name_mask, device, sequence_length)  # [n, m, c]
         return encoded
+
+    def _layer_scales(self, subjects: Sequence[Subject], scales: torch.Tensor) -> torch.Tensor | None:
+        """[L, n]: every subject's scale on each adapter layer (in ``adapter.layer_specs`` order), when a
+        subject gives per-layer scales; None otherwise (one scale per subject on every layer)."""
+        if not any(is_layered(s.scale) for s in subjects):
+            return None
+        names = [layer.name for layer in self.adapter.layer_specs]
+        model = denoiser(self.pipe)
+        columns = [
+            layer_scales(s.scale, names, model, f"subject {s.name!r}")
+            if is_layered(s.scale)
+            else [float(v)] * len(names)
+            for s, v in zip(subjects, scales.tolist(), strict=True)
+        ]
+        return torch.tensor(columns, device=scales.device).T  # [L, n]
 
     def _assemble(
         self,
@@ -669,6 +692,12 @@ class MIPAdapterPipeline:
             recorder=RelevanceRecorder(latent_size, keep_last=keep) if record else None,
             image_attention=RelevanceRecorder(latent_size, keep_last=keep) if record_image_attention else None,
             share_meter=ShareMeter(batch, num_cond, device) if measure_shares else None,
+            layer_scales=None
+            if encoded.layer_scales is None
+            else {
+                layer.name: row.expand(batch, -1)
+                for layer, row in zip(self.adapter.layer_specs, encoded.layer_scales, strict=True)
+            },
         )
 
 
@@ -686,6 +715,7 @@ class _Encoded:
     scales: torch.Tensor
     uncond_tokens: torch.Tensor | None = None
     uncond_names: torch.Tensor | None = None
+    layer_scales: torch.Tensor | None = None  # [L, n] when a subject gives per-layer scales
 
 
 def _cell(pipe) -> int:
