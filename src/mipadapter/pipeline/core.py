@@ -33,7 +33,8 @@ from mipadapter.pipeline.encoding import (
     unconditional_names,
 )
 from mipadapter.pipeline.loading import default_feature_extractor
-from mipadapter.pipeline.subjects import Subject, is_layered, layer_scales, region_mask
+from mipadapter.pipeline.subjects import Subject, region_mask
+from mipadapter.scales import is_layered, layer_scales
 
 logger = logging.getLogger(__name__)
 
