@@ -23,7 +23,7 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
     guidance        float            the guidance scale actually used (never null; FLUX: the distilled one)
     true_cfg_scale  float            FLUX only (absent elsewhere): true classifier-free guidance, 1 = off
     negative_image  "black" | "zeros"  what the unconditional side saw instead of the photos (absent in
-                                     files written before it: the architecture's default then)
+                                     files written before it, which all used "zeros")
     negative_prompt_embeds  true     present only when the call's negative was given as embeddings, which
                                      the recipe cannot hold: such an image cannot be rerun
     prompt_2        str              FLUX only, when given: the text T5 encoded (CLIP read ``prompt``)

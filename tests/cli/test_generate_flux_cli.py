@@ -353,3 +353,20 @@ def test_from_png_refuses_a_negative_given_as_embeddings(tmp_path, capsys, photo
     assert main(["generate", "--from-png", str(image), "--negative-prompt", "blurry", "-o", str(rerun)]) == 0
     assert read_recipe(rerun)["negative_prompt"] == "blurry" and "negative_prompt_embeds" not in read_recipe(rerun)
     assert np.array_equal(pixels(image), pixels(rerun))  # the embeddings were those of "blurry"
+
+
+def test_an_older_flux_recipe_without_negative_image_reruns_with_the_zero_embedding(tmp_path):
+    """Files written before negative_image existed used the zero embedding: --from-png reruns them so."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    first, older, again = tmp_path / "first.png", tmp_path / "older.png", tmp_path / "again.png"
+    assert flux(first, "--negative-prompt", "blurry", "--true-cfg-scale", "3", "--negative-image", "zeros") == 0
+    recipe = read_recipe(first)
+    info = PngInfo()
+    info.add_text("mipadapter", json.dumps({k: v for k, v in recipe.items() if k != "negative_image"}))
+    with Image.open(first) as image:
+        image.save(older, pnginfo=info)
+    assert main(["generate", "--from-png", str(older), "-o", str(again)]) == 0
+    assert read_recipe(again)["negative_image"] == "zeros" and np.array_equal(pixels(first), pixels(again))

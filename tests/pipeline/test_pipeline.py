@@ -697,3 +697,31 @@ def test_subject_scales_are_checked_on_construction(photo, scale, message):
     with pytest.raises(ValueError) as error:
         Subject("cat", images=[photo(1)], scale=scale)
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize("projection", ["basic", "plus"])
+def test_negative_image_black_feeds_a_black_photo_to_the_unconditional_half(mip_pipelines, photo, projection):
+    """On a UNet the default is IP-Adapter's zero input; ``negative_image="black"`` (FLUX's default, diffusers'
+    and x-flux's) encodes a black image instead; either is recorded."""
+    from mipadapter.pipeline.encoding import black_image
+
+    mip = mip_pipelines("sdxl", projection)
+    subjects = [Subject("cat", images=[photo(1)])]
+    zeros = generate(mip, subjects, "a photo of a cat")
+    black = generate(mip, subjects, "a photo of a cat", negative_image="black")
+    assert zeros.settings["negative_image"] == "zeros" and black.settings["negative_image"] == "black"
+    assert rel(black.images, zeros.images) > 1e-4
+    seen = []
+    hook = mip.pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["cross_attention_kwargs"]["ip_hidden_states"]), with_kwargs=True
+    )
+    try:
+        generate(mip, subjects, "a photo of a cat", negative_image="black", num_inference_steps=1)
+    finally:
+        hook.remove()
+    features = encode_photos(mip.image_encoder, mip.feature_extractor, [black_image(mip.feature_extractor)],
+                             mip.adapter.config.uses_hidden_states)  # fmt: skip
+    expected = mip.adapter.project(features)[0].to(seen[0].image_tokens.dtype)
+    torch.testing.assert_close(seen[0].image_tokens[0, 0], expected)  # the unconditional half comes first
+    with pytest.raises(ValueError, match="negative_image must be 'black' or 'zeros', got 'grey'"):
+        generate(mip, subjects, "a photo of a cat", negative_image="grey")

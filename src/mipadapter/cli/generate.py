@@ -477,6 +477,8 @@ def _merger(args, recipe):
         if given is not None:
             return given
         if recipe is not None and dest in RECORDED_IF_PRESENT:
+            if dest == "negative_image" and dest not in recipe:
+                return "zeros"  # written before the field existed: every negative image was the zero embedding
             return recipe.get(RECORDED_IF_PRESENT[dest])
         if recipe is not None and dest in RECORDED:
             recorded = recipe[RECORDED[dest]]
