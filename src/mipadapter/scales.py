@@ -32,6 +32,10 @@ def check_scale(scale, where: str) -> None:
     ``where`` otherwise."""
     if scale is None or _is_scale(scale) or _is_scale_list(scale):
         return
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        raise ValueError(f"{where}: scale must be a finite number ≥ 0, got {scale!r}")
+    if isinstance(scale, list):
+        raise ValueError(f"{where}: a scale list holds one finite number ≥ 0 per layer, got {scale!r}")
     form = (
         "a finite number ≥ 0, a list of them (one per FLUX double block) or diffusers' dict "
         '{"down": ..., "mid": ..., "up": ...}'

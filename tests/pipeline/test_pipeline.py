@@ -690,8 +690,8 @@ def test_layer_scales_of_the_wrong_form_are_refused(mip_pipelines, photo, scale,
           'diffusers\' dict {"down": ..., "mid": ..., "up": ...}, got \'1\''),
     ({"middle": 1.0}, "subject 'cat': scale part 'middle' is not one of down, mid, up"),
     ({"down": {"b1": 1.0}}, "subject 'cat': scale block down.b1 is not named block_<number>"),
-    ([1.0, -1.0], "subject 'cat': scale must be a finite number ≥ 0, a list of them (one per FLUX double block) "
-                  'or diffusers\' dict {"down": ..., "mid": ..., "up": ...}, got [1.0, -1.0]'),
+    ([1.0, -1.0], "subject 'cat': a scale list holds one finite number ≥ 0 per layer, got [1.0, -1.0]"),
+    ([], "subject 'cat': a scale list holds one finite number ≥ 0 per layer, got []"),
 ])  # fmt: skip
 def test_subject_scales_are_checked_on_construction(photo, scale, message):
     with pytest.raises(ValueError) as error:
