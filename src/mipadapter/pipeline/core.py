@@ -79,9 +79,11 @@ class MIPAdapterOutput:
     image_attention: when asked for, one dict per image: label → [H, W] map of where the subject's image
     tokens attend (the image branch's attention, softmax over positions, mean over tokens and heads).
     warnings: ``SubjectWarning``s of the call (also logged).
-    settings: the call's resolved settings (prompt, negative_prompt, guidance_scale, num_inference_steps,
-    height, width, num_images_per_prompt, rule, use_text_weight, multi_image, region_mode, scales by
-    label, names, scheduler): everything needed to run it again.
+    settings: the call's resolved settings (prompt, negative_prompt, negative_image, guidance_scale,
+    num_inference_steps, height, width, num_images_per_prompt, rule, use_text_weight, multi_image,
+    region_mode, scales by label — a number, or per-layer scales as given —, names, scheduler; on FLUX also
+    true_cfg_scale, max_sequence_length, prompt_2 when given, and negative_prompt_embeds: True when the
+    negative came as embeddings, which a recipe cannot hold): everything needed to run it again.
     """
 
     images: Any
