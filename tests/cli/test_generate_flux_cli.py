@@ -293,6 +293,8 @@ def test_issue_19_flags_fail_in_one_line_before_loading(tmp_path, capsys):
     (tmp_path / "text.json").write_text("not json")
     (tmp_path / "one.json").write_text("0.5")
     (tmp_path / "bad.json").write_text('{"middle": 1}')
+    (tmp_path / "list.json").write_text("[1, 2, 3]")
+    (tmp_path / "dict.json").write_text('{"mid": 1}')
     base = ["generate", "--prompt", PROMPT, "--subject", f"dog={DOG}", "-o", str(out / "x.png")]
     cases = [
         (["--tiny", "flux", "--rule", "official"],
@@ -312,6 +314,11 @@ def test_issue_19_flags_fail_in_one_line_before_loading(tmp_path, capsys):
          f"--scale-blocks dog={tmp_path / 'bad.json'}: scale part 'middle' is not one of down, mid, up"),
         (["--tiny", "flux", "--scale", "dog=1", "--scale-blocks", f"dog={tmp_path / 'one.json'}"],
          "--scale and --scale-blocks both set dog: give one of them"),
+        (["--tiny", "sd15", "--scale-blocks", f"dog={tmp_path / 'list.json'}"],
+         "--scale-blocks dog: a list gives one scale per FLUX double block, but --tiny sd15 is not a FLUX model; "
+         'a UNet takes diffusers\' dict form {"down": ..., "mid": ..., "up": ...}'),
+        (["--tiny", "flux", "--scale-blocks", f"dog={tmp_path / 'dict.json'}"],
+         "--scale-blocks dog: the dict form is diffusers' for UNets; on FLUX give a list, one scale per double block"),
     ]  # fmt: skip
     for args, expected in cases:
         code = main(base + args)

@@ -311,6 +311,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     else:
         known = (height, width)
     _apply_overrides(args, subjects, known)
+    _check_block_scale_forms(args, subjects, flux, models)
 
     output = check_output_file(value("output"), "-o", IMAGE_SUFFIXES)
     outputs = [
@@ -364,7 +365,7 @@ def _is_flux(args, models, recipe) -> bool:
     if options.tiny_arch(models.tiny) is not None or not models.base_model:
         return options.base_model_kind(models) == "flux"
     recorded_flux = recipe is not None and any(recipe.get(key) is not None for key in FLUX_RECORDED)
-    flux_flags = (args.true_cfg_scale, args.prompt_2, args.max_sequence_length)
+    flux_flags = (args.true_cfg_scale, args.prompt_2, args.max_sequence_length, args.scale_blocks or None)
     sized = args.height is not None or args.width is not None
     if all(flag is None for flag in flux_flags) and not sized and not recorded_flux and args.rule != "official":
         return False
@@ -601,6 +602,24 @@ def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, 
     for subject, label in zip(subjects, labels, strict=True):
         if isinstance(subject.region, tuple):
             options.check_box_fits(subject.region, label, *size)
+
+
+def _check_block_scale_forms(args, subjects: list[SubjectPlan], flux: bool, models) -> None:
+    """``--scale-blocks``' form fits the model, known before loading it: a list on FLUX, the dict on a
+    UNet (their lengths are checked against the loaded model)."""
+    if not args.scale_blocks:
+        return
+    for subject, label in zip(subjects, subject_labels([s.name for s in subjects]), strict=True):
+        if isinstance(subject.scale, list) and not flux:
+            raise ValueError(
+                f"--scale-blocks {label}: a list gives one scale per FLUX double block, but {_not_flux(models)}; "
+                'a UNet takes diffusers\' dict form {"down": ..., "mid": ..., "up": ...}'
+            )
+        if isinstance(subject.scale, dict) and flux:
+            raise ValueError(
+                f"--scale-blocks {label}: the dict form is diffusers' for UNets; on FLUX give a list, one scale "
+                "per double block"
+            )
 
 
 def _read_block_scales(value: str, label: str):
