@@ -271,7 +271,17 @@ def test_optional_fields_may_be_absent_but_not_wrong(generated, tmp_path):
     cases = {
         "cfg.png": ({**good, "true_cfg_scale": "high"}, "recipe field 'true_cfg_scale' must be a finite number"),
         "family.png": ({**good, "model_family": 3}, "recipe field 'model_family' must be"),
+        "negative.png": ({**good, "negative_image": "grey"}, "recipe field 'negative_image' must be \"black\" or"),
+        "embeds.png": ({**good, "negative_prompt_embeds": False}, "recipe field 'negative_prompt_embeds' must be true"),
+        "length.png": ({**good, "max_sequence_length": 513}, "recipe field 'max_sequence_length' must be an integer"),
+        "prompt2.png": ({**good, "prompt_2": 3}, "recipe field 'prompt_2' must be a string"),
     }
+    for index, bad in enumerate(([1.0, -1.0], {"middle": 1.0}, "0.5", [])):
+        subjects = [{**good["subjects"][0], "scale": bad}, *good["subjects"][1:]]
+        cases[f"scale{index}.png"] = ({**good, "subjects": subjects}, "subject #1: recipe field 'scale' must be")
+    layered = {**good, "subjects": [{**good["subjects"][0], "scale": {"down": 0.5, "up": {"block_0": [0.0, 1.0]}}},
+                                     {**good["subjects"][1], "scale": [0.1, 0.2]}, *good["subjects"][2:]]}  # fmt: skip
+    assert read_recipe(_png_with_text(tmp_path / "layered.png", json.dumps(layered))) == layered
     for name, (recipe, message) in cases.items():
         with pytest.raises(RecipeError, match=message):
             read_recipe(_png_with_text(tmp_path / name, json.dumps(recipe)))

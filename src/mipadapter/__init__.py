@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from mipadapter.config import AdapterConfig, MergeRule, MultiImageMode, RegionMode
+from mipadapter.config import AdapterConfig, MergeRule, MultiImageMode, NegativeImage, RegionMode
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "AdapterConfig",
     "MergeRule",
     "MultiImageMode",
+    "NegativeImage",
     "RegionMode",
     "MIPAdapterPipeline",
     "MIPAdapterOutput",

@@ -51,6 +51,28 @@ class MultiImageMode(str, Enum):
     EACH = "each"
 
 
+class NegativeImage(str, Enum):
+    """What the unconditional (negative) side of classifier-free guidance sees in place of the photos.
+
+    * ``black``: a black image through the image encoder and the projection — diffusers' FLUX pipeline
+      (``pipeline_flux.py`` ``FluxPipeline.__call__``, ``negative_ip_adapter_image = np.zeros(...)``) and
+      XLabs' x-flux (``neg_image_prompt``); the default on FLUX.
+    * ``zeros``: IP-Adapter's own unconditional input — a zero embedding (basic projections) or the
+      hidden states of all-zero pixels (plus projections), as diffusers' UNet pipelines
+      (``prepare_ip_adapter_image_embeds``) and the authors do; the default on UNets.
+    """
+
+    BLACK = "black"
+    ZEROS = "zeros"
+
+    @classmethod
+    def parse(cls, value: NegativeImage | str) -> NegativeImage:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"negative_image must be 'black' or 'zeros', got {value!r}") from None
+
+
 PROJECTIONS = ("basic", "plus")
 ARCHITECTURES = ("unet", "flux")  # where the processors go: a UNet's cross-attention layers, FLUX's double blocks
 TEXT_WEIGHT_INITS = ("pytorch", "zeros")  # a fresh text_to_weight: nn.Linear's own (the authors'), or a flat gate

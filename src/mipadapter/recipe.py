@@ -22,6 +22,12 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
     steps           int
     guidance        float            the guidance scale actually used (never null; FLUX: the distilled one)
     true_cfg_scale  float            FLUX only (absent elsewhere): true classifier-free guidance, 1 = off
+    negative_image  "black" | "zeros"  what the unconditional side saw instead of the photos (absent in
+                                     files written before it, which all used "zeros")
+    negative_prompt_embeds  true     present only when the call's negative was given as embeddings, which
+                                     the recipe cannot hold: such an image cannot be rerun
+    prompt_2        str              FLUX only, when given: the text T5 encoded (CLIP read ``prompt``)
+    max_sequence_length  int         FLUX only: T5's length of the call
     height, width   int              pixels
     num_images      int              images generated together by the call (they share one generator)
     image_index     int              which of them this file is (0-based)
@@ -30,7 +36,9 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
     multi_image     "mean" | "each"
     region_mode     "replace" | "multiply"
     scheduler       str              the diffusers scheduler class
-    subjects        [{name, photos: [{path, sha256}], scale: float (resolved), region}]
+    subjects        [{name, photos: [{path, sha256}], scale, region}]
+                    scale: float (resolved) | [float, …] (FLUX, one per double block) | diffusers' UNet
+                           dict form {"down": …, "mid": …, "up": …} (``mipadapter.scales``)
                     region: null | [x0, y0, x1, y1] (output pixels) | {path, sha256} (mask file)
                             | {png_base64} (a mask that has no file, e.g. painted on the web page)
     models          {base_model, adapter, image_encoder, preset: str | null, tiny: null | an architecture of
@@ -94,7 +102,7 @@ class RecipeSubject:
 
     name: str
     photos: Sequence[str | os.PathLike]
-    scale: float | None = None
+    scale: float | list[float] | dict[str, Any] | None = None
     region: Any = None
 
 
@@ -189,7 +197,8 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
 
     Keys: prompt, negative_prompt, guidance_scale, num_inference_steps, height, width,
     num_images_per_prompt, rule, use_text_weight, multi_image, region_mode, scheduler, scales,
-    default_scale, and true_cfg_scale on FLUX pipelines (None elsewhere).
+    default_scale, negative_image, negative_prompt_embeds (whether the negative came as embeddings), and
+    true_cfg_scale, prompt_2 and max_sequence_length on FLUX pipelines (None elsewhere).
     """
     given = dict(getattr(output, "settings", None) or {})
     defaults = _pipeline_defaults(pipe)
@@ -211,7 +220,13 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
     else:
         negative = call.get("negative_prompt")
         negative = defaults.negative_prompt if negative is None else (negative or None)  # "": none used
+    optional = {  # as the pipeline says them, else as the call gave them (None: not recorded)
+        key: _value(given[key]) if given.get(key) is not None else call.get(key)
+        for key in ("negative_image", "prompt_2", "max_sequence_length")
+    }
     return {
+        **optional,
+        "negative_prompt_embeds": bool(given.get("negative_prompt_embeds")),
         "prompt": pick("prompt", None),
         "negative_prompt": negative,
         "guidance_scale": float(pick("guidance_scale", defaults.guidance)),
@@ -230,16 +245,21 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _resolved_scales(subjects: Sequence[RecipeSubject], settings: Mapping[str, Any]) -> list[float]:
+def _resolved_scales(subjects: Sequence[RecipeSubject], settings: Mapping[str, Any]) -> list[Any]:
     """Per-subject scales in subject order: the pipeline's resolved ones (by subject label: "dog",
-    "dog#2" for a repeated name), else the scale asked for or the adapter's default."""
+    "dog#2" for a repeated name), else the scale asked for or the adapter's default; per-layer scales (a
+    list or diffusers' dict form) as given."""
     from mipadapter.alignment import subject_labels
+    from mipadapter.scales import is_layered
+
+    def plain(scale):
+        return scale if is_layered(scale) else float(scale)
 
     recorded = settings.get("scales")
     labels = subject_labels([subject.name for subject in subjects])
     if isinstance(recorded, Mapping) and set(labels) <= set(recorded):
-        return [float(recorded[label]) for label in labels]
-    return [settings["default_scale"] if s.scale is None else float(s.scale) for s in subjects]
+        return [plain(recorded[label]) for label in labels]
+    return [settings["default_scale"] if s.scale is None else plain(s.scale) for s in subjects]
 
 
 def _region_record(region) -> Any:
@@ -289,6 +309,12 @@ def build_recipe(
         "steps": settings["num_inference_steps"],
         "guidance": settings["guidance_scale"],
         **({} if settings["true_cfg_scale"] is None else {"true_cfg_scale": settings["true_cfg_scale"]}),
+        **{
+            key: settings[key]
+            for key in ("negative_image", "prompt_2", "max_sequence_length")
+            if settings[key] is not None
+        },
+        **({"negative_prompt_embeds": True} if settings["negative_prompt_embeds"] else {}),
         "height": settings["height"],
         "width": settings["width"],
         "num_images": settings["num_images_per_prompt"],
@@ -421,6 +447,18 @@ def _is_file_record(value) -> bool:
     )
 
 
+def _scale_ok(scale) -> bool:
+    from mipadapter.scales import check_scale
+
+    if scale is None:
+        return False
+    try:
+        check_scale(scale, "scale")
+    except ValueError:
+        return False
+    return True
+
+
 def _region_ok(region) -> bool:
     if region is None or _is_file_record(region):
         return True
@@ -456,11 +494,18 @@ _SUBJECT_FIELDS: dict[str, tuple[str, Any]] = {
         "a non-empty list of {path, sha256}",
         lambda v: isinstance(v, list) and bool(v) and all(_is_file_record(p) for p in v),
     ),
-    "scale": ("a finite number ≥ 0", lambda v: _is_number(v) and v >= 0),
+    "scale": (
+        "a finite number ≥ 0, a list of them, or diffusers' dict form {down, mid, up}",
+        lambda v: _scale_ok(v),
+    ),
     "region": ("null, [x0, y0, x1, y1], {path, sha256} or {png_base64}", _region_ok),
 }
 _OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {  # written only where they apply, or by later versions
     "true_cfg_scale": ("a finite number ≥ 0", lambda v: _is_number(v) and v >= 0),
+    "negative_image": ('"black" or "zeros"', lambda v: v in ("black", "zeros")),
+    "negative_prompt_embeds": ("true", lambda v: v is True),
+    "prompt_2": ("a string", lambda v: isinstance(v, str)),
+    "max_sequence_length": ("an integer in 1..512", lambda v: _is_int(v) and 1 <= v <= 512),
     "model_family": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
 }
 _MODEL_FIELDS: dict[str, tuple[str, Any]] = {

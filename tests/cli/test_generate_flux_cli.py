@@ -245,3 +245,135 @@ def test_a_kept_mask_file_that_changed_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"cat's region mask '{mask.resolve()}', recorded in '{first}', is missing" in err
     assert not (tmp_path / "x.png").exists()
+
+
+# ------------------------------------------------------------------ issue 19: FLUX settings that equal diffusers'
+
+
+def test_flux_settings_of_issue_19_are_recorded_and_rerun_bit_for_bit(tmp_path):
+    """--scale-blocks (one value per double block), --negative-image, --prompt-2 and --max-sequence-length:
+    used, recorded, and rerun by --from-png."""
+    ramp = tmp_path / "ramp.json"
+    ramp.write_text("[0.2, 0.9, 1.5]")
+    first, again, black = tmp_path / "first.png", tmp_path / "again.png", tmp_path / "black.png"
+    extra = ["--scale-blocks", f"dog={ramp}", "--negative-prompt", "", "--true-cfg-scale", "3",
+             "--negative-image", "zeros", "--prompt-2", "a dog playing with a duck toy, photo",
+             "--max-sequence-length", "64"]  # fmt: skip
+    assert flux(first, *extra) == 0
+    recipe = read_recipe(first)
+    assert recipe["subjects"][0]["scale"] == [0.2, 0.9, 1.5] and recipe["subjects"][1]["scale"] == 1.0
+    assert (recipe["negative_image"], recipe["max_sequence_length"]) == ("zeros", 64)
+    assert recipe["prompt_2"] == "a dog playing with a duck toy, photo"
+    assert main(["generate", "--from-png", str(first), "-o", str(again)]) == 0
+    assert np.array_equal(pixels(first), pixels(again)) and read_recipe(again) == recipe
+    assert main(["generate", "--from-png", str(first), "--negative-image", "black", "-o", str(black)]) == 0
+    assert read_recipe(black)["negative_image"] == "black" and not np.array_equal(pixels(first), pixels(black))
+    default = tmp_path / "default.png"
+    assert flux(default) == 0
+    recipe = read_recipe(default)
+    assert recipe["negative_image"] == "black" and recipe["max_sequence_length"] == 512 and "prompt_2" not in recipe
+
+
+def test_sdxl_scale_blocks_take_diffusers_dict_form_and_rerun(tmp_path):
+    blocks = tmp_path / "blocks.json"
+    blocks.write_text('{"down": {"block_1": 0.9}, "mid": 0.4, "up": {"block_0": [0.0, 1.3]}}')
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    assert sdxl(first, "--scale-blocks", f"cat={blocks}") == 0
+    recipe = read_recipe(first)
+    assert recipe["subjects"][0]["scale"] == {"down": {"block_1": 0.9}, "mid": 0.4, "up": {"block_0": [0.0, 1.3]}}
+    assert recipe["negative_image"] == "zeros"  # IP-Adapter's own on a UNet
+    assert main(["generate", "--from-png", str(first), "-o", str(again)]) == 0
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+@pytest.mark.usefixtures("no_models")
+def test_issue_19_flags_fail_in_one_line_before_loading(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "one.json").write_text("0.5")
+    (tmp_path / "bad.json").write_text('{"middle": 1}')
+    (tmp_path / "list.json").write_text("[1, 2, 3]")
+    (tmp_path / "dict.json").write_text('{"mid": 1}')
+    base = ["generate", "--prompt", PROMPT, "--subject", f"dog={DOG}", "-o", str(out / "x.png")]
+    cases = [
+        (["--tiny", "flux", "--rule", "official"],
+         "--rule official is not offered on FLUX: it needs a text weight trained on FLUX, which no FLUX adapter "
+         "has yet (use paper or uniform)"),
+        (["--tiny", "--prompt-2", "x"], "--prompt-2 is FLUX's (its T5 text encoder), but --tiny sdxl is not a FLUX model"),
+        (["--tiny", "sd15", "--max-sequence-length", "64"],
+         "--max-sequence-length is FLUX's (its T5 text encoder), but --tiny sd15 is not a FLUX model"),
+        (["--tiny", "flux", "--max-sequence-length", "513"], "--max-sequence-length must be an integer in 1..512, got 513"),
+        (["--tiny", "flux", "--scale-blocks", f"dog={tmp_path / 'none.json'}"],
+         f"--scale-blocks dog={tmp_path / 'none.json'}: no such file"),
+        (["--tiny", "flux", "--scale-blocks", f"dog={tmp_path / 'text.json'}"],
+         f"--scale-blocks dog={tmp_path / 'text.json'}: not a JSON file (Expecting value)"),
+        (["--tiny", "flux", "--scale-blocks", f"dog={tmp_path / 'one.json'}"],
+         f"--scale-blocks dog={tmp_path / 'one.json'}: the file holds a list (FLUX: one scale per double block)"),
+        (["--tiny", "flux", "--scale-blocks", f"dog={tmp_path / 'bad.json'}"],
+         f"--scale-blocks dog={tmp_path / 'bad.json'}: scale part 'middle' is not one of down, mid, up"),
+        (["--tiny", "flux", "--scale", "dog=1", "--scale-blocks", f"dog={tmp_path / 'one.json'}"],
+         "--scale and --scale-blocks both set dog: give one of them"),
+        (["--tiny", "sd15", "--scale-blocks", f"dog={tmp_path / 'list.json'}"],
+         "--scale-blocks dog: a list gives one scale per FLUX double block, but --tiny sd15 is not a FLUX model; "
+         'a UNet takes diffusers\' dict form {"down": ..., "mid": ..., "up": ...}'),
+        (["--tiny", "flux", "--scale-blocks", f"dog={tmp_path / 'dict.json'}"],
+         "--scale-blocks dog: the dict form is diffusers' for UNets; on FLUX give a list, one scale per double block"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        code = main(base + args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("mipadapter generate: error: "), err
+        assert expected in err, (args, err)
+        assert list(out.iterdir()) == []
+
+
+def test_from_png_refuses_a_negative_given_as_embeddings(tmp_path, capsys, photo):
+    """A Python call with negative_prompt_embeds: the recipe says so, and the CLI will not rerun it without
+    a --negative-prompt (the embeddings are not in the file)."""
+    import torch
+
+    from mipadapter.pipeline import Subject
+    from mipadapter.recipe import ModelRecord, RecipeSubject, build_recipe, write_image
+    from mipadapter.testing.mip import tiny_mip_pipeline
+
+    mip = tiny_mip_pipeline("flux")
+    embeds, pooled, _ = mip.pipe.encode_prompt(prompt="blurry")
+    output = mip(PROMPT, [Subject("dog", Image.open(DOG))], negative_prompt_embeds=embeds,
+                 negative_pooled_prompt_embeds=pooled, true_cfg_scale=2.0, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), show_progress=False)  # fmt: skip
+    from mipadapter.cli.options import TINY_ADAPTER
+
+    record = ModelRecord("tiny-flux (random)", TINY_ADAPTER, "tiny", tiny="flux")
+    recipe = build_recipe(mip, output, seed=0, subjects=[RecipeSubject("dog", [DOG])], models=record,
+                          call={"prompt": PROMPT, "true_cfg_scale": 2.0})  # fmt: skip
+    assert recipe["negative_prompt_embeds"] is True and recipe["negative_prompt"] is None
+    image = tmp_path / "embeds.png"
+    write_image(output.images[0], image, recipe)
+    assert main(["generate", "--from-png", str(image), "-o", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"mipadapter generate: error: '{image}': its negative prompt was given as embeddings "
+        "(negative_prompt_embeds), which the recipe does not hold; give --negative-prompt to rerun it with a text\n"
+    )
+    assert not (tmp_path / "x.png").exists()
+    rerun = tmp_path / "y.png"
+    assert main(["generate", "--from-png", str(image), "--negative-prompt", "blurry", "-o", str(rerun)]) == 0
+    assert read_recipe(rerun)["negative_prompt"] == "blurry" and "negative_prompt_embeds" not in read_recipe(rerun)
+    assert np.array_equal(pixels(image), pixels(rerun))  # the embeddings were those of "blurry"
+
+
+def test_an_older_flux_recipe_without_negative_image_reruns_with_the_zero_embedding(tmp_path):
+    """Files written before negative_image existed used the zero embedding: --from-png reruns them so."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    first, older, again = tmp_path / "first.png", tmp_path / "older.png", tmp_path / "again.png"
+    assert flux(first, "--negative-prompt", "blurry", "--true-cfg-scale", "3", "--negative-image", "zeros") == 0
+    recipe = read_recipe(first)
+    info = PngInfo()
+    info.add_text("mipadapter", json.dumps({k: v for k, v in recipe.items() if k != "negative_image"}))
+    with Image.open(first) as image:
+        image.save(older, pnginfo=info)
+    assert main(["generate", "--from-png", str(older), "-o", str(again)]) == 0
+    assert read_recipe(again)["negative_image"] == "zeros" and np.array_equal(pixels(first), pixels(again))

@@ -636,3 +636,92 @@ def test_shared_pipelines_are_left_as_they_were(mip_pipelines, photo):
     for (arch, projection, text_weight), shared in mip_pipelines.cache.items():
         fresh = tiny_mip_pipeline(arch, projection, text_weight=text_weight)
         np.testing.assert_array_equal(generate(shared, subjects).images, generate(fresh, subjects).images)
+
+
+# ----------------------------------------------------------------------------------------- per-layer scales
+
+LAYER_SCALES = {"down": {"block_1": 0.9}, "mid": 0.4, "up": {"block_0": [0.0, 1.3]}}  # the rest: 0
+
+
+def test_layer_scales_equal_diffusers_set_ip_adapter_scale_dict_form(checkpoint_files, photo):
+    """diffusers' dict form (down/mid/up blocks, parts and blocks left out at 0) on SDXL, uniform."""
+    files = checkpoint_files("sdxl")
+    _, processor = TINY_SDXL.basic_image_encoder.build()
+    reference = photo(7)
+    theirs = tiny_sdxl_pipeline()
+    theirs.feature_extractor = processor
+    theirs.load_ip_adapter(**files.load_ip_adapter_kwargs("basic_bin"))
+    theirs.set_ip_adapter_scale(LAYER_SCALES)
+    theirs.set_progress_bar_config(disable=True)
+    expected = theirs(prompt="a photo of a cat", ip_adapter_image=reference, num_inference_steps=2,
+                      output_type="latent", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    pipe = tiny_sdxl_pipeline()
+    mip = MIPAdapterPipeline(pipe, load_adapter(files.basic_bin, pipe.unet), theirs.image_encoder, processor)
+
+    def ours(scale):
+        return mip("a photo of a cat", [Subject("cat", images=[reference], scale=scale)], rule="uniform",
+                   num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
+                   show_progress=False)  # fmt: skip
+
+    out = ours(LAYER_SCALES)
+    assert float((out.images - expected).abs().max()) <= 1e-4
+    assert out.settings["scales"] == {"cat": LAYER_SCALES}
+    others = ({**LAYER_SCALES, "mid": 0.0}, {"down": {"block_1": 0.9}, "mid": 0.4}, {**LAYER_SCALES, "down": 0.0})
+    for other in others:  # each part counts
+        assert float((ours(other).images - expected).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("scale, message", [
+    ([0.5, 1.0], 'subject \'cat\': per-layer scales on a UNet take diffusers\' dict form {"down": {"block_2": '
+                 '[0.0, 1.0]}, "mid": ..., "up": ...}, not a list'),
+    ({"up": {"block_3": 1.0}}, "subject 'cat': scale up.block_3 names no block with attention layers (this "
+                               "UNet's up blocks with attention: block_0, block_1)"),
+    ({"up": {"block_0": [1.0, 1.0, 1.0]}}, "subject 'cat': scale up.block_0 takes 2 values (one per attention), "
+                                           "got 3"),
+])  # fmt: skip
+def test_layer_scales_of_the_wrong_form_are_refused(mip_pipelines, photo, scale, message):
+    with pytest.raises(ValueError) as error:
+        generate(mip_pipelines("sdxl"), [Subject("cat", images=[photo(1)], scale=scale)], "a photo of a cat")
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("scale, message", [
+    ("1", "subject 'cat': scale must be a finite number ≥ 0, a list of them (one per FLUX double block) or "
+          'diffusers\' dict {"down": ..., "mid": ..., "up": ...}, got \'1\''),
+    ({"middle": 1.0}, "subject 'cat': scale part 'middle' is not one of down, mid, up"),
+    ({"down": {"b1": 1.0}}, "subject 'cat': scale block down.b1 is not named block_<number>"),
+    ([1.0, -1.0], "subject 'cat': a scale list holds one finite number ≥ 0 per layer, got [1.0, -1.0]"),
+    ([], "subject 'cat': a scale list holds one finite number ≥ 0 per layer, got []"),
+])  # fmt: skip
+def test_subject_scales_are_checked_on_construction(photo, scale, message):
+    with pytest.raises(ValueError) as error:
+        Subject("cat", images=[photo(1)], scale=scale)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("projection", ["basic", "plus"])
+def test_negative_image_black_feeds_a_black_photo_to_the_unconditional_half(mip_pipelines, photo, projection):
+    """On a UNet the default is IP-Adapter's zero input; ``negative_image="black"`` (FLUX's default, diffusers'
+    and x-flux's) encodes a black image instead; either is recorded."""
+    from mipadapter.pipeline.encoding import black_image
+
+    mip = mip_pipelines("sdxl", projection)
+    subjects = [Subject("cat", images=[photo(1)])]
+    zeros = generate(mip, subjects, "a photo of a cat")
+    black = generate(mip, subjects, "a photo of a cat", negative_image="black")
+    assert zeros.settings["negative_image"] == "zeros" and black.settings["negative_image"] == "black"
+    assert rel(black.images, zeros.images) > 1e-4
+    seen = []
+    hook = mip.pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["cross_attention_kwargs"]["ip_hidden_states"]), with_kwargs=True
+    )
+    try:
+        generate(mip, subjects, "a photo of a cat", negative_image="black", num_inference_steps=1)
+    finally:
+        hook.remove()
+    features = encode_photos(mip.image_encoder, mip.feature_extractor, [black_image(mip.feature_extractor)],
+                             mip.adapter.config.uses_hidden_states)  # fmt: skip
+    expected = mip.adapter.project(features)[0].to(seen[0].image_tokens.dtype)
+    torch.testing.assert_close(seen[0].image_tokens[0, 0], expected)  # the unconditional half comes first
+    with pytest.raises(ValueError, match="negative_image must be 'black' or 'zeros', got 'grey'"):
+        generate(mip, subjects, "a photo of a cat", negative_image="grey")

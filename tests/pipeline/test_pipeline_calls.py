@@ -76,6 +76,7 @@ def test_settings_record_what_the_call_resolved(mip, photo):
     assert out.settings == {
         "prompt": "a dog and a cat",
         "negative_prompt": None,  # the constructor was given none
+        "negative_image": "zeros",  # IP-Adapter's unconditional input, the UNet default
         "guidance_scale": 5.0,  # SDXL's default, resolved
         "num_inference_steps": 2,
         "height": 64,

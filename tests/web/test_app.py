@@ -122,3 +122,16 @@ def test_examples_ship_with_the_package_and_generate(web, pipe):
         assert result.ok, (label, result.status)
         assert len(result.maps) == 2
     assert (web.EXAMPLES / "README.md").read_text().count("CC BY 4.0") == 1
+
+
+def test_flux_gets_a_true_cfg_field_and_no_official_rule(web, pipe):
+    """On FLUX the negative prompt acts only with true CFG: the page says so beside a true-CFG field, and
+    the rule list leaves out official (no FLUX adapter has its text weight); SDXL's page is unchanged."""
+    flux = web.build_app(tiny_mip_pipeline("flux"))
+    rule = component(flux, "rule")
+    assert [choice[1] for choice in rule.choices] == ["uniform", "paper"] and rule.value == "paper"
+    assert component(flux, "true-cfg").value == 1.0
+    assert "used only with a true CFG above 1" in component(flux, "negative-prompt").label
+    sdxl = web.build_app(pipe)
+    assert [choice[1] for choice in component(sdxl, "rule").choices] == ["uniform", "paper", "official"]
+    assert not [b for b in sdxl.blocks.values() if getattr(b, "elem_id", None) == "true-cfg"]

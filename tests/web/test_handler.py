@@ -448,3 +448,33 @@ def test_a_flux_pipeline_serves_the_page_as_sdxl_does():
                       limits=Limits.for_pipeline(flux))  # fmt: skip
     assert result.ok, result.status
     assert result.images[0].size == (64, 64) and len(result.maps) == 2
+
+
+def test_flux_true_cfg_reaches_the_pipeline_and_its_recipe(tmp_path):
+    """The page's true-CFG scale runs FLUX's second pass against the negative prompt (an empty one too, as
+    diffusers' XLabs example), and is recorded; official is refused in one line; SDXL takes no true CFG."""
+    from mipadapter.cli.options import TINY_ADAPTER
+
+    flux = Recording(tiny_mip_pipeline("flux"))
+    limits = Limits.for_pipeline(flux)
+    forms = two_subjects()
+    models = ModelRecord("tiny-flux (random)", TINY_ADAPTER, "tiny", tiny="flux")
+    asked = request(*forms, prompt="a cat with a backpack", width=64, height=64, negative_prompt="",
+                    true_cfg_scale=3.0)  # fmt: skip
+    guided = generate(flux, asked, limits=limits, models=models)
+    assert guided.ok, guided.status
+    assert flux.calls[-1][2]["true_cfg_scale"] == 3.0 and flux.outputs[-1].settings["negative_prompt"] == ""
+    assert guided.recipe["true_cfg_scale"] == 3.0 and guided.recipe["negative_image"] == "black"
+    off = generate(flux, request(*forms, prompt="a cat with a backpack", width=64, height=64, negative_prompt=""),
+                   limits=limits)  # fmt: skip
+    assert "true_cfg_scale" not in flux.calls[-1][2] and flux.outputs[-1].settings["negative_prompt"] is None
+    assert not np.array_equal(np.asarray(off.images[0]), np.asarray(guided.images[0]))
+    bad = generate(flux, request(*forms, prompt="a cat with a backpack", true_cfg_scale=0.5), limits=limits)
+    assert bad.error == "True CFG must lie between 1 (off) and 30, got 0.5."
+    official = generate(flux, request(*forms, prompt="a cat with a backpack", rule="official"), limits=limits)
+    assert official.error.startswith("rule 'official' is not offered on FLUX")
+
+
+def test_true_cfg_is_refused_on_sdxl(pipe):
+    result = generate(pipe, request(*two_subjects(), true_cfg_scale=2.0))
+    assert result.error == "True CFG is FLUX's classifier-free guidance; this model's is Guidance."

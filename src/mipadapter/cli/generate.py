@@ -14,7 +14,7 @@ from typing import Any
 
 from mipadapter.alignment import subject_labels
 from mipadapter.cli.options import add_tiny_argument
-from mipadapter.config import DEFAULT_PRESET, PRESETS, MergeRule, MultiImageMode, RegionMode
+from mipadapter.config import DEFAULT_PRESET, PRESETS, MergeRule, MultiImageMode, NegativeImage, RegionMode
 
 DEFAULTS: dict[str, Any] = {
     "output": "out.png",
@@ -79,6 +79,15 @@ def register(subparsers) -> None:
         help="image scale of a subject, a finite number ≥ 0 (default: the adapter's, 0.75 for mip-sdxl)",
     )
     what.add_argument(
+        "--scale-blocks",
+        action="append",
+        default=[],
+        metavar="NAME[#K]=FILE.json",
+        help="per-layer image scales of a subject, as diffusers' set_ip_adapter_scale takes them: on FLUX a "
+        'JSON list, one value per double block; on a UNet the dict {"down": {"block_2": [0.0, 1.0]}, '
+        '"mid": 0.5, "up": ...} (parts and blocks left out: 0) (default: none, one --scale for all layers)',
+    )
+    what.add_argument(
         "--region",
         action="append",
         default=[],
@@ -95,6 +104,16 @@ def register(subparsers) -> None:
         "--negative-prompt",
         help="negative prompt; '' for none — with FLUX's --true-cfg-scale, '' is an empty negative prompt "
         "(default: the preset's: the authors' for mip-* presets)",
+    )
+    what.add_argument(
+        "--negative-image",
+        choices=[choice.value for choice in NegativeImage],
+        help="what classifier-free guidance's unconditional side sees instead of the photos: a black image "
+        "through the image encoder (diffusers' FLUX pipeline, x-flux) or IP-Adapter's zero embedding "
+        "(default: black on FLUX, zeros on SDXL/SD1.5)",
+    )
+    what.add_argument(
+        "--prompt-2", help="FLUX only: the text T5 encodes, where the names are checked (default: --prompt)"
     )
     what.add_argument(
         "--from-png",
@@ -119,6 +138,12 @@ def register(subparsers) -> None:
         help="FLUX only: real classifier-free guidance against --negative-prompt, ≥ 1; each step runs the "
         "model twice (default: 1, off)",
     )
+    how.add_argument(
+        "--max-sequence-length",
+        type=int,
+        metavar="N",
+        help="FLUX only: T5's token length, 1 … 512 (default: 512, diffusers')",
+    )
     how.add_argument("--seed", type=int, help="seed of the CPU generator, 0 … 2**64-1 (default: 420)")
     how.add_argument(
         "--height",
@@ -134,7 +159,8 @@ def register(subparsers) -> None:
     how.add_argument(
         "--rule",
         choices=[rule.value for rule in MergeRule],
-        help="merge rule (default: official for MIP adapters, paper for plain IP-Adapters)",
+        help="merge rule (default: official for MIP adapters, paper for plain IP-Adapters; FLUX: paper or "
+        "uniform, official needs a FLUX text weight, which no FLUX adapter has yet)",
     )
     how.add_argument(
         "--text-weight",
@@ -208,7 +234,7 @@ class SubjectPlan:
 
     name: str
     photos: tuple[Path, ...]
-    scale: float | None = None
+    scale: float | list[float] | dict[str, Any] | None = None  # a list or dict: per-layer scales
     region: Any = None
 
 
@@ -238,6 +264,9 @@ class Plan:
     dtype: str
     source: Path | None = None
     compile: bool = False
+    negative_image: str | None = None
+    prompt_2: str | None = None
+    max_sequence_length: int | None = None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -270,6 +299,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     width = options.check_side(value("width"), "--width", factor)
     guidance = options.check_guidance(value("guidance"))
     true_cfg_scale = _true_cfg_scale(args, recipe, flux, models, value("negative_prompt"))
+    _check_flux_settings(args, recipe, source, flux, models, value)
     max_mp = value("max_photo_mp")
     if not max_mp > 0:
         raise ValueError(f"--max-photo-mp must be > 0, got {max_mp}")
@@ -281,6 +311,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     else:
         known = (height, width)
     _apply_overrides(args, subjects, known)
+    _check_block_scale_forms(args, subjects, flux, models)
 
     output = check_output_file(value("output"), "-o", IMAGE_SUFFIXES)
     outputs = [
@@ -319,6 +350,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         dtype=dtype,
         source=source,
         compile=bool(args.compile),
+        negative_image=value("negative_image"),
+        prompt_2=value("prompt_2"),
+        max_sequence_length=value("max_sequence_length"),
     )
 
 
@@ -330,10 +364,49 @@ def _is_flux(args, models, recipe) -> bool:
 
     if options.tiny_arch(models.tiny) is not None or not models.base_model:
         return options.base_model_kind(models) == "flux"
-    recorded_true_cfg = recipe is not None and recipe.get("true_cfg_scale") is not None
-    if args.true_cfg_scale is None and args.height is None and args.width is None and not recorded_true_cfg:
+    recorded_flux = recipe is not None and any(recipe.get(key) is not None for key in FLUX_RECORDED)
+    flux_flags = (args.true_cfg_scale, args.prompt_2, args.max_sequence_length, args.scale_blocks or None)
+    sized = args.height is not None or args.width is not None
+    if all(flag is None for flag in flux_flags) and not sized and not recorded_flux and args.rule != "official":
         return False
     return options.base_model_kind(models) == "flux"
+
+
+FLUX_RECORDED = ("true_cfg_scale", "prompt_2", "max_sequence_length")
+"""Recipe fields only FLUX images carry."""
+
+
+def _check_flux_settings(args, recipe, source, flux: bool, models, value) -> None:
+    """``--prompt-2`` and ``--max-sequence-length`` need FLUX; ``--rule official`` is not offered there
+    (no FLUX adapter has a text weight); a recorded negative given as embeddings cannot be rerun."""
+    from mipadapter.cli import options
+
+    for flag, dest in (("--prompt-2", "prompt_2"), ("--max-sequence-length", "max_sequence_length")):
+        if getattr(args, dest) is not None and not flux:
+            raise ValueError(f"{flag} is FLUX's (its T5 text encoder), but {_not_flux(models)}")
+    if value("max_sequence_length") is not None:
+        options.check_int(value("max_sequence_length"), "--max-sequence-length", 1, 512)
+    if flux and value("rule") == "official":
+        raise ValueError(
+            "--rule official is not offered on FLUX: it needs a text weight trained on FLUX, which no FLUX "
+            "adapter has yet (use paper or uniform)"
+        )
+    if recipe is not None and recipe.get("negative_prompt_embeds") and args.negative_prompt is None:
+        raise ValueError(
+            f"{str(source)!r}: its negative prompt was given as embeddings (negative_prompt_embeds), which the "
+            "recipe does not hold; give --negative-prompt to rerun it with a text"
+        )
+
+
+def _not_flux(models) -> str:
+    """Why ``models`` is not a FLUX model, for an error line."""
+    from mipadapter.cli import options
+
+    if models.tiny:
+        return f"--tiny {options.tiny_arch(models.tiny)} is not a FLUX model"
+    if models.base_model:
+        return f"the base model {models.base_model!r} is not a FLUX model"
+    return f"the {models.preset} preset's base model is not FLUX"
 
 
 def _true_cfg_scale(args, recipe, flux: bool, models, negative_prompt: str | None) -> float | None:
@@ -347,13 +420,9 @@ def _true_cfg_scale(args, recipe, flux: bool, models, negative_prompt: str | Non
         recorded = recipe.get("true_cfg_scale") if recipe else None
         return recorded if flux else None
     if not flux:
-        if models.tiny:
-            model = f"--tiny {options.tiny_arch(models.tiny)} is not a FLUX model"
-        elif models.base_model:
-            model = f"the base model {models.base_model!r} is not a FLUX model"
-        else:
-            model = f"the {models.preset} preset's base model is not FLUX"
-        raise ValueError(f"--true-cfg-scale is FLUX's classifier-free guidance, but {model} (use --guidance)")
+        raise ValueError(
+            f"--true-cfg-scale is FLUX's classifier-free guidance, but {_not_flux(models)} (use --guidance)"
+        )
     if negative_prompt is None and not models.tiny:
         negative_prompt = PRESETS[models.preset].negative_prompt
     if given > 1 and negative_prompt is None:  # "" is a negative prompt too (diffusers' FLUX reading)
@@ -394,6 +463,13 @@ RECORDED = {  # flag's dest → the recipe's key
 }
 
 
+RECORDED_IF_PRESENT = {  # flag's dest → the recipe's key, for fields written only where they apply
+    "negative_image": "negative_image",
+    "prompt_2": "prompt_2",
+    "max_sequence_length": "max_sequence_length",
+}
+
+
 def _merger(args, recipe):
     """``value(dest)``: the flag when given, else the recorded value, else the default."""
 
@@ -401,6 +477,10 @@ def _merger(args, recipe):
         given = getattr(args, dest, None)
         if given is not None:
             return given
+        if recipe is not None and dest in RECORDED_IF_PRESENT:
+            if dest == "negative_image" and dest not in recipe:
+                return "zeros"  # written before the field existed: every negative image was the zero embedding
+            return recipe.get(RECORDED_IF_PRESENT[dest])
         if recipe is not None and dest in RECORDED:
             recorded = recipe[RECORDED[dest]]
             if dest == "negative_prompt" and recorded is None:
@@ -497,8 +577,14 @@ def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, 
 
     names = [s.name for s in subjects]
     labels = subject_labels(names)
-    for index, value in options.address(options.parse_keyed(args.scale, "--scale"), names, "--scale").items():
+    scaled = options.address(options.parse_keyed(args.scale, "--scale"), names, "--scale")
+    for index, value in scaled.items():
         subjects[index].scale = options.parse_scale(value, labels[index])
+    blocks = options.address(options.parse_keyed(args.scale_blocks, "--scale-blocks"), names, "--scale-blocks")
+    for index, value in blocks.items():
+        if index in scaled:
+            raise ValueError(f"--scale and --scale-blocks both set {labels[index]}: give one of them")
+        subjects[index].scale = _read_block_scales(value, labels[index])
     for index, value in options.address(
         options.parse_keyed(args.region, "--region"), names, "--region"
     ).items():
@@ -516,6 +602,48 @@ def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, 
     for subject, label in zip(subjects, labels, strict=True):
         if isinstance(subject.region, tuple):
             options.check_box_fits(subject.region, label, *size)
+
+
+def _check_block_scale_forms(args, subjects: list[SubjectPlan], flux: bool, models) -> None:
+    """``--scale-blocks``' form fits the model, known before loading it: a list on FLUX, the dict on a
+    UNet (their lengths are checked against the loaded model)."""
+    if not args.scale_blocks:
+        return
+    for subject, label in zip(subjects, subject_labels([s.name for s in subjects]), strict=True):
+        if isinstance(subject.scale, list) and not flux:
+            raise ValueError(
+                f"--scale-blocks {label}: a list gives one scale per FLUX double block, but {_not_flux(models)}; "
+                'a UNet takes diffusers\' dict form {"down": ..., "mid": ..., "up": ...}'
+            )
+        if isinstance(subject.scale, dict) and flux:
+            raise ValueError(
+                f"--scale-blocks {label}: the dict form is diffusers' for UNets; on FLUX give a list, one scale "
+                "per double block"
+            )
+
+
+def _read_block_scales(value: str, label: str):
+    """``--scale-blocks LABEL=FILE.json``: the file's list (FLUX) or diffusers' dict form (UNet), checked;
+    the lengths are checked against the model when it is loaded."""
+    import json
+
+    from mipadapter.scales import check_scale, is_layered
+
+    where = f"--scale-blocks {label}={value}"
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file")
+    try:
+        scale = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{where}: not a JSON file ({getattr(error, 'msg', error)})") from None
+    if not is_layered(scale):
+        raise ValueError(
+            f"{where}: the file holds a list (FLUX: one scale per double block) or a dict "
+            '{"down": ..., "mid": ..., "up": ...} (UNet); use --scale for one number'
+        )
+    check_scale(scale, where)
+    return scale
 
 
 def _refuse_overwriting_inputs(outputs, sheet, subjects, source) -> None:
@@ -576,6 +704,9 @@ def generate(plan: Plan):
 def call_arguments(plan: Plan) -> dict[str, Any]:
     """The pipeline call's settings (also what the recipe is built from); ``true_cfg_scale`` only on FLUX."""
     extra = {} if plan.true_cfg_scale is None else {"true_cfg_scale": plan.true_cfg_scale}
+    for key in ("negative_image", "prompt_2", "max_sequence_length"):  # only when set (FLUX's only on FLUX)
+        if getattr(plan, key) is not None:
+            extra[key] = getattr(plan, key)
     return {
         **extra,
         "rule": plan.rule,

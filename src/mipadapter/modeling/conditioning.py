@@ -149,6 +149,8 @@ class SubjectConditioning:
         share_meter: collects each condition's routed share (for the starved-subject diagnostic).
         text_perturbation: optional ``f(Z_text [b, h, p, d], relevance [b, n, p]) -> Z_text`` applied
             before the merge (the relevance experiment perturbs the text branch with it).
+        layer_scales: layer name → [b, n] image scales of that layer, replacing ``scales`` there (per-layer
+            scales, diffusers' ``set_ip_adapter_scale`` list and dict forms), or None.
         layer_inputs: layer name → ``LayerInputs``, filled by ``MIPAdapter.prepare``.
     """
 
@@ -169,6 +171,7 @@ class SubjectConditioning:
     image_attention: RelevanceRecorder | None = None
     share_meter: ShareMeter | None = None
     text_perturbation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    layer_scales: dict[str, torch.Tensor] | None = None
     layer_inputs: dict[str, LayerInputs] = field(default_factory=dict, repr=False)
     _grids: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
     _regions: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -190,6 +193,8 @@ class SubjectConditioning:
         }
         if self.present is not None:
             expected["present"] = (tuple(self.present.shape), (b, n))
+        for name, layer_scales in (self.layer_scales or {}).items():
+            expected[f"layer_scales[{name!r}]"] = (tuple(layer_scales.shape), (b, n))
         if self.regions is not None:
             expected["regions"] = (tuple(self.regions.shape[:2]), (b, n))
             expected["has_region"] = (tuple(self.has_region.shape), (n,))
@@ -220,6 +225,12 @@ class SubjectConditioning:
     @property
     def num_subjects(self) -> int:
         return self.scales.shape[1]
+
+    def scales_at(self, layer_name: str) -> torch.Tensor:
+        """[b, n]: the subjects' image scales on one layer (``layer_scales`` there, else ``scales``)."""
+        if self.layer_scales is None:
+            return self.scales
+        return self.layer_scales.get(layer_name, self.scales)
 
     @property
     def num_conditions(self) -> int:

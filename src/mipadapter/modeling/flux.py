@@ -58,7 +58,7 @@ class MIPFluxAttnProcessor(nn.Module):
         return routing.layer_inputs(
             cond,
             attn.heads,
-            routing.image_keys_values(self.to_k_ip, self.to_v_ip, cond, attn.heads),
+            routing.image_keys_values(self.to_k_ip, self.to_v_ip, cond, attn.heads, self.layer_name),
             lambda: self._name_keys(attn, cache[NAME_ROWS], cache[NAME_ROTARY]),
             ops.working_dtype(attn.to_q.weight.dtype),
             cache,

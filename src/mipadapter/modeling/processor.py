@@ -55,7 +55,7 @@ class MIPAttnProcessor(nn.Module):
         return routing.layer_inputs(
             cond,
             attn.heads,
-            routing.image_keys_values(self.to_k_ip, self.to_v_ip, cond, attn.heads),
+            routing.image_keys_values(self.to_k_ip, self.to_v_ip, cond, attn.heads, self.layer_name),
             lambda: name_keys(attn, cond.name_embeds),
             ops.working_dtype(attn.to_k.weight.dtype),
             {} if cache is None else cache,

@@ -20,16 +20,17 @@ from mipadapter.modeling.conditioning import LayerInputs, SubjectConditioning
 
 
 def image_keys_values(
-    to_k_ip: nn.Module, to_v_ip: nn.Module, cond: SubjectConditioning, heads: int
+    to_k_ip: nn.Module, to_v_ip: nn.Module, cond: SubjectConditioning, heads: int, layer_name: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every condition's image keys (scaled by ``1/sqrt(d)``) and values (scaled by its subject's image
-    scale, its share of the subject and the subject's presence): [b, h, t·N, d] each, token-major."""
+    scale on this layer, its share of the subject and the subject's presence): [b, h, t·N, d] each,
+    token-major."""
     tokens = cond.image_tokens  # [b, N, t, c_kv]
     b, num_cond, t, _ = tokens.shape
     flat = tokens.transpose(1, 2).reshape(b, t * num_cond, -1)  # [b, t·N, c_kv], token-major
     flat = flat.to(to_k_ip.weight.dtype)
     keys = to_k_ip(flat).view(b, t * num_cond, heads, -1).transpose(1, 2)  # [b, h, t·N, d]
-    factor = cond.scales.index_select(1, cond.owner) * cond.share  # [b, N]: s_i·share of each condition
+    factor = cond.scales_at(layer_name).index_select(1, cond.owner) * cond.share  # [b, N]: s_i·share of each condition
     if cond.present is not None:
         factor = factor * cond.present.index_select(1, cond.owner).to(factor.dtype)
     values = to_v_ip(flat).view(b, t * num_cond, heads, -1)  # [b, t·N, h, d]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mipadapter.alignment import align_subjects, subject_labels, unnamed_subjects
-from mipadapter.config import PRESETS, MergeRule, MultiImageMode, RegionMode
+from mipadapter.config import PRESETS, MergeRule, MultiImageMode, NegativeImage, RegionMode
 from mipadapter.modeling.adapter import MIPAdapter
 from mipadapter.modeling.conditioning import (
     CROSS_ATTENTION_KWARG,
@@ -27,12 +27,14 @@ from mipadapter.pipeline.encoding import (
     encode_names,
     encode_photos,
     is_flux,
+    max_sequence_length,
     tokenizers_of,
     unconditional_features,
     unconditional_names,
 )
 from mipadapter.pipeline.loading import default_feature_extractor
 from mipadapter.pipeline.subjects import Subject, region_mask
+from mipadapter.scales import is_layered, layer_scales
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,13 @@ STARVED_SHARE = 0.2
 """A subject routed less than this fraction of its fair share (1/n of the image) gets a warning."""
 NAME_WINDOW = 8
 """Name rows of a compiled pipeline are padded to multiples of this many tokens (one graph for all calls)."""
+DIFFUSERS_IMAGE_ARGUMENTS = (
+    "ip_adapter_image",
+    "ip_adapter_image_embeds",
+    "negative_ip_adapter_image",
+    "negative_ip_adapter_image_embeds",
+)
+"""diffusers' own IP-Adapter arguments: refused, the photos come as ``Subject``s (docs/flux.md)."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,11 @@ class MIPAdapterOutput:
     image_attention: when asked for, one dict per image: label → [H, W] map of where the subject's image
     tokens attend (the image branch's attention, softmax over positions, mean over tokens and heads).
     warnings: ``SubjectWarning``s of the call (also logged).
-    settings: the call's resolved settings (prompt, negative_prompt, guidance_scale, num_inference_steps,
-    height, width, num_images_per_prompt, rule, use_text_weight, multi_image, region_mode, scales by
-    label, names, scheduler): everything needed to run it again.
+    settings: the call's resolved settings (prompt, negative_prompt, negative_image, guidance_scale,
+    num_inference_steps, height, width, num_images_per_prompt, rule, use_text_weight, multi_image,
+    region_mode, scales by label — a number, or per-layer scales as given —, names, scheduler; on FLUX also
+    true_cfg_scale, max_sequence_length, prompt_2 when given, and negative_prompt_embeds: True when the
+    negative came as embeddings, which a recipe cannot hold): everything needed to run it again.
     """
 
     images: Any
@@ -192,6 +203,7 @@ class MIPAdapterPipeline:
         use_text_weight: bool | None = None,
         multi_image: MultiImageMode | str = MultiImageMode.MEAN,
         negative_prompt: str | None = None,
+        negative_image: NegativeImage | str | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float | None = None,
         height: int | None = None,
@@ -215,7 +227,12 @@ class MIPAdapterPipeline:
         image tokens (the authors' choice) or ``each`` photo its own condition. negative_prompt: None
         uses the pipeline's default (``default_negative_prompt``), ``""`` none (on FLUX, where a negative
         prompt only acts with ``true_cfg_scale`` > 1, ``""`` is an empty negative prompt, as in
-        diffusers). height, width: the output size (multiples of one latent cell: 8 px, 16 on FLUX);
+        diffusers; ``negative_prompt_embeds`` with ``negative_pooled_prompt_embeds`` in their place turn true
+        CFG on the same way). negative_image: what the unconditional side sees instead of the photos,
+        ``black`` (a black image through the image encoder: diffusers' FLUX pipeline and x-flux; the
+        default on FLUX) or ``zeros`` (IP-Adapter's zero embedding; the default on UNets). FLUX's
+        ``prompt_2`` (the text T5 encodes) and ``max_sequence_length`` are honoured: the names are
+        checked against the text T5 reads and encoded at that length. height, width: the output size (multiples of one latent cell: 8 px, 16 on FLUX);
         None leaves it to the diffusers pipeline (its default, or the size of an img2img / inpainting /
         ControlNet image).
         require_names_in_prompt: every name must occur in the prompt (a typo fails fast); False allows
@@ -229,6 +246,13 @@ class MIPAdapterPipeline:
         subjects = self._check_call(
             prompt, subjects, num_inference_steps, guidance_scale, height, width, num_images_per_prompt
         )
+        refused = [key for key in DIFFUSERS_IMAGE_ARGUMENTS if pipeline_kwargs.get(key) is not None]
+        if refused:
+            raise ValueError(
+                f"{refused[0]} is not taken: MIPAdapterPipeline takes reference photos as subjects, "
+                "Subject(name, images) or Subject(name, image_embeds=...), and the negative image as "
+                "negative_image='black' or 'zeros'"
+            )
         if CROSS_ATTENTION_KWARG in (pipeline_kwargs.get("cross_attention_kwargs") or {}):
             raise ValueError(f"cross_attention_kwargs[{CROSS_ATTENTION_KWARG!r}] is set by this pipeline")
         config = self.adapter.config
@@ -238,25 +262,54 @@ class MIPAdapterPipeline:
             raise ValueError(
                 "use_text_weight=True needs an adapter trained with a text weight (a MIP checkpoint)"
             )
+        flux = is_flux(pipe)
+        if flux and rule == MergeRule.OFFICIAL and not config.text_weight:
+            raise ValueError(
+                "rule 'official' is not offered on FLUX: it needs a text weight trained on FLUX, which no FLUX "
+                "adapter has yet; use 'paper' or 'uniform'"
+            )
+        negative_image = NegativeImage.parse(
+            negative_image or (NegativeImage.BLACK if flux else NegativeImage.ZEROS)
+        )
         multi_image = MultiImageMode(multi_image)
         names = [subject.name for subject in subjects]
-        warnings_ = self._check_names(prompt, names, require_names_in_prompt)
+        # FLUX routes by T5's rows: the names are checked in the text T5 encodes (diffusers' encode_prompt
+        # gives T5 prompt_2 when set); CLIP's prompt only makes the pooled vector, which keys nothing
+        keyed_prompt = (pipeline_kwargs.get("prompt_2") or prompt) if flux else prompt
+        warnings_ = self._check_names(keyed_prompt, names, require_names_in_prompt)
         modes = {s.region_mode for s in subjects if s.region is not None}
         if len(modes) > 1:
             raise ValueError("all subjects with a region must use the same region_mode in one call")
         expected_size = self._expected_size(height, width, pipeline_kwargs)
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale
-        flux = is_flux(pipe)
+        sequence_length = max_sequence_length(pipe, pipeline_kwargs.get("max_sequence_length")) if flux else None
+        negative_embeds_given = False
         if flux:  # guidance-distilled: no unconditional rows; true CFG runs the negative as its own call
-            # diffusers' reading: any negative prompt, "" included, with true_cfg_scale > 1 turns it on
-            negative = self.default_negative_prompt if negative_prompt is None else negative_prompt
-            halves = [("cond",)] + ([("uncond",)] if _true_cfg(pipeline_kwargs, negative) else [])
+            # diffusers' reading: any negative prompt, "" included, or negative_prompt_embeds with
+            # negative_pooled_prompt_embeds, with true_cfg_scale > 1 turns it on
+            negative_embeds_given = all(
+                pipeline_kwargs.get(key) is not None
+                for key in ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+            )
+            if negative_embeds_given and negative_prompt is not None:
+                raise ValueError("give negative_prompt or negative_prompt_embeds, not both (as diffusers)")
+            negative = negative_prompt
+            if negative is None and not negative_embeds_given:
+                negative = self.default_negative_prompt
+            true_cfg = _true_cfg(pipeline_kwargs, negative is not None or negative_embeds_given)
+            halves = [("cond",)] + ([("uncond",)] if true_cfg else [])
         else:
             negative = self.default_negative_prompt if negative_prompt is None else (negative_prompt or None)
             cfg = guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
             halves = [("uncond", "cond") if cfg else ("cond",)]
-        encoded = self._encode_subjects(subjects, multi_image, uncond=any("uncond" in h for h in halves))
+        encoded = self._encode_subjects(
+            subjects,
+            multi_image,
+            uncond=any("uncond" in h for h in halves),
+            negative_image=negative_image,
+            sequence_length=sequence_length,
+        )
         conditionings = [
             self._assemble(
                 encoded,
@@ -281,7 +334,9 @@ class MIPAdapterPipeline:
         conditioning = conditionings[0] if flux else conditionings[-1]  # the one carrying the cond rows
         call = dict(pipeline_kwargs)
         if flux:
-            negative_embeds = self._flux_negative(negative, num_images_per_prompt, call, len(conditionings) > 1)
+            negative_embeds = self._flux_negative(
+                negative, num_images_per_prompt, call, len(conditionings) > 1, sequence_length
+            )
             hook = self._flux_hook(conditionings, negative_embeds, subjects)
         else:
             call["negative_prompt"] = negative
@@ -311,6 +366,7 @@ class MIPAdapterPipeline:
         output.settings = {
             "prompt": prompt,
             "negative_prompt": negative if unconditional else None,  # what the call used
+            "negative_image": negative_image.value,
             "guidance_scale": float(guidance_scale),
             "num_inference_steps": int(num_inference_steps),
             "height": image_size[0],
@@ -321,11 +377,21 @@ class MIPAdapterPipeline:
             "multi_image": multi_image.value,
             "region_mode": modes.pop().value if modes else None,
             "names": names,
-            "scales": dict(zip(labels, conditioning.scales[-1].tolist(), strict=True)),
+            "scales": {  # per-layer scales as given (a list, or diffusers' dict form), else the resolved one
+                label: subject.scale if is_layered(subject.scale) else value
+                for label, subject, value in zip(
+                    labels, subjects, conditioning.scales[-1].tolist(), strict=True
+                )
+            },
             "scheduler": type(pipe.scheduler).__name__,
         }
         if flux:
             output.settings["true_cfg_scale"] = float(pipeline_kwargs.get("true_cfg_scale", 1.0))
+            output.settings["max_sequence_length"] = sequence_length
+            if pipeline_kwargs.get("prompt_2") is not None:
+                output.settings["prompt_2"] = pipeline_kwargs["prompt_2"]
+            if negative_embeds_given and unconditional:  # the recipe cannot hold them: it says so
+                output.settings["negative_prompt_embeds"] = True
         rows = num_images_per_prompt
         if return_relevance:
             output.relevance, output.relevance_by_resolution = _relevance_arrays(
@@ -430,14 +496,23 @@ class MIPAdapterPipeline:
 
         return hook
 
-    def _flux_negative(self, negative: str | None, rows: int, call: dict, true_cfg: bool):
-        """With true CFG, encode the negative prompt here (the hook recognises the negative call by these
-        embeddings) and put them in ``call``; returns them, or None without true CFG."""
+    def _flux_negative(self, negative: str | None, rows: int, call: dict, true_cfg: bool, sequence_length: int):
+        """With true CFG, the negative call's T5 embeddings, which the hook recognises it by: the caller's
+        ``negative_prompt_embeds`` (diffusers hands them to the transformer as they are), or the negative
+        prompt (and ``negative_prompt_2``) encoded here as diffusers' ``encode_prompt`` would, at the call's
+        ``max_sequence_length``, and put in ``call``. None without true CFG."""
         if not true_cfg:
-            call.pop("negative_prompt", None)
             return None
+        if call.get("negative_prompt_embeds") is not None:
+            return call["negative_prompt_embeds"]
         device = next(self.adapter.parameters()).device
-        embeds, pooled, _ = self.pipe.encode_prompt(prompt=negative, device=device, num_images_per_prompt=rows)
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=negative,
+            prompt_2=call.pop("negative_prompt_2", None),
+            device=device,
+            num_images_per_prompt=rows,
+            max_sequence_length=sequence_length,
+        )
         call.update(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled)
         return embeds
 
@@ -502,9 +577,16 @@ class MIPAdapterPipeline:
             measure_shares=measure_shares,
         )
 
-    def _encode_subjects(self, subjects: Sequence[Subject], multi_image: MultiImageMode, uncond: bool) -> _Encoded:
+    def _encode_subjects(
+        self,
+        subjects: Sequence[Subject],
+        multi_image: MultiImageMode,
+        uncond: bool,
+        negative_image: NegativeImage = NegativeImage.ZEROS,
+        sequence_length: int | None = None,
+    ) -> _Encoded:
         """Photos and names through their encoders, once per call (``uncond``: also what the unconditional
-        rows see)."""
+        rows see, with ``negative_image`` for the photos); sequence_length: FLUX's T5 length of the call."""
         adapter = self.adapter
         device = next(adapter.parameters()).device
         features = [self.encode_subject_features(subject) for subject in subjects]
@@ -517,20 +599,44 @@ class MIPAdapterPipeline:
             cond_tokens = torch.cat(tokens)  # [N, t, c]
             owner = torch.cat([torch.full((len(t),), i, device=device) for i, t in enumerate(tokens)])
             share = torch.cat([torch.full((len(t),), 1.0 / len(t), device=device) for t in tokens])
-        name_embeds, name_mask = encode_names(self.pipe, [s.name for s in subjects], device, self.name_window)
-        scales = torch.tensor(
-            [adapter.config.default_scale if s.scale is None else float(s.scale) for s in subjects],
-            device=device,
+        name_embeds, name_mask = encode_names(
+            self.pipe, [s.name for s in subjects], device, self.name_window, sequence_length
         )
+        # a subject with per-layer scales has none of its own: its layers' scales replace it everywhere
+        scales = torch.tensor(
+            [adapter.config.default_scale if s.scale is None else 1.0 if is_layered(s.scale) else float(s.scale)
+             for s in subjects],
+            device=device,
+        )  # fmt: skip
         encoded = _Encoded(cond_tokens, owner, share, name_embeds, name_mask, scales)
+        encoded.layer_scales = self._layer_scales(subjects, scales)
         if uncond:
             encoded.uncond_tokens = adapter.project(
                 unconditional_features(
-                    self.image_encoder, self.feature_extractor, adapter.config.uses_hidden_states, features[0]
+                    self.image_encoder,
+                    self.feature_extractor,
+                    adapter.config.uses_hidden_states,
+                    features[0],
+                    negative_image.value,
                 )
             )  # [1, t, c]
-            encoded.uncond_names = unconditional_names(self.pipe, name_mask, device)  # [n, m, c]
+            encoded.uncond_names = unconditional_names(self.pipe, name_mask, device, sequence_length)  # [n, m, c]
         return encoded
+
+    def _layer_scales(self, subjects: Sequence[Subject], scales: torch.Tensor) -> torch.Tensor | None:
+        """[L, n]: every subject's scale on each adapter layer (in ``adapter.layer_specs`` order), when a
+        subject gives per-layer scales; None otherwise (one scale per subject on every layer)."""
+        if not any(is_layered(s.scale) for s in subjects):
+            return None
+        names = [layer.name for layer in self.adapter.layer_specs]
+        model = denoiser(self.pipe)
+        columns = [
+            layer_scales(s.scale, names, model, f"subject {s.name!r}")
+            if is_layered(s.scale)
+            else [float(v)] * len(names)
+            for s, v in zip(subjects, scales.tolist(), strict=True)
+        ]
+        return torch.tensor(columns, device=scales.device).T  # [L, n]
 
     def _assemble(
         self,
@@ -589,6 +695,12 @@ class MIPAdapterPipeline:
             recorder=RelevanceRecorder(latent_size, keep_last=keep) if record else None,
             image_attention=RelevanceRecorder(latent_size, keep_last=keep) if record_image_attention else None,
             share_meter=ShareMeter(batch, num_cond, device) if measure_shares else None,
+            layer_scales=None
+            if encoded.layer_scales is None
+            else {
+                layer.name: row.expand(batch, -1)
+                for layer, row in zip(self.adapter.layer_specs, encoded.layer_scales, strict=True)
+            },
         )
 
 
@@ -606,6 +718,7 @@ class _Encoded:
     scales: torch.Tensor
     uncond_tokens: torch.Tensor | None = None
     uncond_names: torch.Tensor | None = None
+    layer_scales: torch.Tensor | None = None  # [L, n] when a subject gives per-layer scales
 
 
 def _cell(pipe) -> int:
@@ -619,10 +732,10 @@ def _default_side(pipe) -> int:
     return sample_size * pipe.vae_scale_factor
 
 
-def _true_cfg(pipeline_kwargs: dict, negative: str | None) -> bool:
-    """Whether a FLUX call runs true classifier-free guidance (diffusers' rule: a scale above 1 and a
-    negative prompt)."""
-    return float(pipeline_kwargs.get("true_cfg_scale", 1.0)) > 1 and negative is not None
+def _true_cfg(pipeline_kwargs: dict, has_negative: bool) -> bool:
+    """Whether a FLUX call runs true classifier-free guidance (diffusers' rule in ``FluxPipeline.__call__``:
+    ``true_cfg_scale > 1`` and a negative prompt or both negative embeddings)."""
+    return float(pipeline_kwargs.get("true_cfg_scale", 1.0)) > 1 and has_negative
 
 
 def _starved(names: list[str], shares: list[float], threshold: float) -> list[SubjectWarning]:

@@ -37,12 +37,25 @@ def first_name_row(pipe) -> int:
     return 0 if is_flux(pipe) else 1
 
 
-def _encode_texts(pipe, texts: list[str], device) -> torch.Tensor:
-    """Texts → the pipeline's own prompt embeddings [k, S, c] (same layers and length as the prompt's)."""
+def max_sequence_length(pipe, given: int | None = None) -> int:
+    """FLUX's T5 length of a call: ``given``, else ``FluxPipeline.__call__``'s default (512)."""
+    if given is not None:
+        return int(given)
+    return int(inspect.signature(pipe.__call__).parameters["max_sequence_length"].default)
+
+
+def _encode_texts(pipe, texts: list[str], device, sequence_length: int | None = None) -> torch.Tensor:
+    """Texts → the pipeline's own prompt embeddings [k, S, c] (same layers and length as the prompt's).
+
+    sequence_length: FLUX only, the call's ``max_sequence_length`` (None: the pipeline's default). T5 runs
+    without an attention mask in ``FluxPipeline._get_t5_prompt_embeds``, so the padding length changes
+    every row: names must be encoded at the prompt's length."""
     if is_flux(pipe):
-        length = inspect.signature(pipe.__call__).parameters["max_sequence_length"].default
         return pipe._get_t5_prompt_embeds(
-            prompt=texts, num_images_per_prompt=1, max_sequence_length=length, device=device
+            prompt=texts,
+            num_images_per_prompt=1,
+            max_sequence_length=max_sequence_length(pipe, sequence_length),
+            device=device,
         )
     if getattr(pipe, "tokenizer_2", None) is not None:
         embeds = pipe.encode_prompt(
@@ -77,16 +90,17 @@ def name_window(longest: int, window: int | None) -> int:
 
 
 def encode_names(
-    pipe, names: Sequence[str], device, window: int | None = None
+    pipe, names: Sequence[str], device, window: int | None = None, sequence_length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each name encoded on its own; the rows of its name tokens (after CLIP's start token), padded.
 
     window: pad to a multiple of this many rows (see ``name_window``); None pads to the longest name.
+    sequence_length: FLUX's ``max_sequence_length`` of the call (None: the pipeline's default).
     An empty name has one row: the end-of-text token in the place where a name would start.
     Returns embeds [n, m, c] (zero on padding rows) and mask [n, m] (bool).
     """
     lengths = name_lengths(pipe, names)
-    embeds = _encode_texts(pipe, list(names), device)  # [n, S, c]
+    embeds = _encode_texts(pipe, list(names), device, sequence_length)  # [n, S, c]
     rows = name_window(max(lengths), window)
     first = first_name_row(pipe)
     if first + rows > embeds.shape[1]:
@@ -98,15 +112,16 @@ def encode_names(
     return gathered * mask[..., None].to(gathered.dtype), mask
 
 
-def unconditional_names(pipe, name_mask: torch.Tensor, device) -> torch.Tensor:
+def unconditional_names(pipe, name_mask: torch.Tensor, device, sequence_length: int | None = None) -> torch.Tensor:
     """The names of classifier-free guidance's unconditional half, as the authors key them: the empty
     string encoded once, and for each subject its rows ``1..n_i`` (``n_i`` = its own name's length; rows
     ``0..n_i−1`` on T5, which has no start token).
 
-    name_mask [n, m] (bool, from ``encode_names``) → embeds [n, m, c] (zero on padding rows).
+    name_mask [n, m] (bool, from ``encode_names``) → embeds [n, m, c] (zero on padding rows);
+    sequence_length: as for ``encode_names``.
     """
     first = first_name_row(pipe)
-    empty = _encode_texts(pipe, [""], device)[0, first : first + name_mask.shape[1]]  # [m, c]
+    empty = _encode_texts(pipe, [""], device, sequence_length)[0, first : first + name_mask.shape[1]]  # [m, c]
     return empty.unsqueeze(0) * name_mask[..., None].to(empty.dtype)
 
 
@@ -120,11 +135,25 @@ def encode_photos(image_encoder, feature_extractor, photos: Sequence, hidden_sta
     return output.hidden_states[-2] if hidden_states else output.image_embeds
 
 
+def black_image(feature_extractor):
+    """A black RGB image at the encoder's input size: what diffusers' FLUX pipeline (``np.zeros((width,
+    height, 3), uint8)``) and x-flux (``neg_image_prompt``) encode as the negative image. Any size gives
+    the same pixels after resizing and cropping: black stays black."""
+    from PIL import Image
+
+    size = feature_extractor.crop_size
+    return Image.new("RGB", (size["width"], size["height"]))
+
+
 def unconditional_features(
-    image_encoder, feature_extractor, hidden_states: bool, like: torch.Tensor
+    image_encoder, feature_extractor, hidden_states: bool, like: torch.Tensor, negative_image: str = "zeros"
 ) -> torch.Tensor:
-    """Features for the unconditional half of CFG, as IP-Adapter does it: a zero embedding for basic
-    adapters, the hidden states of an all-zero pixel input for plus adapters. [1, D] or [1, L, D]."""
+    """Features for the unconditional side of CFG. negative_image ``zeros``: as IP-Adapter does it, a zero
+    embedding for basic adapters, the hidden states of an all-zero pixel input for plus adapters;
+    ``black``: a black image through the encoder, as diffusers' FLUX pipeline and x-flux do.
+    [1, D] or [1, L, D]."""
+    if negative_image == "black":
+        return encode_photos(image_encoder, feature_extractor, [black_image(feature_extractor)], hidden_states)
     if not hidden_states:
         return torch.zeros_like(like[:1])
     parameter = next(image_encoder.parameters())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mipadapter.config import RegionMode
+from mipadapter.scales import check_scale
 
 Box = tuple[float, float, float, float]
 
@@ -23,7 +23,10 @@ class Subject:
     name: the words the prompt uses for it (e.g. "cat", "wooden pot").
     images: one or more reference photos (PIL images); or ``image_embeds``: precomputed image-encoder
         features, [k, D] for basic adapters or [k, L, D] for plus adapters.
-    scale: the image scale ``s_i`` (the adapter's default when None).
+    scale: the image scale ``s_i`` (the adapter's default when None); or one scale per layer, as
+        diffusers' ``set_ip_adapter_scale`` takes them: on FLUX a list with one value per double-stream
+        block (19 on FLUX.1), on a UNet the dict form ``{"down": {"block_2": [0.0, 1.0]}, "mid": 0.5,
+        "up": {"block_0": [0.0, 1.0, 0.0]}}`` (parts and blocks left out get 0, as in diffusers).
     region: where the subject should go, as a box ``(x0, y0, x1, y1)`` in output pixels or a mask
         ([H, W] PIL image, array or tensor, values in [0, 1], any size: it is stretched to the output).
     region_mode: ``replace`` the relevance map with the region, or ``multiply`` it.
@@ -32,7 +35,7 @@ class Subject:
     name: str
     images: Sequence[Any] = field(default_factory=tuple)
     image_embeds: torch.Tensor | None = None
-    scale: float | None = None
+    scale: float | list[float] | dict[str, Any] | None = None
     region: Box | Any | None = None
     region_mode: RegionMode | str = RegionMode.REPLACE
 
@@ -47,8 +50,7 @@ class Subject:
             raise ValueError(
                 f"subject {self.name!r}: give either images or image_embeds (exactly one of them)"
             )
-        if self.scale is not None and (not math.isfinite(float(self.scale)) or float(self.scale) < 0):
-            raise ValueError(f"subject {self.name!r}: scale must be a finite number ≥ 0, got {self.scale!r}")
+        check_scale(self.scale, f"subject {self.name!r}")
         try:
             self.region_mode = RegionMode(self.region_mode)
         except ValueError:

@@ -23,7 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no v
 
 import gradio as gr  # noqa: E402
 
-from mipadapter.config import MergeRule, MultiImageMode, RegionMode  # noqa: E402
+from mipadapter.config import MultiImageMode, RegionMode  # noqa: E402
 from mipadapter.web.handler import (  # noqa: E402
     GenerateRequest,
     Limits,
@@ -32,7 +32,9 @@ from mipadapter.web.handler import (  # noqa: E402
     generate,
     model_family,
     native_side,
+    offered_rules,
     slot_color,
+    takes_true_cfg,
 )
 from mipadapter.web.preview import region_preview  # noqa: E402
 
@@ -337,7 +339,7 @@ def build_app(
                     )
                 with gr.Group():
                     rule = gr.Dropdown(
-                        [rule.value for rule in MergeRule],
+                        offered_rules(pipe),  # no official on FLUX: no FLUX adapter has its text weight
                         value=config.default_rule.value,
                         label="Merge rule",
                         elem_id="rule",
@@ -373,11 +375,26 @@ def build_app(
                         1, limits.max_images, value=1, step=1, label="Images", elem_id="num-images"
                     )
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    flux = takes_true_cfg(pipe)
                     negative_prompt = gr.Textbox(
                         getattr(pipe, "default_negative_prompt", None) or "",
-                        label="Negative prompt (the loaded preset's; empty: none)",
+                        label="Negative prompt (FLUX: used only with a true CFG above 1; empty: an empty one)"
+                        if flux
+                        else "Negative prompt (the loaded preset's; empty: none)",
                         lines=2,
                         elem_id="negative-prompt",
+                    )
+                    true_cfg = (
+                        gr.Number(
+                            1.0,
+                            label="True CFG (FLUX: 1 = off; above 1 a second pass against the negative prompt, "
+                            "diffusers' XLabs example uses 4)",
+                            minimum=1,
+                            maximum=limits.max_guidance,
+                            elem_id="true-cfg",
+                        )
+                        if flux
+                        else None
                     )
                     with gr.Row():
                         guidance = gr.Number(
@@ -466,6 +483,7 @@ def build_app(
                 guidance=values[guidance],
                 region_mode=values[region_mode],
                 multi_image=values[multi_image],
+                true_cfg_scale=None if true_cfg is None else values[true_cfg],
             )
             page = request.session_hash
             progress(0.0, desc="waiting for the model")
@@ -511,6 +529,7 @@ def build_app(
             on_generate,
             inputs={prompt, rule, seed, steps, width, height, num_images, count}
             | {negative_prompt, guidance, region_mode, multi_image}
+            | ({true_cfg} if true_cfg is not None else set())
             | {component for slot in slots for component in slot.inputs},
             outputs=[images, maps, status, history, *errors, *warnings],
             concurrency_limit=1,

@@ -52,6 +52,23 @@ def model_family(pipe) -> str:
     return family(pipe)
 
 
+def offered_rules(pipe) -> list[str]:
+    """The merge rules the page offers: every rule, but ``official`` only where an adapter can have the text
+    weight it needs — not on FLUX, where none has been trained (the pipeline and the CLI refuse it too)."""
+    from mipadapter.config import MergeRule
+    from mipadapter.pipeline.encoding import is_flux
+
+    flux = is_flux(pipe.pipe)
+    return [rule.value for rule in MergeRule if not (flux and rule == MergeRule.OFFICIAL)]
+
+
+def takes_true_cfg(pipe) -> bool:
+    """Whether the page shows FLUX's true-CFG scale (and the negative prompt acts only with it)."""
+    from mipadapter.pipeline.encoding import is_flux
+
+    return is_flux(pipe.pipe)
+
+
 @dataclass
 class SubjectForm:
     """One subject slot of the page, as the page holds it.
@@ -72,7 +89,9 @@ class SubjectForm:
 class GenerateRequest:
     """What the page sends. negative_prompt: None = the pipeline's default (the preset's), "" = none;
     guidance: None = the pipeline's default; region_mode: ``replace`` or ``multiply`` a subject's
-    routing map by its region; multi_image: ``mean`` or ``each`` (several photos of one subject)."""
+    routing map by its region; multi_image: ``mean`` or ``each`` (several photos of one subject);
+    true_cfg_scale: FLUX only, true classifier-free guidance ≥ 1 (None or 1: off; FLUX uses the negative
+    prompt only above 1, as diffusers' FluxPipeline)."""
 
     prompt: str
     subjects: Sequence[SubjectForm]
@@ -86,6 +105,7 @@ class GenerateRequest:
     guidance: float | None = None
     region_mode: str = "replace"
     multi_image: str = "mean"
+    true_cfg_scale: float | None = None
 
 
 @dataclass
@@ -349,6 +369,11 @@ def generate(
         math.isfinite(float(guidance)) and 0 <= float(guidance) <= limits.max_guidance
     ):
         problems.add(None, f"Guidance must lie between 0 and {limits.max_guidance:g}, got {guidance}.")
+    true_cfg = request.true_cfg_scale
+    if true_cfg is not None and not takes_true_cfg(pipe):
+        problems.add(None, "True CFG is FLUX's classifier-free guidance; this model's is Guidance.")
+    elif true_cfg is not None and not (math.isfinite(float(true_cfg)) and 1 <= float(true_cfg) <= limits.max_guidance):
+        problems.add(None, f"True CFG must lie between 1 (off) and {limits.max_guidance:g}, got {true_cfg}.")
     modes = {}
     for label, enum, value in (
         ("region mode", RegionMode, request.region_mode),
@@ -447,6 +472,7 @@ def generate(
         "height": height,
         "width": width,
         "num_images_per_prompt": int(request.num_images),
+        **({} if true_cfg is None or not takes_true_cfg(pipe) else {"true_cfg_scale": float(true_cfg)}),
     }
     try:
         output = pipe(
