@@ -171,9 +171,9 @@ def test_outputs_follow_the_umask(tmp_path):
 
 
 def test_verbose_works_after_the_verb(tmp_path):
-    with pytest.raises(ValueError, match="--steps must be an integer ≥ 1"):  # -v: the real exception
+    with pytest.raises(ValueError, match="--steps must be an integer between 1 and 100"):  # -v: the real exception
         generate(tmp_path / "x.png", "--steps", "0", "-v")
-    with pytest.raises(ValueError, match="--steps must be an integer ≥ 1"):
+    with pytest.raises(ValueError, match="--steps must be an integer between 1 and 100"):
         main(["-v", "generate", "--tiny", "--prompt", "a cat", "--subject", f"cat={CAT}", "--steps", "0"])
 
 

@@ -8,13 +8,17 @@ costs seconds, never a model load or a generation, and never leaves half a resul
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mipadapter import limits
 from mipadapter.alignment import subject_labels
 from mipadapter.cli.options import add_tiny_argument
 from mipadapter.config import DEFAULT_PRESET, PRESETS, MergeRule, MultiImageMode, RegionMode
+from mipadapter.limits import ALLOW_LARGE, DEFAULT_LIMITS, LARGE_LIMITS
 
 DEFAULTS: dict[str, Any] = {
     "output": "out.png",
@@ -132,6 +136,13 @@ def register(subparsers) -> None:
     )
     how.add_argument("--num-images", type=int, help="images generated together, 1 … 64 (default: 1)")
     how.add_argument(
+        "--allow-large",
+        action="store_true",
+        help="raise the caps on size, steps, images, guidance and scale (1536 pixels a side, 100 steps, 4 "
+        "images, guidance 30, scale 1.5) to 8192 a side and 16.8 MP, 10000 steps, 64 images, guidance 1000, "
+        "scale 100, for a GPU that can take it (default: off; docs/limits.md)",
+    )
+    how.add_argument(
         "--rule",
         choices=[rule.value for rule in MergeRule],
         help="merge rule (default: official for MIP adapters, paper for plain IP-Adapters)",
@@ -210,6 +221,8 @@ class SubjectPlan:
     photos: tuple[Path, ...]
     scale: float | None = None
     region: Any = None
+    recorded_photos: bool = False  # the photos come from --from-png's recipe (named so in errors)
+    recorded_scale: bool = False  # the scale comes from the recipe (checked against the caps as such)
 
 
 @dataclass
@@ -263,16 +276,28 @@ def make_plan(args: argparse.Namespace) -> Plan:
     prompt = value("prompt")
     if not prompt or not prompt.strip():
         raise ValueError("--prompt is required (or --from-png IMAGE to rerun a recorded generation)")
-    steps = options.check_int(value("steps"), "--steps", 1)
-    seed = options.check_int(value("seed"), "--seed", *options.SEED_RANGE)
-    num_images = options.check_int(value("num_images"), "--num-images", 1, 64)
-    height = options.check_side(value("height"), "--height", factor)
-    width = options.check_side(value("width"), "--width", factor)
-    guidance = options.check_guidance(value("guidance"))
+    caps, allow = (LARGE_LIMITS, None) if args.allow_large else (DEFAULT_LIMITS, ALLOW_LARGE)
+    where = _origin(args, recipe, source)
+    steps = limits.check_steps(value("steps"), where("steps"), caps, allow=allow)
+    seed = limits.check_seed(value("seed"), where("seed"))
+    num_images = limits.check_images(value("num_images"), where("num_images"), caps, allow=allow)
+    sides = dataclasses.replace(caps, min_side=factor, side_multiple=factor)
+    height, width = (
+        side if side is None else limits.check_side(options.check_side(side, where(dest), factor), where(dest), sides, allow=allow)
+        for dest, side in (("height", value("height")), ("width", value("width")))
+    )
+    guidance = value("guidance")
+    if guidance is not None:
+        guidance = limits.check_guidance(guidance, where("guidance"), caps, allow=allow)
     true_cfg_scale = _true_cfg_scale(args, recipe, flux, models, value("negative_prompt"))
+    if true_cfg_scale is not None:
+        what = "--true-cfg-scale" if args.true_cfg_scale is not None else where("true_cfg_scale")
+        limits.check_number(
+            true_cfg_scale, what, 1, caps.max_guidance, ceiling=LARGE_LIMITS.max_guidance, allow=allow
+        )
     max_mp = value("max_photo_mp")
-    if not max_mp > 0:
-        raise ValueError(f"--max-photo-mp must be > 0, got {max_mp}")
+    if not (math.isfinite(max_mp) and max_mp > 0):
+        raise ValueError(f"--max-photo-mp must be > 0 and finite, got {max_mp}")
 
     subjects = _subjects(args, recipe)
     if arch and (height is None or width is None):
@@ -280,7 +305,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         known = (height or side, width or side)
     else:
         known = (height, width)
-    _apply_overrides(args, subjects, known)
+    if None not in known:
+        limits.check_output_pixels(known[1], known[0], caps, allow=allow)
+    _apply_overrides(args, subjects, known, caps, allow)
+    for subject, label in zip(subjects, subject_labels([s.name for s in subjects]), strict=True):
+        if subject.scale is not None and subject.recorded_scale:  # --scale values were checked as parsed
+            limits.check_scale(subject.scale, f"the scale of {label!r} recorded in {str(source)!r}", caps, allow=allow)
 
     output = check_output_file(value("output"), "-o", IMAGE_SUFFIXES)
     outputs = [
@@ -292,7 +322,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     _refuse_overwriting_inputs(outputs, sheet, subjects, source)
 
     photos = options.open_photos(
-        [options.SubjectArg(s.name, s.photos) for s in subjects], max_pixels=int(max_mp * 1_000_000)
+        [options.SubjectArg(s.name, s.photos, s.recorded_photos) for s in subjects],
+        max_pixels=int(max_mp * 1_000_000),
     )
     device = args.device or (recipe["device"] if recipe else DEFAULTS["device"])
     dtype = args.dtype or (recipe["dtype"] if recipe and not args.device else DEFAULTS["dtype"])
@@ -411,6 +442,18 @@ def _merger(args, recipe):
     return value
 
 
+def _origin(args, recipe, source):
+    """``where(dest)``: how an error names a value: its flag when given (or defaulted), else the recipe
+    field it was read from (``steps recorded in 'out.png'``)."""
+
+    def where(dest: str) -> str:
+        if getattr(args, dest, None) is None and recipe is not None and recipe.get(RECORDED.get(dest, dest)) is not None:
+            return f"{RECORDED.get(dest, dest)} recorded in {str(source)!r}"
+        return "--" + dest.replace("_", "-")
+
+    return where
+
+
 def _models(args, recipe) -> argparse.Namespace:
     """The model flags after ``--from-png``: each recorded model unless its flag is given."""
     from mipadapter.cli import options
@@ -455,22 +498,32 @@ def _subjects(args, recipe) -> list[SubjectPlan]:
         if recipe is not None:
             _keep_recorded_settings(plans, recipe, args.from_png)
         return plans
-    plans = []
+    plans, source = [], Path(args.from_png).expanduser()
     for subject in recipe["subjects"]:
         photos = tuple(Path(photo["path"]) for photo in subject["photos"])
-        plans.append(SubjectPlan(subject["name"], photos, subject["scale"], _recorded_region(subject)))
+        plans.append(
+            SubjectPlan(
+                subject["name"],
+                photos,
+                subject["scale"],
+                _recorded_region(subject, source),
+                recorded_photos=True,
+                recorded_scale=True,
+            )
+        )
     return plans
 
 
-def _recorded_region(subject: dict):
+def _recorded_region(subject: dict, source):
     """A recorded subject's region as a plan holds it: a mask file as its path (recorded again by path and
-    hash), a box or an embedded mask as the pipeline takes it, or None."""
+    hash), a box or an embedded mask as the pipeline takes it (checked by its header first), or None."""
     from mipadapter.recipe import recorded_region
 
     region = subject["region"]
     if isinstance(region, dict) and "path" in region:
         return Path(region["path"])
-    return recorded_region(region) if region is not None else None
+    what = f"the embedded mask of {subject['name']!r} recorded in {str(source)!r}"
+    return recorded_region(region, what) if region is not None else None
 
 
 def _keep_recorded_settings(plans: list[SubjectPlan], recipe: dict, source) -> None:
@@ -487,10 +540,13 @@ def _keep_recorded_settings(plans: list[SubjectPlan], recipe: dict, source) -> N
         region = subject["region"]
         if isinstance(region, dict) and "path" in region:
             check_recorded_file(region, f"{label}'s region mask", source)
-        plan.scale, plan.region = subject["scale"], _recorded_region(subject)
+        plan.scale, plan.region = subject["scale"], _recorded_region(subject, source)
+        plan.recorded_scale = True
 
 
-def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, int | None]) -> None:
+def _apply_overrides(
+    args, subjects: list[SubjectPlan], size: tuple[int | None, int | None], caps=DEFAULT_LIMITS, allow=ALLOW_LARGE
+) -> None:
     """``--scale`` / ``--region`` onto the subjects (``NAME`` all of that name, ``NAME#K`` the K-th)."""
     from mipadapter.cli import options
     from mipadapter.photos import photo_size
@@ -498,14 +554,15 @@ def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, 
     names = [s.name for s in subjects]
     labels = subject_labels(names)
     for index, value in options.address(options.parse_keyed(args.scale, "--scale"), names, "--scale").items():
-        subjects[index].scale = options.parse_scale(value, labels[index])
+        subjects[index].scale = options.parse_scale(value, labels[index], caps, allow)
+        subjects[index].recorded_scale = False
     for index, value in options.address(
         options.parse_keyed(args.region, "--region"), names, "--region"
     ).items():
         box = options.parse_box(value, labels[index])
         if box is None:
             mask = Path(value).expanduser()
-            if not mask.is_file():
+            if not mask.exists():
                 raise FileNotFoundError(
                     f"--region {labels[index]}={value}: neither x0,y0,x1,y1 nor an existing mask image"
                 )
@@ -531,7 +588,8 @@ def _refuse_overwriting_inputs(outputs, sheet, subjects, source) -> None:
     inputs = {source.resolve(): "the --from-png image"} if source else {}
     for subject in subjects:
         for photo in subject.photos:
-            inputs[photo.resolve()] = f"a photo of --subject {subject.name}"
+            owner = f"{subject.name!r}'s recorded photos" if subject.recorded_photos else f"--subject {subject.name}"
+            inputs[photo.resolve()] = f"a photo of {owner}"
         if isinstance(subject.region, Path):
             inputs[subject.region.resolve()] = f"the --region mask of {subject.name}"
     for path, flag in written:
