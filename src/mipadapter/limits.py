@@ -185,5 +185,5 @@ def check_pixels(width: int, height: int, what: str, max_pixels: int | None, how
     if max_pixels is not None and width * height > max_pixels:
         raise LimitError(
             f"{what} is {width}×{height} ({width * height / 1e6:.1f} MP), above the "
-            f"{max_pixels / 1e6:g} MP limit: downscale it, or {how}"
+            f"{max_pixels / 1e6:.3g} MP limit: downscale it, or {how}"
         )

@@ -602,13 +602,13 @@ def verify_inputs(recipe: Mapping[str, Any], source: str | os.PathLike) -> None:
     source: the image the recipe came from (named in the errors). Raises ``FileNotFoundError`` for a
     missing file and ``RecipeError`` for a changed one, naming the file and its subject.
     """
-    for index, subject in enumerate(recipe["subjects"]):
-        label = f"subject #{index + 1} {subject['name']!r}"
-        records = [(f"photo {k + 1}", p) for k, p in enumerate(subject["photos"])]
+    for subject in recipe["subjects"]:
+        name = subject["name"]
+        records = [(f"recorded photo {k + 1} of {name!r}", p) for k, p in enumerate(subject["photos"])]
         if isinstance(subject["region"], Mapping) and "path" in subject["region"]:
-            records.append(("region mask", subject["region"]))
+            records.append((f"the recorded region mask of {name!r}", subject["region"]))
         for what, record in records:
-            check_recorded_file(record, f"{label}'s {what}", source)
+            check_recorded_file(record, what, source)
 
 
 def check_recorded_file(record: Mapping[str, str], what: str, source: str | os.PathLike) -> Path:

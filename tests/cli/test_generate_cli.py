@@ -88,7 +88,7 @@ def test_from_png_reports_a_changed_or_missing_photo(tmp_path, capsys):
     assert main(["generate", "--from-png", str(first), "-o", str(out / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"mipadapter generate: error: subject #1 'cat''s photo 1 '{photo}' has changed since '{first}' "
+        f"mipadapter generate: error: recorded photo 1 of 'cat' '{photo}' has changed since '{first}' "
         "was made (its SHA-256 differs)\n"
     )
     photo.unlink()

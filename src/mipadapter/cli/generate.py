@@ -459,6 +459,13 @@ def _models(args, recipe) -> argparse.Namespace:
     from mipadapter.cli import options
 
     recorded = recipe["models"] if recipe else {}
+    if recorded.get("tiny") is not None and recorded["tiny"] not in options.TINY_ARCHS:
+        from mipadapter.recipe import RecipeError
+
+        raise RecipeError(
+            f"{str(Path(args.from_png).expanduser())!r} models: recipe field 'models.tiny' must be null or one "
+            f"of {', '.join(options.TINY_ARCHS)}, got {recorded['tiny']!r}"
+        )
     tiny = args.tiny or recorded.get("tiny")
     given_real = [
         flag for dest, flag in options.MODEL_FLAGS.items() if dest != "adapter" and getattr(args, dest)
