@@ -350,6 +350,12 @@ def write_image(image, path: str | os.PathLike, recipe: Mapping[str, Any], image
     ``.png``: lossless, recipe in the ``mipadapter`` text chunk. ``.jpg`` / ``.jpeg``: a real JPEG
     (quality 95), recipe in a COM segment. Any other extension is a ``ValueError``.
     """
+    return atomic_write(path, image_writer(image, path, recipe, image_index))
+
+
+def image_writer(image, path: str | os.PathLike, recipe: Mapping[str, Any], image_index: int = 0):
+    """The ``write(tmp)`` function ``write_image`` hands to ``fileio.atomic_write`` (the recipe validated
+    and the format checked now): for writing several images all or none with ``fileio.atomic_write_all``."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
@@ -375,7 +381,7 @@ def write_image(image, path: str | os.PathLike, recipe: Mapping[str, Any], image
         def write(tmp: Path) -> None:
             image.convert("RGB").save(tmp, format="JPEG", quality=JPEG_QUALITY, comment=comment)
 
-    return atomic_write(path, write)
+    return write
 
 
 # ----------------------------------------------------------------------------------------------- reading

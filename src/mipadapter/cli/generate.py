@@ -656,9 +656,10 @@ def call_arguments(plan: Plan) -> dict[str, Any]:
 
 
 def write_outputs(plan: Plan, output, pipe, record) -> None:
-    """Every image with its recipe, then the contact sheet; each written whole or not at all."""
-    from mipadapter.fileio import atomic_write
-    from mipadapter.recipe import RecipeSubject, build_recipe, write_image
+    """Every image with its recipe and the contact sheet, all or none (a full disk at the third image
+    leaves none of them, and the error names that file)."""
+    from mipadapter.fileio import atomic_write_all
+    from mipadapter.recipe import RecipeSubject, build_recipe, image_writer
 
     recipe = build_recipe(
         pipe,
@@ -668,13 +669,15 @@ def write_outputs(plan: Plan, output, pipe, record) -> None:
         models=record,
         call={"prompt": plan.prompt, "region_mode": plan.region_mode, **call_arguments(plan)},
     )
-    for index, (image, path) in enumerate(zip(output.images, plan.outputs, strict=True)):
-        write_image(image, path, recipe, image_index=index)
-        print(path)
+    writes = [
+        (path, image_writer(image, path, recipe, image_index=index))
+        for index, (image, path) in enumerate(zip(output.images, plan.outputs, strict=True))
+    ]
     if plan.contact_sheet is not None:
         from mipadapter.figures import contact_sheet
 
         labels = subject_labels([s.name for s in plan.subjects])
         sheet = contact_sheet(dict(zip(labels, plan.photos, strict=True)), output.images, output.relevance)
-        atomic_write(plan.contact_sheet, lambda tmp: sheet.save(tmp))
-        print(plan.contact_sheet)
+        writes.append((plan.contact_sheet, lambda tmp: sheet.save(tmp)))
+    for path in atomic_write_all(writes):
+        print(path)
