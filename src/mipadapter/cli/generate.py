@@ -80,7 +80,8 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="NAME[#K]=S",
-        help="image scale of a subject, a finite number ≥ 0 (default: the adapter's, 0.75 for mip-sdxl)",
+        help="image scale of a subject, a finite number in 0 … 1.5 (100 with --allow-large) (default: the adapter's, "
+        "0.75 for mip-sdxl)",
     )
     what.add_argument(
         "--region",
@@ -109,11 +110,11 @@ def register(subparsers) -> None:
     )
 
     how = parser.add_argument_group("sampling")
-    how.add_argument("--steps", type=int, help="denoising steps, ≥ 1 (default: 30)")
+    how.add_argument("--steps", type=int, help="denoising steps, 1 … 100 (10000 with --allow-large) (default: 30)")
     how.add_argument(
         "--guidance",
         type=float,
-        help="guidance scale ≥ 0 (default: the base model's, 5.0 SDXL, 7.5 SD1.5, 3.5 FLUX: there the "
+        help="guidance scale, 0 … 30 (1000 with --allow-large) (default: the base model's, 5.0 SDXL, 7.5 SD1.5, 3.5 FLUX: there the "
         "distilled guidance, an input of the model, not classifier-free guidance)",
     )
     how.add_argument(
@@ -127,14 +128,18 @@ def register(subparsers) -> None:
     how.add_argument(
         "--height",
         type=int,
-        help="output height in pixels, a multiple of 8 (16 on FLUX) (default: the model's)",
+        help="output height in pixels, a multiple of 8 (16 on FLUX), at most 1536 (8192 with --allow-large) "
+        "(default: the model's)",
     )
     how.add_argument(
         "--width",
         type=int,
-        help="output width in pixels, a multiple of 8 (16 on FLUX) (default: the model's)",
+        help="output width in pixels, a multiple of 8 (16 on FLUX), at most 1536 (8192 with --allow-large) "
+        "(default: the model's)",
     )
-    how.add_argument("--num-images", type=int, help="images generated together, 1 … 64 (default: 1)")
+    how.add_argument(
+        "--num-images", type=int, help="images generated together, 1 … 4 (64 with --allow-large) (default: 1)"
+    )
     how.add_argument(
         "--allow-large",
         action="store_true",
