@@ -392,10 +392,13 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """
     from PIL import Image, UnidentifiedImageError
 
+    from mipadapter.photos import special_kind
+
     path = Path(path).expanduser()
     name = str(path)
-    if path.is_dir():
-        raise RecipeError(f"{name!r} is a folder, not an image")
+    kind = special_kind(path)
+    if kind is not None:  # a FIFO is never opened: reading it would wait forever
+        raise RecipeError(f"{name!r} is {kind}, not an image")
     if not path.is_file():
         raise FileNotFoundError(f"{name!r} not found")
     try:

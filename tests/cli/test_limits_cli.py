@@ -300,3 +300,5 @@ def test_photos_from_a_recipe_are_named_as_recorded_and_a_fifo_is_never_opened(
             f"--region cat mask '{fifo}' is a named pipe (FIFO), not a photo")  # fmt: skip
     refused(capsys, main(generate_argv(out, "--region", f"cat={tmp_path}")), out,
             f"--region cat mask '{tmp_path}' is a folder, not a photo")  # fmt: skip
+    refused(capsys, main(["generate", "--from-png", str(fifo), "-o", str(out / "x.png")]), out,
+            f"'{fifo}' is a named pipe (FIFO), not an image")  # fmt: skip

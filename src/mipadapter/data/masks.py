@@ -52,7 +52,11 @@ def encode_png(label_map: torch.Tensor | np.ndarray) -> bytes:
 
 
 def read_label_map(path: str) -> np.ndarray:
-    """A label-map PNG as integers [H, W] (palette and 16-bit PNGs keep their raw values)."""
+    """A label-map PNG as integers [H, W] (palette and 16-bit PNGs keep their raw values); refused by its
+    header above the pixel limit (``mipadapter.photos``) before it is decoded."""
+    from mipadapter.photos import image_size
+
+    image_size(path, "label map")
     with Image.open(path) as image:
         array = np.array(image)
     if array.ndim == 3:  # an RGB(A) export of a label map: all channels carry the label

@@ -14,7 +14,6 @@ per-shard completion records meaningful.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -311,17 +310,8 @@ def open_image(item: Item):
     """Decode an item's image fully (RGB), turned upright by its EXIF orientation, refused above the
     pixel limit by its header (`mipadapter.photos`). Raises OSError/ValueError-family errors for corrupt
     or oversized data."""
-    from PIL import Image
-
-    from mipadapter.photos import DEFAULT_MAX_PIXELS, PhotoError, open_photo, upright
+    from mipadapter.photos import open_photo
 
     if item.data is None:
         return open_photo(item.path, f"image {item.id}")
-    with Image.open(io.BytesIO(item.data)) as image:  # a member of a tar shard
-        width, height = image.size
-        if width * height > DEFAULT_MAX_PIXELS:
-            raise PhotoError(
-                f"image {item.id} of {item.shard} is {width}×{height}, above the {DEFAULT_MAX_PIXELS / 1e6:g} MP limit"
-            )
-        image.load()  # decode now: a lazy open accepts a file whose pixels are garbage
-        return upright(image).convert("RGB")
+    return open_photo(item.data, f"image {item.id} of {item.shard}")  # a member of a tar shard
