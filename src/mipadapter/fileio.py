@@ -32,9 +32,7 @@ _UMASK_LOCK = threading.Lock()
 _SWEPT: set[Path] = set()  # folders this process has already swept of stale temporaries
 _SWEPT_LOCK = threading.Lock()
 FOREIGN_STALE_SECONDS = 24 * 3600  # another machine's temporary counts as stale after this
-_TEMP_NAME = re.compile(
-    r"^\..*\.(?P<pid>\d+)@(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}\.tmp(?:\.[A-Za-z0-9]+)?$"
-)
+_TEMP_NAME = re.compile(r"^\..*\.(?P<pid>\d+)@(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}\.tmp(?:\.[A-Za-z0-9]+)?$")
 
 
 def current_umask() -> int:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP per opened image: above any phone photo, far below what exhausts memory
+DEFAULT_MAX_PIXELS = (
+    50_000_000  # 50 MP per opened image: above any phone photo, far below what exhausts memory
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,9 @@ def side_multiple(pipe) -> int:
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping; generate, eval, web
 ALLOW_LARGE = "--allow-large"
 MAX_EMBEDDED_MASK_PIXELS = 16_777_216  # a mask stored in a recipe: the largest output --allow-large permits
-MAX_RECIPE_BYTES = 1 << 20  # a recipe's JSON (Pillow reads no larger PNG text chunk; a JPEG comment holds 64 KiB)
+MAX_RECIPE_BYTES = (
+    1 << 20
+)  # a recipe's JSON (Pillow reads no larger PNG text chunk; a JPEG comment holds 64 KiB)
 
 
 class LimitError(ValueError):
@@ -150,7 +154,9 @@ def check_side(value, what: str, limits: Limits = DEFAULT_LIMITS, *, allow: str 
     return int(value)
 
 
-def check_output_pixels(width: int, height: int, limits: Limits = DEFAULT_LIMITS, *, allow: str | None = None) -> None:
+def check_output_pixels(
+    width: int, height: int, limits: Limits = DEFAULT_LIMITS, *, allow: str | None = None
+) -> None:
     """Width × height within ``limits.output_pixels`` (each side checked on its own by ``check_side``)."""
     pixels = width * height
     if pixels > limits.output_pixels:
@@ -162,15 +168,21 @@ def check_output_pixels(width: int, height: int, limits: Limits = DEFAULT_LIMITS
         )
 
 
-def check_steps(value, what: str = "--steps", limits: Limits = DEFAULT_LIMITS, *, allow: str | None = None) -> int:
+def check_steps(
+    value, what: str = "--steps", limits: Limits = DEFAULT_LIMITS, *, allow: str | None = None
+) -> int:
     return check_integer(value, what, 1, limits.max_steps, ceiling=LARGE_LIMITS.max_steps, allow=allow)
 
 
-def check_images(value, what: str = "--num-images", limits: Limits = DEFAULT_LIMITS, *, allow: str | None = None) -> int:
+def check_images(
+    value, what: str = "--num-images", limits: Limits = DEFAULT_LIMITS, *, allow: str | None = None
+) -> int:
     return check_integer(value, what, 1, limits.max_images, ceiling=LARGE_LIMITS.max_images, allow=allow)
 
 
-def check_guidance(value, what: str = "--guidance", limits: Limits = DEFAULT_LIMITS, *, allow: str | None = None) -> float:
+def check_guidance(
+    value, what: str = "--guidance", limits: Limits = DEFAULT_LIMITS, *, allow: str | None = None
+) -> float:
     return check_number(value, what, 0, limits.max_guidance, ceiling=LARGE_LIMITS.max_guidance, allow=allow)
 
 
@@ -179,7 +191,9 @@ def check_scale(value, what: str, limits: Limits = DEFAULT_LIMITS, *, allow: str
     return check_number(value, what, 0, limits.max_scale, ceiling=LARGE_LIMITS.max_scale, allow=allow)
 
 
-def check_pixels(width: int, height: int, what: str, max_pixels: int | None, how: str = "raise the limit") -> None:
+def check_pixels(
+    width: int, height: int, what: str, max_pixels: int | None, how: str = "raise the limit"
+) -> None:
     """An image's width × height, read from its header, within ``max_pixels`` (None: no limit): checked
     before it is decoded (a 35 KB PNG can decode to gigabytes)."""
     if max_pixels is not None and width * height > max_pixels:

@@ -490,8 +490,14 @@ _FIELDS: dict[str, tuple[str, Any]] = {  # bounds: what --allow-large permits (l
         f"a finite number in 0..{LARGE_LIMITS.max_guidance:g}",
         lambda v: _is_number(v) and 0 <= v <= LARGE_LIMITS.max_guidance,
     ),
-    "height": (f"an integer in 1..{LARGE_LIMITS.max_side}", lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_side),
-    "width": (f"an integer in 1..{LARGE_LIMITS.max_side}", lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_side),
+    "height": (
+        f"an integer in 1..{LARGE_LIMITS.max_side}",
+        lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_side,
+    ),
+    "width": (
+        f"an integer in 1..{LARGE_LIMITS.max_side}",
+        lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_side,
+    ),
     "num_images": (
         f"an integer in 1..{LARGE_LIMITS.max_images}",
         lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_images,
@@ -504,7 +510,10 @@ _FIELDS: dict[str, tuple[str, Any]] = {  # bounds: what --allow-large permits (l
     "scheduler": ("a string", lambda v: isinstance(v, str)),
     "subjects": ("a non-empty list", lambda v: isinstance(v, list) and bool(v)),
     "models": ("an object", lambda v: isinstance(v, Mapping)),
-    "device": ("a device such as cpu, cuda, cuda:1, mps", lambda v: isinstance(v, str) and bool(DEVICE_PATTERN.match(v))),
+    "device": (
+        "a device such as cpu, cuda, cuda:1, mps",
+        lambda v: isinstance(v, str) and bool(DEVICE_PATTERN.match(v)),
+    ),
     "dtype": (f"one of {DTYPES}", lambda v: v in DTYPES),
     "versions": ("an object", lambda v: isinstance(v, Mapping)),
 }

@@ -80,8 +80,8 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="NAME[#K]=S",
-        help="image scale of a subject, a finite number in 0 … 1.5 (100 with --allow-large) (default: the adapter's, "
-        "0.75 for mip-sdxl)",
+        help="image scale of a subject, a finite number in 0 … 1.5 (100 with --allow-large) (default: the "
+        "adapter's, 0.75 for mip-sdxl)",
     )
     what.add_argument(
         "--region",
@@ -110,12 +110,14 @@ def register(subparsers) -> None:
     )
 
     how = parser.add_argument_group("sampling")
-    how.add_argument("--steps", type=int, help="denoising steps, 1 … 100 (10000 with --allow-large) (default: 30)")
+    how.add_argument(
+        "--steps", type=int, help="denoising steps, 1 … 100 (10000 with --allow-large) (default: 30)"
+    )
     how.add_argument(
         "--guidance",
         type=float,
-        help="guidance scale, 0 … 30 (1000 with --allow-large) (default: the base model's, 5.0 SDXL, 7.5 SD1.5, 3.5 FLUX: there the "
-        "distilled guidance, an input of the model, not classifier-free guidance)",
+        help="guidance scale, 0 … 30 (1000 with --allow-large) (default: the base model's, 5.0 SDXL, 7.5 "
+        "SD1.5, 3.5 FLUX: there the distilled guidance, an input of the model, not classifier-free guidance)",
     )
     how.add_argument(
         "--true-cfg-scale",
@@ -138,7 +140,9 @@ def register(subparsers) -> None:
         "(default: the model's)",
     )
     how.add_argument(
-        "--num-images", type=int, help="images generated together, 1 … 4 (64 with --allow-large) (default: 1)"
+        "--num-images",
+        type=int,
+        help="images generated together, 1 … 4 (64 with --allow-large) (default: 1)",
     )
     how.add_argument(
         "--allow-large",
@@ -286,11 +290,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     steps = limits.check_steps(value("steps"), where("steps"), caps, allow=allow)
     seed = limits.check_seed(value("seed"), where("seed"))
     num_images = limits.check_images(value("num_images"), where("num_images"), caps, allow=allow)
-    sides = dataclasses.replace(caps, min_side=factor, side_multiple=factor)
-    height, width = (
-        side if side is None else limits.check_side(options.check_side(side, where(dest), factor), where(dest), sides, allow=allow)
-        for dest, side in (("height", value("height")), ("width", value("width")))
-    )
+    height, width = (_side(value(dest), where(dest), factor, caps, allow) for dest in ("height", "width"))
     guidance = value("guidance")
     if guidance is not None:
         guidance = limits.check_guidance(guidance, where("guidance"), caps, allow=allow)
@@ -315,7 +315,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     _apply_overrides(args, subjects, known, caps, allow)
     for subject, label in zip(subjects, subject_labels([s.name for s in subjects]), strict=True):
         if subject.scale is not None and subject.recorded_scale:  # --scale values were checked as parsed
-            limits.check_scale(subject.scale, f"the scale of {label!r} recorded in {str(source)!r}", caps, allow=allow)
+            what = f"the scale of {label!r} recorded in {str(source)!r}"
+            limits.check_scale(subject.scale, what, caps, allow=allow)
 
     output = check_output_file(value("output"), "-o", IMAGE_SUFFIXES)
     outputs = [
@@ -356,6 +357,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
         source=source,
         compile=bool(args.compile),
     )
+
+
+def _side(side: int | None, what: str, factor: int, caps, allow: str | None) -> int | None:
+    """An output side (None: the model's): on the latent grid of ``factor`` pixels, within the caps."""
+    from mipadapter.cli import options
+
+    if side is None:
+        return None
+    options.check_side(side, what, factor)
+    sides = dataclasses.replace(caps, min_side=factor, side_multiple=factor)
+    return limits.check_side(side, what, sides, allow=allow)
 
 
 def _is_flux(args, models, recipe) -> bool:
@@ -452,8 +464,9 @@ def _origin(args, recipe, source):
     field it was read from (``steps recorded in 'out.png'``)."""
 
     def where(dest: str) -> str:
-        if getattr(args, dest, None) is None and recipe is not None and recipe.get(RECORDED.get(dest, dest)) is not None:
-            return f"{RECORDED.get(dest, dest)} recorded in {str(source)!r}"
+        key = RECORDED.get(dest, dest)
+        if getattr(args, dest, None) is None and recipe is not None and recipe.get(key) is not None:
+            return f"{key} recorded in {str(source)!r}"
         return "--" + dest.replace("_", "-")
 
     return where
@@ -468,8 +481,8 @@ def _models(args, recipe) -> argparse.Namespace:
         from mipadapter.recipe import RecipeError
 
         raise RecipeError(
-            f"{str(Path(args.from_png).expanduser())!r} models: recipe field 'models.tiny' must be null or one "
-            f"of {', '.join(options.TINY_ARCHS)}, got {recorded['tiny']!r}"
+            f"{str(Path(args.from_png).expanduser())!r} models: recipe field 'models.tiny' must be null or "
+            f"one of {', '.join(options.TINY_ARCHS)}, got {recorded['tiny']!r}"
         )
     tiny = args.tiny or recorded.get("tiny")
     given_real = [
@@ -557,7 +570,11 @@ def _keep_recorded_settings(plans: list[SubjectPlan], recipe: dict, source) -> N
 
 
 def _apply_overrides(
-    args, subjects: list[SubjectPlan], size: tuple[int | None, int | None], caps=DEFAULT_LIMITS, allow=ALLOW_LARGE
+    args,
+    subjects: list[SubjectPlan],
+    size: tuple[int | None, int | None],
+    caps=DEFAULT_LIMITS,
+    allow: str | None = ALLOW_LARGE,
 ) -> None:
     """``--scale`` / ``--region`` onto the subjects (``NAME`` all of that name, ``NAME#K`` the K-th)."""
     from mipadapter.cli import options
@@ -600,7 +617,7 @@ def _refuse_overwriting_inputs(outputs, sheet, subjects, source) -> None:
     inputs = {source.resolve(): "the --from-png image"} if source else {}
     for subject in subjects:
         for photo in subject.photos:
-            owner = f"{subject.name!r}'s recorded photos" if subject.recorded_photos else f"--subject {subject.name}"
+            owner = f"{subject.name!r} (recorded)" if subject.recorded_photos else f"--subject {subject.name}"
             inputs[photo.resolve()] = f"a photo of {owner}"
         if isinstance(subject.region, Path):
             inputs[subject.region.resolve()] = f"the --region mask of {subject.name}"

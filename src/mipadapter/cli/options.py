@@ -151,7 +151,9 @@ def parse_subjects(values: Sequence[str]) -> list[SubjectArg]:
     return subjects
 
 
-def parse_scale(value: str, label: str, caps: limits.Limits = limits.DEFAULT_LIMITS, allow: str | None = None) -> float:
+def parse_scale(
+    value: str, label: str, caps: limits.Limits = limits.DEFAULT_LIMITS, allow: str | None = None
+) -> float:
     """``--scale NAME=S``'s number, finite, in ``0 … caps.max_scale`` (``allow``: the flag that raises it)."""
     try:
         scale = float(value)
