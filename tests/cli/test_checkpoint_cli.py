@@ -129,3 +129,18 @@ def test_a_pickled_file_with_integer_weights_is_refused_too(tmp_path, capsys):
         "point (float32, float16, bfloat16)\n",
     )
     assert not target.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_finiteness_check_has_no_false_alarm_and_misses_nothing(dtype):
+    from mipadapter.checkpoint import CheckpointError
+    from mipadapter.checkpoint.io import check_weights
+
+    top = torch.finfo(dtype).max
+    huge = torch.full((64,), top, dtype=dtype)  # every value finite, their sum overflows
+    check_weights("f.safetensors", {"a": huge, "b": -huge, "c": torch.zeros(0, dtype=dtype)})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        values = torch.randn(5, 7).to(dtype)
+        values[4, 6] = bad
+        with pytest.raises(CheckpointError, match=r"^f\.safetensors: tensor b holds NaN or infinite values"):
+            check_weights("f.safetensors", {"a": huge, "b": values, "c": values})

@@ -79,8 +79,18 @@ def check_weights(source: str, state: Mapping[str, object]) -> None:
                 "floating point (float32, float16, bfloat16)"
             )
     for key in sorted(state):
-        if not bool(torch.isfinite(state[key]).all()):
+        if not _finite(state[key]):
             raise CheckpointError(f"{source}: tensor {key} holds NaN or infinite values (the first such key)")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. A sum is finite when every value is (NaN and ±inf propagate), and
+    costs a fifth of ``isfinite(...).all()``; only a non-finite sum (or one that overflowed) is checked
+    value by value."""
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(tensor.sum(dtype=accumulate))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _read_safetensors(path: Path) -> AdapterFile:
