@@ -76,10 +76,8 @@ def side_multiple(pipe) -> int:
 # ----------------------------------------------------------------------------------------------- checks
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping; generate, eval, web
 ALLOW_LARGE = "--allow-large"
-MAX_EMBEDDED_MASK_PIXELS = 16_777_216  # a mask stored in a recipe: the largest output --allow-large permits
-MAX_RECIPE_BYTES = (
-    1 << 20
-)  # a recipe's JSON (Pillow reads no larger PNG text chunk; a JPEG comment holds 64 KiB)
+# a recipe's JSON: Pillow reads no larger PNG text chunk, and a JPEG comment holds 64 KiB
+MAX_RECIPE_BYTES = 1 << 20
 
 
 class LimitError(ValueError):
@@ -101,6 +99,8 @@ LARGE_LIMITS = Limits(
 """The bounds ``--allow-large`` raises the caps to: what a big GPU can still run with finite numbers
 (float16 overflows at 65504; a guidance or scale in the thousands only multiplies noise)."""
 
+MAX_EMBEDDED_MASK_PIXELS = LARGE_LIMITS.output_pixels  # a mask stored in a recipe: the largest output allowed
+
 
 def _hint(value, cap, ceiling, allow: str | None) -> str:
     """`` (--allow-large allows up to N)`` when ``value`` is above ``cap`` but within ``ceiling``."""
@@ -113,8 +113,8 @@ def check_integer(
     value, what: str, low: int, high: int, *, ceiling: int | None = None, allow: str | None = None
 ) -> int:
     """``value`` as an int in ``low..high``; a ``LimitError`` naming ``what`` otherwise (with the flag
-    ``allow`` that raises ``high`` up to ``ceiling`` when that would help). Booleans and floats that are
-    not whole numbers are refused."""
+    ``allow`` that raises ``high`` up to ``ceiling`` when that would help). Booleans and floats (even
+    whole ones: a recipe's ``1e9`` is not a step count) are refused."""
     whole = isinstance(value, int) and not isinstance(value, bool)
     if not whole or not low <= value <= high:
         hint = _hint(value, high, ceiling, allow) if whole else ""
