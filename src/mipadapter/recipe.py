@@ -89,7 +89,8 @@ MODEL_FAMILIES = (  # diffusers pipeline class-name prefix → the family a pers
 MULTI_IMAGE_MODES = ("mean", "each")
 REGION_MODES = ("replace", "multiply")
 DTYPES = ("float32", "float16", "bfloat16")
-DEVICE_PATTERN = re.compile(r"^(cpu|cuda|mps|xpu)(:\d{1,3})?$")  # what str(torch.device) writes for ours
+# what str(torch.device) writes for a device that holds weights ("meta" holds none: refused)
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda|mps|xpu|npu|hpu|mtia|xla|hip)(:\d{1,3})?$")
 
 
 class RecipeError(ValueError):
