@@ -88,7 +88,7 @@ MODEL_FAMILIES = (  # diffusers pipeline class-name prefix → the family a pers
 )
 MULTI_IMAGE_MODES = ("mean", "each")
 REGION_MODES = ("replace", "multiply")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "float64")  # a Python caller may run in float64
 # what str(torch.device) writes for a device that holds weights ("meta" holds none: refused)
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda|mps|xpu|npu|hpu|mtia|xla|hip)(:\d{1,3})?$")
 

@@ -192,7 +192,7 @@ FIELDS = [
     (lambda r: r.update(device="meta"),
      "'{png}': recipe field 'device' must be a device such as cpu, cuda, cuda:1, mps, got 'meta'"),
     (lambda r: r.update(dtype="int8"),
-     "'{png}': recipe field 'dtype' must be one of ('float32', 'float16', 'bfloat16'), got 'int8'"),
+     "'{png}': recipe field 'dtype' must be one of ('float32', 'float16', 'bfloat16', 'float64'), got 'int8'"),
     (lambda r: r["models"].update(tiny="banana"),
      "'{png}' models: recipe field 'models.tiny' must be null or one of sdxl, sd15, flux, got 'banana'"),
     (lambda r: r["subjects"][0].update(region={"png_base64": "!!not base64!!"}),
