@@ -77,3 +77,79 @@ def test_mode(tmp_path):
     Image.new("L", (8, 8), 7).save(path)
     assert open_photo(path).mode == "RGB"
     assert open_photo(path, mode=None).mode == "L"
+
+
+# ----------------------------------------------------------------------------------------------- issue 18
+def _uint16_gradient(width=256, height=32):
+    """A horizontal 0 … 65535 ramp (mean 32767.5, i.e. 127.5 on 8 bits)."""
+    return np.tile(np.linspace(0, 65535, width), (height, 1)).astype(np.uint16)
+
+
+def test_a_16_bit_gradient_keeps_its_full_range(tmp_path):
+    path = tmp_path / "grey16.png"
+    Image.fromarray(_uint16_gradient()).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode == "I;16"  # what the test is about: Pillow's own convert clips this to white
+    photo = np.asarray(open_photo(path), dtype=np.float64)
+    assert abs(photo.mean() - 127.5) <= 0.02 * 127.5, photo.mean()
+    assert photo.min() == 0 and photo.max() == 255
+    mask = np.asarray(open_photo(path, mode="L"), dtype=np.float64)
+    assert abs(mask.mean() - 127.5) <= 0.02 * 127.5
+    assert np.all(np.diff(mask[0]) >= 0)  # a ramp stays a ramp: no clipping plateau
+    assert (mask[0] == 255).sum() <= 2
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ramp: Image.fromarray(ramp.astype(np.int32), mode="I"),  # 16-bit files in older Pillow
+        lambda ramp: Image.fromarray((ramp / 65535).astype(np.float32), mode="F"),  # floats in 0 … 1
+        lambda ramp: Image.fromarray((ramp / 257).astype(np.float32), mode="F"),  # floats in 0 … 255
+    ],
+    ids=["I", "F 0-1", "F 0-255"],
+)
+def test_integer_and_float_modes_keep_their_full_range(tmp_path, make):
+    from mipadapter.photos import to_mode
+
+    image = make(_uint16_gradient().astype(np.float64))
+    for mode in ("RGB", "L"):
+        values = np.asarray(to_mode(image, mode), dtype=np.float64)
+        assert abs(values.mean() - 127.5) <= 0.02 * 127.5, (image.mode, mode, values.mean())
+
+
+def test_transparency_is_flattened_over_white_for_photos_and_black_for_masks(tmp_path):
+    grey = np.full((8, 8), 100, np.uint8)
+    alpha = np.zeros((8, 8), np.uint8)
+    alpha[:, :4] = 255  # left half opaque grey, right half transparent
+    la = tmp_path / "la.png"
+    Image.fromarray(np.stack([grey, alpha], -1), mode="LA").save(la)
+    palette = tmp_path / "p.png"
+    indexed = Image.fromarray((alpha == 0).astype(np.uint8), mode="P")  # index 1 = transparent
+    indexed.putpalette([100, 100, 100, 0, 0, 0] + [0] * 762)
+    indexed.save(palette, transparency=1)
+    for path in (la, palette):
+        photo = np.asarray(open_photo(path))
+        assert (photo[:, :4] == 100).all() and (photo[:, 4:] == 255).all(), path.name
+        mask = np.asarray(open_photo(path, mode="L"))
+        assert (mask[:, :4] == 100).all() and (mask[:, 4:] == 0).all(), path.name
+
+
+def test_a_fifo_or_a_folder_is_named_as_such_and_never_opened(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would block this test forever
+    with pytest.raises(PhotoError, match=r"^photo '.*pipe\.png' is a named pipe \(FIFO\), not a photo$"):
+        open_photo(fifo)
+    with pytest.raises(PhotoError, match=r"^photo '.*' is a folder, not a photo$"):
+        photo_size(tmp_path)
+
+
+def test_encoded_bytes_are_refused_by_their_header_too():
+    buffer = io.BytesIO()
+    Image.new("L", (3000, 2000)).save(buffer, format="PNG")
+    with pytest.raises(PhotoError, match=r"^embedded mask is 3000×2000 \(6\.0 MP\), above the 5 MP limit"):
+        open_photo(buffer.getvalue(), "embedded mask", mode="L", max_pixels=5_000_000)
+    assert open_photo(buffer.getvalue(), "embedded mask", mode="L").size == (3000, 2000)
+    with pytest.raises(PhotoError, match=r"^embedded mask is not an image file Pillow can read$"):
+        open_photo(b"not a png", "embedded mask")

@@ -137,11 +137,11 @@ def test_verify_inputs_names_a_changed_or_missing_photo(generated, tmp_path):
     recipe["subjects"][0]["photos"] = [{"path": str(photo), "sha256": file_sha256(photo)}]
     verify_inputs(recipe, "out.png")  # unchanged: passes
     photo.write_bytes(BACKPACK.read_bytes())
-    with pytest.raises(RecipeError, match=r"subject #1 'cat'.*cat\.jpg.*has changed since 'out\.png'"):
+    with pytest.raises(RecipeError, match=r"recorded photo 1 of 'cat'.*cat\.jpg.*has changed since 'out\.png'"):
         verify_inputs(recipe, "out.png")
     photo.unlink()
     with pytest.raises(
-        FileNotFoundError, match=r"subject #1 'cat'.*cat\.jpg.*recorded in 'out\.png', is missing"
+        FileNotFoundError, match=r"recorded photo 1 of 'cat'.*cat\.jpg.*recorded in 'out\.png', is missing"
     ):
         verify_inputs(recipe, "out.png")
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from mipadapter.limits import LARGE_LIMITS, check_number
+
 
 class MergeRule(str, Enum):
     """How the subjects' image-attention outputs are merged with the text output (docs/method.md).
@@ -114,8 +116,16 @@ class AdapterConfig:
         if self.projection == "basic" and any(field is not None for field in plus_fields):
             raise ValueError(f"a basic projection takes no resampler fields, got {plus_fields}")
         for name in ("image_embed_dim", "cross_attention_dim", "num_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("resampler_dim", "resampler_depth", "resampler_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.text_weight, bool):
+            raise ValueError(f"text_weight must be true or false, got {self.text_weight!r}")
+        check_number(self.default_scale, "default_scale", 0, LARGE_LIMITS.max_scale)
 
     @property
     def default_rule(self) -> MergeRule:

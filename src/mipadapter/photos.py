@@ -3,17 +3,22 @@
 A photo is refused by its header before it is decoded when it has more pixels than a limit (decoding a
 10000×10000 photo takes 2 GB and seconds), a truncated or unreadable file is reported with its path, and
 the EXIF orientation a phone writes is applied, so a portrait photo reaches the image encoder upright.
+Every mode Pillow opens is converted with its full range (``to_mode``): a 16-bit greyscale PNG is not
+clipped to white, a transparent background becomes white (black in a mask). A folder, a FIFO or a device
+given as a photo is named as such and never opened (opening a FIFO would block).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mipadapter.limits import DEFAULT_MAX_PIXELS
+from mipadapter.limits import DEFAULT_MAX_PIXELS, check_pixels
 
 EXIF_ORIENTATION = 0x0112
 
@@ -30,34 +35,83 @@ def upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def photo_size(path: str | os.PathLike, what: str = "photo", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) as stored in the file's header, without decoding it; checks what can be checked
-    from the header: that it is a file, an image, and within ``max_pixels`` (None: no limit)."""
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What a path that is not a regular file is ("a folder", "a named pipe (FIFO)" …), None for a regular
+    file or a missing path. Read with ``stat``: nothing is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def check_is_file(path: str | os.PathLike, what: str = "photo") -> Path:
+    """``path`` if it is a regular file; ``PhotoError`` naming a folder, FIFO or device as such,
+    ``FileNotFoundError`` when it does not exist."""
     path = Path(path)
-    if path.is_dir():
-        raise PhotoError(f"{what} {str(path)!r} is a folder, not a photo")
+    kind = special_kind(path)
+    if kind is not None:
+        raise PhotoError(f"{what} {str(path)!r} is {kind}, not a photo")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} not found")
+    return path
+
+
+def _source(path_or_bytes) -> tuple[object, str]:
+    """What ``Image.open`` reads and how messages name it: a checked file path, or bytes (named by
+    ``what`` alone)."""
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        return io.BytesIO(path_or_bytes), ""
+    return path_or_bytes, f" {str(path_or_bytes)!r}"
+
+
+def image_size(
+    source: str | os.PathLike | bytes, what: str = "photo", max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
+    """(width, height) as stored in the header of a file or of encoded bytes (an embedded mask), without
+    decoding the pixels; checks that it is an image within ``max_pixels`` (None: no limit)."""
+    if not isinstance(source, (bytes, bytearray)):
+        source = check_is_file(source, what)
+    opened, named = _source(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            with Image.open(path) as image:
+            with Image.open(opened) as image:
                 width, height = image.size
     except Image.DecompressionBombError:
-        raise PhotoError(f"{what} {str(path)!r} has more pixels than Pillow will decode") from None
+        raise PhotoError(f"{what}{named} has more pixels than Pillow will decode") from None
     except UnidentifiedImageError:
-        raise PhotoError(f"{what} {str(path)!r} is not an image file Pillow can read") from None
+        raise PhotoError(f"{what}{named} is not an image file Pillow can read") from None
     except OSError as error:
-        raise PhotoError(f"{what} {str(path)!r} cannot be read: {error}") from None
-    if max_pixels is not None and width * height > max_pixels:
-        raise PhotoError(
-            f"{what} {str(path)!r} is {width}×{height} ({width * height / 1e6:.1f} MP), above the "
-            f"{max_pixels / 1e6:g} MP limit: downscale it, or raise the limit"
-        )
+        raise PhotoError(f"{what}{named} cannot be read: {error}") from None
+    try:
+        check_pixels(width, height, f"{what}{named}", max_pixels)
+    except ValueError as error:
+        raise PhotoError(str(error)) from None
     return width, height
 
 
-def upright_size(path: str | os.PathLike, what: str = "photo", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+def photo_size(
+    path: str | os.PathLike, what: str = "photo", max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
+    """(width, height) as stored in the file's header, without decoding it; checks what can be checked
+    from the header: that it is a file, an image, and within ``max_pixels`` (None: no limit)."""
+    return image_size(Path(path), what, max_pixels)
+
+
+def upright_size(
+    path: str | os.PathLike, what: str = "photo", max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
     """(width, height) of the photo as ``open_photo`` will give it (a quarter-turn EXIF orientation swaps
     the sides), from its header alone; the same checks as ``photo_size``."""
     width, height = photo_size(path, what, max_pixels)
@@ -69,29 +123,69 @@ def upright_size(path: str | os.PathLike, what: str = "photo", max_pixels: int |
     return (height, width) if turned else (width, height)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Integer modes read as 0 … 65535 (a 16-bit PNG opens as ``I;16``, or ``I`` in older Pillow)."""
+
+
+def _to_8bit_grey(image: Image.Image) -> Image.Image:
+    """An ``I;16``/``I``/``F`` image → ``L`` with its full range: integers as 0 … 65535; floats as
+    0 … 1 when none exceeds 1, else as 0 … 255."""
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = float(np.nanmax(values)) if values.size else 0.0
+        values = values * 255.0 if top <= 1.0 else values
+    else:
+        values = values / 257.0  # 65535 → 255
+    values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode`` ("RGB" for photos, "L" for masks) with its full range.
+
+    High-bit modes (``I;16``, ``I``, ``F``) are scaled to 8 bits, not clipped. Transparency (an alpha band,
+    or a palette or colour key marked transparent) is flattened: over white for an RGB photo (the
+    background a viewer shows), over black for a mask (transparent = not the subject).
+    """
+    if image.mode == mode:
+        return image
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
+        image = _to_8bit_grey(image)
+        return image if mode == "L" else image.convert(mode)
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = (255, 255, 255, 255) if mode != "L" else (0, 0, 0, 255)
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
+    return image.convert(mode)
+
+
 def open_photo(
-    path: str | os.PathLike,
+    path: str | os.PathLike | bytes,
     what: str = "photo",
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     mode: str | None = "RGB",
     turn: bool = True,
 ) -> Image.Image:
-    """Decode a photo fully, upright, in ``mode`` (None keeps the file's mode).
+    """Decode a photo fully, upright, in ``mode`` (None keeps the file's mode; see ``to_mode``).
 
-    what: how errors name it (``--subject cat``, ``photo #2 of 'cat'``, a config key). turn: False keeps
-    the stored pixel frame (the EXIF bytes stay in ``info``, for ``upright`` later: boxes recorded in the
-    stored frame are cut there first). Raises ``FileNotFoundError`` or ``PhotoError`` (a ``ValueError``)
-    with the path in the message.
+    path: a file, or encoded bytes (an embedded mask; errors then name it by ``what`` alone). what: how
+    errors name it (``--subject cat``, ``photo #2 of 'cat'``, a config key). turn: False keeps the stored
+    pixel frame (the EXIF bytes stay in ``info``, for ``upright`` later: boxes recorded in the stored
+    frame are cut there first). The size is checked from the header before decoding. Raises
+    ``FileNotFoundError`` or ``PhotoError`` (a ``ValueError``) with the path in the message.
     """
-    photo_size(path, what, max_pixels)
+    image_size(path, what, max_pixels)
+    opened, named = _source(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(opened) as image:
                 image.load()
                 turned = upright(image) if turn else image
-                converted = turned if mode is None or turned.mode == mode else turned.convert(mode)
+                converted = turned if mode is None else to_mode(turned, mode)
                 return converted.copy() if converted is image else converted
     except OSError as error:  # "image file is truncated", broken data streams
-        raise PhotoError(f"{what} {str(path)!r} cannot be decoded: {error}") from None
+        raise PhotoError(f"{what}{named} cannot be decoded: {error}") from None

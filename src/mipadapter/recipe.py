@@ -63,6 +63,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -70,6 +71,13 @@ from pathlib import Path
 from typing import Any
 
 from mipadapter.fileio import atomic_write
+from mipadapter.limits import (
+    DEFAULT_MAX_PIXELS,
+    LARGE_LIMITS,
+    MAX_EMBEDDED_MASK_PIXELS,
+    MAX_RECIPE_BYTES,
+    SEED_RANGE,
+)
 from mipadapter.provenance import file_sha256
 
 RECIPE_VERSION = 2
@@ -88,6 +96,9 @@ MODEL_FAMILIES = (  # diffusers pipeline class-name prefix → the family a pers
 )
 MULTI_IMAGE_MODES = ("mean", "each")
 REGION_MODES = ("replace", "multiply")
+DTYPES = ("float32", "float16", "bfloat16", "float64")  # a Python caller may run in float64
+# what str(torch.device) writes for a device that holds weights ("meta" holds none: refused)
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda|mps|xpu|npu|hpu|mtia|xla|hip)(:\d{1,3})?$")
 
 
 class RecipeError(ValueError):
@@ -357,6 +368,12 @@ def write_image(image, path: str | os.PathLike, recipe: Mapping[str, Any], image
     ``.png``: lossless, recipe in the ``mipadapter`` text chunk. ``.jpg`` / ``.jpeg``: a real JPEG
     (quality 95), recipe in a COM segment. Any other extension is a ``ValueError``.
     """
+    return atomic_write(path, image_writer(image, path, recipe, image_index))
+
+
+def image_writer(image, path: str | os.PathLike, recipe: Mapping[str, Any], image_index: int = 0):
+    """The ``write(tmp)`` function ``write_image`` hands to ``fileio.atomic_write`` (the recipe validated
+    and the format checked now): for writing several images all or none with ``fileio.atomic_write_all``."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
@@ -382,7 +399,7 @@ def write_image(image, path: str | os.PathLike, recipe: Mapping[str, Any], image
         def write(tmp: Path) -> None:
             image.convert("RGB").save(tmp, format="JPEG", quality=JPEG_QUALITY, comment=comment)
 
-    return atomic_write(path, write)
+    return write
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -393,15 +410,24 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """
     from PIL import Image, UnidentifiedImageError
 
+    from mipadapter.photos import special_kind
+
     path = Path(path).expanduser()
     name = str(path)
-    if path.is_dir():
-        raise RecipeError(f"{name!r} is a folder, not an image")
+    kind = special_kind(path)
+    if kind is not None:  # a FIFO is never opened: reading it would wait forever
+        raise RecipeError(f"{name!r} is {kind}, not an image")
     if not path.is_file():
         raise FileNotFoundError(f"{name!r} not found")
     try:
         with Image.open(path) as image:
             if image.format == "PNG":
+                from mipadapter.photos import PhotoError, image_size
+
+                try:  # the pixels are decoded (a truncated file is refused): never a bomb
+                    image_size(path, "the image", max_pixels=DEFAULT_MAX_PIXELS)
+                except PhotoError as error:
+                    raise RecipeError(f"{name!r}: {error}") from None
                 image.load()  # text chunks after the image data are read only on load
                 text = image.text.get(PNG_KEY)
             elif image.format == "JPEG":
@@ -416,16 +442,31 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise RecipeError(f"{name!r} is not an image file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"{name!r} cannot be read: {error}") from None
+    except ValueError as error:  # Pillow's limit on text chunks ("Decompressed data too large" …)
+        raise RecipeError(f"{name!r} cannot be read: {error}") from None
     if text is None:
         raise RecipeError(
             f"{name!r} carries no mipadapter recipe (it was not written by mipadapter generate)"
         )
-    try:
-        recipe = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise RecipeError(f"{name!r}: its mipadapter recipe is not valid JSON ({error.msg})") from None
+    recipe = parse_recipe_json(text, repr(name))
     validate_recipe(recipe, repr(name))
     return recipe
+
+
+def parse_recipe_json(text: str, where: str) -> Any:
+    """The recipe JSON ``text`` parsed, within ``MAX_RECIPE_BYTES`` and a sane nesting depth; a
+    ``RecipeError`` starting with ``where`` (the file) otherwise."""
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"{where}: its mipadapter recipe is {size} bytes, above the {MAX_RECIPE_BYTES} byte limit"
+        )
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecipeError(f"{where}: its mipadapter recipe is not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: its mipadapter recipe is nested too deeply to be a recipe") from None
 
 
 def _is_number(value) -> bool:
@@ -467,15 +508,30 @@ def _region_ok(region) -> bool:
     return isinstance(region, list) and len(region) == 4 and all(_is_number(v) for v in region)
 
 
-_FIELDS: dict[str, tuple[str, Any]] = {
+_FIELDS: dict[str, tuple[str, Any]] = {  # bounds: what --allow-large permits (limits.LARGE_LIMITS)
     "prompt": ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())),
     "negative_prompt": ("a string or null", lambda v: v is None or isinstance(v, str)),
-    "seed": ("an integer in 0..2**64-1", lambda v: _is_int(v) and 0 <= v < 2**64),
-    "steps": ("an integer ≥ 1", lambda v: _is_int(v) and v >= 1),
-    "guidance": ("a finite number ≥ 0", lambda v: _is_number(v) and v >= 0),
-    "height": ("an integer ≥ 1", lambda v: _is_int(v) and v >= 1),
-    "width": ("an integer ≥ 1", lambda v: _is_int(v) and v >= 1),
-    "num_images": ("an integer ≥ 1", lambda v: _is_int(v) and v >= 1),
+    "seed": ("an integer in 0..2**64-1", lambda v: _is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1]),
+    "steps": (
+        f"an integer in 1..{LARGE_LIMITS.max_steps}",
+        lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_steps,
+    ),
+    "guidance": (
+        f"a finite number in 0..{LARGE_LIMITS.max_guidance:g}",
+        lambda v: _is_number(v) and 0 <= v <= LARGE_LIMITS.max_guidance,
+    ),
+    "height": (
+        f"an integer in 1..{LARGE_LIMITS.max_side}",
+        lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_side,
+    ),
+    "width": (
+        f"an integer in 1..{LARGE_LIMITS.max_side}",
+        lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_side,
+    ),
+    "num_images": (
+        f"an integer in 1..{LARGE_LIMITS.max_images}",
+        lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_images,
+    ),
     "image_index": ("an integer ≥ 0", lambda v: _is_int(v) and v >= 0),
     "rule": (f"one of {RULES}", lambda v: v in RULES),
     "text_weight": ("true or false", lambda v: isinstance(v, bool)),
@@ -484,8 +540,11 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "scheduler": ("a string", lambda v: isinstance(v, str)),
     "subjects": ("a non-empty list", lambda v: isinstance(v, list) and bool(v)),
     "models": ("an object", lambda v: isinstance(v, Mapping)),
-    "device": ("a string", lambda v: isinstance(v, str)),
-    "dtype": ("a string", lambda v: isinstance(v, str)),
+    "device": (
+        "a device such as cpu, cuda, cuda:1, mps",
+        lambda v: isinstance(v, str) and bool(DEVICE_PATTERN.match(v)),
+    ),
+    "dtype": (f"one of {DTYPES}", lambda v: v in DTYPES),
     "versions": ("an object", lambda v: isinstance(v, Mapping)),
 }
 _SUBJECT_FIELDS: dict[str, tuple[str, Any]] = {
@@ -495,13 +554,16 @@ _SUBJECT_FIELDS: dict[str, tuple[str, Any]] = {
         lambda v: isinstance(v, list) and bool(v) and all(_is_file_record(p) for p in v),
     ),
     "scale": (
-        "a finite number ≥ 0, a list of them, or diffusers' dict form {down, mid, up}",
+        f"a finite number in 0..{LARGE_LIMITS.max_scale:g}, a list of them, or diffusers' dict form {{down, mid, up}}",
         lambda v: _scale_ok(v),
     ),
     "region": ("null, [x0, y0, x1, y1], {path, sha256} or {png_base64}", _region_ok),
 }
 _OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {  # written only where they apply, or by later versions
-    "true_cfg_scale": ("a finite number ≥ 0", lambda v: _is_number(v) and v >= 0),
+    "true_cfg_scale": (
+        f"a finite number in 0..{LARGE_LIMITS.max_guidance:g}",
+        lambda v: _is_number(v) and 0 <= v <= LARGE_LIMITS.max_guidance,
+    ),
     "negative_image": ('"black" or "zeros"', lambda v: v in ("black", "zeros")),
     "negative_prompt_embeds": ("true", lambda v: v is True),
     "prompt_2": ("a string", lambda v: isinstance(v, str)),
@@ -531,7 +593,13 @@ def _check_fields(
     present = {key: check for key, check in (optional or {}).items() if key in data}
     for key, (wanted, ok) in {**fields, **present}.items():
         if not ok(data[key]):
-            raise RecipeError(f"{where}: recipe field {key!r} must be {wanted}, got {data[key]!r}")
+            raise RecipeError(f"{where}: recipe field {key!r} must be {wanted}, got {_shown(data[key])}")
+
+
+def _shown(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a recorded value may be a megabyte of text)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}… ({len(text)} characters)"
 
 
 def validate_recipe(recipe: Any, where: str) -> None:
@@ -557,7 +625,26 @@ def validate_recipe(recipe: Any, where: str) -> None:
         if not isinstance(subject, Mapping):
             raise RecipeError(f"{where}: subject #{index + 1} is not an object")
         _check_fields(f"{where} subject #{index + 1}", subject, _SUBJECT_FIELDS)
+        if isinstance(subject["region"], Mapping) and "png_base64" in subject["region"]:
+            embedded_mask_bytes(subject["region"], f"{where} subject #{index + 1}")
     _check_fields(f"{where} models", recipe["models"], _MODEL_FIELDS)
+
+
+def embedded_mask_bytes(region: Mapping[str, str], where: str) -> bytes:
+    """The PNG bytes of a recorded ``{png_base64}`` region, checked from its header (an image within
+    ``MAX_EMBEDDED_MASK_PIXELS``) without decoding its pixels: a 35 KB PNG can hold gigabytes of pixels.
+    A ``RecipeError`` starting with ``where`` and naming the field otherwise."""
+    from mipadapter.photos import PhotoError, image_size
+
+    try:
+        data = base64.b64decode(region["png_base64"], validate=True)
+    except ValueError:
+        raise RecipeError(f"{where}: recipe field 'png_base64' is not base64 text") from None
+    try:
+        image_size(data, "the embedded mask", MAX_EMBEDDED_MASK_PIXELS)
+    except PhotoError as error:
+        raise RecipeError(f"{where}: recipe field 'png_base64': {error}") from None
+    return data
 
 
 # ----------------------------------------------------------------------------------------------- rerunning
@@ -567,19 +654,24 @@ def verify_inputs(recipe: Mapping[str, Any], source: str | os.PathLike) -> None:
     source: the image the recipe came from (named in the errors). Raises ``FileNotFoundError`` for a
     missing file and ``RecipeError`` for a changed one, naming the file and its subject.
     """
-    for index, subject in enumerate(recipe["subjects"]):
-        label = f"subject #{index + 1} {subject['name']!r}"
-        records = [(f"photo {k + 1}", p) for k, p in enumerate(subject["photos"])]
+    for subject in recipe["subjects"]:
+        name = subject["name"]
+        records = [(f"recorded photo {k + 1} of {name!r}", p) for k, p in enumerate(subject["photos"])]
         if isinstance(subject["region"], Mapping) and "path" in subject["region"]:
-            records.append(("region mask", subject["region"]))
+            records.append((f"the recorded region mask of {name!r}", subject["region"]))
         for what, record in records:
-            check_recorded_file(record, f"{label}'s {what}", source)
+            check_recorded_file(record, what, source)
 
 
 def check_recorded_file(record: Mapping[str, str], what: str, source: str | os.PathLike) -> Path:
     """A recorded ``{path, sha256}`` input, still there and unchanged; ``FileNotFoundError`` or
     ``RecipeError`` naming ``what``, the file and the image it was recorded in otherwise. Returns the path."""
+    from mipadapter.photos import special_kind
+
     path = Path(record["path"])
+    kind = special_kind(path)
+    if kind is not None:  # never hashed: reading a FIFO would block
+        raise RecipeError(f"{what} {record['path']!r}, recorded in {str(source)!r}, is {kind}, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {record['path']!r}, recorded in {str(source)!r}, is missing")
     if file_sha256(path) != record["sha256"]:
@@ -589,16 +681,16 @@ def check_recorded_file(record: Mapping[str, str], what: str, source: str | os.P
     return path
 
 
-def recorded_region(region: Any):
-    """A recorded region as the pipeline takes it: a box tuple, a PIL mask ("L"), or None."""
+def recorded_region(region: Any, what: str = "the embedded mask"):
+    """A recorded region as the pipeline takes it: a box tuple, a PIL mask ("L"), or None. An embedded
+    mask is checked by its header (``embedded_mask_bytes``) before it is decoded; what: how errors name it."""
     if region is None:
         return None
     if isinstance(region, list):
         return tuple(float(v) for v in region)
-    from PIL import Image
-
-    if "png_base64" in region:
-        return Image.open(io.BytesIO(base64.b64decode(region["png_base64"]))).convert("L")
     from mipadapter.photos import open_photo
 
+    if "png_base64" in region:
+        data = embedded_mask_bytes(region, what)
+        return open_photo(data, what, max_pixels=MAX_EMBEDDED_MASK_PIXELS, mode="L", turn=False)
     return open_photo(region["path"], "region mask", mode="L")

@@ -13,9 +13,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from mipadapter.limits import LARGE_LIMITS
+
+MAX_SCALE = LARGE_LIMITS.max_scale  # the ceiling of any one scale, wherever it comes from
+
 
 def _is_scale(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value <= MAX_SCALE
+    )
 
 
 def _is_scale_list(value) -> bool:
@@ -33,6 +42,8 @@ def check_scale(scale, where: str) -> None:
     if scale is None or _is_scale(scale) or _is_scale_list(scale):
         return
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if math.isfinite(scale) and scale > MAX_SCALE:
+            raise ValueError(f"{where}: scale must be at most {MAX_SCALE:g}, got {scale!r}")
         raise ValueError(f"{where}: scale must be a finite number ≥ 0, got {scale!r}")
     if isinstance(scale, list):
         raise ValueError(f"{where}: a scale list holds one finite number ≥ 0 per layer, got {scale!r}")

@@ -51,7 +51,7 @@ def test_the_default_scale_of_a_file_without_one_is_given_with_scale_or_noted(tm
     err = capsys.readouterr().err
     assert "--scale: " in err and "carries its own default scale" in err and not again.exists()
     assert main(["convert", str(files.mip_basic_bin), str(again), "--base-model", "tiny-sdxl", "--scale", "nan"]) == 2
-    assert "--scale must be a finite number ≥ 0, got nan" in capsys.readouterr().err and not again.exists()
+    assert "--scale must be a finite number between 0 and 100, got nan" in capsys.readouterr().err and not again.exists()
 
 
 def test_convert_reads_only_the_unet_config_of_a_base_model_folder(tmp_path, files):

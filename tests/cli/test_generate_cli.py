@@ -88,7 +88,7 @@ def test_from_png_reports_a_changed_or_missing_photo(tmp_path, capsys):
     assert main(["generate", "--from-png", str(first), "-o", str(out / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"mipadapter generate: error: subject #1 'cat''s photo 1 '{photo}' has changed since '{first}' "
+        f"mipadapter generate: error: recorded photo 1 of 'cat' '{photo}' has changed since '{first}' "
         "was made (its SHA-256 differs)\n"
     )
     photo.unlink()
@@ -171,9 +171,9 @@ def test_outputs_follow_the_umask(tmp_path):
 
 
 def test_verbose_works_after_the_verb(tmp_path):
-    with pytest.raises(ValueError, match="--steps must be an integer ≥ 1"):  # -v: the real exception
+    with pytest.raises(ValueError, match="--steps must be an integer between 1 and 100"):  # -v: the real exception
         generate(tmp_path / "x.png", "--steps", "0", "-v")
-    with pytest.raises(ValueError, match="--steps must be an integer ≥ 1"):
+    with pytest.raises(ValueError, match="--steps must be an integer between 1 and 100"):
         main(["-v", "generate", "--tiny", "--prompt", "a cat", "--subject", f"cat={CAT}", "--steps", "0"])
 
 

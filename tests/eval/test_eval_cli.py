@@ -80,6 +80,9 @@ def test_concept101_arguments_reach_the_library(monkeypatch, tmp_path):
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--height", "50"], "--height must be a positive multiple of 8, got 50"),
         (["--images-per-prompt", "0"], "--images-per-prompt must be >= 1, got 0"),
+        # issue 18: one seed range, generate's, eval's and the web page's
+        (["--seeds", "420,-1"], f"--seeds must be an integer between 0 and {2**64 - 1}, got -1"),
+        (["--seeds", str(2**64)], f"--seeds must be an integer between 0 and {2**64 - 1}, got {2**64}"),
         (["--reference-boxes", "nowhere"], "--reference-boxes 'nowhere' is not a folder"),
         (
             ["--references", "whole", "--reference-boxes", "."],

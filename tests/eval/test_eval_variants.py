@@ -132,5 +132,13 @@ def test_settings_are_checked_and_pass_the_authors_negative_prompt():
 
 def test_image_seeds():
     assert [image_seed(420, k) for k in range(3)] == [420, 420001, 420002]
+    import torch
+
+    from mipadapter.limits import SEED_RANGE
+
+    top = SEED_RANGE[1]  # every seed of the one range gives image seeds a generator takes
+    for k in range(3):
+        assert SEED_RANGE[0] <= image_seed(top, k) <= top
+        torch.Generator().manual_seed(image_seed(top, k))
     with pytest.raises(ValueError, match="got -1"):
         image_seed(420, -1)

@@ -250,8 +250,29 @@ ERRORS = [
         {"guidance": -1.0},
         {},
         None,
-        "Guidance must lie between 0 and 30, got -1.0",
+        "Guidance must be a finite number between 0 and 30, got -1.0",
     ),
+    # issue 18: the numbers go through mipadapter.limits, the checks (and messages) generate uses
+    (
+        "guidance that overflows",
+        lambda tmp: two_subjects(),
+        {"guidance": 1e308},
+        {},
+        None,
+        "Guidance must be a finite number between 0 and 30, got 1e+308.",
+    ),
+    ("too many steps", lambda tmp: two_subjects(), {"steps": 10**9}, {}, None,
+     "Steps must be an integer between 1 and 100, got 1000000000."),
+    ("too many images", lambda tmp: two_subjects(), {"num_images": 5}, {}, None,
+     "Images must be an integer between 1 and 4, got 5."),
+    ("a negative seed", lambda tmp: two_subjects(), {"seed": -1}, {}, None,
+     f"The seed must be an integer between 0 and {2**64 - 1}, got -1."),
+    ("a seed above 2**64-1", lambda tmp: two_subjects(), {"seed": 2**64}, {}, None,
+     f"The seed must be an integer between 0 and {2**64 - 1}, got {2**64}."),
+    ("a strength that overflows", lambda tmp: two_subjects(strength=1e39), {}, {}, 1,
+     "The strength of subject 'backpack' must be a finite number between 0 and 1.5, got 1e+39."),
+    ("a NaN strength", lambda tmp: two_subjects(strength=float("nan")), {}, {}, 1,
+     "The strength of subject 'backpack' must be a finite number between 0 and 1.5, got nan."),
     (
         "unknown region mode",
         lambda tmp: two_subjects(),
@@ -470,7 +491,7 @@ def test_flux_true_cfg_reaches_the_pipeline_and_its_recipe(tmp_path):
     assert "true_cfg_scale" not in flux.calls[-1][2] and flux.outputs[-1].settings["negative_prompt"] is None
     assert not np.array_equal(np.asarray(off.images[0]), np.asarray(guided.images[0]))
     bad = generate(flux, request(*forms, prompt="a cat with a backpack", true_cfg_scale=0.5), limits=limits)
-    assert bad.error == "True CFG must lie between 1 (off) and 30, got 0.5."
+    assert bad.error == "True CFG (1: off) must be a finite number between 1 and 30, got 0.5."
     official = generate(flux, request(*forms, prompt="a cat with a backpack", rule="official"), limits=limits)
     assert official.error.startswith("rule 'official' is not offered on FLUX")
 

@@ -52,14 +52,45 @@ def read_file(path: str | Path) -> AdapterFile:
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return _read_safetensors(path)
-    if suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        read = _read_safetensors(path)
+    elif suffix in (".bin", ".pt", ".pth", ".ckpt"):
         nested = _torch_load(path)
         try:
-            return AdapterFile("h94", convert.flatten_nested(nested), None)
+            read = AdapterFile("h94", convert.flatten_nested(nested), None)
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from None
-    raise CheckpointError(f"{path}: unsupported checkpoint extension {suffix!r} (use .safetensors or .bin)")
+    else:
+        raise CheckpointError(f"{path}: unsupported checkpoint extension {suffix!r} (use .safetensors or .bin)")
+    check_weights(str(path), read.state)
+    return read
+
+
+def check_weights(source: str, state: Mapping[str, object]) -> None:
+    """Every value a floating-point tensor holding only finite numbers; a ``CheckpointError`` naming
+    ``source`` and the first offending key (in sorted order) otherwise. An int8 or bool tensor would be
+    cast silently, a NaN would turn every image black."""
+    for key in sorted(state):
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
+        if not value.is_floating_point():
+            raise CheckpointError(
+                f"{source}: tensor {key} is {str(value.dtype).removeprefix('torch.')}; adapter weights are "
+                "floating point (float32, float16, bfloat16)"
+            )
+    for key in sorted(state):
+        if not _finite(state[key]):
+            raise CheckpointError(f"{source}: tensor {key} holds NaN or infinite values (the first such key)")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. A sum is finite when every value is (NaN and ±inf propagate), and
+    costs a fifth of ``isfinite(...).all()``; only a non-finite sum (or one that overflowed) is checked
+    value by value."""
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(tensor.sum(dtype=accumulate))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _read_safetensors(path: Path) -> AdapterFile:
@@ -78,7 +109,7 @@ def _read_safetensors(path: Path) -> AdapterFile:
             )
         try:
             config = AdapterConfig.from_json(metadata["config"])
-        except (KeyError, ValueError, TypeError) as error:
+        except (KeyError, ValueError, TypeError, RecursionError) as error:
             raise CheckpointError(f"{path}: its adapter config metadata is unreadable ({error})") from None
         return AdapterFile(FORMAT_NAME, state, config)
     return AdapterFile("xlabs" if any(key.startswith(_XLABS_PREFIXES) for key in state) else "h94", state, None)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from mipadapter.config import DEFAULT_PRESET, PRESETS
+from mipadapter.limits import LARGE_LIMITS, check_number
 
 TINY_BASE_MODELS = ("tiny-sdxl", "tiny-sd15", "tiny-flux")
 FORMAT_SUFFIXES = {
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"output {args.output!r} is the input file: write the converted checkpoint elsewhere"
         )
-    if args.scale is not None and not (math.isfinite(args.scale) and args.scale >= 0):
-        raise ValueError(f"--scale must be a finite number ≥ 0, got {args.scale:g}")
+    if args.scale is not None:
+        check_number(args.scale, "--scale", 0, LARGE_LIMITS.max_scale)
     loaded = read_file(source)  # a corrupt file is named before the base model is looked for
     if loaded.config is not None and args.scale is not None:
         raise ValueError(f"--scale: {args.input!r} is in our format and carries its own default scale")

@@ -256,9 +256,13 @@ def _check_common(args) -> None:
         raise ValueError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
     if hasattr(args, "seeds") and not args.seeds:
         raise ValueError("--seeds: give at least one seed")
-    for seed in getattr(args, "seeds", None) or [getattr(args, "seed", 0)]:
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed {seed} is out of range [0, 2**63)")
+    from mipadapter.limits import check_seed
+
+    for seed in getattr(args, "seeds", None) or []:
+        check_seed(seed, "--seeds")
+    for flag in ("seed", "noise_seed"):  # the relevance experiment's
+        if getattr(args, flag, None) is not None:
+            check_seed(getattr(args, flag), "--" + flag.replace("_", "-"))
     boxes = getattr(args, "reference_boxes", None)
     if boxes is not None and not boxes.is_dir():
         raise FileNotFoundError(f"--reference-boxes {str(boxes)!r} is not a folder")

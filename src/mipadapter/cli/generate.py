@@ -8,13 +8,17 @@ costs seconds, never a model load or a generation, and never leaves half a resul
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mipadapter import limits
 from mipadapter.alignment import subject_labels
 from mipadapter.cli.options import add_tiny_argument
 from mipadapter.config import DEFAULT_PRESET, PRESETS, MergeRule, MultiImageMode, NegativeImage, RegionMode
+from mipadapter.limits import ALLOW_LARGE, DEFAULT_LIMITS, LARGE_LIMITS
 
 DEFAULTS: dict[str, Any] = {
     "output": "out.png",
@@ -76,7 +80,8 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="NAME[#K]=S",
-        help="image scale of a subject, a finite number ≥ 0 (default: the adapter's, 0.75 for mip-sdxl)",
+        help="image scale of a subject, a finite number in 0 … 1.5 (100 with --allow-large) (default: the "
+        "adapter's, 0.75 for mip-sdxl)",
     )
     what.add_argument(
         "--scale-blocks",
@@ -124,12 +129,14 @@ def register(subparsers) -> None:
     )
 
     how = parser.add_argument_group("sampling")
-    how.add_argument("--steps", type=int, help="denoising steps, ≥ 1 (default: 30)")
+    how.add_argument(
+        "--steps", type=int, help="denoising steps, 1 … 100 (10000 with --allow-large) (default: 30)"
+    )
     how.add_argument(
         "--guidance",
         type=float,
-        help="guidance scale ≥ 0 (default: the base model's, 5.0 SDXL, 7.5 SD1.5, 3.5 FLUX: there the "
-        "distilled guidance, an input of the model, not classifier-free guidance)",
+        help="guidance scale, 0 … 30 (1000 with --allow-large) (default: the base model's, 5.0 SDXL, 7.5 "
+        "SD1.5, 3.5 FLUX: there the distilled guidance, an input of the model, not classifier-free guidance)",
     )
     how.add_argument(
         "--true-cfg-scale",
@@ -148,14 +155,27 @@ def register(subparsers) -> None:
     how.add_argument(
         "--height",
         type=int,
-        help="output height in pixels, a multiple of 8 (16 on FLUX) (default: the model's)",
+        help="output height in pixels, a multiple of 8 (16 on FLUX), at most 1536 (8192 with --allow-large) "
+        "(default: the model's)",
     )
     how.add_argument(
         "--width",
         type=int,
-        help="output width in pixels, a multiple of 8 (16 on FLUX) (default: the model's)",
+        help="output width in pixels, a multiple of 8 (16 on FLUX), at most 1536 (8192 with --allow-large) "
+        "(default: the model's)",
     )
-    how.add_argument("--num-images", type=int, help="images generated together, 1 … 64 (default: 1)")
+    how.add_argument(
+        "--num-images",
+        type=int,
+        help="images generated together, 1 … 4 (64 with --allow-large) (default: 1)",
+    )
+    how.add_argument(
+        "--allow-large",
+        action="store_true",
+        help="raise the caps on size, steps, images, guidance and scale (1536 pixels a side, 100 steps, 4 "
+        "images, guidance 30, scale 1.5) to 8192 a side and 16.8 MP, 10000 steps, 64 images, guidance 1000, "
+        "scale 100, for a GPU that can take it (default: off; docs/limits.md)",
+    )
     how.add_argument(
         "--rule",
         choices=[rule.value for rule in MergeRule],
@@ -236,6 +256,8 @@ class SubjectPlan:
     photos: tuple[Path, ...]
     scale: float | list[float] | dict[str, Any] | None = None  # a list or dict: per-layer scales
     region: Any = None
+    recorded_photos: bool = False  # the photos come from --from-png's recipe (named so in errors)
+    recorded_scale: bool = False  # the scale comes from the recipe (checked against the caps as such)
 
 
 @dataclass
@@ -292,17 +314,25 @@ def make_plan(args: argparse.Namespace) -> Plan:
     prompt = value("prompt")
     if not prompt or not prompt.strip():
         raise ValueError("--prompt is required (or --from-png IMAGE to rerun a recorded generation)")
-    steps = options.check_int(value("steps"), "--steps", 1)
-    seed = options.check_int(value("seed"), "--seed", *options.SEED_RANGE)
-    num_images = options.check_int(value("num_images"), "--num-images", 1, 64)
-    height = options.check_side(value("height"), "--height", factor)
-    width = options.check_side(value("width"), "--width", factor)
-    guidance = options.check_guidance(value("guidance"))
+    caps, allow = (LARGE_LIMITS, None) if args.allow_large else (DEFAULT_LIMITS, ALLOW_LARGE)
+    where = _origin(args, recipe, source)
+    steps = limits.check_steps(value("steps"), where("steps"), caps, allow=allow)
+    seed = limits.check_seed(value("seed"), where("seed"))
+    num_images = limits.check_images(value("num_images"), where("num_images"), caps, allow=allow)
+    height, width = (_side(value(dest), where(dest), factor, caps, allow) for dest in ("height", "width"))
+    guidance = value("guidance")
+    if guidance is not None:
+        guidance = limits.check_guidance(guidance, where("guidance"), caps, allow=allow)
     true_cfg_scale = _true_cfg_scale(args, recipe, flux, models, value("negative_prompt"))
     _check_flux_settings(args, recipe, source, flux, models, value)
+    if true_cfg_scale is not None:
+        what = "--true-cfg-scale" if args.true_cfg_scale is not None else where("true_cfg_scale")
+        limits.check_number(
+            true_cfg_scale, what, 1, caps.max_guidance, ceiling=LARGE_LIMITS.max_guidance, allow=allow
+        )
     max_mp = value("max_photo_mp")
-    if not max_mp > 0:
-        raise ValueError(f"--max-photo-mp must be > 0, got {max_mp}")
+    if not (math.isfinite(max_mp) and max_mp > 0):
+        raise ValueError(f"--max-photo-mp must be > 0 and finite, got {max_mp}")
 
     subjects = _subjects(args, recipe)
     if arch and (height is None or width is None):
@@ -310,8 +340,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
         known = (height or side, width or side)
     else:
         known = (height, width)
-    _apply_overrides(args, subjects, known)
+    if None not in known:
+        limits.check_output_pixels(known[1], known[0], caps, allow=allow)
+    _apply_overrides(args, subjects, known, caps, allow)
     _check_block_scale_forms(args, subjects, flux, models)
+    for subject, label in zip(subjects, subject_labels([s.name for s in subjects]), strict=True):
+        # --scale values were checked as parsed; per-layer scales by their form (scales.check_scale)
+        if isinstance(subject.scale, (int, float)) and subject.recorded_scale:
+            what = f"the scale of {label!r} recorded in {str(source)!r}"
+            limits.check_scale(subject.scale, what, caps, allow=allow)
 
     output = check_output_file(value("output"), "-o", IMAGE_SUFFIXES)
     outputs = [
@@ -323,7 +360,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     _refuse_overwriting_inputs(outputs, sheet, subjects, source)
 
     photos = options.open_photos(
-        [options.SubjectArg(s.name, s.photos) for s in subjects], max_pixels=int(max_mp * 1_000_000)
+        [options.SubjectArg(s.name, s.photos, s.recorded_photos) for s in subjects],
+        max_pixels=int(max_mp * 1_000_000),
     )
     device = args.device or (recipe["device"] if recipe else DEFAULTS["device"])
     dtype = args.dtype or (recipe["dtype"] if recipe and not args.device else DEFAULTS["dtype"])
@@ -354,6 +392,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
         prompt_2=value("prompt_2"),
         max_sequence_length=value("max_sequence_length"),
     )
+
+
+def _side(side: int | None, what: str, factor: int, caps, allow: str | None) -> int | None:
+    """An output side (None: the model's): on the latent grid of ``factor`` pixels, within the caps."""
+    from mipadapter.cli import options
+
+    if side is None:
+        return None
+    options.check_side(side, what, factor)
+    sides = dataclasses.replace(caps, min_side=factor, side_multiple=factor)
+    return limits.check_side(side, what, sides, allow=allow)
 
 
 def _is_flux(args, models, recipe) -> bool:
@@ -491,11 +540,31 @@ def _merger(args, recipe):
     return value
 
 
+def _origin(args, recipe, source):
+    """``where(dest)``: how an error names a value: its flag when given (or defaulted), else the recipe
+    field it was read from (``steps recorded in 'out.png'``)."""
+
+    def where(dest: str) -> str:
+        key = RECORDED.get(dest, dest)
+        if getattr(args, dest, None) is None and recipe is not None and recipe.get(key) is not None:
+            return f"{key} recorded in {str(source)!r}"
+        return "--" + dest.replace("_", "-")
+
+    return where
+
+
 def _models(args, recipe) -> argparse.Namespace:
     """The model flags after ``--from-png``: each recorded model unless its flag is given."""
     from mipadapter.cli import options
 
     recorded = recipe["models"] if recipe else {}
+    if recorded.get("tiny") is not None and recorded["tiny"] not in options.TINY_ARCHS:
+        from mipadapter.recipe import RecipeError
+
+        raise RecipeError(
+            f"{str(Path(args.from_png).expanduser())!r} models: recipe field 'models.tiny' must be null or "
+            f"one of {', '.join(options.TINY_ARCHS)}, got {recorded['tiny']!r}"
+        )
     tiny = args.tiny or recorded.get("tiny")
     given_real = [
         flag for dest, flag in options.MODEL_FLAGS.items() if dest != "adapter" and getattr(args, dest)
@@ -535,22 +604,32 @@ def _subjects(args, recipe) -> list[SubjectPlan]:
         if recipe is not None:
             _keep_recorded_settings(plans, recipe, args.from_png)
         return plans
-    plans = []
+    plans, source = [], Path(args.from_png).expanduser()
     for subject in recipe["subjects"]:
         photos = tuple(Path(photo["path"]) for photo in subject["photos"])
-        plans.append(SubjectPlan(subject["name"], photos, subject["scale"], _recorded_region(subject)))
+        plans.append(
+            SubjectPlan(
+                subject["name"],
+                photos,
+                subject["scale"],
+                _recorded_region(subject, source),
+                recorded_photos=True,
+                recorded_scale=True,
+            )
+        )
     return plans
 
 
-def _recorded_region(subject: dict):
+def _recorded_region(subject: dict, source):
     """A recorded subject's region as a plan holds it: a mask file as its path (recorded again by path and
-    hash), a box or an embedded mask as the pipeline takes it, or None."""
+    hash), a box or an embedded mask as the pipeline takes it (checked by its header first), or None."""
     from mipadapter.recipe import recorded_region
 
     region = subject["region"]
     if isinstance(region, dict) and "path" in region:
         return Path(region["path"])
-    return recorded_region(region) if region is not None else None
+    what = f"the embedded mask of {subject['name']!r} recorded in {str(source)!r}"
+    return recorded_region(region, what) if region is not None else None
 
 
 def _keep_recorded_settings(plans: list[SubjectPlan], recipe: dict, source) -> None:
@@ -567,10 +646,17 @@ def _keep_recorded_settings(plans: list[SubjectPlan], recipe: dict, source) -> N
         region = subject["region"]
         if isinstance(region, dict) and "path" in region:
             check_recorded_file(region, f"{label}'s region mask", source)
-        plan.scale, plan.region = subject["scale"], _recorded_region(subject)
+        plan.scale, plan.region = subject["scale"], _recorded_region(subject, source)
+        plan.recorded_scale = True
 
 
-def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, int | None]) -> None:
+def _apply_overrides(
+    args,
+    subjects: list[SubjectPlan],
+    size: tuple[int | None, int | None],
+    caps=DEFAULT_LIMITS,
+    allow: str | None = ALLOW_LARGE,
+) -> None:
     """``--scale`` / ``--region`` onto the subjects (``NAME`` all of that name, ``NAME#K`` the K-th)."""
     from mipadapter.cli import options
     from mipadapter.photos import photo_size
@@ -579,19 +665,21 @@ def _apply_overrides(args, subjects: list[SubjectPlan], size: tuple[int | None, 
     labels = subject_labels(names)
     scaled = options.address(options.parse_keyed(args.scale, "--scale"), names, "--scale")
     for index, value in scaled.items():
-        subjects[index].scale = options.parse_scale(value, labels[index])
+        subjects[index].scale = options.parse_scale(value, labels[index], caps, allow)
+        subjects[index].recorded_scale = False
     blocks = options.address(options.parse_keyed(args.scale_blocks, "--scale-blocks"), names, "--scale-blocks")
     for index, value in blocks.items():
         if index in scaled:
             raise ValueError(f"--scale and --scale-blocks both set {labels[index]}: give one of them")
         subjects[index].scale = _read_block_scales(value, labels[index])
+        subjects[index].recorded_scale = False
     for index, value in options.address(
         options.parse_keyed(args.region, "--region"), names, "--region"
     ).items():
         box = options.parse_box(value, labels[index])
         if box is None:
             mask = Path(value).expanduser()
-            if not mask.is_file():
+            if not mask.exists():
                 raise FileNotFoundError(
                     f"--region {labels[index]}={value}: neither x0,y0,x1,y1 nor an existing mask image"
                 )
@@ -659,7 +747,8 @@ def _refuse_overwriting_inputs(outputs, sheet, subjects, source) -> None:
     inputs = {source.resolve(): "the --from-png image"} if source else {}
     for subject in subjects:
         for photo in subject.photos:
-            inputs[photo.resolve()] = f"a photo of --subject {subject.name}"
+            owner = f"{subject.name!r} (recorded)" if subject.recorded_photos else f"--subject {subject.name}"
+            inputs[photo.resolve()] = f"a photo of {owner}"
         if isinstance(subject.region, Path):
             inputs[subject.region.resolve()] = f"the --region mask of {subject.name}"
     for path, flag in written:
@@ -722,9 +811,10 @@ def call_arguments(plan: Plan) -> dict[str, Any]:
 
 
 def write_outputs(plan: Plan, output, pipe, record) -> None:
-    """Every image with its recipe, then the contact sheet; each written whole or not at all."""
-    from mipadapter.fileio import atomic_write
-    from mipadapter.recipe import RecipeSubject, build_recipe, write_image
+    """Every image with its recipe and the contact sheet, all or none (a full disk at the third image
+    leaves none of them, and the error names that file)."""
+    from mipadapter.fileio import atomic_write_all
+    from mipadapter.recipe import RecipeSubject, build_recipe, image_writer
 
     recipe = build_recipe(
         pipe,
@@ -734,13 +824,15 @@ def write_outputs(plan: Plan, output, pipe, record) -> None:
         models=record,
         call={"prompt": plan.prompt, "region_mode": plan.region_mode, **call_arguments(plan)},
     )
-    for index, (image, path) in enumerate(zip(output.images, plan.outputs, strict=True)):
-        write_image(image, path, recipe, image_index=index)
-        print(path)
+    writes = [
+        (path, image_writer(image, path, recipe, image_index=index))
+        for index, (image, path) in enumerate(zip(output.images, plan.outputs, strict=True))
+    ]
     if plan.contact_sheet is not None:
         from mipadapter.figures import contact_sheet
 
         labels = subject_labels([s.name for s in plan.subjects])
         sheet = contact_sheet(dict(zip(labels, plan.photos, strict=True)), output.images, output.relevance)
-        atomic_write(plan.contact_sheet, lambda tmp: sheet.save(tmp))
-        print(plan.contact_sheet)
+        writes.append((plan.contact_sheet, lambda tmp: sheet.save(tmp)))
+    for path in atomic_write_all(writes):
+        print(path)

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mipadapter import limits
 from mipadapter.alignment import subject_labels
+from mipadapter.limits import SEED_RANGE  # noqa: F401  (the CLI's name for it)
 from mipadapter.recipe import ModelRecord
 
 MODEL_FLAGS = {"base_model": "--base-model", "adapter": "--adapter", "image_encoder": "--image-encoder"}
-SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping
 TINY_ADAPTER = "built-in tiny (random)"
 VAE_FACTOR = 8  # SD1.5 and SDXL pixel sides per latent side
 FLUX_CELL = 16  # FLUX.1: the VAE's factor 8 times the transformer's 2×2 latent patches
@@ -131,10 +132,12 @@ def address(items: Sequence[Keyed], names: Sequence[str], flag: str) -> dict[int
 
 @dataclass(frozen=True)
 class SubjectArg:
-    """One ``--subject``: its name and photo paths (checked to exist and be images by ``open_photos``)."""
+    """One ``--subject``: its name and photo paths (checked to exist and be images by ``open_photos``);
+    recorded: the photos come from a ``--from-png`` recipe, not a flag (errors say so)."""
 
     name: str
     photos: tuple[Path, ...]
+    recorded: bool = False
 
 
 def parse_subjects(values: Sequence[str]) -> list[SubjectArg]:
@@ -148,14 +151,15 @@ def parse_subjects(values: Sequence[str]) -> list[SubjectArg]:
     return subjects
 
 
-def parse_scale(value: str, label: str) -> float:
+def parse_scale(
+    value: str, label: str, caps: limits.Limits = limits.DEFAULT_LIMITS, allow: str | None = None
+) -> float:
+    """``--scale NAME=S``'s number, finite, in ``0 … caps.max_scale`` (``allow``: the flag that raises it)."""
     try:
         scale = float(value)
     except ValueError:
         raise ValueError(f"--scale {label}={value}: the scale must be a number") from None
-    if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"--scale {label}={value}: the scale must be a finite number ≥ 0")
-    return scale
+    return limits.check_scale(scale, f"--scale {label}", caps, allow=allow)
 
 
 def parse_box(value: str, label: str) -> tuple[float, float, float, float] | None:
@@ -185,13 +189,6 @@ def check_box_fits(box, label: str, height: int | None, width: int | None) -> No
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def check_int(value: int, flag: str, low: int, high: int | None = None) -> int:
-    if value < low or (high is not None and value > high):
-        bound = f"in {low}..{high}" if high is not None else f"≥ {low}"
-        raise ValueError(f"{flag} must be an integer {bound}, got {value}")
-    return value
-
-
 def check_side(value: int | None, flag: str, factor: int) -> int | None:
     if value is not None and (value <= 0 or value % factor):
         why = "the VAE's factor" if factor == VAE_FACTOR else "one latent cell: FLUX packs 2×2 VAE latents"
@@ -221,12 +218,6 @@ def base_model_kind(models) -> str:
     preset = PRESETS[models.preset]
     declared = getattr(preset, "architecture", None)  # config.Preset may name it; else its base model does
     return declared or ("flux" if "/flux" in preset.base_model.lower() else "unet")
-
-
-def check_guidance(value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"--guidance must be a finite number ≥ 0, got {value}")
-    return value
 
 
 def check_model_flags(args) -> None:
@@ -347,8 +338,15 @@ def open_photos(subjects: Sequence[SubjectArg], max_pixels: int | None):
     from mipadapter.photos import open_photo
 
     labels = subject_labels([s.name for s in subjects])
+
+    def what(subject: SubjectArg, label: str, number: int) -> str:
+        return f"recorded photo {number} of {label!r}" if subject.recorded else f"--subject {label}"
+
     return [
-        [open_photo(photo, f"--subject {label}", max_pixels=max_pixels) for photo in subject.photos]
+        [
+            open_photo(photo, what(subject, label, number), max_pixels=max_pixels)
+            for number, photo in enumerate(subject.photos, start=1)
+        ]
         for subject, label in zip(subjects, labels, strict=True)
     ]
 

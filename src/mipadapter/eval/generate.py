@@ -55,10 +55,11 @@ __all__ = [
 
 
 def image_seed(seed: int, k: int) -> int:
-    """Seed of image ``k`` of a run seed: ``seed`` for k = 0, else ``seed·1000 + k``."""
+    """Seed of image ``k`` of a run seed: ``seed`` for k = 0, else ``seed·1000 + k``, modulo 2**64 (so
+    every seed of ``limits.SEED_RANGE`` gives seeds a generator takes; below 2**64 / 1000 nothing wraps)."""
     if k < 0:
         raise ValueError(f"image number must be ≥ 0, got {k}")
-    return seed if k == 0 else seed * 1000 + k
+    return seed if k == 0 else (seed * 1000 + k) % 2**64
 
 
 @dataclass(frozen=True)

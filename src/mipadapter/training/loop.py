@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mipadapter.fileio import atomic_write_text, remove_stale_temps
+from mipadapter.fileio import atomic_write_text, remove_stale_temporaries
 from mipadapter.manifest import read_manifest, write_manifest
 from mipadapter.training import checkpointing as ckpt
 from mipadapter.training.batching import (
@@ -138,7 +138,7 @@ def remove_leftovers(output_dir: str | Path) -> list[Path]:
     for parent in (ckpt.checkpoint_root(root), root / "validation"):
         if parent.is_dir():
             folders += sorted(p for p in parent.iterdir() if p.is_dir() and not p.is_symlink())
-    removed = [path for folder in folders for path in remove_stale_temps(folder)]
+    removed = [path for folder in folders for path in remove_stale_temporaries(folder)]
     return removed + ckpt.remove_unfinished(root)
 
 

@@ -18,7 +18,20 @@ from typing import Any
 import numpy as np
 
 from mipadapter.alignment import SubjectAlignmentError
-from mipadapter.limits import Limits, native_side, side_multiple  # noqa: F401  (the page's names)
+from mipadapter.limits import (
+    LimitError,
+    Limits,
+    check_guidance,
+    check_images,
+    check_number,
+    check_output_pixels,
+    check_scale,
+    check_seed,
+    check_side,
+    check_steps,
+    native_side,
+    side_multiple,  # noqa: F401  (the page's name)
+)
 
 logger = logging.getLogger(__name__)
 
@@ -347,17 +360,19 @@ def generate(
 
     width = request.width or native_side(pipe)
     height = request.height or native_side(pipe)
-    for label, side in (("width", width), ("height", height)):
-        if not limits.min_side <= side <= limits.max_side or side % limits.side_multiple:
-            problems.add(
-                None,
-                f"The {label} must be a multiple of {limits.side_multiple} between {limits.min_side} and "
-                f"{limits.max_side} pixels, got {side}.",
-            )
-    if not 1 <= int(request.steps) <= limits.max_steps:
-        problems.add(None, f"Steps must lie between 1 and {limits.max_steps}, got {request.steps}.")
-    if not 1 <= int(request.num_images) <= limits.max_images:
-        problems.add(None, f"Images must lie between 1 and {limits.max_images}, got {request.num_images}.")
+    checks = (  # the same checks (and messages) as mipadapter generate's, with this server's limits
+        lambda: check_side(width, "The width", limits),
+        lambda: check_side(height, "The height", limits),
+        lambda: check_output_pixels(width, height, limits),
+        lambda: check_steps(request.steps, "Steps", limits),
+        lambda: check_images(request.num_images, "Images", limits),
+        lambda: check_seed(request.seed, "The seed"),
+    )
+    for check in checks:
+        try:
+            check()
+        except LimitError as error:
+            problems.add(None, f"{error}.")
     rule = None
     if request.rule:
         try:
@@ -365,15 +380,19 @@ def generate(
         except ValueError as error:
             problems.add(None, f"{error}.")
     guidance = request.guidance
-    if guidance is not None and not (
-        math.isfinite(float(guidance)) and 0 <= float(guidance) <= limits.max_guidance
-    ):
-        problems.add(None, f"Guidance must lie between 0 and {limits.max_guidance:g}, got {guidance}.")
+    if guidance is not None:
+        try:
+            check_guidance(guidance, "Guidance", limits)
+        except LimitError as error:
+            problems.add(None, f"{error}.")
     true_cfg = request.true_cfg_scale
     if true_cfg is not None and not takes_true_cfg(pipe):
         problems.add(None, "True CFG is FLUX's classifier-free guidance; this model's is Guidance.")
-    elif true_cfg is not None and not (math.isfinite(float(true_cfg)) and 1 <= float(true_cfg) <= limits.max_guidance):
-        problems.add(None, f"True CFG must lie between 1 (off) and {limits.max_guidance:g}, got {true_cfg}.")
+    elif true_cfg is not None:
+        try:
+            check_number(true_cfg, "True CFG (1: off)", 1, limits.max_guidance)
+        except LimitError as error:
+            problems.add(None, f"{error}.")
     modes = {}
     for label, enum, value in (
         ("region mode", RegionMode, request.region_mode),
@@ -427,8 +446,11 @@ def generate(
         except ValueError as error:
             problems.add(slot, f"Region of {label}: {error}.")
         strength = form.strength
-        if strength is not None and not (math.isfinite(float(strength)) and float(strength) >= 0):
-            problems.add(slot, f"The strength of {label} must be a number ≥ 0, got {strength}.")
+        if strength is not None:
+            try:
+                check_scale(strength, f"The strength of {label}", limits)
+            except LimitError as error:
+                problems.add(slot, f"{error}.")
         if name:
             names[slot] = name
         if name and photos and slot not in problems.by_slot:
