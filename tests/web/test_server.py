@@ -250,8 +250,8 @@ def test_a_foreign_host_is_refused_while_the_server_listens_on_loopback(served):
     response = page.get("/", headers={"Host": f"rebound.example:{port}"})
     assert response.status_code == 403 and "set-cookie" not in response.headers
     assert response.text == (
-        f"refused: Host 'rebound.example:{port}' is not a loopback name; this server answers only to "
-        "localhost, 127.0.0.1 and [::1] (mipadapter web --host ADDRESS serves other names)"
+        f"refused: Host 'rebound.example:{port}' is not a name of this server; it answers to localhost, "
+        "127.0.0.1 and [::1] (mipadapter web --allow-host NAME adds a name, --host ADDRESS exposes it)"
     )
     for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
         assert page.get("/", headers={"Host": host}).status_code == 200
@@ -374,8 +374,11 @@ def test_the_host_check_is_lifted_only_by_exposing_the_server():
     for host in ("localhost:7860", "127.0.0.1:7860", "[::1]:7860", "127.0.0.2", None):
         assert local.refusal(scope(host)) is None, host
     for host in ("localhost.attacker.example:7860", "192.168.1.20:7860", "0.0.0.0:7860"):
-        assert local.refusal(scope(host)).startswith(f"refused: Host {host!r} is not a loopback name"), host
+        assert local.refusal(scope(host)).startswith(f"refused: Host {host!r} is not a name of this"), host
         assert exposed.refusal(scope(host)) is None
+    proxied = RequestGuard(None, limits=Limits(), allowed_hosts=["Demo.Lab"])  # a proxy passing Host on
+    assert proxied.refusal(scope("demo.lab", "https://demo.lab")) is None
+    assert proxied.refusal(scope("other.lab")).startswith("refused: Host 'other.lab' is not a name of this")
     for origin in ("null", "http://attacker.example", "http://localhost:7861", "file://"):
         for guard in (local, exposed):
             assert guard.refusal(scope("localhost:7860", origin)).startswith(
@@ -459,3 +462,54 @@ def test_the_painted_layer_bomb_costs_no_memory_to_refuse(bomb, tmp_path):
     message, grown_mib = done.stdout.strip().splitlines()
     assert message == BOMB_MESSAGE
     assert int(grown_mib) < 32, grown_mib
+
+
+def test_the_session_cookie_is_found_among_other_local_servers_cookies():
+    from mipadapter.web.guard import session_of
+
+    token = "A" * 16 + "b_-" + "9" * 13
+
+    def scope(cookie: str) -> dict:
+        return {"type": "http", "headers": [(b"cookie", cookie.encode())]}
+
+    assert session_of(scope(f'jupyter="x;y"; bad\\cookie=1; mipadapter-session={token}; _xsrf=2|a')) == token
+    assert session_of(scope("mipadapter-session=short")) is None  # not one this server gives
+    assert session_of({"type": "http", "headers": []}) is None
+
+
+def test_cli_session_upload_flags_reach_the_guard_and_are_checked_first(need, monkeypatch, capsys):
+    need("gradio")
+    import mipadapter.web.app as web
+    from mipadapter.cli import options
+    from mipadapter.cli.main import main
+
+    launched = {}
+    monkeypatch.setattr(web, "launch", lambda app, **kwargs: launched.update(kwargs))
+    flags = ["--max-session-uploads", "7", "--max-session-upload-mb", "12", "--allow-host", "demo.lab"]
+    assert main(["web", "--tiny", *flags, "--allow-host", "ai.lab"]) == 0
+    limits = launched["limits"]
+    assert (limits.max_session_uploads, limits.max_session_upload_bytes) == (7, 12 * 2**20)
+    assert (launched["host"], launched["allowed_hosts"]) == ("127.0.0.1", ("demo.lab", "ai.lab"))
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("models loaded before the flags were checked")
+
+    monkeypatch.setattr(options, "load_pipeline", no_models)
+    capsys.readouterr()
+    for flags, message in (
+        (["--max-session-uploads", "0"], "--max-session-uploads must be ≥ 1, got 0"),
+        (
+            ["--max-session-upload-mb", "5"],
+            "--max-session-upload-mb must be at least --max-upload-mb (10), got 5",
+        ),
+        (
+            ["--max-session-upload-mb", "nan"],
+            "--max-session-upload-mb must be at least --max-upload-mb (10), got nan",
+        ),
+        (
+            ["--allow-host", "https://demo.lab"],
+            "--allow-host takes a host name without scheme or port, got 'https://demo.lab'",
+        ),
+    ):
+        assert main(["web", "--tiny", *flags]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"mipadapter web: error: {message}"]

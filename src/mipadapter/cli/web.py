@@ -21,6 +21,14 @@ def register(subparsers) -> None:
         help="address to bind (0.0.0.0 exposes it to the network; then any Host name is answered, not only "
         "localhost's)",
     )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the server answers to besides localhost (repeatable), e.g. behind a reverse proxy "
+        "that passes the browser's Host on",
+    )
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help="default models")
     parser.add_argument("--base-model", help="diffusers base model: Hub id or local folder")
@@ -58,6 +66,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_subjects < 1 or args.max_upload_mb <= 0 or args.queue_size < 1:
         raise ValueError("--max-subjects and --queue-size must be ≥ 1 and --max-upload-mb > 0")
+    for name in args.allow_host:
+        if not name or any(char in name for char in "/:@ "):
+            raise ValueError(f"--allow-host takes a host name without scheme or port, got {name!r}")
     if args.max_session_uploads < 1:
         raise ValueError(f"--max-session-uploads must be ≥ 1, got {args.max_session_uploads}")
     if not args.max_session_upload_mb >= args.max_upload_mb:  # also refuses NaN
@@ -102,5 +113,6 @@ def run(args: argparse.Namespace) -> int:
         max_file_size=upload_bytes,
         queue_size=args.queue_size,
         limits=limits,
+        allowed_hosts=tuple(args.allow_host),
     )
     return 0

@@ -651,11 +651,13 @@ def launch(
     queue_size: int = 16,
     block: bool = True,
     limits: Limits | None = None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> str:
     """Serve ``app`` (one generation at a time, at most ``queue_size`` waiting) and return its URL.
 
     Every request passes ``guard.RequestGuard`` first (Host and Origin checks, the Host one only on a
-    loopback ``host``; upload limits per session from ``limits``; uploads served only to their session);
+    loopback ``host``, where ``allowed_hosts`` adds names to the loopback ones; upload limits per session
+    from ``limits``; uploads served only to their session);
     queued events (generation, preview) are reachable only through the queue, not the REST routes.
     block: keep serving until interrupted by Ctrl+C or SIGTERM (otherwise return at once, the server
     running in a thread).
@@ -663,7 +665,9 @@ def launch(
     from starlette.middleware import Middleware
 
     app.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
-    guard = Middleware(RequestGuard, limits=limits or Limits(), exposed=not is_loopback(host))
+    guard = Middleware(
+        RequestGuard, limits=limits or Limits(), exposed=not is_loopback(host), allowed_hosts=allowed_hosts
+    )
     if block:
         stop_on_sigterm()
     _, url, _ = app.launch(

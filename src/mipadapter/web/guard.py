@@ -3,9 +3,10 @@
 Checked on every request (``RequestGuard``):
 
 * **Host** (only while the server listens on a loopback address, the default): the ``Host`` header must
-  name ``localhost``, ``127.0.0.1`` or ``[::1]`` (any port). A web page cannot then reach the server by
-  a name of its own that resolves to this machine (DNS rebinding). ``--host ADDRESS`` exposes the server
-  on purpose and lifts this check.
+  name ``localhost``, ``127.0.0.1`` or ``[::1]``, or a name given by ``--allow-host`` (any port). A web
+  page cannot then reach the server by a name of its own that resolves to this machine (DNS rebinding).
+  ``--host ADDRESS`` exposes the server on purpose and lifts this check; ``--allow-host NAME`` keeps it
+  bound to loopback behind a reverse proxy that passes the browser's Host on.
 * **Origin** (always): a request that carries an ``Origin`` header must come from the server's own page:
   ``Origin`` is ``http://`` or ``https://`` followed by the request's own ``Host``. Browsers send
   ``Origin`` with every POST, so another web page the user visits cannot post uploads or generations
@@ -151,16 +152,14 @@ def _header(scope, name: bytes) -> str | None:
 
 
 def session_of(scope) -> str | None:
-    """The request's session (its ``SESSION_COOKIE``), None when it has none of the right form."""
-    from http.cookies import CookieError, SimpleCookie
+    """The request's session (its ``SESSION_COOKIE``), None when it has none of the right form.
 
-    cookie = SimpleCookie()
-    try:
-        cookie.load(_header(scope, b"cookie") or "")
-    except CookieError:
-        return None
-    morsel = cookie.get(SESSION_COOKIE)
-    return morsel.value if morsel is not None and _SESSION_FORMAT.fullmatch(morsel.value) else None
+    Parsed leniently (Starlette's parser): a browser sends every cookie of ``localhost``, whatever
+    other local server set it, and one malformed cookie must not hide ours."""
+    from starlette.requests import cookie_parser
+
+    value = cookie_parser(_header(scope, b"cookie") or "").get(SESSION_COOKIE)
+    return value if value is not None and _SESSION_FORMAT.fullmatch(value) else None
 
 
 async def _respond(
@@ -180,21 +179,30 @@ class RequestGuard:
     """ASGI middleware in front of the Gradio app: the checks of this module's docstring.
 
     exposed: the server listens on a non-loopback address on purpose (``--host``): the Host check is off.
+    allowed_hosts: host names (no port) answered besides the loopback ones.
     """
 
     def __init__(
-        self, app, *, limits: Limits, exposed: bool = False, ledger: UploadLedger | None = None
+        self,
+        app,
+        *,
+        limits: Limits,
+        exposed: bool = False,
+        allowed_hosts: Iterable[str] = (),
+        ledger: UploadLedger | None = None,
     ) -> None:
         self.app, self.exposed = app, exposed
+        self.allowed_hosts = {name.lower().strip("[]") for name in allowed_hosts}
         self.ledger = ledger or UploadLedger(limits)
 
     def refusal(self, scope) -> str | None:
         """Why a request is refused by its Host or Origin header, or None."""
         host = _header(scope, b"host")
-        if host is not None and not self.exposed and not is_loopback(_hostname(host)):
+        name = None if host is None else _hostname(host)
+        if name is not None and not self.exposed and not is_loopback(name) and name not in self.allowed_hosts:
             return (
-                f"refused: Host {host!r} is not a loopback name; this server answers only to localhost, "
-                "127.0.0.1 and [::1] (mipadapter web --host ADDRESS serves other names)"
+                f"refused: Host {host!r} is not a name of this server; it answers to localhost, 127.0.0.1 "
+                "and [::1] (mipadapter web --allow-host NAME adds a name, --host ADDRESS exposes it)"
             )
         origin = _header(scope, b"origin")
         if origin is not None:
