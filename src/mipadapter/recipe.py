@@ -36,7 +36,9 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
     multi_image     "mean" | "each"
     region_mode     "replace" | "multiply"
     scheduler       str              the diffusers scheduler class
-    subjects        [{name, photos: [{path, sha256}], scale, region}]
+    subjects        [{name, photos: [{path, sha256} | {name, sha256}], scale, region}]
+                    photos: {name, sha256} for a photo uploaded to the web page (its file name; the
+                            server's path is private and temporary), else {path, sha256}
                     scale: float (resolved) | [float, …] (FLUX, one per double block) | diffusers' UNet
                            dict form {"down": …, "mid": …, "up": …} (``mipadapter.scales``)
                     region: null | [x0, y0, x1, y1] (output pixels) | {path, sha256} (mask file)
@@ -168,6 +170,13 @@ def file_record(path: str | os.PathLike) -> dict[str, str]:
     return {"path": str(path), "sha256": file_sha256(path)}
 
 
+def upload_record(path: str | os.PathLike) -> dict[str, str]:
+    """``{"name": file name, "sha256": hex}`` of a photo uploaded to the web page: a rerun asks for the
+    photo by its name; the server's own path would mean nothing elsewhere, and would show where the
+    server keeps other people's uploads."""
+    return {"name": Path(path).name, "sha256": file_sha256(path)}
+
+
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages a result depends on (None when one is not installed)."""
     versions: dict[str, str | None] = {}
@@ -296,6 +305,7 @@ def build_recipe(
     subjects: Sequence[RecipeSubject],
     models: ModelRecord,
     call: Mapping[str, Any],
+    uploaded: bool = False,
 ) -> dict[str, Any]:
     """The recipe of one ``MIPAdapterPipeline`` call (shared by all its images; ``write_image`` adds the
     image index).
@@ -303,7 +313,8 @@ def build_recipe(
     pipe: the ``MIPAdapterPipeline`` that ran; output: its ``MIPAdapterOutput``; seed: the seed of the CPU
     generator given to the call; subjects: the subjects in call order, with their files; models: what was
     loaded; call: the keyword arguments given to the call, ``prompt`` included (used for what
-    ``output.settings`` does not say).
+    ``output.settings`` does not say); uploaded: the photos were uploaded to the web page, recorded by
+    file name and SHA-256 (``upload_record``) instead of by path.
     """
     settings = resolved_settings(pipe, output, call)
     if settings["prompt"] is None:
@@ -338,7 +349,7 @@ def build_recipe(
         "subjects": [
             {
                 "name": subject.name,
-                "photos": [file_record(photo) for photo in subject.photos],
+                "photos": [(upload_record if uploaded else file_record)(photo) for photo in subject.photos],
                 "scale": scale,
                 "region": _region_record(subject.region),
             }
@@ -498,6 +509,18 @@ def _scale_ok(scale) -> bool:
     except ValueError:
         return False
     return True
+def _is_photo_record(value) -> bool:
+    """{path, sha256}, or {name, sha256} of a photo uploaded to the web page (a bare file name)."""
+    if _is_file_record(value):
+        return True
+    return (
+        isinstance(value, Mapping)
+        and set(value) == {"name", "sha256"}
+        and _is_file_record({"path": value["name"], "sha256": value["sha256"]})
+        and bool(value["name"])
+        and Path(value["name"]).name == value["name"]
+        and "\\" not in value["name"]
+    )
 
 
 def _region_ok(region) -> bool:
@@ -550,8 +573,8 @@ _FIELDS: dict[str, tuple[str, Any]] = {  # bounds: what --allow-large permits (l
 _SUBJECT_FIELDS: dict[str, tuple[str, Any]] = {
     "name": ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())),
     "photos": (
-        "a non-empty list of {path, sha256}",
-        lambda v: isinstance(v, list) and bool(v) and all(_is_file_record(p) for p in v),
+        "a non-empty list of {path, sha256} or {name, sha256}",
+        lambda v: isinstance(v, list) and bool(v) and all(_is_photo_record(p) for p in v),
     ),
     "scale": (
         f"a finite number in 0..{LARGE_LIMITS.max_scale:g}, a list of them, or diffusers' dict form {{down, mid, up}}",
@@ -654,13 +677,29 @@ def verify_inputs(recipe: Mapping[str, Any], source: str | os.PathLike) -> None:
     source: the image the recipe came from (named in the errors). Raises ``FileNotFoundError`` for a
     missing file and ``RecipeError`` for a changed one, naming the file and its subject.
     """
-    for subject in recipe["subjects"]:
+    for index, subject in enumerate(recipe["subjects"]):
         name = subject["name"]
+        _refuse_uploaded_photos(subject, f"subject #{index + 1} {name!r}", source)
         records = [(f"recorded photo {k + 1} of {name!r}", p) for k, p in enumerate(subject["photos"])]
         if isinstance(subject["region"], Mapping) and "path" in subject["region"]:
             records.append((f"the recorded region mask of {name!r}", subject["region"]))
         for what, record in records:
             check_recorded_file(record, what, source)
+
+
+def _refuse_uploaded_photos(subject: Mapping[str, Any], label: str, source: str | os.PathLike) -> None:
+    """A RecipeError asking for the photos of ``subject`` again, by name, when one was uploaded to the
+    web page (the recipe names it, but has no path to it)."""
+    uploaded = [(k, photo) for k, photo in enumerate(subject["photos"]) if "name" in photo]
+    if not uploaded:
+        return
+    k, photo = uploaded[0]
+    names = ",".join(p.get("name") or p["path"] for p in subject["photos"])
+    raise RecipeError(
+        f"recorded photo {k + 1} {photo['name']!r} of {label} (SHA-256 {photo['sha256'][:12]}…) was uploaded to the "
+        f"web page, so {str(source)!r} names it without a path: give the photos again, "
+        f"e.g. --subject {subject['name']}={names}"
+    )
 
 
 def check_recorded_file(record: Mapping[str, str], what: str, source: str | os.PathLike) -> Path:

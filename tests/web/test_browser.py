@@ -356,3 +356,32 @@ def test_two_quick_clicks_give_two_results_in_order(browser, server):
     assert seen(page, "#queue-note", "1 waiting")  # the second click's place in the queue was shown
     assert page.inner_text("#queue-note") == ""
     page.close()
+
+
+def test_a_painted_region_reaches_the_preview_and_photos_stay_with_their_page(browser, server):
+    import urllib.error
+    import urllib.request
+
+    page = browser.new_page()
+    page.goto(server)
+    page.fill("#subject-0-name textarea, #subject-0-name input", "cat")
+    page.set_input_files("#subject-0-photos input[type=file]", str(ASSETS / "cat.jpg"))
+    wait_for_thumbnails(page, 0, 1)
+    thumbnail = page.get_attribute("#subject-0-photos img", "src")
+    assert page.request.get(thumbnail).ok  # this browser uploaded it
+    with pytest.raises(urllib.error.HTTPError) as refused:  # any other client: refused
+        urllib.request.urlopen(urllib.parse.urljoin(server, thumbnail), timeout=10)
+    assert refused.value.code == 403
+    page.click("#subject-0-region button, #subject-0-region .label-wrap")  # open the region panel
+    page.click("#subject-0-painted button[aria-label='Brush']")
+    canvas = page.locator("#subject-0-painted canvas").first
+    box = canvas.bounding_box()  # the drawing area sits in the middle of the editor
+    y = box["y"] + box["height"] * 0.5
+    page.mouse.move(box["x"] + box["width"] * 0.4, y)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(box["x"] + box["width"] * (0.4 + 0.02 * step), y)
+    page.mouse.up()
+    page.locator("#region-summary").get_by_text("painted region (").wait_for()
+    assert "'cat': painted region (" in page.inner_text("#region-summary")
+    page.close()

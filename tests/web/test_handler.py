@@ -13,7 +13,7 @@ from PIL import Image
 from mipadapter.figures import overlay_map
 from mipadapter.photos import open_photo
 from mipadapter.pipeline import Subject
-from mipadapter.recipe import ModelRecord, file_record, read_recipe, recorded_region
+from mipadapter.recipe import ModelRecord, file_sha256, read_recipe, recorded_region, upload_record
 from mipadapter.testing.mip import tiny_mip_pipeline
 from mipadapter.web.handler import (
     GenerateRequest,
@@ -369,7 +369,9 @@ def test_written_images_carry_a_recipe_naming_every_subject(pipe, tmp_path):
         assert (recipe["height"], recipe["width"], recipe["region_mode"]) == (64, 64, "replace")
         cat, backpack = recipe["subjects"]
         assert (cat["name"], backpack["name"]) == ("cat", "backpack")
-        assert cat["photos"] == [file_record(CAT), file_record(BACKPACK)]
+        # by file name and SHA-256: the server's upload folder is not shown to whoever gets the image
+        assert cat["photos"] == [upload_record(CAT), upload_record(BACKPACK)]
+        assert cat["photos"][0] == {"name": "cat.jpg", "sha256": file_sha256(CAT)}
         assert cat["scale"] == 0.5 and cat["region"] == [0, 0, 32, 64]
         assert backpack["scale"] == pipe.adapter.config.default_scale
         mask = np.asarray(recorded_region(backpack["region"]))
@@ -380,7 +382,7 @@ def test_written_images_carry_a_recipe_naming_every_subject(pipe, tmp_path):
     assert result.recipe["subjects"] == recipe["subjects"]
 
 
-def test_a_written_image_reruns_with_generate_from_png_to_the_same_pixels(pipe, tmp_path):
+def test_a_written_image_reruns_with_generate_from_png_to_the_same_pixels(pipe, tmp_path, capsys):
     from mipadapter.cli.main import main
     from mipadapter.cli.options import load_tiny
 
@@ -394,10 +396,24 @@ def test_a_written_image_reruns_with_generate_from_png_to_the_same_pixels(pipe, 
     assert result.ok, result.status
     (written,) = result.images
     again = tmp_path / "again.png"
-    assert main(["generate", "--from-png", str(written), "-o", str(again)]) == 0
+    # the recipe names the uploaded photos, not where the server kept them: the rerun asks for them
+    assert main(["generate", "--from-png", str(written), "-o", str(again)]) == 2
+    sha = file_sha256(CAT)[:12]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"mipadapter generate: error: recorded photo 1 'cat.jpg' of subject #1 'cat' (SHA-256 {sha}…) was uploaded "
+        f"to the web page, so {str(written)!r} names it without a path: give the photos again, "
+        "e.g. --subject cat=cat.jpg"
+    ]
+    assert not again.exists()
+    rerun = ["generate", "--from-png", str(written), "--subject", f"cat={CAT}"]
+    rerun += ["--subject", f"backpack={BACKPACK}"]
+    assert main([*rerun, "-o", str(again)]) == 0
     with Image.open(written) as first, Image.open(again) as second:
         assert np.array_equal(np.asarray(first.convert("RGB")), np.asarray(second.convert("RGB")))
-    assert read_recipe(again)["subjects"] == read_recipe(written)["subjects"]
+    recorded, rerun_subjects = read_recipe(written)["subjects"], read_recipe(again)["subjects"]
+    for subject in (*recorded, *rerun_subjects):  # the CLI records paths, the web names: the rest is equal
+        subject["photos"] = [photo["sha256"] for photo in subject["photos"]]
+    assert rerun_subjects == recorded
 
 
 def test_without_models_or_files_no_recipe_is_made(pipe, tmp_path):

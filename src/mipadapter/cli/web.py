@@ -6,6 +6,7 @@ import argparse
 
 from mipadapter.cli.options import add_tiny_argument
 from mipadapter.config import DEFAULT_PRESET, PRESETS
+from mipadapter.limits import Limits
 
 
 def register(subparsers) -> None:
@@ -15,7 +16,18 @@ def register(subparsers) -> None:
         description="Serve the demo page: subjects with photos, a prompt, images and routing maps.",
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (0.0.0.0 exposes it to the network; then any Host name is answered, not only "
+        "localhost's)",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the server answers to besides localhost (repeatable), e.g. behind a reverse proxy "
+        "that passes the browser's Host on",
     )
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help="default models")
@@ -29,6 +41,18 @@ def register(subparsers) -> None:
     parser.add_argument("--max-subjects", type=int, default=4, help="subjects one request may give")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest photo file accepted")
     parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model")
+    parser.add_argument(
+        "--max-session-uploads",
+        type=int,
+        default=Limits.max_session_uploads,
+        help="photos one browser session may upload per hour",
+    )
+    parser.add_argument(
+        "--max-session-upload-mb",
+        type=float,
+        default=Limits.max_session_upload_bytes / 2**20,
+        help="megabytes one browser session may upload per hour",
+    )
     add_tiny_argument(parser, "try the page anywhere")
     parser.add_argument(
         "--compile",
@@ -42,6 +66,16 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_subjects < 1 or args.max_upload_mb <= 0 or args.queue_size < 1:
         raise ValueError("--max-subjects and --queue-size must be ≥ 1 and --max-upload-mb > 0")
+    for name in args.allow_host:
+        if not name or any(char in name for char in "/:@ "):
+            raise ValueError(f"--allow-host takes a host name without scheme or port, got {name!r}")
+    if args.max_session_uploads < 1:
+        raise ValueError(f"--max-session-uploads must be ≥ 1, got {args.max_session_uploads}")
+    if not args.max_session_upload_mb >= args.max_upload_mb:  # also refuses NaN
+        raise ValueError(
+            f"--max-session-upload-mb must be at least --max-upload-mb ({args.max_upload_mb:g}), "
+            f"got {args.max_session_upload_mb:g}"
+        )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must lie in 0..65535, got {args.port}")
     try:
@@ -51,14 +85,20 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError("the web demo needs gradio: pip install 'mipadapter[web]'") from None
         raise
     from mipadapter.cli.options import load_pipeline, pick_device_dtype
-    from mipadapter.web.handler import Limits
-
     device, dtype = pick_device_dtype(args.device, args.dtype, tiny=args.tiny)
     pipe, models = load_pipeline(args, device, dtype)  # once, for every request
     if args.compile:
         pipe.compile()
     upload_bytes = int(args.max_upload_mb * 2**20)
-    limits = Limits.for_pipeline(pipe, max_subjects=args.max_subjects, max_upload_bytes=upload_bytes)
+    session_bytes = int(args.max_session_upload_mb * 2**20)
+    limits = Limits.for_pipeline(
+        pipe,
+        max_subjects=args.max_subjects,
+        max_upload_bytes=upload_bytes,
+        max_session_uploads=args.max_session_uploads,
+        max_session_upload_bytes=session_bytes,
+        max_server_upload_bytes=max(Limits.max_server_upload_bytes, session_bytes),
+    )
     app = build_app(
         pipe,
         limits,
@@ -66,5 +106,13 @@ def run(args: argparse.Namespace) -> int:
         default_steps=4 if args.tiny else 30,
         compiled=args.compile,
     )
-    launch(app, host=args.host, port=args.port, max_file_size=upload_bytes, queue_size=args.queue_size)
+    launch(
+        app,
+        host=args.host,
+        port=args.port,
+        max_file_size=upload_bytes,
+        queue_size=args.queue_size,
+        limits=limits,
+        allowed_hosts=tuple(args.allow_host),
+    )
     return 0

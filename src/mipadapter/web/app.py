@@ -13,6 +13,7 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -24,6 +25,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no v
 import gradio as gr  # noqa: E402
 
 from mipadapter.config import MultiImageMode, RegionMode  # noqa: E402
+from mipadapter.web.editor import region_editor  # noqa: E402
+from mipadapter.web.guard import RequestGuard, is_loopback  # noqa: E402
 from mipadapter.web.handler import (  # noqa: E402
     GenerateRequest,
     Limits,
@@ -227,7 +230,7 @@ class _Slot:
                         gr.Number(label=label, value=None, precision=0, elem_id=f"subject-{index}-{label}")
                         for label in ("x0", "y0", "x1", "y1")
                     ]
-                self.painted = gr.ImageEditor(
+                self.painted = region_editor(
                     label="Painted region (the canvas stands for the output image)",
                     type="numpy",
                     sources=[],
@@ -547,15 +550,20 @@ def build_app(
             for index in range(shown):
                 name, x0, y0, x1, y1, painted = fields[index * per_slot : (index + 1) * per_slot]
                 forms.append(SubjectForm(name=name or "", box=[x0, y0, x1, y1], painted=painted))
-            drawn = region_preview(forms, int(out_width), int(out_height))
+            drawn = region_preview(
+                forms, int(out_width), int(out_height), max_painted_pixels=limits.max_painted_pixels
+            )
             return drawn.image, drawn.summary
 
-        # what every change of the subjects' slots (adding, removing, an example) runs after itself
+        # what every change of the subjects' slots (adding, removing, an example) runs after itself; in
+        # the queue, one at a time (it decodes painted layers), never beside it through the REST routes
         refresh_preview = dict(
             fn=on_region_change,
             inputs=region_inputs,
             outputs=[preview, preview_summary],
-            queue=False,
+            queue=True,
+            concurrency_limit=1,
+            concurrency_id="preview",
             show_progress="hidden",
             api_visibility="private",
         )
@@ -642,6 +650,18 @@ def build_app(
     return app
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop a blocking ``launch`` as Ctrl+C does (the server closes, the process exits and
+    its results folder is removed); only the main thread can install it (elsewhere: nothing done)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def launch(
     app: gr.Blocks,
     host: str = "127.0.0.1",
@@ -649,12 +669,26 @@ def launch(
     max_file_size: int = 10 * 2**20,
     queue_size: int = 16,
     block: bool = True,
+    limits: Limits | None = None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> str:
     """Serve ``app`` (one generation at a time, at most ``queue_size`` waiting) and return its URL.
 
-    block: keep serving until interrupted (otherwise return at once, the server running in a thread).
+    Every request passes ``guard.RequestGuard`` first (Host and Origin checks, the Host one only on a
+    loopback ``host``, where ``allowed_hosts`` adds names to the loopback ones; upload limits per session
+    from ``limits``; uploads served only to their session);
+    queued events (generation, preview) are reachable only through the queue, not the REST routes.
+    block: keep serving until interrupted by Ctrl+C or SIGTERM (otherwise return at once, the server
+    running in a thread).
     """
-    app.queue(max_size=queue_size, default_concurrency_limit=1)
+    from starlette.middleware import Middleware
+
+    app.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
+    guard = Middleware(
+        RequestGuard, limits=limits or Limits(), exposed=not is_loopback(host), allowed_hosts=allowed_hosts
+    )
+    if block:
+        stop_on_sigterm()
     _, url, _ = app.launch(
         server_name=host,
         server_port=port,
@@ -669,6 +703,7 @@ def launch(
         prevent_thread_lock=True,
         footer_links=[],
         css=CSS,
+        app_kwargs={"middleware": [guard]},
     )
     print(f"mipadapter web: serving {url} (Ctrl+C to stop)", flush=True)
     if block:

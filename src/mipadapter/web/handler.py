@@ -171,14 +171,19 @@ class _Problems:
         return GenerateResult(subject_errors=subject_errors, error=error, status=status)
 
 
-def is_blank(form: SubjectForm) -> bool:
-    """An untouched slot: no name, no photo, no box, nothing painted."""
-    return (
-        not (form.name or "").strip()
-        and not list(form.photos or ())
-        and not any(value not in (None, "") for value in (form.box or ()))
-        and painted_mask(form.painted) is None
-    )
+def is_blank(form: SubjectForm, max_painted_pixels: int | None = Limits.max_painted_pixels) -> bool:
+    """An untouched slot: no name, no photo, no box, nothing painted (a painted layer that cannot be
+    read, or is too large, is something: the slot reports it)."""
+    if (
+        (form.name or "").strip()
+        or list(form.photos or ())
+        or any(value not in (None, "") for value in (form.box or ()))
+    ):
+        return False
+    try:
+        return painted_mask(form.painted, max_painted_pixels) is None
+    except ValueError:
+        return False
 
 
 def _bytes(count: int) -> str:
@@ -247,11 +252,53 @@ def parse_box(values: Sequence[Any] | None) -> tuple[float, float, float, float]
     return box  # type: ignore[return-value]
 
 
-def painted_mask(value: Any) -> np.ndarray | None:
+def _layer_array(layer: Any, max_pixels: int | None) -> np.ndarray:
+    """One painted layer → its [H, W] coverage array (alpha, else brightness), its pixel count checked
+    first: from the header for a PNG given as bytes or a file (nothing is decoded before), from the size
+    for a PIL image or an array (nothing is copied before)."""
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(layer, (bytes, bytearray, memoryview, str, Path)):
+        source = io.BytesIO(layer) if isinstance(layer, (bytes, bytearray, memoryview)) else layer
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+                with Image.open(source) as image:
+                    _check_layer_pixels(*image.size, max_pixels)
+                    image.load()
+                    return _layer_array(image, None)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
+            raise ValueError("a painted layer is not a readable image") from None
+    if hasattr(layer, "convert"):
+        _check_layer_pixels(*layer.size, max_pixels)
+        return np.asarray(layer.getchannel("A") if "A" in layer.getbands() else layer.convert("L"))
+    array = np.asarray(layer)
+    if array.ndim >= 2:
+        _check_layer_pixels(array.shape[1], array.shape[0], max_pixels)
+    if array.ndim == 3:
+        array = array[..., 3] if array.shape[-1] == 4 else array.max(axis=-1)
+    if array.ndim != 2:
+        raise ValueError(f"a painted region must be an image, got an array of shape {array.shape}")
+    return array
+
+
+def _check_layer_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(
+            f"a painted layer is {width}×{height} pixels; the limit is {max_pixels / 1e6:g} megapixels"
+        )
+
+
+def painted_mask(value: Any, max_pixels: int | None = Limits.max_painted_pixels) -> np.ndarray | None:
     """A region editor's value → [H, W] float mask in [0, 1] (painted = 1); None if nothing is painted.
 
-    value: gradio ImageEditor's dict (its ``layers`` are RGBA arrays or PIL images; the background is
-    ignored), or a single array / PIL image (alpha if it has one, else brightness).
+    value: gradio ImageEditor's dict (its ``layers`` are PNG bytes or files as the page's editor passes
+    them undecoded, RGBA arrays or PIL images; the background is ignored), or a single array / PIL image
+    (alpha if it has one, else brightness). max_pixels: the most pixels one layer may have (None: no
+    limit), checked before the layer is decoded or copied. Raises ValueError with a readable reason.
     """
     if value is None:
         return None
@@ -260,13 +307,7 @@ def painted_mask(value: Any) -> np.ndarray | None:
     for layer in layers or ():
         if layer is None:
             continue
-        if hasattr(layer, "convert"):
-            layer = np.asarray(layer.convert("RGBA") if "A" in layer.getbands() else layer.convert("L"))
-        array = np.asarray(layer, dtype=np.float32)
-        if array.ndim == 3:
-            array = array[..., 3] if array.shape[-1] == 4 else array.max(axis=-1)
-        if array.ndim != 2:
-            raise ValueError(f"a painted region must be an image, got an array of shape {array.shape}")
+        array = np.asarray(_layer_array(layer, max_pixels), dtype=np.float32)
         masks.append(array / 255.0 if array.max() > 1 else array)
     if not masks or not any(float(mask.max()) > 0 for mask in masks):
         return None
@@ -287,7 +328,8 @@ def mask_image(mask: np.ndarray | None):
 
 
 def _recipe(pipe, output, request, recipe_subjects, models, prompt: str, call: dict, modes: dict) -> dict:
-    """The generation's recipe (``mipadapter.recipe``, the one code path the CLI uses too)."""
+    """The generation's recipe (``mipadapter.recipe``, the one code path the CLI uses too), naming each
+    photo by its file name and SHA-256."""
     from mipadapter.recipe import RecipeSubject, build_recipe
 
     subjects = [
@@ -301,6 +343,7 @@ def _recipe(pipe, output, request, recipe_subjects, models, prompt: str, call: d
         subjects=subjects,
         models=models,
         call={"prompt": prompt, "region_mode": modes["region mode"], **call},
+        uploaded=True,  # by file name and SHA-256: the server's upload path is no one else's business
     )
 
 
@@ -404,7 +447,11 @@ def generate(
             choices = ", ".join(repr(member.value) for member in enum)
             problems.add(None, f"The {label} must be one of {choices}, got {value!r}.")
 
-    filled = [(slot, form) for slot, form in enumerate(request.subjects) if not is_blank(form)]
+    filled = [
+        (slot, form)
+        for slot, form in enumerate(request.subjects)
+        if not is_blank(form, limits.max_painted_pixels)
+    ]
     if not filled:
         problems.add(None, "Add at least one subject: a name and one or more photos.")
     if len(filled) > limits.max_subjects:
@@ -439,7 +486,7 @@ def generate(
                     problems.add(slot, f"Photo of {label}: {error}.")
         region = None
         try:
-            box, mask = parse_box(form.box), painted_mask(form.painted)
+            box, mask = parse_box(form.box), painted_mask(form.painted, limits.max_painted_pixels)
             if box is not None and mask is not None:
                 raise ValueError("give a box or a painted region, not both")
             region = box if box is not None else mask_image(mask)

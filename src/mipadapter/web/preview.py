@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mipadapter.web.handler import SubjectForm, painted_mask, parse_box, slot_color
+from mipadapter.web.handler import Limits, SubjectForm, painted_mask, parse_box, slot_color
 
 PREVIEW_SIDE = 256
 """The preview's longer side in pixels; the canvas keeps the output's aspect ratio."""
@@ -44,13 +44,18 @@ def _tint(canvas: Image.Image, coverage: np.ndarray, color: tuple[int, int, int]
 
 
 def region_preview(
-    forms: Sequence[SubjectForm], width: int, height: int, side: int = PREVIEW_SIDE
+    forms: Sequence[SubjectForm],
+    width: int,
+    height: int,
+    side: int = PREVIEW_SIDE,
+    max_painted_pixels: int | None = Limits.max_painted_pixels,
 ) -> RegionPreview:
     """Draw each slot's box (outline and light fill) or painted region (tint) on a blank canvas.
 
     forms: the page's subject slots in order (slot ``i`` is drawn in ``slot_color(i)``); width, height:
     the output size in pixels, the unit of the boxes. A box not (yet) complete or not numeric is left
-    out of the drawing and said so in the summary; boxes reaching past the canvas are clipped.
+    out of the drawing and said so in the summary; boxes reaching past the canvas are clipped; a painted
+    layer above ``max_painted_pixels`` is refused (said so) before it is decoded.
     """
     size = canvas_size(width, height, side)
     scale = size[0] / width
@@ -69,7 +74,7 @@ def region_preview(
             lines.append(f"{title}: box not drawn ({error})")
             box = None
         try:
-            mask = painted_mask(form.painted)
+            mask = painted_mask(form.painted, max_painted_pixels)
         except ValueError as error:
             lines.append(f"{title}: painted region not drawn ({error})")
             mask = None
