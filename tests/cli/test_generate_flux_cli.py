@@ -303,7 +303,7 @@ def test_issue_19_flags_fail_in_one_line_before_loading(tmp_path, capsys):
         (["--tiny", "--prompt-2", "x"], "--prompt-2 is FLUX's (its T5 text encoder), but --tiny sdxl is not a FLUX model"),
         (["--tiny", "sd15", "--max-sequence-length", "64"],
          "--max-sequence-length is FLUX's (its T5 text encoder), but --tiny sd15 is not a FLUX model"),
-        (["--tiny", "flux", "--max-sequence-length", "513"], "--max-sequence-length must be an integer in 1..512, got 513"),
+        (["--tiny", "flux", "--max-sequence-length", "513"], "--max-sequence-length must be an integer between 1 and 512, got 513"),
         (["--tiny", "flux", "--scale-blocks", f"dog={tmp_path / 'none.json'}"],
          f"--scale-blocks dog={tmp_path / 'none.json'}: no such file"),
         (["--tiny", "flux", "--scale-blocks", f"dog={tmp_path / 'text.json'}"],

@@ -428,13 +428,11 @@ FLUX_RECORDED = ("true_cfg_scale", "prompt_2", "max_sequence_length")
 def _check_flux_settings(args, recipe, source, flux: bool, models, value) -> None:
     """``--prompt-2`` and ``--max-sequence-length`` need FLUX; ``--rule official`` is not offered there
     (no FLUX adapter has a text weight); a recorded negative given as embeddings cannot be rerun."""
-    from mipadapter.cli import options
-
     for flag, dest in (("--prompt-2", "prompt_2"), ("--max-sequence-length", "max_sequence_length")):
         if getattr(args, dest) is not None and not flux:
             raise ValueError(f"{flag} is FLUX's (its T5 text encoder), but {_not_flux(models)}")
     if value("max_sequence_length") is not None:
-        options.check_int(value("max_sequence_length"), "--max-sequence-length", 1, 512)
+        limits.check_integer(value("max_sequence_length"), "--max-sequence-length", 1, 512)
     if flux and value("rule") == "official":
         raise ValueError(
             "--rule official is not offered on FLUX: it needs a text weight trained on FLUX, which no FLUX "
