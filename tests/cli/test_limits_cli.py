@@ -170,8 +170,8 @@ def test_recorded_values_are_held_to_the_same_caps(made, tmp_path, out, capsys, 
     [
         (2.0, "the scale of 'cat' recorded in '{png}' must be a finite number between 0 and 1.5, got 2.0 "
               "(--allow-large allows up to 100)"),
-        (-5, "'{png}' subject #1: recipe field 'scale' must be a finite number in 0..100, got -5"),
-        ("big", "'{png}' subject #1: recipe field 'scale' must be a finite number in 0..100, got 'big'"),
+        (-5, "'{png}' subject #1: recipe field 'scale' must be a finite number in 0..100, a list of them, or diffusers' dict form {{down, mid, up}}, got -5"),
+        ("big", "'{png}' subject #1: recipe field 'scale' must be a finite number in 0..100, a list of them, or diffusers' dict form {{down, mid, up}}, got 'big'"),
     ],
 )  # fmt: skip
 def test_a_recorded_scale_is_checked_and_named(made, tmp_path, out, capsys, no_models, scale, expected):
