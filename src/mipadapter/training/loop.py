@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -148,7 +149,7 @@ def resume_source(config: TrainConfig) -> Path | None:
 
 def check_run_inputs(config: TrainConfig) -> None:
     """The paths a run reads and writes, before anything loads; errors name the config key."""
-    from mipadapter.fileio import check_output_dir
+    from mipadapter.fileio import check_creatable_dir
     from mipadapter.photos import photo_size
 
     d = config.data
@@ -159,7 +160,7 @@ def check_run_inputs(config: TrainConfig) -> None:
         raise FileNotFoundError(f"data.root {d.root!r} is not a manifest file (data.format is 'manifest')")
     if d.ids_file is not None and not Path(d.ids_file).is_file():
         raise FileNotFoundError(f"data.ids_file {d.ids_file!r} does not exist")
-    check_output_dir(config.run.output_dir, "run.output_dir")
+    check_creatable_dir(config.run.output_dir, "run.output_dir")  # made once every check passed
     for number, item in enumerate(config.validation.prompts):
         for subject in item.subjects:
             photo_size(subject.image, f"validation.prompts[{number}] image of {subject.name!r}")
@@ -245,12 +246,14 @@ def train(
 
     say = notify if notify is not None else logger.info
     output_dir = Path(config.run.output_dir)
+    # processes on CPUs join through gloo only when asked (ACCELERATE_USE_CPU=true), as Accelerator reads it
+    launched = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    check_process_count(launched.num_processes)  # before anything is written
     check_run_inputs(config)
-    config, precision_note = fit_precision(config, PartialState().device.type)
+    config, precision_note = fit_precision(config, launched.device.type)
     o, r = config.optim, config.run
     accelerator = Accelerator(mixed_precision=o.mixed_precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    check_process_count(world)
     device = accelerator.device
     source = resume_source(config)
     if components is None and source is None:
@@ -293,7 +296,10 @@ def train(
         weight_dtype = DTYPES[o.mixed_precision]
         cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
         # the authors keep the frozen UNet in float32 and let autocast run it in half precision
-        components.unet.to(device, **(cast if o.unet_precision == "mixed" else {"dtype": torch.float32}))
+        unet_cast = cast if o.unet_precision == "mixed" else {"dtype": torch.float32}
+        if unet_cast.get("dtype") == components.unet.dtype:
+            unet_cast = {}  # already so: diffusers warns about every dtype cast of a model
+        components.unet.to(device, **unet_cast)
         components.vae.to(device)  # float32: the SDXL VAE overflows in fp16
         components.image_encoder.to(device, **cast)
         for encoder in components.text_encoders:
