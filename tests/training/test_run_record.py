@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from mipadapter.cli.main import main
 from mipadapter.launching import CPU_FORM
 from mipadapter.training import checkpointing as ckpt
 from mipadapter.training.metrics import read_metrics
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +193,27 @@ def test_processes_that_each_see_only_themselves_are_refused_before_writing(tmp_
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert errors and all("each sees only itself" in line and CPU_FORM in line for line in errors)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def shapes_manifest(tmp_path_factory):
+    """The manifest `mipadapter data build --tiny` makes of tests/assets/shapes."""
+    out = tmp_path_factory.mktemp("shapes") / "set"
+    shapes = Path(__file__).resolve().parents[1] / "assets" / "shapes"
+    assert main(["data", "build", "--tiny", "--input", str(shapes), "--output", str(out), "--no-progress"]) == 0
+    return out / "selected.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("train_*.yaml")))
+def test_every_shipped_config_trains_with_tiny(tmp_path, shapes_manifest, name):
+    arch = "sd15" if "sd15" in name else "sdxl"
+    code = main([
+        "train", "--tiny", arch, "--config", str(CONFIGS / name), "--set", "data.format=manifest",
+        "--set", f"data.root={shapes_manifest}", "--set", "data.resolution=64", "--set", "data.num_workers=0",
+        "--set", "optim.batch_size=2", "--set", "optim.max_steps=1", "--set", f"run.output_dir={tmp_path / 'run'}",
+        "--set", "run.progress_bar=false",
+    ])  # fmt: skip
+    assert code == 0
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["models"]["base_model"]["tiny"] == arch and (tmp_path / "run" / "export").is_dir()
