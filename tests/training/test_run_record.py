@@ -217,3 +217,46 @@ def test_every_shipped_config_trains_with_tiny(tmp_path, shapes_manifest, name):
     assert code == 0
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["models"]["base_model"]["tiny"] == arch and (tmp_path / "run" / "export").is_dir()
+
+
+def test_real_model_folders_are_recorded_and_another_copy_is_refused(tmp_path, data, capsys):
+    """Without --tiny: the models load from folders (no diffusers torch_dtype warning), the record holds
+    their fingerprints and the adapter file's SHA-256, and a resume from an edited copy is refused."""
+    import shutil
+    import warnings
+
+    from mipadapter.provenance import file_sha256, folder_fingerprint
+    from mipadapter.testing import TINY_SDXL, tiny_checkpoint_files, tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.save_pretrained(tmp_path / "base")
+    TINY_SDXL.basic_image_encoder.build()[0].save_pretrained(tmp_path / "encoder")
+    adapter = tiny_checkpoint_files(tmp_path / "ckpt", pipe, dtype=None).basic_bin
+    config = write_config(tmp_path, data)
+    text = json.loads(config.read_text())
+    text["model"] = {"base_model": str(tmp_path / "base"), "image_encoder": str(tmp_path / "encoder"),
+                     "adapter_init": str(adapter)}  # fmt: skip
+    config.write_text(json.dumps(text))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--config", str(config), "--stop-after", "1"]) == 0
+    assert not [w for w in caught if "torch_dtype" in str(w.message) or "kept in float32" in str(w.message)]
+    models = json.loads((tmp_path / "run" / "config.json").read_text())["models"]
+    assert models["base_model"] == {"source": str(tmp_path / "base"), "fingerprint": folder_fingerprint(tmp_path / "base")}
+    assert models["adapter_init"] == {"source": str(adapter), "sha256": file_sha256(adapter)}
+    before = tree(tmp_path / "run")
+
+    shutil.copytree(tmp_path / "base", tmp_path / "copy")
+    scheduler = tmp_path / "copy" / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace("{", '{"comment": "edited",', 1))
+    text["model"]["base_model"] = str(tmp_path / "copy")
+    config.write_text(json.dumps(text))
+    capsys.readouterr()
+    code = main(["train", "--config", str(config)])
+    old, new = folder_fingerprint(tmp_path / "base")[:12], folder_fingerprint(tmp_path / "copy")[:12]
+    one_line(
+        capsys, code,
+        f"run folder '{tmp_path / 'run'}' was made with base model {tmp_path / 'base'} (fingerprint {old}…), "
+        f"this call gives {tmp_path / 'copy'} (fingerprint {new}…)",
+    )  # fmt: skip
+    assert tree(tmp_path / "run") == before
