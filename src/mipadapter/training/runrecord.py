@@ -58,7 +58,14 @@ CHANGEABLE = (
     "export.",
 )
 # settings that change nothing a run computes: they follow the call without a record
-FREE = ("data.num_workers", "data.scan_workers", "run.progress_bar", "run.tensorboard", "run.resume")
+FREE = (
+    "data.num_workers",
+    "data.scan_workers",
+    "data.warn_skipped_share",  # (where the config has it) when to warn about skipped images
+    "run.progress_bar",
+    "run.tensorboard",
+    "run.resume",
+)
 
 
 def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
