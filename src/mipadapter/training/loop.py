@@ -2,6 +2,7 @@
 
 A run lives in ``run.output_dir``::
 
+    config.json                           the config, the models' identities, settings changed (`runrecord`)
     data/index.jsonl, data/report.json    the filtered training index (a manifest) and what was skipped
     checkpoints/step-XXXXXXXX/            resumable checkpoints (see `checkpointing`)
     logs/metrics.jsonl                    loss, lr, throughput, skip counts (+ logs/tensorboard/)
@@ -184,7 +185,7 @@ def check_resume(
     source: Path | None,
     identities: dict | None,
     allow_change: Sequence[str],
-) -> tuple[dict | None, list[dict]]:
+) -> tuple[dict, list[dict]]:
     """Before any model loads: a resume (``source``) must use the models the run records and change no
     setting that ``allow_change`` does not name (see `runrecord`). Returns the record to write and the
     changes this call applies (each with the step it takes effect at)."""
@@ -230,8 +231,9 @@ def train(
     """Train (or continue training) the adapter described by ``config``.
 
     components: already loaded models (tests, notebooks), or a function that builds them once the run's
-    checks pass (``--tiny``); by default loaded from ``config.model``. stop_after: run at most this many optimiser steps in this call, then checkpoint and
-    return (for time-limited jobs; the next call continues). on_step(step, loss): called after every step
+    checks pass (``--tiny``); by default loaded from ``config.model``. stop_after: run at most this many
+    optimiser steps in this call, then checkpoint and return (for time-limited jobs; the next call
+    continues). on_step(step, loss): called after every step
     on every process (an exception from it ends the run as a kill would). identities: ``{role: identity}``
     of the models (`runrecord`); by default found from ``config.model`` when the models are loaded here,
     none recorded or checked when ``components`` are given without them. allow_change: the settings a
