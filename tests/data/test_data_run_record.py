@@ -139,3 +139,20 @@ def test_a_local_copy_that_does_not_load_is_not_said_to_come_from_the_hub(tmp_pa
     assert err[0].startswith(f"mipadapter data: error: could not load the captioner (BLIP-2) '{clip}' (")
     assert err[0].endswith("point caption_model in the data config (--config) at a complete copy of the model")
     assert "Hub" not in err[0]
+
+
+def test_tiny_score_uses_the_tiny_clip_and_records_it(tmp_path):
+    from test_data_score import write_authors_item
+
+    root = tmp_path / "set"
+    for sub in ("images", "masks", "jsons"):
+        (root / sub).mkdir(parents=True)
+    write_authors_item(root, "00001", ("apple", "frog"))
+    write_authors_item(root, "00002", ("car", "banana"))
+    out = tmp_path / "scored"
+    assert main(["data", "score", "--tiny", "--input", str(root), "--output", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "run.json").read_text())["models"] == {"clip_model": {"tiny": "clip", "seed": 0}}
+    records = read_manifest(out / "manifest.jsonl")
+    assert [r.id for r in records] == ["00001", "00002"]
+    scores = [o.clip_score for r in records for o in r.objects]
+    assert len(scores) == 4 and len(set(scores)) == 4 and all(-1 <= s <= 1 for s in scores)  # a real CLIP's
