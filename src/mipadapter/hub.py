@@ -111,10 +111,16 @@ def _not_found(source: str, what: str, where: str, reason: str) -> ModelNotFound
 
 
 def fetch_failed(source: str | os.PathLike, what: str, where: str, error: Exception) -> ModelNotFoundError:
-    """The one-line error for a failed download or ``from_pretrained`` of a Hub id."""
+    """The one-line error for a failed download or ``from_pretrained`` of a Hub id (or of a local copy,
+    which then is not said to come from the Hub)."""
     detail = (str(error).strip().splitlines() or ["no detail"])[0]
     if len(detail) > 160:
         detail = detail[:157] + "…"
+    if Path(source).expanduser().exists():  # a local copy that does not load: nothing was fetched
+        return ModelNotFoundError(
+            f"could not load the {what} {str(source)!r} ({type(error).__name__}: {detail}); point {where} "
+            "at a complete copy of the model"
+        )
     return _not_found(str(source), what, where, f"{type(error).__name__}: {detail}")
 
 

@@ -124,7 +124,7 @@ def describe_identity(identity: Mapping[str, Any] | None) -> str:
         text = f"tiny {identity['tiny']}"
         if identity.get("adapter"):
             text += f" with {describe_identity(identity['adapter'])}"
-        return text + f" (tokenizer {identity.get('tokenizer', '?')})"
+        return text + (f" (tokenizer {identity['tokenizer']})" if identity.get("tokenizer") else "")
     text = str(identity.get("source"))
     if identity.get("revision"):
         text += f"@{identity['revision'][:12]}"

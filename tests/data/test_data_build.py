@@ -176,7 +176,7 @@ def test_merge_again_with_another_top_k(sa1b, tmp_path):
 def test_restart_with_other_settings_is_refused(sa1b, tmp_path):
     out = tmp_path / "out"
     build(sa1b, out)
-    with pytest.raises(ValueError, match=r"config\.mode"):
+    with pytest.raises(ValueError, match=r"other settings \(mode: .multi. → .single.\)"):
         build(sa1b, out, DataConfig(mode="single"))
     build(sa1b, out, DataConfig(top_k=1, batch_size=3))  # selection-only and speed settings may change
 

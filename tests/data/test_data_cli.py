@@ -7,6 +7,7 @@ import json
 import pytest
 from data_fakes import fake_backends
 
+import mipadapter.cli.data as data_cli
 import mipadapter.data.backends as backends_module
 from mipadapter.cli.main import build_parser
 from mipadapter.cli.main import main as mipadapter_main
@@ -24,6 +25,10 @@ def fake_models(monkeypatch):
         return fake_backends()
 
     monkeypatch.setattr(backends_module, "load_backends", load)
+    # the models' identities (Hub ids, not cached here): their names stand for them
+    monkeypatch.setattr(
+        data_cli, "_identities", lambda config, keys, tiny: {key: {"source": getattr(config, key)} for key in keys}
+    )
     return calls
 
 

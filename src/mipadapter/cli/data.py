@@ -36,6 +36,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--device", help="device for the models (default: accelerate's device for this process)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--allow-change",
+        dest="allow_change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="resume with this config key changed (e.g. box_threshold, filters.min_score; repeatable): it "
+        "applies to the shards not finished yet and run.json records it",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="offline smoke test: shape-reading stand-ins for the captioner, grounder and segmenter "
+        "(mipadapter.testing.shapes; try --input tests/assets/shapes) and a tiny random CLIP scorer",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +136,38 @@ def _with_overrides(config, args: argparse.Namespace):
         raise ValueError(text) from None
 
 
+_BUILD_MODELS = ("caption_model", "grounding_model", "segment_model", "clip_model")
+_MODEL_WHAT = {
+    "caption_model": "captioner (BLIP-2)",
+    "grounding_model": "detector (Grounding DINO)",
+    "segment_model": "segmenter (SAM)",
+    "clip_model": "CLIP model",
+}
+TINY_SEED = 0
+_TINY_MODELS = {
+    "caption_model": {"tiny": "shape captioner"},
+    "grounding_model": {"tiny": "shape grounder"},
+    "segment_model": {"tiny": "shape segmenter"},
+    "clip_model": {"tiny": "clip", "seed": TINY_SEED},
+}
+
+
+def _identities(config, keys: Sequence[str], tiny: bool) -> dict:
+    """``{config key: identity}`` of the models a run uses (see `mipadapter.provenance`), found without
+    loading them; a model that is neither on disk nor reachable fails here, naming its config key."""
+    if tiny:
+        return {key: _TINY_MODELS[key] for key in keys}
+    from mipadapter.hub import resolve_folder_file
+    from mipadapter.provenance import source_identity
+
+    found = {}
+    for key in keys:
+        source = getattr(config, key)
+        marker = resolve_folder_file(source, "config.json", _MODEL_WHAT[key], key)
+        found[key] = source_identity(source, marker.parent, folder_marker=marker)
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     from mipadapter import data
 
@@ -131,7 +178,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     config = data.load_data_config(args.config) if args.config else data.DataConfig()
     config = _with_overrides(config, args)
-    common = {"device": args.device, "progress": not args.no_progress}
+    stages = _BUILD_MODELS if args.verb == "build" else ("clip_model",)
+    common = {
+        "device": args.device,
+        "progress": not args.no_progress,
+        "models": _identities(config, stages, args.tiny),  # before any model loads or file is written
+        "allow_change": args.allow_change,
+    }
+    if args.tiny:
+        from mipadapter.testing.shapes import shape_backends
+
+        common["backends"] = shape_backends(config, TINY_SEED)
     if args.verb == "build":
         report = data.build_dataset(args.input, args.output, config, layout=args.layout, **common)
     else:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,24 +104,78 @@ def _done_path(output: Path, shard: str) -> Path:
     return output / "shards" / f"{shard}.done.json"
 
 
-def _check_run_file(output: Path, run: dict[str, Any]) -> None:
-    """Record what is being run; refuse to resume a folder made by a different input or config."""
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _produced_anything(output: Path) -> bool:
+    """Whether a run folder holds a finished shard."""
+    return any((output / "shards").glob("*.done.json"))
+
+
+def _check_run_file(
+    output: Path, run: dict[str, Any], allow_change: Sequence[str] = (), *, write: bool = True
+) -> None:
+    """Record what is being run; refuse to resume a folder made by another input, other models or another
+    config — unless each changed config key is in ``allow_change`` (it then applies to the shards not
+    finished yet, and ``run.json``'s ``changes`` records it with the shards finished before it). A folder
+    with no finished shard yet starts again with what it is given (its partial shard outputs go).
+    write: False only checks (every rank, before the main process writes)."""
+    from mipadapter.provenance import check_same_models
+
     path = output / "run.json"
-    if path.exists():
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        keys = sorted(k for k in set(previous) | set(run) if previous.get(k) != run.get(k))
-        changed = [k for k in keys if k != "config"]
-        old_cfg, new_cfg = previous.get("config", {}), run.get("config", {})
-        changed += [
-            f"config.{k}" for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)
-        ]
-        if changed:
+    if path.exists() and not _produced_anything(output) and write:
+        for folder in ("shards", "masks", "images"):
+            shutil.rmtree(output / folder, ignore_errors=True)
+        path.unlink()
+    if not path.exists() or not _produced_anything(output):
+        if allow_change:
             raise ValueError(
-                f"output folder {str(output)!r} holds a run with different {changed}; "
-                "use a new output folder, or the same settings to resume"
+                f"--allow-change {allow_change[0]}: output folder {str(output)!r} holds no finished shard, "
+                "so the run starts with the settings as given"
             )
+        if write:
+            atomic_write_text(path, json.dumps({**run, "changes": []}, indent=2, sort_keys=True) + "\n")
         return
-    atomic_write_text(path, json.dumps(run, indent=2, sort_keys=True) + "\n")
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    if previous.get("models") is not None or run.get("models") is not None:
+        check_same_models(output, previous.get("models"), run.get("models") or {})
+    fixed = sorted(k for k in set(previous) | set(run) if k not in ("config", "models", "changes"))
+    fixed = [k for k in fixed if previous.get(k) != run.get(k)]
+    if fixed:
+        raise ValueError(
+            f"output folder {str(output)!r} holds a run with other {', '.join(fixed)}; use a new --output, "
+            "or the same input to resume"
+        )
+    old, new = _flat(previous.get("config", {})), _flat(run.get("config", {}))
+    changed = [
+        {"key": k, "old": old.get(k), "new": new.get(k)} for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    ]
+    refused = [c for c in changed if c["key"] not in allow_change]
+    if refused:
+        details = "; ".join(f"{c['key']}: {c['old']!r} → {c['new']!r}" for c in refused)
+        raise ValueError(
+            f"output folder {str(output)!r} holds a run with other settings ({details}): rerun with the same "
+            "settings, allow them with --allow-change KEY (for the shards not finished yet), or use a new --output"
+        )
+    names = {c["key"] for c in changed}
+    unchanged = [k for k in allow_change if k not in names]
+    if unchanged:
+        raise ValueError(
+            f"--allow-change {unchanged[0]}: that setting is the same as the run's ({old.get(unchanged[0])!r})"
+            if unchanged[0] in old
+            else f"--allow-change {unchanged[0]}: no such setting"
+        )
+    if changed and write:
+        done = sorted(p.name[: -len(".done.json")] for p in (output / "shards").glob("*.done.json"))
+        history = previous.get("changes", []) + [{**c, "shards_done": done} for c in changed]
+        atomic_write_text(path, json.dumps({**run, "changes": history}, indent=2, sort_keys=True) + "\n")
 
 
 def _run_description(
@@ -159,6 +214,10 @@ def _context(rank: int | None, world_size: int | None, device: Any) -> _Context:
                 f"rank and world_size go together with 0 <= rank < world_size, got {rank} and {world_size}"
             )
         return _Context(rank, world_size, device)
+    from mipadapter.launching import check_process_count, several_processes_note
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and several_processes_note():
+        logger.warning(several_processes_note())
     if device is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # one process with a device chosen by the caller: nothing to ask accelerate (a slow import)
         return _Context(0, 1, device)
@@ -168,6 +227,7 @@ def _context(rank: int | None, world_size: int | None, device: Any) -> _Context:
     # (ACCELERATE_USE_CPU=true); without it every process would believe it is the only one
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     state = PartialState(cpu=cpu)
+    check_process_count(state.num_processes)
     return _Context(
         state.process_index, state.num_processes, device if device is not None else state.device, state
     )
@@ -337,12 +397,19 @@ def _run(
     world_size: int | None,
     do_merge: bool,
     progress: bool,
+    models: dict[str, Any] | None = None,
+    allow_change: Sequence[str] = (),
 ) -> Report:
     started = time.perf_counter()
     output = Path(output)
     context = _context(rank, world_size, device)
-    output.mkdir(parents=True, exist_ok=True)
-    _check_run_file(output, _run_description(task, input_path, layout, config, shards))
+    description = {**_run_description(task, input_path, layout, config, shards), "models": models}
+    _check_run_file(output, description, allow_change, write=False)  # every rank: refused before writing
+    context.barrier()
+    if context.rank == 0 or context.state is None:  # ranks run apart (explicit ranks) write for themselves
+        output.mkdir(parents=True, exist_ok=True)
+        _check_run_file(output, description, allow_change)
+    context.barrier()
     mine_todo = [
         s for s in shards[context.rank :: context.world_size] if not _done_path(output, s.name).exists()
     ]
@@ -379,6 +446,8 @@ def build_dataset(
     world_size: int | None = None,
     merge: bool = True,
     progress: bool = True,
+    models: dict[str, Any] | None = None,
+    allow_change: Sequence[str] = (),
 ) -> Report:
     """Caption, ground, segment and score raw images (SA-1B tars or a folder) into a training set.
 
@@ -386,6 +455,9 @@ def build_dataset(
     device: where models go; default accelerate's device for this process.
     rank, world_size: this process's share; default from accelerate (`accelerate launch`).
     merge: build the global manifest and rankings once every shard is done (main process only).
+    models: ``{config key: identity}`` of the models (`mipadapter.provenance`), recorded in ``run.json``
+    and compared on a resume. allow_change: config keys (``box_threshold``, ``filters.min_score``) a
+    resume may change; the change applies to the shards not finished yet and ``run.json`` records it.
     """
     config = config or DataConfig()
     if layout == "authors":
@@ -415,6 +487,8 @@ def build_dataset(
         world_size,
         merge,
         progress,
+        models,
+        allow_change,
     )
 
 
@@ -431,11 +505,14 @@ def score_dataset(
     world_size: int | None = None,
     merge: bool = True,
     progress: bool = True,
+    models: dict[str, Any] | None = None,
+    allow_change: Sequence[str] = (),
 ) -> Report:
     """Score an existing set in the authors' layout (objects and label maps given) and rank it.
 
     ids: the ids to score (e.g. their released selection); default every `jsons/*.json`.
     The manifest references the input's images and masks by relative path; nothing is copied.
+    models, allow_change: as `build_dataset`.
     """
     config = config or DataConfig()
     if layout != "authors":
@@ -462,6 +539,8 @@ def score_dataset(
         world_size,
         merge,
         progress,
+        models,
+        allow_change,
     )
 
 

@@ -276,3 +276,4 @@ def tiny_clip(seed: int = 0, projection_dim: int = 12) -> TinyModel:
     )
     torch.manual_seed(seed)
     return TinyModel(_eval(CLIPModel(config)), processor)
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Components:
     image_encoder: nn.Module
     noise_scheduler: object
     inference_scheduler: object
+    start_adapter: MIPAdapter | None = None  # model.adapter_init already loaded (the ``--tiny`` runs)
 
     @property
     def reference_size(self) -> int:
@@ -112,7 +114,9 @@ def load_components(config: ModelConfig) -> Components:
     base, base_sub = resolve_folder(config.base_model, what, where, marker="model_index.json")
     extra = {"subfolder": base_sub} if base_sub else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, **extra)
+        with warnings.catch_warnings():  # newer diffusers rename torch_dtype; both spellings work
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, **extra)
     except OSError as error:
         raise fetch_failed(config.base_model, what, where, error) from error
     where, what = "model.image_encoder", "image encoder"
@@ -131,13 +135,16 @@ def _image_embed_dim(image_encoder: nn.Module, projection: str) -> int:
     return int(cfg.hidden_size if projection == "plus" else cfg.projection_dim)
 
 
-def build_adapter(config: ModelConfig, unet: nn.Module, image_encoder: nn.Module) -> MIPAdapter:
+def build_adapter(
+    config: ModelConfig, unet: nn.Module, image_encoder: nn.Module, start: MIPAdapter | None = None
+) -> MIPAdapter:
     """The adapter to train, before ``attach``.
 
     With ``adapter_init`` the checkpoint is loaded strictly (our format, h94's or the authors'); a file
     without ``text_to_weight`` gets fresh gates when ``text_weight`` is set (``text_weight_init``: PyTorch's
     own initialisation, as the authors' training, or zeros). Without it, ``to_k_ip``/``to_v_ip`` copy the
     layers' ``to_k``/``to_v``, the gates start as ``text_weight_init`` says and the projection is fresh.
+    start: the ``adapter_init`` checkpoint already loaded (used instead of reading the file).
     """
     from mipadapter.checkpoint import load_adapter
 
@@ -159,7 +166,7 @@ def build_adapter(config: ModelConfig, unet: nn.Module, image_encoder: nn.Module
         adapter.init_from_base(unet, config.text_weight_init)
         return adapter
 
-    loaded = load_adapter(config.adapter_init, unet)
+    loaded = start if start is not None else load_adapter(config.adapter_init, unet)
     expected_dim = _image_embed_dim(image_encoder, loaded.config.projection)
     if loaded.config.image_embed_dim != expected_dim:
         raise ValueError(

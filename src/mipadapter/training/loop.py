@@ -2,6 +2,7 @@
 
 A run lives in ``run.output_dir``::
 
+    config.json                           the config, the models' identities, settings changed (`runrecord`)
     data/index.jsonl, data/report.json    the filtered training index (a manifest) and what was skipped
     checkpoints/step-XXXXXXXX/            resumable checkpoints (see `checkpointing`)
     logs/metrics.jsonl                    loss, lr, throughput, skip counts (+ logs/tensorboard/)
@@ -16,14 +17,16 @@ continued run computes what an uninterrupted one would have.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,7 @@ import torch
 from mipadapter.fileio import atomic_write_text, remove_stale_temporaries
 from mipadapter.manifest import read_manifest, write_manifest
 from mipadapter.training import checkpointing as ckpt
+from mipadapter.training import runrecord
 from mipadapter.training.batching import (
     Collator,
     EmptyBatch,
@@ -70,6 +74,7 @@ class TrainResult:
     last_checkpoint: Path | None
     exports: dict[str, Path] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    main_process: bool = True  # False on the other processes of a launch (they print nothing)
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -161,7 +166,7 @@ def resume_source(config: TrainConfig) -> Path | None:
 
 def check_run_inputs(config: TrainConfig) -> None:
     """The paths a run reads and writes, before anything loads; errors name the config key."""
-    from mipadapter.fileio import check_output_dir
+    from mipadapter.fileio import check_creatable_dir
     from mipadapter.photos import photo_size
 
     d = config.data
@@ -172,10 +177,52 @@ def check_run_inputs(config: TrainConfig) -> None:
         raise FileNotFoundError(f"data.root {d.root!r} is not a manifest file (data.format is 'manifest')")
     if d.ids_file is not None and not Path(d.ids_file).is_file():
         raise FileNotFoundError(f"data.ids_file {d.ids_file!r} does not exist")
-    check_output_dir(config.run.output_dir, "run.output_dir")
+    check_creatable_dir(config.run.output_dir, "run.output_dir")  # made once every check passed
     for number, item in enumerate(config.validation.prompts):
         for subject in item.subjects:
             photo_size(subject.image, f"validation.prompts[{number}] image of {subject.name!r}")
+
+
+def fit_precision(config: TrainConfig, device_type: str) -> tuple[TrainConfig, str | None]:
+    """The config with a mixed precision the device can train in, and a one-line note when it changed:
+    ``fp16`` needs a GPU (on a CPU autocast has no float16 matmuls), so there it becomes ``bf16``."""
+    if config.optim.mixed_precision != "fp16" or device_type != "cpu":
+        return config, None
+    optim = dataclasses.replace(config.optim, mixed_precision="bf16")
+    note = (
+        "optim.mixed_precision: fp16 cannot train on a CPU; this run uses bf16 "
+        "(set optim.mixed_precision: bf16 or no to say so)"
+    )
+    return dataclasses.replace(config, optim=optim), note
+
+
+def check_resume(
+    config: TrainConfig,
+    source: Path | None,
+    identities: dict | None,
+    allow_change: Sequence[str],
+) -> tuple[dict, list[dict]]:
+    """Before any model loads: a resume (``source``) must use the models the run records and change no
+    setting that ``allow_change`` does not name (see `runrecord`). Returns the record to write and the
+    changes this call applies (each with the step it takes effect at)."""
+    from mipadapter.provenance import check_same_models
+
+    output_dir = Path(config.run.output_dir)
+    recorded = runrecord.read_record(output_dir)
+    if source is None or recorded is None:  # a new run, or one without a checkpoint yet: starts as given
+        if allow_change:
+            raise ValueError(
+                f"--allow-change {allow_change[0]}: run.output_dir {str(output_dir)!r} holds no checkpoint "
+                "to resume, so the run starts with the config as given"
+            )
+        return {**config.to_dict(), "models": identities, "changes": []}, []
+    if identities is not None:
+        check_same_models(output_dir, recorded.get("models"), identities)
+    changes = runrecord.check_changes(output_dir, recorded, config, allow_change)
+    step = json.loads((source / ckpt.STATE_FILE).read_text(encoding="utf-8"))["step"]
+    changes = [{"step": step, **change} for change in changes]
+    history = [c for c in recorded.get("changes", []) if c.get("step", 0) <= step] + changes
+    return {**config.to_dict(), "models": recorded.get("models"), "changes": history}, changes
 
 
 def _seed_everything(seed: int) -> None:
@@ -190,39 +237,65 @@ def _seed_everything(seed: int) -> None:
 def train(
     config: TrainConfig,
     *,
-    components: Components | None = None,
+    components: Components | Callable[[], Components] | None = None,
     stop_after: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    identities: dict | None = None,
+    allow_change: Sequence[str] = (),
+    notify: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train (or continue training) the adapter described by ``config``.
 
-    components: already loaded models (tests, notebooks); by default loaded from ``config.model``.
-    stop_after: run at most this many optimiser steps in this call, then checkpoint and return (for
-    time-limited jobs; the next call continues). on_step(step, loss): called after every step on every
-    process (an exception from it ends the run as a kill would).
+    components: already loaded models (tests, notebooks), or a function that builds them once the run's
+    checks pass (``--tiny``); by default loaded from ``config.model``. stop_after: run at most this many
+    optimiser steps in this call, then checkpoint and return (for time-limited jobs; the next call
+    continues). on_step(step, loss): called after every step
+    on every process (an exception from it ends the run as a kill would). identities: ``{role: identity}``
+    of the models (`runrecord`); by default found from ``config.model`` when the models are loaded here,
+    none recorded or checked when ``components`` are given without them. allow_change: the settings a
+    resume may change (dotted keys, e.g. ``optim.learning_rate``): the change takes effect at the resumed
+    step and is recorded with it in ``config.json`` and ``logs/metrics.jsonl``. notify: where the main
+    process's one-line notes go (a resume, a precision replaced, a change applied); default the log.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from diffusers.optimization import get_scheduler
 
-    o, r = config.optim, config.run
-    output_dir = Path(r.output_dir)
+    from mipadapter.launching import check_process_count, several_processes_note
+
+    say = notify if notify is not None else logger.info
+    output_dir = Path(config.run.output_dir)
+    # processes on CPUs join through gloo only when asked (ACCELERATE_USE_CPU=true), as Accelerator reads it
+    launched = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    check_process_count(launched.num_processes)  # before anything is written
     check_run_inputs(config)
+    config, precision_note = fit_precision(config, launched.device.type)
+    o, r = config.optim, config.run
     accelerator = Accelerator(mixed_precision=o.mixed_precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     device = accelerator.device
+    source = resume_source(config)
+    if components is None and source is None:
+        check_model_files(config.model)  # the adapter file and the configs, before minutes of loading
+    if identities is None and components is None:
+        identities = runrecord.model_identities(config.model)
+    record, changes = check_resume(config, source, identities, allow_change)
     if main:
+        for note in (several_processes_note(), precision_note):
+            if note:
+                say(note)
+        if source is None and ckpt.list_checkpoints(output_dir) == [] and (output_dir / "data").is_dir():
+            _drop_stale_index(config)  # a run with no checkpoint yet starts again with its new data settings
         output_dir.mkdir(parents=True, exist_ok=True)
         for path in remove_leftovers(output_dir):
             logger.info("removed %s, left by an interrupted write", path)
-        atomic_write_text(output_dir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    source = resume_source(config)
+        atomic_write_text(output_dir / runrecord.RECORD_FILE, json.dumps(record, indent=2, sort_keys=True))
     _seed_everything(o.seed + rank)
     generator = torch.Generator().manual_seed(o.seed * 7919 + rank)  # noise, timesteps, latent samples
 
-    if components is None and source is None:
-        check_model_files(config.model)  # the adapter file and the configs, before minutes of loading
     with accelerator.main_process_first():
         records = prepare_index(config, write=main)
+    if callable(components):
+        components = components()
     components = components if components is not None else load_components(config.model)
 
     if source is not None:
@@ -234,14 +307,19 @@ def train(
                 f"{source} has text_weight={adapter.config.text_weight}, the config says otherwise"
             )
     else:
-        adapter = build_adapter(config.model, components.unet, components.image_encoder)
+        adapter = build_adapter(
+            config.model, components.unet, components.image_encoder, components.start_adapter
+        )
     params = set_trainable(adapter, config.model.train_image_proj)
     adapter.attach(components.unet)
     try:
         weight_dtype = DTYPES[o.mixed_precision]
         cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
         # the authors keep the frozen UNet in float32 and let autocast run it in half precision
-        components.unet.to(device, **(cast if o.unet_precision == "mixed" else {"dtype": torch.float32}))
+        unet_cast = cast if o.unet_precision == "mixed" else {"dtype": torch.float32}
+        if unet_cast.get("dtype") == components.unet.dtype:
+            unet_cast = {}  # already so: diffusers warns about every dtype cast of a model
+        components.unet.to(device, **unet_cast)
         components.vae.to(device)  # float32: the SDXL VAE overflows in fp16
         components.image_encoder.to(device, **cast)
         for encoder in components.text_encoders:
@@ -281,6 +359,7 @@ def train(
                 )
             optimizer.load_state_dict(loaded.optimizer)
             lr_scheduler.load_state_dict(loaded.scheduler["lr_scheduler"])
+            _apply_optim_settings(optimizer, lr_scheduler, o)  # the config's, --allow-change included
             if accelerator.scaler is not None and "scaler" in loaded.scheduler:
                 accelerator.scaler.load_state_dict(loaded.scheduler["scaler"])
             if loaded.rng is not None and loaded.state.world_size == world:
@@ -303,7 +382,9 @@ def train(
                 world_size=world,
             )
             if main:
-                logger.info("resuming from %s (step %d)", source, state.step)
+                say(f"resuming from step {state.step} ({source})")
+                for change in changes:
+                    say(f"from step {change['step']}: {change['key']} {change['old']!r} → {change['new']!r}")
 
         settings = SampleSettings(
             resolution=config.data.resolution,
@@ -329,13 +410,17 @@ def train(
         batches = iter(loader)
         # rows logged after the checkpoint we resume from were computed again: drop them first
         log = MetricsLog(output_dir, r.tensorboard, resume_step=state.step) if main else None
+        if log is not None and changes:
+            log.log(state.step, {"changes": [{k: c[k] for k in ("key", "old", "new")} for c in changes]})
         progress = None
         if main and r.progress_bar:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=o.max_steps, initial=state.step, desc="train", dynamic_ncols=True)
 
-        result = TrainResult(step=state.step, finished=False, output_dir=output_dir, last_checkpoint=source)
+        result = TrainResult(
+            step=state.step, finished=False, output_dir=output_dir, last_checkpoint=source, main_process=main
+        )
         skipped = Counter(state.skipped_samples)
         last_good: TrainBatch | None = None
         steps_this_run = 0
@@ -467,3 +552,32 @@ def train(
 
 def _step_of(folder: Path) -> int:
     return int(folder.name.split("-")[-1])
+
+
+def _apply_optim_settings(optimizer, lr_scheduler, o) -> None:
+    """Put the config's optimiser settings into restored optimizer and scheduler states (which carry the
+    values they were saved with): the learning rate through the schedule's factor at the restored step."""
+    for group in optimizer.param_groups:
+        group.update(
+            weight_decay=o.weight_decay, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
+            initial_lr=o.learning_rate,
+        )  # fmt: skip
+    lr_scheduler.base_lrs = [o.learning_rate for _ in optimizer.param_groups]
+    rates = [
+        base * factor(lr_scheduler.last_epoch)
+        for base, factor in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True)
+    ]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    lr_scheduler._last_lr = rates
+
+
+def _drop_stale_index(config: TrainConfig) -> None:
+    """Remove a training index built with other data settings by a run that has no checkpoint yet."""
+    folder = Path(config.run.output_dir) / "data"
+    report = folder / "report.json"
+    if report.is_file():
+        saved = json.loads(report.read_text(encoding="utf-8"))
+        if saved.get("data_config") != data_fingerprint(config):
+            report.unlink()
+            (folder / "index.jsonl").unlink(missing_ok=True)
