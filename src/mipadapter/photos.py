@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mipadapter.limits import DEFAULT_MAX_PIXELS, check_pixels
+from mipadapter.limits import DEFAULT_MAX_PIXELS, PixelLimitError, check_pixels, header_size
 
 EXIF_ORIENTATION = 0x0112
 
@@ -84,12 +84,9 @@ def image_size(
         source = check_is_file(source, what)
     opened, named = _source(source)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            with Image.open(opened) as image:
-                width, height = image.size
-    except Image.DecompressionBombError:
-        raise PhotoError(f"{what}{named} has more pixels than Pillow will decode") from None
+        width, height = header_size(opened, f"{what}{named}", max_pixels=None)  # Pillow's bomb limit only
+    except PixelLimitError as error:
+        raise PhotoError(str(error)) from None
     except UnidentifiedImageError:
         raise PhotoError(f"{what}{named} is not an image file Pillow can read") from None
     except OSError as error:
