@@ -259,3 +259,11 @@ def test_a_file_two_layouts_claim_is_refused(toy_layout, tmp_path):
     save_file({"toy.x": torch.zeros(1)}, str(path), metadata={"format": "mipadapter", "format_version": "1"})
     with pytest.raises(CheckpointError, match=r"fits several checkpoint layouts \((mipadapter, toy|toy, mipadapter)\)"):
         read_file(path)
+
+
+def test_the_convert_command_offers_every_registered_format():
+    """``mipadapter convert --to`` keeps its own list (its parser imports no torch): it must name the table's."""
+    from mipadapter.checkpoint import SAVE_FORMATS
+    from mipadapter.cli.convert import FORMAT_SUFFIXES
+
+    assert sorted(FORMAT_SUFFIXES) == list(SAVE_FORMATS) == list(layouts.save_format_names())

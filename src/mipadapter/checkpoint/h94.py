@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -69,13 +70,13 @@ def _key_rules(adapter) -> list[keymaps.KeyRule]:
     return keymaps.image_proj_rules(adapter.config) + keymaps.h94_layer_rules(adapter.layer_specs, adapter.config)
 
 
-def _check_authors(config: AdapterConfig, path) -> None:
+def _check_authors(config: AdapterConfig, path: Path) -> None:
     layouts.check_container(path)
     if not config.text_weight:
         raise ValueError("the authors' layout carries text_to_weight, which this adapter does not have")
 
 
-def _check_diffusers(config: AdapterConfig, path) -> None:
+def _check_diffusers(config: AdapterConfig, path: Path) -> None:
     layouts.check_container(path)
 
 

@@ -237,7 +237,7 @@ def load_state(adapter: MIPAdapter, loaded: AdapterFile, source: str) -> None:
 
 
 def adapter_state(adapter: MIPAdapter, layout: str) -> dict[str, torch.Tensor]:
-    """Flat external state of ``adapter`` in ``layout`` (``mipadapter`` or ``h94``)."""
+    """Flat external state of ``adapter`` in a registered ``layout`` (``mipadapter``, ``h94``, ``xlabs`` …)."""
     state = {key: value.detach().cpu().contiguous() for key, value in adapter.state_dict().items()}
     return convert.from_modules(state, _rules(adapter, layout))
 

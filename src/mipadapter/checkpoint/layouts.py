@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -79,7 +80,7 @@ class SaveFormat:
 
     name: str
     layout: str
-    check: Callable[[AdapterConfig, object], None]
+    check: Callable[[AdapterConfig, Path], None]
     keep: Callable[[str], bool] | None = None
 
 
@@ -167,7 +168,7 @@ def save_format_names() -> tuple[str, ...]:
     return tuple(sorted(_SAVE_FORMATS))
 
 
-def check_container(path) -> None:
+def check_container(path: Path) -> None:
     """The files any format is written as: safetensors, or a pickled ``.bin`` of the nested h94 form."""
     if path.suffix.lower() not in (".safetensors", ".bin"):
         raise ValueError(f"save to a .safetensors or .bin file, not {path.name!r}")

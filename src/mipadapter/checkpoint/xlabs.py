@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -277,7 +278,7 @@ def _recognise(metadata: Mapping[str, str], keys: Sequence[str]) -> bool:
     return any(key.startswith((_XLABS_PROJ_PREFIX, _XLABS_BLOCK_PREFIX)) for key in keys)
 
 
-def _check_format(config: AdapterConfig, path) -> None:
+def _check_format(config: AdapterConfig, path: Path) -> None:
     layouts.check_container(path)
     if config.architecture != "flux" or path.suffix.lower() != ".safetensors":
         raise ValueError("the xlabs layout is for FLUX adapters, as a .safetensors file")
