@@ -144,6 +144,10 @@ def _toy_config(state, source):
     )
 
 
+def _claims_toy(metadata, keys) -> bool:
+    return bool(keys) and all(key.startswith("toy.") for key in keys)
+
+
 def _toy_check(config, path):
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"toy files are safetensors, not {path.name!r}")
@@ -157,7 +161,7 @@ def toy_layout():
             TOY,
             description="a toy checkpoint",
             home="toy-friendly",
-            recognise=lambda metadata, keys: bool(keys) and all(key.startswith("toy.") for key in keys),
+            recognise=_claims_toy,
         ),
         layouts.KeyTable(TOY, "unet", _toy_rules, _toy_config),
         layouts.SaveFormat(TOY, TOY, _toy_check),
@@ -229,7 +233,7 @@ def test_an_unregistered_layout_is_gone(shared_unet, tmp_path):
     """Once the toy layout is unregistered its file is no longer claimed: read as h94 and refused key by key."""
     unet = shared_unet("sd15")
     layouts.register(
-        layouts.Layout(TOY, description="a toy checkpoint", recognise=lambda metadata, keys: True),
+        layouts.Layout(TOY, description="a toy checkpoint", recognise=_claims_toy),
         layouts.KeyTable(TOY, "unet", _toy_rules, _toy_config),
         layouts.SaveFormat(TOY, TOY, _toy_check),
     )
@@ -267,3 +271,19 @@ def test_the_convert_command_offers_every_registered_format():
     from mipadapter.cli.convert import FORMAT_SUFFIXES
 
     assert sorted(FORMAT_SUFFIXES) == list(SAVE_FORMATS) == list(layouts.save_format_names())
+
+
+def test_a_layout_without_config_inference_refuses_a_file_without_a_config(shared_unet, tmp_path):
+    unet = shared_unet("sd15")
+    layouts.register(
+        layouts.Layout(TOY, description="a toy checkpoint", recognise=_claims_toy),
+        layouts.KeyTable(TOY, "unet", _toy_rules),  # no infer_config: its files would carry their own
+        layouts.SaveFormat(TOY, TOY, _toy_check),
+    )
+    try:
+        path = save_adapter(_random_adapter(unet, 3, torch.float32), tmp_path / "a.safetensors", TOY)
+        with pytest.raises(CheckpointError) as refused:
+            check_adapter_file(path, unet)
+    finally:
+        layouts.unregister(TOY)
+    assert str(refused.value) == f"{path}: a toy file carries its adapter config, and this one has none"

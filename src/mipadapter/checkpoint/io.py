@@ -37,7 +37,7 @@ DEFAULT_FORMAT = "mipadapter"
 class AdapterFile:
     """A checkpoint read from disk: its layout, config (when the file carries one) and flat tensors."""
 
-    layout: str  # a registered layout: "mipadapter", "h94" (the authors' files and diffusers' FLUX keys too), "xlabs"
+    layout: str  # a registered layout: "mipadapter", "h94" (authors' files, diffusers' FLUX keys too), "xlabs"
     state: dict[str, torch.Tensor]
     config: AdapterConfig | None
 
@@ -184,7 +184,7 @@ def check_adapter_file(
     if config is None:
         table = layouts.key_table(loaded.layout, architecture)
         if table.infer_config is None:
-            raise CheckpointError(f"{path}: a {loaded.layout} file must carry its adapter config, and this one has none")
+            raise CheckpointError(f"{path}: a {loaded.layout} file carries its adapter config, and this one has none")
         config = table.infer_config(loaded.state, str(path))
         if default_scale is not None:
             config = dataclasses.replace(config, default_scale=float(default_scale))
