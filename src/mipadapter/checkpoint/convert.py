@@ -1,15 +1,14 @@
-"""Pure converters between flat external state dicts and our module state dicts, and config inference."""
+"""Pure converters between flat external state dicts and our module state dicts, and the strict key check.
+
+Nothing here knows a layout: the rules come from the key tables (``layouts.KeyTable``)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from mipadapter.checkpoint.keymaps import TEXT_WEIGHT_PARAM, KeyRule
-from mipadapter.config import AdapterConfig
-from mipadapter.modeling.projection import RESAMPLER_HEAD_DIM
+from mipadapter.checkpoint.keymaps import KeyRule
 
 
 class CheckpointError(ValueError):
@@ -82,48 +81,3 @@ def nest_flat(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
         group, _, rest = key.partition(".")
         nested[group][rest] = value
     return nested
-
-
-def infer_flux_config(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> AdapterConfig:
-    """Read the ``AdapterConfig`` of an XLabs FLUX IP-Adapter file (either of its layouts) off its shapes."""
-    from mipadapter.checkpoint import xlabs
-
-    sizes = xlabs.infer_config(state, source)
-    return AdapterConfig(
-        "basic", sizes.image_embed_dim, sizes.cross_attention_dim, sizes.num_tokens, architecture="flux"
-    )
-
-
-def infer_h94_config(state: Mapping[str, torch.Tensor]) -> AdapterConfig:
-    """Read an ``AdapterConfig`` off the shapes of a flat h94/authors state dict."""
-    proj = {
-        key.removeprefix("image_proj."): value
-        for key, value in state.items()
-        if key.startswith("image_proj.")
-    }
-    text_weight = any(key.endswith(TEXT_WEIGHT_PARAM) for key in state)
-    if "proj.weight" in proj and "norm.weight" in proj:
-        cross_dim = proj["norm.weight"].shape[0]
-        rows, embed_dim = proj["proj.weight"].shape
-        if rows % cross_dim:
-            raise CheckpointError(
-                f"image_proj.proj.weight has {rows} rows, not a multiple of the token width {cross_dim}"
-            )
-        return AdapterConfig("basic", embed_dim, cross_dim, rows // cross_dim, text_weight=text_weight)
-    if "latents" in proj:
-        _, num_tokens, hidden = proj["latents"].shape
-        depth = len({match.group(1) for key in proj if (match := re.match(r"layers\.(\d+)\.", key))})
-        heads = proj["layers.0.0.to_q.weight"].shape[0] // RESAMPLER_HEAD_DIM
-        return AdapterConfig(
-            "plus",
-            image_embed_dim=proj["proj_in.weight"].shape[1],
-            cross_attention_dim=proj["proj_out.weight"].shape[0],
-            num_tokens=num_tokens,
-            text_weight=text_weight,
-            resampler_dim=hidden,
-            resampler_depth=depth,
-            resampler_heads=heads,
-        )
-    raise CheckpointError(
-        f"unrecognised image_proj layout (keys {sorted(proj)[:8]}): neither basic nor plus IP-Adapter"
-    )

@@ -1,6 +1,8 @@
-"""Reading and writing adapter checkpoints in every supported layout, strictly.
+"""Reading and writing adapter checkpoints in every registered layout, strictly.
 
-Layouts:
+The layouts are records in ``layouts.py``, registered by their modules (``ours.py``, ``h94.py``,
+``xlabs.py``); this module reads the files, recognises and checks them through that table and never names
+a layout. The layouts registered today:
 * ``mipadapter`` (ours): safetensors, projection under diffusers' names, per-layer keys by layer name,
   the ``AdapterConfig`` as JSON in the file's metadata;
 * ``authors``: the MIP-Adapter release — h94's layout plus ``{k}.text_to_weight.weight``;
@@ -21,23 +23,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mipadapter.checkpoint import convert, keymaps
+from mipadapter.checkpoint import convert, keymaps, layouts
 from mipadapter.checkpoint.convert import CheckpointError
 from mipadapter.config import AdapterConfig
 from mipadapter.fileio import atomic_write
 from mipadapter.hub import resolve_file
 from mipadapter.modeling.adapter import MIPAdapter, adapter_layers, model_architecture
 
-FORMAT_NAME = "mipadapter"
-FORMAT_VERSION = "1"
-SAVE_FORMATS = ("mipadapter", "authors", "diffusers", "xlabs")
+DEFAULT_FORMAT = "mipadapter"
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterFile:
     """A checkpoint read from disk: its layout, config (when the file carries one) and flat tensors."""
 
-    layout: str  # "mipadapter", "h94" (h94 covers the authors' files and diffusers' FLUX keys) or "xlabs"
+    layout: str  # a registered layout: "mipadapter", "h94" (authors' files, diffusers' FLUX keys too), "xlabs"
     state: dict[str, torch.Tensor]
     config: AdapterConfig | None
 
@@ -56,9 +56,10 @@ def read_file(path: str | Path) -> AdapterFile:
     elif suffix in (".bin", ".pt", ".pth", ".ckpt"):
         nested = _torch_load(path)
         try:
-            read = AdapterFile("h94", convert.flatten_nested(nested), None)
+            state = convert.flatten_nested(nested)
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from None
+        read = _recognised(path, {}, state)
     else:
         raise CheckpointError(f"{path}: unsupported checkpoint extension {suffix!r} (use .safetensors or .bin)")
     check_weights(str(path), read.state)
@@ -102,17 +103,13 @@ def _read_safetensors(path: Path) -> AdapterFile:
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except Exception as error:  # safetensors raises its own SafetensorError (not an OSError) for bad bytes
         raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(error)})") from None
-    if metadata.get("format") == FORMAT_NAME:
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path} is mipadapter format v{metadata.get('format_version')}, this reads v{FORMAT_VERSION}"
-            )
-        try:
-            config = AdapterConfig.from_json(metadata["config"])
-        except (KeyError, ValueError, TypeError, RecursionError) as error:
-            raise CheckpointError(f"{path}: its adapter config metadata is unreadable ({error})") from None
-        return AdapterFile(FORMAT_NAME, state, config)
-    return AdapterFile("xlabs" if any(key.startswith(_XLABS_PREFIXES) for key in state) else "h94", state, None)
+    return _recognised(path, metadata, state)
+
+
+def _recognised(path: Path, metadata: Mapping[str, str], state: dict[str, torch.Tensor]) -> AdapterFile:
+    layout = layouts.recognise(metadata, state, str(path))
+    config = layout.file_config(metadata, str(path)) if layout.file_config else None
+    return AdapterFile(layout.name, state, config)
 
 
 def _first_line(error: BaseException) -> str:
@@ -156,21 +153,8 @@ def _torch_load(path: Path):
         ) from None
 
 
-_XLABS_PREFIXES = ("ip_adapter_proj_model.", "double_blocks.")
-
-
 def _rules(adapter: MIPAdapter, layout: str) -> list[keymaps.KeyRule]:
-    if layout == FORMAT_NAME:
-        return keymaps.identity_image_proj_rules(adapter.state_dict()) + keymaps.named_layer_rules(
-            adapter.layer_specs, adapter.config
-        )
-    if adapter.config.architecture == "flux":
-        return keymaps.xlabs_rules(adapter.layer_specs, "xlabs" if layout == "xlabs" else "diffusers")
-    if layout == "xlabs":
-        raise CheckpointError("an XLabs FLUX IP-Adapter file does not fit a UNet: load it onto a FLUX pipeline")
-    return keymaps.image_proj_rules(adapter.config) + keymaps.h94_layer_rules(
-        adapter.layer_specs, adapter.config
-    )
+    return layouts.key_table(layout, adapter.config.architecture).key_rules(adapter)
 
 
 def check_adapter_file(
@@ -190,22 +174,18 @@ def check_adapter_file(
     """
     loaded = loaded if loaded is not None else read_file(path)
     config = loaded.config
-    if loaded.layout == "xlabs" and model_architecture(unet) != "flux":
+    architecture = model_architecture(unet)
+    misplaced = layouts.misfit(loaded.layout, architecture)
+    if misplaced is not None:
         raise CheckpointError(
-            f"{path} is an XLabs FLUX IP-Adapter file, which does not fit {type(unet).__name__}: load it "
-            "onto a FLUX pipeline"
+            f"{path} is {misplaced.description} file, which does not fit {type(unet).__name__}: load it "
+            f"onto a {misplaced.home or 'different'} pipeline"
         )
-    if config is None and model_architecture(unet) == "flux":
-        config = convert.infer_flux_config(loaded.state, str(path))
-        if default_scale is not None:
-            config = dataclasses.replace(config, default_scale=float(default_scale))
-    elif config is None:
-        try:
-            config = convert.infer_h94_config(loaded.state)
-        except CheckpointError as error:
-            raise CheckpointError(f"{path}: {error}") from None
-        except KeyError as error:  # a plus projection missing one of its blocks' tensors
-            raise CheckpointError(f"{path}: image_proj lacks {error.args[0]}") from None
+    if config is None:
+        table = layouts.key_table(loaded.layout, architecture)
+        if table.infer_config is None:
+            raise CheckpointError(f"{path}: a {loaded.layout} file carries its adapter config, and this one has none")
+        config = table.infer_config(loaded.state, str(path))
         if default_scale is not None:
             config = dataclasses.replace(config, default_scale=float(default_scale))
     try:
@@ -257,49 +237,36 @@ def load_state(adapter: MIPAdapter, loaded: AdapterFile, source: str) -> None:
 
 
 def adapter_state(adapter: MIPAdapter, layout: str) -> dict[str, torch.Tensor]:
-    """Flat external state of ``adapter`` in ``layout`` (``mipadapter`` or ``h94``)."""
+    """Flat external state of ``adapter`` in a registered ``layout`` (``mipadapter``, ``h94``, ``xlabs`` …)."""
     state = {key: value.detach().cpu().contiguous() for key, value in adapter.state_dict().items()}
     return convert.from_modules(state, _rules(adapter, layout))
 
 
-def save_adapter(adapter: MIPAdapter, path: str | Path, format: str = FORMAT_NAME) -> Path:
+def save_adapter(adapter: MIPAdapter, path: str | Path, format: str = DEFAULT_FORMAT) -> Path:
     """Write ``adapter`` to ``path`` atomically (temp file then rename).
 
     format: ``mipadapter`` (safetensors only), ``authors`` (with text_to_weight) or ``diffusers``
     (plain IP-Adapter, text weight dropped), as ``.bin`` or ``.safetensors``; for FLUX adapters also
     ``xlabs`` (XLabs' published layout, safetensors).
     """
-    if format not in SAVE_FORMATS:
-        raise ValueError(f"unknown checkpoint format {format!r}; choose one of {SAVE_FORMATS}")
+    chosen = layouts.save_format(format)
     path = Path(path)
-    suffix = path.suffix.lower()
-    if format == FORMAT_NAME and suffix != ".safetensors":
-        raise ValueError(
-            f"the mipadapter format is safetensors: name the file *.safetensors, not {path.name!r}"
-        )
-    if suffix not in (".safetensors", ".bin"):
-        raise ValueError(f"save to a .safetensors or .bin file, not {path.name!r}")
-    if format == "authors" and not adapter.config.text_weight:
-        raise ValueError("the authors' layout carries text_to_weight, which this adapter does not have")
-    if format == "xlabs" and (adapter.config.architecture != "flux" or suffix != ".safetensors"):
-        raise ValueError("the xlabs layout is for FLUX adapters, as a .safetensors file")
-    layout = {FORMAT_NAME: FORMAT_NAME, "xlabs": "xlabs"}.get(format, "h94")
-    state = adapter_state(adapter, layout)
-    if format == "diffusers":
-        state = {key: value for key, value in state.items() if not key.endswith(keymaps.TEXT_WEIGHT_PARAM)}
-    atomic_write(
-        path, lambda tmp: _write(tmp, state, suffix, adapter.config if layout == FORMAT_NAME else None)
-    )
+    chosen.check(adapter.config, path)
+    layout = layouts.layout_named(chosen.layout)
+    state = adapter_state(adapter, chosen.layout)
+    if chosen.keep is not None:
+        state = {key: value for key, value in state.items() if chosen.keep(key)}
+    metadata = {"format": "pt"}
+    if layout.file_metadata is not None:
+        metadata.update(layout.file_metadata(adapter.config))
+    atomic_write(path, lambda tmp: _write(tmp, state, path.suffix.lower(), metadata))
     return path
 
 
-def _write(path: Path, state: Mapping[str, torch.Tensor], suffix: str, config: AdapterConfig | None) -> None:
+def _write(path: Path, state: Mapping[str, torch.Tensor], suffix: str, metadata: dict[str, str]) -> None:
     if suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        metadata = {"format": "pt"}
-        if config is not None:
-            metadata.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, config=config.to_json())
         save_file(dict(state), str(path), metadata=metadata)
     else:
         torch.save(convert.nest_flat(state), str(path))
@@ -309,7 +276,7 @@ def convert_checkpoint(
     source: str | Path,
     destination: str | Path,
     unet: nn.Module,
-    format: str = FORMAT_NAME,
+    format: str = DEFAULT_FORMAT,
     *,
     where: str = "source",
     loaded: AdapterFile | None = None,

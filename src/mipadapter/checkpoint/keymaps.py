@@ -1,10 +1,11 @@
-"""Key tables between checkpoint layouts and our modules (data, not code paths).
+"""Key rules and the key tables of the UNet layouts and ours (data, not code paths).
 
 External layouts (docs/formats.md):
 * h94 / authors: ``image_proj.*`` in the IP-Adapter repository's naming and
   ``ip_adapter.{k}.{param}`` with ``k`` the layer's index in ``unet.attn_processors``;
 * ours: ``image_proj.*`` in diffusers' naming and ``layers.{layer name}.{param}``.
-Module keys are those of ``MIPAdapter.state_dict()``.
+Module keys are those of ``MIPAdapter.state_dict()``. Which table serves which file is the business of the
+layout modules (``h94.py``, ``ours.py``, ``xlabs.py``) and their records in ``layouts.py``.
 
 A rule maps one external key to one module key, or to several that are the external tensor split
 evenly along dim 0 (the resampler's stacked ``to_kv``).
@@ -51,7 +52,6 @@ PLUS_BLOCK = {
     "1.3.weight": ("ff.1.net.2.weight",),
 }
 LAYER_PARAMS = ("to_k_ip.weight", "to_v_ip.weight")
-FLUX_LAYER_PARAMS = ("to_k_ip.weight", "to_k_ip.bias", "to_v_ip.weight", "to_v_ip.bias")  # XLabs' have biases
 TEXT_WEIGHT_PARAM = "text_to_weight.weight"
 
 
@@ -68,8 +68,7 @@ def module_layer_key(layer_name: str, param: str) -> str:
 
 
 def layer_params(config: AdapterConfig) -> tuple[str, ...]:
-    if config.architecture == "flux":
-        return FLUX_LAYER_PARAMS
+    """A UNet layer's parameters in h94's file."""
     return LAYER_PARAMS + ((TEXT_WEIGHT_PARAM,) if config.text_weight else ())
 
 
@@ -99,22 +98,16 @@ def h94_layer_rules(layers: Sequence[CrossAttentionLayer], config: AdapterConfig
     ]
 
 
-def xlabs_rules(layers: Sequence[CrossAttentionLayer], layout: str) -> list[KeyRule]:
-    """XLabs' FLUX layouts (``xlabs``: the published file; ``diffusers``: the keys diffusers' loader makes of
-    it) ↔ our modules: ``checkpoint.xlabs``'s tables to its neutral keys, then neutral keys to ours."""
-    from mipadapter.checkpoint import xlabs
-
-    to_module = {f"image_proj.{key}": f"image_proj.{value}" for key, value in BASIC_IMAGE_PROJ.items()}
+def named_layer_rules(layers: Sequence[CrossAttentionLayer], module_keys: Iterable[str]) -> list[KeyRule]:
+    """``layers.{layer name}.{param}`` (our format) ↔ our per-layer modules: every parameter the modules
+    hold, whatever the architecture (a FLUX layer's biases included)."""
+    module_keys = list(module_keys)
+    rules = []
     for layer in layers:
-        for param in FLUX_LAYER_PARAMS:
-            to_module[f"blocks.{layer.index}.{param}"] = module_layer_key(layer.name, param)
-    return [KeyRule(rule.external, (to_module[rule.modules[0]],)) for rule in xlabs.key_rules(layout, len(layers))]
-
-
-def named_layer_rules(layers: Sequence[CrossAttentionLayer], config: AdapterConfig) -> list[KeyRule]:
-    """``layers.{layer name}.{param}`` (our format) ↔ our per-layer modules."""
-    return [
-        KeyRule(f"layers.{layer.name}.{param}", (module_layer_key(layer.name, param),))
-        for layer in layers
-        for param in layer_params(config)
-    ]
+        prefix = module_layer_key(layer.name, "")
+        rules += [
+            KeyRule(f"layers.{layer.name}.{key.removeprefix(prefix)}", (key,))
+            for key in module_keys
+            if key.startswith(prefix)
+        ]
+    return rules

@@ -22,6 +22,10 @@ Both convert to and from a neutral per-block state: ``image_proj.{proj,norm}.{we
 ``blocks.{i}.{to_k_ip,to_v_ip}.{weight,bias}``. Every conversion checks the keys and shapes first and lists
 every missing, unexpected and mis-shaped key at once (``CheckpointError``); tensors are only renamed, never
 cast or computed on, so dtype and values are kept bit-exactly. Nothing here reads files or imports diffusers.
+
+Registers the ``xlabs`` layout (recognised by its key prefixes), the key tables of ``xlabs`` and of ``h94``
+on FLUX (diffusers' keys share h94's prefixes and carry no marker, so such a file reads as ``h94`` and the
+model it is loaded onto picks this table) and the ``xlabs`` save format.
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from mipadapter.checkpoint import layouts
 from mipadapter.checkpoint.convert import CheckpointError, check_keys, from_modules, to_modules
-from mipadapter.checkpoint.keymaps import KeyRule
+from mipadapter.checkpoint.h94 import LAYOUT as H94
+from mipadapter.checkpoint.keymaps import BASIC_IMAGE_PROJ, KeyRule, module_layer_key
+from mipadapter.config import AdapterConfig
 
 __all__ = [
     "BLOCK_PARAMS",
@@ -47,7 +55,9 @@ __all__ = [
     "expected_shapes",
     "from_neutral",
     "infer_config",
+    "infer_flux_config",
     "key_rules",
+    "module_rules",
     "neutral_blocks",
     "neutral_shapes",
     "to_neutral",
@@ -244,3 +254,39 @@ def neutral_blocks(neutral: Mapping[str, torch.Tensor], config: XLabsConfig) -> 
 def _check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def infer_flux_config(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> AdapterConfig:
+    """Read the ``AdapterConfig`` of an XLabs FLUX IP-Adapter file (either of its layouts) off its shapes."""
+    sizes = infer_config(state, source)
+    return AdapterConfig(
+        "basic", sizes.image_embed_dim, sizes.cross_attention_dim, sizes.num_tokens, architecture="flux"
+    )
+
+
+def module_rules(layers: Sequence, layout: str) -> list[KeyRule]:
+    """``layout``'s keys (``xlabs`` or ``diffusers``) ↔ the modules of an adapter on these FLUX ``layers``
+    (``modeling.adapter.CrossAttentionLayer``): ``key_rules`` to the neutral keys, then neutral keys to ours."""
+    to_module = {f"image_proj.{key}": f"image_proj.{value}" for key, value in BASIC_IMAGE_PROJ.items()}
+    for layer in layers:
+        for param in BLOCK_PARAMS:
+            to_module[f"blocks.{layer.index}.{param}"] = module_layer_key(layer.name, param)
+    return [KeyRule(rule.external, (to_module[rule.modules[0]],)) for rule in key_rules(layout, len(layers))]
+
+
+def _recognise(metadata: Mapping[str, str], keys: Sequence[str]) -> bool:
+    return any(key.startswith((_XLABS_PROJ_PREFIX, _XLABS_BLOCK_PREFIX)) for key in keys)
+
+
+def _check_format(config: AdapterConfig, path: Path) -> None:
+    layouts.check_container(path)
+    if config.architecture != "flux" or path.suffix.lower() != ".safetensors":
+        raise ValueError("the xlabs layout is for FLUX adapters, as a .safetensors file")
+
+
+layouts.register(
+    layouts.Layout(XLABS, description="an XLabs FLUX IP-Adapter", home="FLUX.1", recognise=_recognise),
+    layouts.KeyTable(XLABS, "flux", lambda adapter: module_rules(adapter.layer_specs, XLABS), infer_flux_config),
+    layouts.KeyTable(H94, "flux", lambda adapter: module_rules(adapter.layer_specs, DIFFUSERS), infer_flux_config),
+    layouts.SaveFormat(XLABS, XLABS, _check_format),
+)

@@ -118,16 +118,18 @@ def denoiser_skeleton(
 def check_adapter_fits(loaded, model, path: str | Path, where: str, default_scale: float | None = None):
     """``check_adapter_file`` for an adapter file already read (``loaded``, from ``read_file``) against
     ``model`` (a UNet or FLUX transformer, on ``meta`` or not), with every refusal one line naming the
-    file: an XLabs FLUX file given for a UNet is said to be one (the key listing would not say), and a
-    width mismatch found while the adapter is built gets the file's name. where: how to name the base
-    model. Returns the checked file."""
+    file: a file in a layout with no key table for the model's architecture (an XLabs FLUX file given for
+    a UNet) is said to be one (the key listing would not say), and a width mismatch found while the adapter
+    is built gets the file's name. where: how to name the base model. Returns the checked file."""
     from mipadapter.checkpoint import CheckpointError, check_adapter_file
+    from mipadapter.checkpoint.layouts import misfit
     from mipadapter.modeling.adapter import model_architecture
 
-    if loaded.layout == "xlabs" and model_architecture(model) != "flux":
+    misplaced = misfit(loaded.layout, model_architecture(model))
+    if misplaced is not None:
         raise CheckpointError(
-            f"{path} is an XLabs FLUX IP-Adapter, but {where} is a {type(model).__name__}: "
-            "load it onto a FLUX.1 base model"
+            f"{path} is {misplaced.description}, but {where} is a {type(model).__name__}: "
+            f"load it onto a {misplaced.home or 'different'} base model"
         )
     try:
         return check_adapter_file(path, model, default_scale=default_scale, loaded=loaded)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from mipadapter.checkpoint.convert import infer_flux_config, infer_h94_config
+from mipadapter.checkpoint.h94 import infer_h94_config
 from mipadapter.checkpoint.io import AdapterFile, load_state
 from mipadapter.modeling.adapter import MIPAdapter
 from mipadapter.testing.checkpoints import fabricate_ip_adapter_state, flatten_state
@@ -27,7 +27,7 @@ def tiny_adapter(unet, spec_encoder, projection: str, text_weight: bool, seed: i
 
 def tiny_flux_adapter(transformer, image_embed_dim: int, seed: int, std: float = FLUX_WEIGHT_STD) -> MIPAdapter:
     """A fabricated XLabs FLUX IP-Adapter for ``transformer`` loaded through the real XLabs key tables."""
-    from mipadapter.checkpoint.xlabs import XLabsConfig
+    from mipadapter.checkpoint.xlabs import XLabsConfig, infer_flux_config
     from mipadapter.testing.flux import fabricate_xlabs_state
 
     sizes = XLabsConfig.for_transformer(transformer.config, image_embed_dim, num_tokens=4)
