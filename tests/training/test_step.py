@@ -1,20 +1,29 @@
-"""The training step: padding invariance, a falling loss on a fixed batch, only adapter weights move."""
+"""The training step: padding invariance, a falling loss on a fixed batch, only adapter weights move, the
+v-prediction target."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from synthetic_data import write_authors_layout
 
 from mipadapter.config import AdapterConfig
 from mipadapter.modeling import MIPAdapter
-from mipadapter.testing import TINY_SDXL, tiny_checkpoint_files, tiny_sdxl_pipeline
+from mipadapter.testing import (
+    TINY_SD15,
+    TINY_SDXL,
+    tiny_checkpoint_files,
+    tiny_sd15_pipeline,
+    tiny_sdxl_pipeline,
+)
 from mipadapter.training.batching import Collator, SubjectDataset
 from mipadapter.training.components import build_adapter, components_from_pipeline, set_trainable
 from mipadapter.training.config import FilterConfig, ModelConfig
 from mipadapter.training.samples import SampleSettings
 from mipadapter.training.sources import SubjectRules, authors_candidates, build_index
-from mipadapter.training.step import AdapterUNet, FrozenModels, training_loss
+from mipadapter.training.step import AdapterUNet, FrozenModels, encode_latents, training_loss
 from mipadapter.training.text import TextConditioner
 
 
@@ -132,3 +141,62 @@ def test_loss_falls_and_only_trainable_parameters_change(fixed_batch):
     after.update({f"adapter.{n}": t for n, t in adapter.state_dict().items()})
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"adapter.{n}" for n in trainable}
+
+
+class Capturing:
+    """Runs the model and keeps what it was given and what it predicted."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, noisy, timesteps, *args):
+        self.noisy, self.timesteps = noisy, timesteps
+        self.prediction = self.model(noisy, timesteps, *args)
+        return self.prediction
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_v_prediction_loss_is_the_mse_against_the_velocity(tmp_path, arch):
+    """Guards the v-prediction target: under ``prediction_type="v_prediction"`` the loss is the MSE of the
+    prediction against ``get_velocity(latents, noise, t)`` = α_t·noise − σ_t·latents. Fails when the
+    arguments are swapped (``get_velocity(noise, latents, t)``) or the epsilon target is used instead.
+    The draws (latents, noise with an offset, timesteps) are replayed from the same generator seed."""
+    spec, build = (TINY_SDXL, tiny_sdxl_pipeline) if arch == "sdxl" else (TINY_SD15, tiny_sd15_pipeline)
+    write_authors_layout(tmp_path / "data", 2)
+    encoder, _ = spec.basic_image_encoder.build()
+    components = components_from_pipeline(build(), encoder)
+    records, _ = build_index(
+        *authors_candidates(tmp_path / "data", None), SubjectRules(FilterConfig().object_filter(), 0.0, 1, 3)
+    )
+    settings = SampleSettings(64, components.reference_size, drop_text=0, drop_image=0, drop_both=0)
+    dataset = SubjectDataset(records, settings)
+    batch = Collator(components.tokenizers, components.reference_size)([dataset[(i, i)] for i in range(2)])
+    config = AdapterConfig("basic", spec.basic_image_encoder.projection_dim, spec.cross_attention_dim, 4,
+                           text_weight=True)  # fmt: skip
+    adapter = MIPAdapter.for_unet(components.unet, config)
+    scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, prediction_type="v_prediction")
+    frozen = FrozenModels(
+        components.vae, TextConditioner(components.text_encoders, arch), components.image_encoder,
+        scheduler, uses_hidden_states=False,
+    )  # fmt: skip
+    adapter.attach(components.unet)
+    try:
+        model = Capturing(AdapterUNet(components.unet, adapter, "official"))
+        with torch.no_grad():
+            loss = training_loss(model, frozen, batch, torch.Generator().manual_seed(7), noise_offset=0.1)
+    finally:
+        adapter.detach()
+    replay = torch.Generator().manual_seed(7)
+    latents = encode_latents(components.vae, batch.pixel_values, replay)
+    noise = torch.randn(latents.shape, generator=replay)
+    noise = noise + 0.1 * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=replay)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=replay)
+    assert torch.equal(model.timesteps, timesteps)
+    torch.testing.assert_close(model.noisy, scheduler.add_noise(latents, noise, timesteps))
+    alpha = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    velocity = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    prediction = model.prediction.float()
+    torch.testing.assert_close(loss, F.mse_loss(prediction, velocity))
+    swapped = alpha.sqrt() * latents - (1 - alpha).sqrt() * noise
+    for wrong in (swapped, noise):  # the test can tell the right target from these
+        assert not torch.isclose(loss, F.mse_loss(prediction, wrong), rtol=1e-3)
