@@ -115,3 +115,12 @@ def test_routed_attention_names_bad_shapes():
         routed_attention(
             query, token_major(keys)[:, :, :-1], token_major(values)[:, :, :-1], weights, base, num_conditions=3
         )
+
+
+def test_weights_of_another_dtype_are_converted_to_the_attentions():
+    """float64 weights on a float32 attention give the float32 result of the float32-rounded weights
+    (fails when the weights are not converted: the matmul with float32 values then refuses float64)."""
+    query, keys, values, weights, base = make(2, 3, 2, 6, 4, 8, seed=4)
+    out = fast(query, keys, values, weights.double(), base)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, fast(query, keys, values, weights.double().float(), base), rtol=0, atol=0)
