@@ -8,9 +8,10 @@ folder, build/mutants/<module>/, with only that module mutated and only its test
 each mutant runs only the tests that call the mutated function. The shared settings are pyproject's
 ``[tool.mutmut]``. Results are cached there (a rerun retests only the functions that changed).
 
-Afterwards one table row per module is printed, ready for docs/testing.md: mutants, killed (timeouts
-included), equivalent (tools/equivalent_mutants.toml, each with its reason), survived (surviving or not
-reached by the module's tests) and the kill rate over the non-equivalent ones; then the survivors not
+Afterwards one table row per module is printed, ready for docs/testing.md: mutants, tested (fewer when
+a run was stopped), killed (timeouts included), equivalent (tools/equivalent_mutants.toml, each with its
+reason), survived (surviving or not reached by the module's tests) and the kill rate over the tested
+non-equivalent ones; then the survivors not
 known to be equivalent, to be killed by a test (``mutmut show NAME`` in the module's folder shows one).
 --retest tests again only the survivors of earlier runs (after tests were added to kill them); --report
 prints the table of what earlier runs left, running nothing; --show adds each survivor's diff.
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "mutants"
 EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.toml"
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}  # the tests (or a limit) stopped it
+UNTESTED = {"not checked", "check was interrupted by user"}  # a run stopped before it reached them
 
 
 def load_project() -> dict:
@@ -79,10 +81,10 @@ def module_pyproject(module: str, tests: list[str]) -> str:
 
 
 def prepare(module: str, tests: list[str]) -> Path:
-    """build/mutants/<module>/ with src and tests linked and the narrowed pyproject.toml."""
+    """build/mutants/<module>/ with src, tests and configs linked and the narrowed pyproject.toml."""
     folder = WORK / slug(module)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("src", "tests"):
+    for name in ("src", "tests", "configs"):
         link = folder / name
         if not link.is_symlink():
             link.symlink_to(ROOT / name, target_is_directory=True)
@@ -129,34 +131,36 @@ def statuses(module: str) -> dict[str, str]:
 def summary(module: str, equivalent: dict[str, str]) -> dict:
     found = statuses(module)
     counts = Counter(found.values())
-    known = {name for name in found if name in equivalent}
-    stale = sorted(name for name in known if found[name] in KILLED)  # listed, but a test now kills it
+    tested = {name: status for name, status in found.items() if status not in UNTESTED}
+    known = {name for name in tested if name in equivalent}
+    stale = sorted(name for name in known if tested[name] in KILLED)  # listed, but a test now kills it
     equivalent_here = len(known) - len(stale)
-    killed = sum(counts[s] for s in KILLED)
-    survivors = sorted(n for n, s in found.items() if s not in KILLED and n not in equivalent)
-    counted = len(found) - equivalent_here
+    killed = sum(1 for status in tested.values() if status in KILLED)
+    survivors = sorted(n for n, s in tested.items() if s not in KILLED and n not in equivalent)
+    counted = len(tested) - equivalent_here
     return {
         "module": module,
         "mutants": len(found),
+        "tested": len(tested),
         "killed": killed,
         "equivalent": equivalent_here,
         "survived": len(survivors),
         "rate": killed / counted if counted else None,
         "statuses": dict(counts),
-        "survivors": {n: found[n] for n in survivors},
+        "survivors": {n: tested[n] for n in survivors},
         "stale_equivalents": stale,
     }
 
 
 def print_table(rows: list[dict], date: str, tool: str) -> None:
-    print("\n| module | date | tool | mutants | killed | equivalent | survived | kill rate |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("\n| module | date | tool | mutants | tested | killed | equivalent | survived | kill rate |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        if not row["mutants"]:
-            print(f"| {row['module']} | — | — | not run yet | | | | |")
+        if not row["tested"]:
+            print(f"| {row['module']} | — | — | not run yet | | | | | |")
             continue
         rate = "—" if row["rate"] is None else f"{100 * row['rate']:.1f} %"
-        print(f"| {row['module']} | {date} | {tool} | {row['mutants']} | {row['killed']} | "
+        print(f"| {row['module']} | {date} | {tool} | {row['mutants']} | {row['tested']} | {row['killed']} | "
               f"{row['equivalent']} | {row['survived']} | {rate} |")  # fmt: skip
     for row in rows:
         for name, status in row["survivors"].items():

@@ -155,12 +155,9 @@ class Capturing:
         return self.prediction
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
-def test_v_prediction_loss_is_the_mse_against_the_velocity(tmp_path, arch):
-    """Guards the v-prediction target: under ``prediction_type="v_prediction"`` the loss is the MSE of the
-    prediction against ``get_velocity(latents, noise, t)`` = α_t·noise − σ_t·latents. Fails when the
-    arguments are swapped (``get_velocity(noise, latents, t)``) or the epsilon target is used instead.
-    The draws (latents, noise with an offset, timesteps) are replayed from the same generator seed."""
+def captured_loss(tmp_path, arch: str, prediction_type: str, **options):
+    """One training_loss on a real 2-sample batch of a tiny ``arch`` model with ``prediction_type``;
+    returns (loss, the Capturing model, the scheduler, the batch, the VAE)."""
     spec, build = (TINY_SDXL, tiny_sdxl_pipeline) if arch == "sdxl" else (TINY_SD15, tiny_sd15_pipeline)
     write_authors_layout(tmp_path / "data", 2)
     encoder, _ = spec.basic_image_encoder.build()
@@ -174,7 +171,7 @@ def test_v_prediction_loss_is_the_mse_against_the_velocity(tmp_path, arch):
     config = AdapterConfig("basic", spec.basic_image_encoder.projection_dim, spec.cross_attention_dim, 4,
                            text_weight=True)  # fmt: skip
     adapter = MIPAdapter.for_unet(components.unet, config)
-    scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, prediction_type="v_prediction")
+    scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, prediction_type=prediction_type)
     frozen = FrozenModels(
         components.vae, TextConditioner(components.text_encoders, arch), components.image_encoder,
         scheduler, uses_hidden_states=False,
@@ -183,14 +180,32 @@ def test_v_prediction_loss_is_the_mse_against_the_velocity(tmp_path, arch):
     try:
         model = Capturing(AdapterUNet(components.unet, adapter, "official"))
         with torch.no_grad():
-            loss = training_loss(model, frozen, batch, torch.Generator().manual_seed(7), noise_offset=0.1)
+            loss = training_loss(model, frozen, batch, torch.Generator().manual_seed(7), **options)
     finally:
         adapter.detach()
+    return loss, model, scheduler, batch, components.vae
+
+
+def replayed_draws(vae, batch, scheduler, noise_offset: float | None):
+    """latents, noise, timesteps drawn again from the same seed, in training_loss's order."""
     replay = torch.Generator().manual_seed(7)
-    latents = encode_latents(components.vae, batch.pixel_values, replay)
+    latents = encode_latents(vae, batch.pixel_values, replay)
     noise = torch.randn(latents.shape, generator=replay)
-    noise = noise + 0.1 * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=replay)
+    if noise_offset is not None:
+        offsets = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=replay)
+        noise = noise + noise_offset * offsets
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=replay)
+    return latents, noise, timesteps
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_v_prediction_loss_is_the_mse_against_the_velocity(tmp_path, arch):
+    """Guards the v-prediction target: under ``prediction_type="v_prediction"`` the loss is the MSE of the
+    prediction against ``get_velocity(latents, noise, t)`` = α_t·noise − σ_t·latents. Fails when the
+    arguments are swapped (``get_velocity(noise, latents, t)``) or the epsilon target is used instead.
+    The draws (latents, noise with an offset, timesteps) are replayed from the same generator seed."""
+    loss, model, scheduler, batch, vae = captured_loss(tmp_path, arch, "v_prediction", noise_offset=0.1)
+    latents, noise, timesteps = replayed_draws(vae, batch, scheduler, 0.1)
     assert torch.equal(model.timesteps, timesteps)
     torch.testing.assert_close(model.noisy, scheduler.add_noise(latents, noise, timesteps))
     alpha = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
@@ -200,3 +215,13 @@ def test_v_prediction_loss_is_the_mse_against_the_velocity(tmp_path, arch):
     swapped = alpha.sqrt() * latents - (1 - alpha).sqrt() * noise
     for wrong in (swapped, noise):  # the test can tell the right target from these
         assert not torch.isclose(loss, F.mse_loss(prediction, wrong), rtol=1e-3)
+
+
+def test_epsilon_loss_is_the_mse_against_the_noise_without_an_offset_by_default(tmp_path):
+    """The default: epsilon prediction, no noise offset (no extra draw). Fails when the default offset
+    is not 0, or when the target is not the noise."""
+    loss, model, scheduler, batch, vae = captured_loss(tmp_path, "sd15", "epsilon")
+    latents, noise, timesteps = replayed_draws(vae, batch, scheduler, None)
+    assert torch.equal(model.timesteps, timesteps)
+    torch.testing.assert_close(model.noisy, scheduler.add_noise(latents, noise, timesteps))
+    torch.testing.assert_close(loss, F.mse_loss(model.prediction.float(), noise))
