@@ -150,14 +150,15 @@ class Capturing:
         self.model = model
 
     def __call__(self, noisy, timesteps, *args):
-        self.noisy, self.timesteps = noisy, timesteps
+        self.noisy, self.timesteps, self.args = noisy, timesteps, args
         self.prediction = self.model(noisy, timesteps, *args)
         return self.prediction
 
 
-def captured_loss(tmp_path, arch: str, prediction_type: str, **options):
-    """One training_loss on a real 2-sample batch of a tiny ``arch`` model with ``prediction_type``;
-    returns (loss, the Capturing model, the scheduler, the batch, the VAE)."""
+def captured_loss(tmp_path, arch: str, prediction_type: str, weight_dtype=torch.float32, **options):
+    """One training_loss on a real 2-sample batch of a tiny ``arch`` model with ``prediction_type``
+    (everything but the VAE in ``weight_dtype``); returns (loss, the Capturing model, the scheduler, the
+    batch, the VAE)."""
     spec, build = (TINY_SDXL, tiny_sdxl_pipeline) if arch == "sdxl" else (TINY_SD15, tiny_sd15_pipeline)
     write_authors_layout(tmp_path / "data", 2)
     encoder, _ = spec.basic_image_encoder.build()
@@ -170,11 +171,13 @@ def captured_loss(tmp_path, arch: str, prediction_type: str, **options):
     batch = Collator(components.tokenizers, components.reference_size)([dataset[(i, i)] for i in range(2)])
     config = AdapterConfig("basic", spec.basic_image_encoder.projection_dim, spec.cross_attention_dim, 4,
                            text_weight=True)  # fmt: skip
-    adapter = MIPAdapter.for_unet(components.unet, config)
+    adapter = MIPAdapter.for_unet(components.unet, config).to(weight_dtype)
+    for module in (components.unet, components.image_encoder, *components.text_encoders):
+        module.to(weight_dtype)
     scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, prediction_type=prediction_type)
     frozen = FrozenModels(
         components.vae, TextConditioner(components.text_encoders, arch), components.image_encoder,
-        scheduler, uses_hidden_states=False,
+        scheduler, uses_hidden_states=False, weight_dtype=weight_dtype,
     )  # fmt: skip
     adapter.attach(components.unet)
     try:
@@ -225,3 +228,22 @@ def test_epsilon_loss_is_the_mse_against_the_noise_without_an_offset_by_default(
     assert torch.equal(model.timesteps, timesteps)
     torch.testing.assert_close(model.noisy, scheduler.add_noise(latents, noise, timesteps))
     torch.testing.assert_close(loss, F.mse_loss(model.prediction.float(), noise))
+
+
+def test_the_unet_inputs_are_in_the_weight_dtype(tmp_path):
+    """With the frozen models in bfloat16 and the VAE in float32 (as training runs them), the latents,
+    noise, prompt embeddings and SDXL's added conditions reach the UNet in bfloat16 and the loss is
+    the float32 MSE against the bfloat16 noise. Fails when the weight dtype is ignored (the float32
+    latents then meet bfloat16 weights)."""
+    bfloat16 = torch.bfloat16
+    loss, model, scheduler, batch, vae = captured_loss(tmp_path, "sdxl", "epsilon", weight_dtype=bfloat16)
+    assert next(vae.parameters()).dtype == torch.float32
+    prompt_embeds, added = model.args[0], model.args[1]
+    assert model.noisy.dtype == prompt_embeds.dtype == torch.bfloat16
+    assert {value.dtype for value in added.values()} == {torch.bfloat16}
+    latents, noise, timesteps = replayed_draws(vae, batch, scheduler, None)
+    torch.testing.assert_close(
+        model.noisy, scheduler.add_noise(latents.bfloat16(), noise.bfloat16(), timesteps), rtol=0, atol=0
+    )
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, F.mse_loss(model.prediction.float(), noise.bfloat16().float()))
