@@ -126,3 +126,21 @@ def test_a_missing_subject_lowers_the_minimum_while_the_mean_stays_high():
     assert bad["clip_i_min"]["mean"] == pytest.approx(1 / math.sqrt(5))  # b's cosine: 0.447
     assert good["clip_i_min"]["mean"] == pytest.approx(2 / 3)
     assert bad["worst_subject"]["dino"] == {"subject": "b", "value": pytest.approx(1 / math.sqrt(5))}
+
+
+def test_clip_t_is_raw_by_default():
+    image = np.array([[1.0, 0.0], [0.0, 2.0]])
+    text = np.array([[math.cos(0.5), math.sin(0.5)], [1.0, -1.0]])
+    np.testing.assert_allclose(metrics.clip_t(image, text), [math.cos(0.5), -math.sqrt(0.5)])
+
+
+@pytest.mark.parametrize("function", [metrics.cosine_matrix, metrics.paired_cosine])
+def test_shape_errors_name_which_input_is_wrong(function):
+    with pytest.raises(ValueError, match=r"^a must be \[n, e\], got shape \(3,\)$"):
+        function(np.ones(3), np.ones((1, 3)))
+    with pytest.raises(ValueError, match=r"^b must be \[n, e\], got shape \(1, 1, 3\)$"):
+        function(np.ones((1, 3)), np.ones((1, 1, 3)))
+    with pytest.raises(ValueError, match=r"^a has a zero feature vector at rows \[0, 2\]$"):
+        function(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]), np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"^b has a zero feature vector at rows \[1\]$"):
+        function(np.ones((2, 2)), np.array([[1.0, 0.0], [0.0, 0.0]]))

@@ -477,3 +477,30 @@ def test_padding_subjects_marked_absent_change_nothing(rule, region_mode):
     without_mask = SubjectConditioning(**fields_of(full))
     with torch.no_grad():
         assert not torch.allclose(run(attn, hidden, text, without_mask), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_name_keys_follow_a_cross_attention_norm_and_the_layers_dtype(dtype):
+    """A layer with a cross-attention LayerNorm (diffusers' ``cross_attention_norm``) normalises the
+    names' rows before ``to_k``, as it does the prompt's; float32 names meet the layer's dtype. The
+    reference writes the LayerNorm out."""
+    from mipadapter.modeling.processor import name_keys
+
+    torch.manual_seed(0)
+    attn = Attention(
+        query_dim=32, cross_attention_dim=24, heads=2, dim_head=16, cross_attention_norm="layer_norm"
+    )
+    with torch.no_grad():
+        attn.norm_cross.weight.uniform_(0.5, 1.5)
+        attn.norm_cross.bias.uniform_(-0.5, 0.5)
+    attn.to(dtype)
+    names = torch.randn(2, 3, 4, 24)
+    keys = name_keys(attn, names)
+    assert keys.shape == (2, 2, 12, 16) and keys.dtype == dtype
+    rows = names.double()
+    variance = rows.var(-1, unbiased=False, keepdim=True)
+    normed = (rows - rows.mean(-1, keepdim=True)) / torch.sqrt(variance + 1e-5)
+    normed = normed * attn.norm_cross.weight.double() + attn.norm_cross.bias.double()
+    expected = (normed @ attn.to_k.weight.double().T).view(2, 3, 4, 2, 16).permute(0, 3, 1, 2, 4)
+    expected = expected.reshape(2, 2, 12, 16) / 4.0  # 1/sqrt(16)
+    torch.testing.assert_close(keys.double(), expected, rtol=1e-5, atol=1e-5)
