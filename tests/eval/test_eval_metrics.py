@@ -144,3 +144,14 @@ def test_shape_errors_name_which_input_is_wrong(function):
         function(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]), np.ones((3, 2)))
     with pytest.raises(ValueError, match=r"^b has a zero feature vector at rows \[1\]$"):
         function(np.ones((2, 2)), np.array([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_paired_features_of_two_shapes_are_refused_naming_both():
+    with pytest.raises(ValueError, match=r"^paired features must have one shape, got \(1, 3\) and \(2, 3\)$"):
+        metrics.paired_cosine(np.ones((1, 3)), np.ones((2, 3)))
+
+
+def test_clip_t_conventions_return_float64_whatever_the_input():
+    for cosines in (np.array([0.25, -0.5], dtype=np.float32), [1, 0]):
+        for convention in ("raw", "concept101"):
+            assert metrics.clip_t_convention(cosines, convention).dtype == np.float64
