@@ -206,3 +206,15 @@ def test_flux_layers_refuse_what_is_not_a_flux_transformer():
     for model in cases:
         with pytest.raises(ValueError, match=message):
             flux_layers(model)
+
+
+def test_detaching_from_a_deleted_unet_is_refused_with_one_line():
+    import gc
+
+    unet = tiny_sd15_pipeline().unet
+    adapter = random_adapter(unet, "sd15")
+    adapter.attach(unet)
+    del unet
+    gc.collect()
+    with pytest.raises(RuntimeError, match=r"^the UNet this adapter was attached to no longer exists$"):
+        adapter.detach()
