@@ -155,3 +155,22 @@ def test_clip_t_conventions_return_float64_whatever_the_input():
     for cosines in (np.array([0.25, -0.5], dtype=np.float32), [1, 0]):
         for convention in ("raw", "concept101"):
             assert metrics.clip_t_convention(cosines, convention).dtype == np.float64
+
+
+def test_aggregate_errors_are_one_exact_line():
+    with pytest.raises(ValueError, match=r"^aggregate got no image records$"):
+        aggregate([])
+    with pytest.raises(ValueError, match=r"^mean_std needs at least one value$"):
+        mean_std([])
+    record = {"file": "images/v/00001_s1_0.png", "subjects": ["x", "y"], "clip_i": {"x": 0.5}}
+    message = r"^image 'images/v/00001_s1_0.png' has no clip_i score for subjects \['y'\]$"
+    with pytest.raises(ValueError, match=message):
+        per_image_values(record, "clip_i_min")
+
+
+def test_mean_std_computes_in_float64_whatever_the_input():
+    values = np.array([0.1, 0.2, 0.4], dtype=np.float32)
+    exact = values.astype(np.float64)
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(float(exact.mean()), rel=1e-15, abs=0)
+    assert std == pytest.approx(float(exact.std(ddof=1)), rel=1e-15, abs=0)
