@@ -1,10 +1,12 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mipadapter.photos import EXIF_ORIENTATION, PhotoError, open_photo, photo_size, upright
+from mipadapter.photos import EXIF_ORIENTATION, PhotoError, open_photo, photo_size, upright, upright_size
 
 
 def _gradient(width=40, height=24):
@@ -36,10 +38,43 @@ def test_exif_orientation_is_applied(tmp_path, orientation, turn):
 
 @pytest.mark.parametrize("orientation, size", [(1, (40, 24)), (3, (40, 24)), (6, (24, 40)), (8, (24, 40))])
 def test_upright_size_reads_the_turn_from_the_header(tmp_path, orientation, size):
-    from mipadapter.photos import upright_size
-
     path = _with_orientation(_gradient(), orientation, tmp_path / "phone.png")
     assert upright_size(path) == size == open_photo(path).size
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_upright_size_is_the_opened_size_for_every_orientation(tmp_path, orientation):
+    """Guards against ``upright_size`` knowing only some quarter turns: the transposing orientations 5
+    and 7 swap the sides as 6 and 8 do. Fails when the turned set is ``(6, 8)`` instead of ``(5, 6, 7, 8)``
+    (the web's size check and the data tools would then see a 40×24 photo that opens as 24×40)."""
+    path = _with_orientation(_gradient(), orientation, tmp_path / "phone.png")
+    opened = open_photo(path)
+    assert upright_size(path) == opened.size
+    assert opened.size == ((24, 40) if orientation >= 5 else (40, 24))
+
+
+def _png_header(path, width, height):
+    """A PNG of only its IHDR and IEND chunks: it names a size but holds no pixels (nothing to decode)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_the_default_pixel_limit_is_50_mp(tmp_path):
+    """Guards the default limit every caller relies on without passing one: a 56 MP header (8000×7000)
+    is refused by ``photo_size``, ``upright_size`` and ``open_photo`` with no argument, a 49 MP one is
+    not. Fails when ``DEFAULT_MAX_PIXELS`` is raised (e.g. to 500 MP) or lowered below 49 MP."""
+    big = _png_header(tmp_path / "big.png", 8000, 7000)
+    message = r"'.*big\.png' is 8000×7000 \(56\.0 MP\), above the 50 MP limit"
+    for read in (photo_size, upright_size, open_photo):
+        with pytest.raises(PhotoError, match=message):
+            read(big)
+    assert photo_size(_png_header(tmp_path / "fits.png", 7000, 7000)) == (7000, 7000)
+    assert photo_size(big, max_pixels=None) == (8000, 7000)  # the limit is the default, not a ceiling
 
 
 def test_upright_image_is_returned_as_is():

@@ -300,3 +300,36 @@ def test_model_family_follows_the_wrapped_pipeline_class(class_name, family):
 
     inner = type(class_name, (), {})()
     assert model_family(SimpleNamespace(pipe=inner)) == model_family(inner) == family
+
+
+@pytest.mark.parametrize(
+    ("multi_image", "region_mode"), [("each", "multiply"), ("mean", "multiply"), ("each", "replace")]
+)
+def test_non_default_modes_are_recorded_and_round_trip(generated, tmp_path, multi_image, region_mode):
+    """Guards against the recipe recording ``multi_image`` (or ``region_mode``) as its default whatever
+    the call used: a rerun from the PNG would then route the photos differently. Fails when
+    ``build_recipe`` writes ``"multi_image": "mean"`` (or ``"region_mode": "replace"``) unconditionally."""
+    pipe = generated[0]
+    call = dict(prompt="a cat wearing a backpack", num_inference_steps=1, multi_image=multi_image)
+    subjects = [
+        Subject("cat", [Image.open(CAT), Image.open(BACKPACK)], region=(0, 0, 32, 64),
+                region_mode=region_mode),
+        Subject("backpack", [Image.open(BACKPACK)]),
+    ]
+    output = pipe(call["prompt"], subjects, generator=torch.Generator().manual_seed(5), show_progress=False,
+                  **{k: v for k, v in call.items() if k != "prompt"})  # fmt: skip
+    recorded = [
+        RecipeSubject("cat", [CAT, BACKPACK], region=(0, 0, 32, 64)),
+        RecipeSubject("backpack", [BACKPACK]),
+    ]
+    recipe = build_recipe(pipe, output, seed=5, subjects=recorded, models=MODELS, call=call)
+    assert (recipe["multi_image"], recipe["region_mode"]) == (multi_image, region_mode)
+    path = write_image(output.images[0], tmp_path / "modes.png", recipe)
+    assert read_recipe(path) == recipe
+    # an output without settings (an older pipeline): the modes come from the call's keyword arguments
+    from types import SimpleNamespace
+
+    bare = SimpleNamespace(images=[None], settings={})
+    from_call = build_recipe(pipe, bare, seed=5, subjects=recorded, models=MODELS,
+                             call={**call, "region_mode": region_mode})  # fmt: skip
+    assert (from_call["multi_image"], from_call["region_mode"]) == (multi_image, region_mode)

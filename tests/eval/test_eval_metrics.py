@@ -126,3 +126,51 @@ def test_a_missing_subject_lowers_the_minimum_while_the_mean_stays_high():
     assert bad["clip_i_min"]["mean"] == pytest.approx(1 / math.sqrt(5))  # b's cosine: 0.447
     assert good["clip_i_min"]["mean"] == pytest.approx(2 / 3)
     assert bad["worst_subject"]["dino"] == {"subject": "b", "value": pytest.approx(1 / math.sqrt(5))}
+
+
+def test_clip_t_is_raw_by_default():
+    image = np.array([[1.0, 0.0], [0.0, 2.0]])
+    text = np.array([[math.cos(0.5), math.sin(0.5)], [1.0, -1.0]])
+    np.testing.assert_allclose(metrics.clip_t(image, text), [math.cos(0.5), -math.sqrt(0.5)])
+
+
+@pytest.mark.parametrize("function", [metrics.cosine_matrix, metrics.paired_cosine])
+def test_shape_errors_name_which_input_is_wrong(function):
+    with pytest.raises(ValueError, match=r"^a must be \[n, e\], got shape \(3,\)$"):
+        function(np.ones(3), np.ones((1, 3)))
+    with pytest.raises(ValueError, match=r"^b must be \[n, e\], got shape \(1, 1, 3\)$"):
+        function(np.ones((1, 3)), np.ones((1, 1, 3)))
+    with pytest.raises(ValueError, match=r"^a has a zero feature vector at rows \[0, 2\]$"):
+        function(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]), np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"^b has a zero feature vector at rows \[1\]$"):
+        function(np.ones((2, 2)), np.array([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_paired_features_of_two_shapes_are_refused_naming_both():
+    with pytest.raises(ValueError, match=r"^paired features must have one shape, got \(1, 3\) and \(2, 3\)$"):
+        metrics.paired_cosine(np.ones((1, 3)), np.ones((2, 3)))
+
+
+def test_clip_t_conventions_return_float64_whatever_the_input():
+    for cosines in (np.array([0.25, -0.5], dtype=np.float32), [1, 0]):
+        for convention in ("raw", "concept101"):
+            assert metrics.clip_t_convention(cosines, convention).dtype == np.float64
+
+
+def test_aggregate_errors_are_one_exact_line():
+    with pytest.raises(ValueError, match=r"^aggregate got no image records$"):
+        aggregate([])
+    with pytest.raises(ValueError, match=r"^mean_std needs at least one value$"):
+        mean_std([])
+    record = {"file": "images/v/00001_s1_0.png", "subjects": ["x", "y"], "clip_i": {"x": 0.5}}
+    message = r"^image 'images/v/00001_s1_0.png' has no clip_i score for subjects \['y'\]$"
+    with pytest.raises(ValueError, match=message):
+        per_image_values(record, "clip_i_min")
+
+
+def test_mean_std_computes_in_float64_whatever_the_input():
+    values = np.array([0.1, 0.2, 0.4], dtype=np.float32)
+    exact = values.astype(np.float64)
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(float(exact.mean()), rel=1e-15, abs=0)
+    assert std == pytest.approx(float(exact.std(ddof=1)), rel=1e-15, abs=0)

@@ -196,3 +196,41 @@ def test_adapter_config_validates_and_round_trips_json():
     with pytest.raises(ValueError, match="unknown AdapterConfig fields"):
         AdapterConfig.from_json('{"projection": "basic", "image_embed_dim": 4, "cross_attention_dim": 8, '
                                 '"num_tokens": 4, "colour": "red"}')  # fmt: skip
+
+
+def test_flux_layers_refuse_what_is_not_a_flux_transformer():
+    """A model named like FLUX but without double-stream blocks (none, an empty list, or blocks without
+    FLUX's ``joint_attention_dim``) is refused with one line naming its class."""
+    from types import SimpleNamespace
+
+    from mipadapter.modeling.adapter import flux_layers
+
+    def fake(**attributes):
+        model = type("FluxLookalike", (torch.nn.Module,), {})()
+        model.config = SimpleNamespace(**attributes.pop("config", {}))
+        for name, value in attributes.items():
+            setattr(model, name, value)
+        return model
+
+    block = torch.nn.Module()
+    cases = [
+        fake(config={"joint_attention_dim": 8}),
+        fake(transformer_blocks=torch.nn.ModuleList(), config={"joint_attention_dim": 8}),
+        fake(transformer_blocks=torch.nn.ModuleList([block])),
+    ]
+    message = r"^FluxLookalike is not a FLUX transformer with double-stream blocks$"
+    for model in cases:
+        with pytest.raises(ValueError, match=message):
+            flux_layers(model)
+
+
+def test_detaching_from_a_deleted_unet_is_refused_with_one_line():
+    import gc
+
+    unet = tiny_sd15_pipeline().unet
+    adapter = random_adapter(unet, "sd15")
+    adapter.attach(unet)
+    del unet
+    gc.collect()
+    with pytest.raises(RuntimeError, match=r"^the UNet this adapter was attached to no longer exists$"):
+        adapter.detach()

@@ -143,3 +143,65 @@ def test_flux_adapter_has_no_text_weight_and_single_blocks_keep_theirs(flux):
     hidden, context, ids = block_inputs((4, 4), seed=2)
     with pytest.raises(ValueError, match="no text_to_weight"):
         block.attn(hidden, context, image_rotary_emb=transformer.pos_embed(ids), ip_hidden_states=cond)
+
+
+def test_a_new_processor_records_its_sizes_and_is_diffusers_without_conditioning(flux):
+    """A processor made here (not by the fixture) with its defaults: the sizes it was given, no layer
+    name, diagnosing; XLabs' projections with biases; without a conditioning diffusers' processor."""
+    from mipadapter.modeling.flux import MIPFluxAttnProcessor
+
+    transformer, _ = flux
+    processor = MIPFluxAttnProcessor(TINY_FLUX.inner_dim, TINY_FLUX.joint_attention_dim)
+    assert processor.hidden_size == TINY_FLUX.inner_dim
+    assert processor.cross_attention_dim == TINY_FLUX.joint_attention_dim
+    assert processor.layer_name == "" and processor.diagnose is True
+    assert processor.to_k_ip.bias is not None and processor.to_v_ip.bias is not None
+    block = transformer.transformer_blocks[0]
+    hidden, context, ids = block_inputs((3, 5), seed=4)
+    rotary = transformer.pos_embed(ids)
+    with torch.no_grad():
+        ours = processor(block.attn, hidden, context, None, rotary)
+        theirs = FluxAttnProcessor()(block.attn, hidden, context, None, rotary)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_float64_transformer_takes_float32_conditioning_at_float64_accuracy():
+    """Names and image tokens in float32, the transformer and adapter in float64: the names' rows are
+    converted to the transformer's dtype and the routed term comes out in float64, agreeing with the
+    float64 loop reference to 1e-6 (diffusers' rotary tables are float32). Fails when the names' rows
+    keep their dtype, or when the prepared weights are not in the working dtype."""
+    pipe = tiny_flux_pipeline()
+    adapter = tiny_flux_adapter(pipe.transformer, TINY_FLUX.image_encoder.projection_dim, seed=3)
+    adapter.attach(pipe.transformer)
+    transformer = pipe.transformer.double()
+    block = transformer.transformer_blocks[0]
+    cond = conditioning(2, "several", "paper", (3, 5), seed=6)
+    adapter.prepare(cond)
+    prepared = cond.layer_inputs["transformer_blocks.0.attn"]  # the per-call constants, in float64
+    assert {prepared.ip_keys.dtype, prepared.name_keys.dtype, prepared.name_weights.dtype} == {torch.float64}
+    hidden, context, ids = block_inputs((3, 5), seed=6)
+    with torch.no_grad():
+        _, _, routed = block.attn(
+            hidden.double(), context.double(), image_rotary_emb=transformer.pos_embed(ids.double()),
+            ip_hidden_states=cond,
+        )  # fmt: skip
+    assert routed.dtype == torch.float64
+    exact = conditioning(2, "several", "paper", (3, 5), seed=6)  # the same, for the float64 reference
+    exact.name_embeds, exact.image_tokens = exact.name_embeds.double(), exact.image_tokens.double()
+    expected = reference(transformer, block, exact, hidden.double(), context.double(), ids)
+    error = float(np.linalg.norm(np64(routed) - expected) / np.linalg.norm(expected))
+    assert error <= 1e-6, error
+
+
+def test_the_conditioning_names_what_it_cannot_place():
+    cond = conditioning(1, "one", "paper", None, seed=1)
+    with pytest.raises(ValueError) as error:
+        cond.grid(16)
+    assert str(error.value) == (
+        "the conditioning does not know the latent size yet (set latent_size, or run it through "
+        "MIPAdapterPipeline, which takes it from the latents)"
+    )
+    cond = conditioning(1, "one", "paper", (4, 4), seed=1)
+    with pytest.raises(ValueError, match=r"^a layer with 15 positions does not fit a latent of \(4, 4\)$"):
+        cond.grid(15)

@@ -477,3 +477,62 @@ def test_padding_subjects_marked_absent_change_nothing(rule, region_mode):
     without_mask = SubjectConditioning(**fields_of(full))
     with torch.no_grad():
         assert not torch.allclose(run(attn, hidden, text, without_mask), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_name_keys_follow_a_cross_attention_norm_and_the_layers_dtype(dtype):
+    """A layer with a cross-attention LayerNorm (diffusers' ``cross_attention_norm``) normalises the
+    names' rows before ``to_k``, as it does the prompt's; float32 names meet the layer's dtype. The
+    reference writes the LayerNorm out."""
+    from mipadapter.modeling.processor import name_keys
+
+    torch.manual_seed(0)
+    attn = Attention(
+        query_dim=32, cross_attention_dim=24, heads=2, dim_head=16, cross_attention_norm="layer_norm"
+    )
+    with torch.no_grad():
+        attn.norm_cross.weight.uniform_(0.5, 1.5)
+        attn.norm_cross.bias.uniform_(-0.5, 0.5)
+    attn.to(dtype)
+    names = torch.randn(2, 3, 4, 24)
+    keys = name_keys(attn, names)
+    assert keys.shape == (2, 2, 12, 16) and keys.dtype == dtype
+    rows = names.double()
+    variance = rows.var(-1, unbiased=False, keepdim=True)
+    normed = (rows - rows.mean(-1, keepdim=True)) / torch.sqrt(variance + 1e-5)
+    normed = normed * attn.norm_cross.weight.double() + attn.norm_cross.bias.double()
+    expected = (normed @ attn.to_k.weight.double().T).view(2, 3, 4, 2, 16).permute(0, 3, 1, 2, 4)
+    expected = expected.reshape(2, 2, 12, 16) / 4.0  # 1/sqrt(16)
+    torch.testing.assert_close(keys.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("photos", ["one", "several"])
+def test_image_attention_maps_match_the_loop(photos):
+    """Where each subject's image tokens attend: per position, the softmax over positions of every
+    image token's key against the queries, averaged over heads and tokens and over the subject's photos
+    by their shares (a layer at the latent size, so the recorder's resize is the identity)."""
+    attn, proc = make_layer(seed=3)
+    recorder = RelevanceRecorder(LATENT, keep_last=BATCH)
+    cond = make_conditioning("uniform", False, photos=photos, seed=4, image_attention=recorder)
+    hidden, text = inputs(seed=5, positions=LATENT[0] * LATENT[1])
+    with torch.no_grad():
+        run(attn, hidden, text, cond)
+    d = HIDDEN // HEADS
+    q = np64(attn.to_q(hidden)).reshape(BATCH, -1, HEADS, d)  # [b, p, h, d]
+    tokens = cond.image_tokens
+    with torch.no_grad():
+        k = np64(proc.to_k_ip(tokens)).reshape(*tokens.shape[:3], HEADS, d)  # [b, N, t, h, d]
+    owner, share = cond.owner.tolist(), cond.share.tolist()
+    n = cond.scales.shape[1]
+    expected = np.zeros((BATCH, n, LATENT[0] * LATENT[1]))
+    for bi in range(BATCH):
+        for c, (subject, part) in enumerate(zip(owner, share, strict=True)):
+            for hh in range(HEADS):
+                for t in range(IMAGE_TOKENS):
+                    key = k[bi, c, t, hh]
+                    logits = [float(q[bi, pos, hh] @ key) / math.sqrt(d) for pos in range(q.shape[1])]
+                    expected[bi, subject] += part / (HEADS * IMAGE_TOKENS) * np.array(softmax(logits))
+    expected /= expected.max(axis=-1, keepdims=True)
+    maps = recorder.average()  # [b, n, H, W], each map peaking at 1
+    assert maps.shape == (BATCH, n, *LATENT)
+    np.testing.assert_allclose(maps.double().numpy().reshape(BATCH, n, -1), expected, atol=1e-5)

@@ -103,3 +103,58 @@ def test_helpers_shapes_and_errors():
         object_similarity(x, torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="mask shape"):
         s_pair(x, torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_the_mask_error_names_both_shapes():
+    x = torch.randn(2, 3, 5)
+    message = r"^mask shape \(2, 4\) must equal embeddings shape without the last dim \(2, 3\)$"
+    with pytest.raises(ValueError, match=message):
+        s_single(x, x, torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.float32])
+def test_a_zero_one_mask_of_another_dtype_reads_as_booleans(dtype):
+    generator = torch.Generator().manual_seed(5)
+    text, image = torch.randn(2, 4, 6, generator=generator), torch.randn(2, 4, 6, generator=generator)
+    mask = torch.tensor([[True, True, False, True], [True, False, True, False]])
+    for score, inputs in ((s_single, (text, image)), (s_pair, (image,)), (s_quality, (text, image))):
+        torch.testing.assert_close(score(*inputs, mask.to(dtype)), score(*inputs, mask))
+
+
+@pytest.mark.parametrize("batch", [(3,), (2, 2)])
+def test_batches_without_a_mask_score_each_image_alone(batch):
+    """With no mask every object of every image counts: a batch scores each image as it scores alone
+    (the all-True mask has the shape [..., n] of the batch, not of its first dims)."""
+    generator = torch.Generator().manual_seed(len(batch) + 7)
+    text = torch.randn(*batch, 3, 8, generator=generator, dtype=torch.float64)
+    image = torch.randn(*batch, 3, 8, generator=generator, dtype=torch.float64)
+    single, pair, quality = s_single(text, image), s_pair(image), s_quality(text, image)
+    assert single.shape == pair.shape == quality.shape == batch
+    for index in torch.cartesian_prod(*[torch.arange(b) for b in batch]).view(-1, len(batch)).tolist():
+        want_single, want_pair = loop_scores(text[tuple(index)], image[tuple(index)])
+        assert single[tuple(index)].item() == pytest.approx(want_single, abs=1e-12)
+        assert pair[tuple(index)].item() == pytest.approx(want_pair, abs=1e-12)
+        assert quality[tuple(index)].item() == pytest.approx(want_single + want_pair, abs=1e-12)
+
+
+@pytest.mark.parametrize("pair", [True, False])
+def test_s_quality_applies_the_mask_to_both_terms(pair):
+    generator = torch.Generator().manual_seed(9)
+    text = torch.randn(2, 4, 6, generator=generator, dtype=torch.float64)
+    image = torch.randn(2, 4, 6, generator=generator, dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    text, image = text.masked_fill(~mask[..., None], 1e6), image.masked_fill(~mask[..., None], -1e6)
+    quality = s_quality(text, image, mask, pair=pair)
+    for row, k in enumerate((3, 2)):
+        single, pair_score = loop_scores(text[row, :k], image[row, :k])
+        assert quality[row].item() == pytest.approx(single + pair_score if pair else single, abs=1e-12)
+
+
+def test_scores_stay_on_the_inputs_device():
+    """No device is chosen inside: on the meta device (a stand-in for a GPU) every score stays there.
+    Fails when a helper tensor (the all-True mask, the pair mask) is made on the default device."""
+    text, image = torch.randn(2, 3, 5, device="meta"), torch.randn(2, 3, 5, device="meta")
+    mask = torch.ones(2, 3, dtype=torch.bool, device="meta")
+    results = (s_single(text, image), s_pair(image), s_quality(text, image), s_quality(text, image, mask))
+    for result in results:
+        assert result.device.type == "meta" and result.shape == (2,)

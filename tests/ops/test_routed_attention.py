@@ -115,3 +115,41 @@ def test_routed_attention_names_bad_shapes():
         routed_attention(
             query, token_major(keys)[:, :, :-1], token_major(values)[:, :, :-1], weights, base, num_conditions=3
         )
+
+
+def test_weights_of_another_dtype_are_converted_to_the_attentions():
+    """float64 weights on a float32 attention give the float32 result of the float32-rounded weights
+    (fails when the weights are not converted: the matmul with float32 values then refuses float64)."""
+    query, keys, values, weights, base = make(2, 3, 2, 6, 4, 8, seed=4)
+    out = fast(query, keys, values, weights.double(), base)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, fast(query, keys, values, weights.double().float(), base), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 0.5])
+def test_the_image_term_alone_is_scaled_by_alpha(alpha):
+    """With no base (the image term alone) the result is alpha times the weighted attention."""
+    query, keys, values, weights, base = make(2, 2, 2, 6, 4, 8, seed=5)
+    out = fast(query, keys, values, weights, None, alpha)
+    assert rel_err(out, ref_routed(query, keys, values, weights, torch.zeros_like(base), alpha)) <= 1e-5
+
+
+def test_each_bad_shape_is_refused_naming_every_shape():
+    """Each check alone refuses: keys of another batch or head count, values unlike the keys, a base
+    unlike the query, keys not a multiple of N; the message names base's shape, or None without one."""
+    query, keys, values, weights, base = make(1, 3, 2, 10, 4, 8)
+    k, v = token_major(keys), token_major(values)  # [1, 2, 12, 8]
+    cases = [
+        (k[:, :1], v[:, :1], base, "keys (1, 1, 12, 8), values (1, 1, 12, 8) and base (1, 2, 10, 8)"),
+        (k, v[..., :4], base, "keys (1, 2, 12, 8), values (1, 2, 12, 4) and base (1, 2, 10, 8)"),
+        (k, v, base[:, :, :9], "keys (1, 2, 12, 8), values (1, 2, 12, 8) and base (1, 2, 9, 8)"),
+        (k[:, :, :-1], v[:, :, :-1], None, "keys (1, 2, 11, 8), values (1, 2, 11, 8) and base None"),
+        (k, v[..., :4], None, "keys (1, 2, 12, 8), values (1, 2, 12, 4) and base None"),
+    ]
+    for bad_keys, bad_values, bad_base, names in cases:
+        message = (
+            f"{names} must be [b, h, t·N, d] with N=3 and [b, h, p, d] for a query of (1, 2, 10, 8)"
+        )
+        with pytest.raises(ValueError) as error:
+            routed_attention(query, bad_keys, bad_values, weights, bad_base, num_conditions=3)
+        assert str(error.value) == message

@@ -254,7 +254,7 @@ def test_relevance_maps_reject_a_subject_without_name_tokens():
     x = random_inputs(2, 2, 16, (8, 8), seed=4)
     mask = x["name_mask"].clone()
     mask[1, 1] = False
-    with pytest.raises(ValueError, match="name token"):
+    with pytest.raises(ValueError, match=r"^every subject needs at least one name token in name_mask$"):
         ops.relevance_maps(x["query"], x["name_keys"], mask)
 
 
@@ -337,6 +337,89 @@ def test_merge_factors_uniform_and_paper_edge_cases():
     softmaxes = torch.softmax(torch.randn(1, 6, 2), dim=1)
     _, weights, alpha = ops.merge_factors("paper", softmaxes, None, None, normalized=True)
     torch.testing.assert_close(weights * alpha, softmaxes / softmaxes.mean(dim=1, keepdim=True))
+
+
+def test_merge_factors_official_without_the_total_is_refused():
+    message = r"^the official merge rule needs the total of the maps over subjects$"
+    with pytest.raises(ValueError, match=message):
+        ops.merge_factors("official", torch.rand(1, 6, 2), None, None, normalized=True)
+
+
+def test_official_weights_take_the_maps_dtype_whatever_the_gate_dtype():
+    """A float64 gate on float32 maps (or the reverse) gives weights in the maps' dtype, the gate rounded
+    to it; fails when the gate is not converted (the weights would come out float64)."""
+    g = torch.Generator().manual_seed(6)
+    maps = torch.rand(2, 15, 3, generator=g, dtype=torch.float64) + 0.01
+    gate = ops.text_gate(torch.randn(2, 15, generator=g, dtype=torch.float64))
+    for maps_dtype, gate_dtype in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        m, total = maps.to(maps_dtype), maps.to(maps_dtype).sum(-1, keepdim=True)
+        _, weights, _ = ops.merge_factors("official", m, total, gate.to(gate_dtype), normalized=True)
+        assert weights.dtype == maps_dtype
+        torch.testing.assert_close(weights, m * (gate.to(gate_dtype).to(maps_dtype).unsqueeze(-1) / total))
+
+
+@pytest.mark.parametrize("mode", ["replace", "multiply"])
+def test_override_regions_keep_the_maps_dtype(mode):
+    """float64 regions on float32 maps give float32 maps and total; fails when the regions are not
+    converted to the maps' dtype."""
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(1, 6, 2, generator=g)
+    regions = torch.rand(1, 6, 2, generator=g, dtype=torch.float64)
+    has_region = torch.tensor([True, False])
+    routed, total = ops.override_regions(maps, regions, has_region, RegionMode(mode), torch.ones(2))
+    assert routed.dtype == total.dtype == torch.float32
+    expected = regions[..., 0].float() if mode == "replace" else maps[..., 0] * regions[..., 0].float()
+    torch.testing.assert_close(routed[..., 0], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_relevance_weights_are_made_in_the_dtype_asked_for(dtype):
+    x = random_inputs(3, 3, 16, (8, 8), seed=8)
+    owner = torch.tensor([0, 1, 1, 2])
+    weights = ops.relevance_weights(x["name_mask"], HEADS, owner, dtype=dtype)
+    assert weights.dtype == dtype
+    torch.testing.assert_close(weights, ops.relevance_weights(x["name_mask"], HEADS, owner).to(dtype))
+
+
+def test_relevance_weights_stay_on_the_masks_device():
+    """No device is chosen inside: on the meta device (a stand-in for a GPU) the weights stay there."""
+    mask = torch.ones(2, 3, 4, dtype=torch.bool, device="meta")
+    weights = ops.relevance_weights(mask, HEADS, torch.arange(3, device="meta"))
+    assert weights.device.type == "meta" and weights.shape == (2, HEADS * 3 * 4, 4)
+
+
+def test_a_subject_without_conditions_feeds_only_the_total():
+    """Subject 2 of 3 owns no condition (owner [0, 1]): the N = 2 condition columns read subjects 0 and
+    1, the total reads all three."""
+    x = random_inputs(3, 2, 16, (8, 8), seed=9)
+    owner = torch.tensor([0, 1])
+    weights = ops.relevance_weights(x["name_mask"], HEADS, owner)
+    assert weights.shape == (BATCH, HEADS * 3 * NAME_TOKENS, 3)
+    columns = ops.position_maps(x["query"], name_keys_flat(x["name_keys"]), weights)
+    reference = ref_relevance(x["query"], x["name_keys"], x["name_mask"])  # [b, 3, p]
+    expected = np.concatenate([reference[:, :2], reference.sum(axis=1, keepdims=True)], axis=1)
+    assert rel_err(columns, expected.transpose(0, 2, 1)) <= 1e-5
+
+
+def test_relevance_maps_of_float64_inputs_have_float64_accuracy():
+    x = random_inputs(3, 3, 15, (6, 10), seed=12)
+    query, name_keys = x["query"].double(), x["name_keys"].double()
+    fast = ops.relevance_maps(query, name_keys, x["name_mask"])
+    assert fast.dtype == torch.float64
+    assert rel_err(fast, ref_relevance(query, name_keys, x["name_mask"])) <= 1e-12
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_relevance_maps_of_half_inputs_are_computed_in_float32(dtype, tolerance):
+    """Half-precision queries and keys: the softmax over positions runs in float32 (working_dtype) and
+    only the result is rounded to the input dtype. Fails when the softmax runs in the input dtype, or
+    when the maps come back in float32."""
+    x = random_inputs(2, 2, 16, (8, 8), seed=13)
+    query, name_keys = x["query"].to(dtype), x["name_keys"].to(dtype)
+    fast = ops.relevance_maps(query, name_keys, x["name_mask"])
+    assert fast.dtype == dtype
+    exact = ref_relevance(query, name_keys, x["name_mask"])  # float64 math on the same rounded inputs
+    assert rel_err(fast, exact) <= tolerance  # the logits' matmul runs in the input dtype
 
 
 def test_official_positions_no_subject_claims_get_no_image():

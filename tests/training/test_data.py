@@ -217,3 +217,32 @@ def test_authors_ids_file_selects_images(authors_data, tmp_path):
     (tmp_path / "ids.json").write_text('["sa_1", "sa_4"]')
     records, report = build_index(*authors_candidates(authors_data, str(tmp_path / "ids.json")), RULES)
     assert [r.id for r in records] == ["sa_1", "sa_4"] and report.total == 2
+
+
+def test_condition_dropout_frequencies_follow_each_rate(tmp_path):
+    """Guards the three dropout branches against mixed-up rates: under unequal rates (image 0.3, text 0.1,
+    both 0.05) each outcome's frequency over 2,000 draws lies within 4.5 binomial standard deviations of
+    its rate, and "drop both" empties the caption *and* drops the image. Fails when the first branch
+    uses the text rate, or when the "drop both" branch keeps the image (or the caption)."""
+    write_authors_layout(tmp_path, 2)
+    records, _ = build_index(*authors_candidates(tmp_path, None), RULES)
+    record = min(records, key=lambda r: len(r.objects))
+    settings = SampleSettings(16, 8, drop_image=0.3, drop_text=0.1, drop_both=0.05)
+    draws = 2000
+    counts = {"image": 0, "text": 0, "both": 0, "none": 0}
+    for seed in range(draws):
+        sample = build_sample(record, 0, random.Random(seed), settings)
+        text_dropped = sample.caption == ""
+        assert text_dropped or sample.caption == record.caption
+        key = {(True, False): "image", (False, True): "text", (True, True): "both"}.get(
+            (sample.drop_image, text_dropped), "none"
+        )
+        counts[key] += 1
+    rates = {"image": 0.3, "text": 0.1, "both": 0.05, "none": 0.55}
+    for key, rate in rates.items():
+        tolerance = 4.5 * (rate * (1 - rate) / draws) ** 0.5
+        assert abs(counts[key] / draws - rate) < tolerance, (key, counts)
+    only_both = SampleSettings(16, 8, drop_image=0, drop_text=0, drop_both=1.0)
+    for seed in range(20):
+        sample = build_sample(record, 0, random.Random(seed), only_both)
+        assert sample.caption == "" and sample.drop_image

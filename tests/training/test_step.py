@@ -1,20 +1,29 @@
-"""The training step: padding invariance, a falling loss on a fixed batch, only adapter weights move."""
+"""The training step: padding invariance, a falling loss on a fixed batch, only adapter weights move, the
+v-prediction target."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from synthetic_data import write_authors_layout
 
 from mipadapter.config import AdapterConfig
 from mipadapter.modeling import MIPAdapter
-from mipadapter.testing import TINY_SDXL, tiny_checkpoint_files, tiny_sdxl_pipeline
+from mipadapter.testing import (
+    TINY_SD15,
+    TINY_SDXL,
+    tiny_checkpoint_files,
+    tiny_sd15_pipeline,
+    tiny_sdxl_pipeline,
+)
 from mipadapter.training.batching import Collator, SubjectDataset
 from mipadapter.training.components import build_adapter, components_from_pipeline, set_trainable
 from mipadapter.training.config import FilterConfig, ModelConfig
 from mipadapter.training.samples import SampleSettings
 from mipadapter.training.sources import SubjectRules, authors_candidates, build_index
-from mipadapter.training.step import AdapterUNet, FrozenModels, training_loss
+from mipadapter.training.step import AdapterUNet, FrozenModels, encode_latents, training_loss
 from mipadapter.training.text import TextConditioner
 
 
@@ -149,3 +158,107 @@ def test_an_h94_start_gets_the_gate_the_config_asks_for(fixed_batch, how):
         else:
             assert torch.count_nonzero(gate) == gate.numel() and gate.abs().max() <= layer.hidden_size**-0.5
             assert gate.std() > 0.2 * layer.hidden_size**-0.5  # spread over the range, not a constant
+class Capturing:
+    """Runs the model and keeps what it was given and what it predicted."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, noisy, timesteps, *args):
+        self.noisy, self.timesteps, self.args = noisy, timesteps, args
+        self.prediction = self.model(noisy, timesteps, *args)
+        return self.prediction
+
+
+def captured_loss(tmp_path, arch: str, prediction_type: str, weight_dtype=torch.float32, **options):
+    """One training_loss on a real 2-sample batch of a tiny ``arch`` model with ``prediction_type``
+    (everything but the VAE in ``weight_dtype``); returns (loss, the Capturing model, the scheduler, the
+    batch, the VAE)."""
+    spec, build = (TINY_SDXL, tiny_sdxl_pipeline) if arch == "sdxl" else (TINY_SD15, tiny_sd15_pipeline)
+    write_authors_layout(tmp_path / "data", 2)
+    encoder, _ = spec.basic_image_encoder.build()
+    components = components_from_pipeline(build(), encoder)
+    records, _ = build_index(
+        *authors_candidates(tmp_path / "data", None), SubjectRules(FilterConfig().object_filter(), 0.0, 1, 3)
+    )
+    settings = SampleSettings(64, components.reference_size, drop_text=0, drop_image=0, drop_both=0)
+    dataset = SubjectDataset(records, settings)
+    batch = Collator(components.tokenizers, components.reference_size)([dataset[(i, i)] for i in range(2)])
+    config = AdapterConfig("basic", spec.basic_image_encoder.projection_dim, spec.cross_attention_dim, 4,
+                           text_weight=True)  # fmt: skip
+    adapter = MIPAdapter.for_unet(components.unet, config).to(weight_dtype)
+    for module in (components.unet, components.image_encoder, *components.text_encoders):
+        module.to(weight_dtype)
+    scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, prediction_type=prediction_type)
+    frozen = FrozenModels(
+        components.vae, TextConditioner(components.text_encoders, arch), components.image_encoder,
+        scheduler, uses_hidden_states=False, weight_dtype=weight_dtype,
+    )  # fmt: skip
+    adapter.attach(components.unet)
+    try:
+        model = Capturing(AdapterUNet(components.unet, adapter, "official"))
+        with torch.no_grad():
+            loss = training_loss(model, frozen, batch, torch.Generator().manual_seed(7), **options)
+    finally:
+        adapter.detach()
+    return loss, model, scheduler, batch, components.vae
+
+
+def replayed_draws(vae, batch, scheduler, noise_offset: float | None):
+    """latents, noise, timesteps drawn again from the same seed, in training_loss's order."""
+    replay = torch.Generator().manual_seed(7)
+    latents = encode_latents(vae, batch.pixel_values, replay)
+    noise = torch.randn(latents.shape, generator=replay)
+    if noise_offset is not None:
+        offsets = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=replay)
+        noise = noise + noise_offset * offsets
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=replay)
+    return latents, noise, timesteps
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_v_prediction_loss_is_the_mse_against_the_velocity(tmp_path, arch):
+    """Guards the v-prediction target: under ``prediction_type="v_prediction"`` the loss is the MSE of the
+    prediction against ``get_velocity(latents, noise, t)`` = α_t·noise − σ_t·latents. Fails when the
+    arguments are swapped (``get_velocity(noise, latents, t)``) or the epsilon target is used instead.
+    The draws (latents, noise with an offset, timesteps) are replayed from the same generator seed."""
+    loss, model, scheduler, batch, vae = captured_loss(tmp_path, arch, "v_prediction", noise_offset=0.1)
+    latents, noise, timesteps = replayed_draws(vae, batch, scheduler, 0.1)
+    assert torch.equal(model.timesteps, timesteps)
+    torch.testing.assert_close(model.noisy, scheduler.add_noise(latents, noise, timesteps))
+    alpha = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    velocity = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    prediction = model.prediction.float()
+    torch.testing.assert_close(loss, F.mse_loss(prediction, velocity))
+    swapped = alpha.sqrt() * latents - (1 - alpha).sqrt() * noise
+    for wrong in (swapped, noise):  # the test can tell the right target from these
+        assert not torch.isclose(loss, F.mse_loss(prediction, wrong), rtol=1e-3)
+
+
+def test_epsilon_loss_is_the_mse_against_the_noise_without_an_offset_by_default(tmp_path):
+    """The default: epsilon prediction, no noise offset (no extra draw). Fails when the default offset
+    is not 0, or when the target is not the noise."""
+    loss, model, scheduler, batch, vae = captured_loss(tmp_path, "sd15", "epsilon")
+    latents, noise, timesteps = replayed_draws(vae, batch, scheduler, None)
+    assert torch.equal(model.timesteps, timesteps)
+    torch.testing.assert_close(model.noisy, scheduler.add_noise(latents, noise, timesteps))
+    torch.testing.assert_close(loss, F.mse_loss(model.prediction.float(), noise))
+
+
+def test_the_unet_inputs_are_in_the_weight_dtype(tmp_path):
+    """With the frozen models in bfloat16 and the VAE in float32 (as training runs them), the latents,
+    noise, prompt embeddings and SDXL's added conditions reach the UNet in bfloat16 and the loss is
+    the float32 MSE against the bfloat16 noise. Fails when the weight dtype is ignored (the float32
+    latents then meet bfloat16 weights)."""
+    bfloat16 = torch.bfloat16
+    loss, model, scheduler, batch, vae = captured_loss(tmp_path, "sdxl", "epsilon", weight_dtype=bfloat16)
+    assert next(vae.parameters()).dtype == torch.float32
+    prompt_embeds, added = model.args[0], model.args[1]
+    assert model.noisy.dtype == prompt_embeds.dtype == torch.bfloat16
+    assert {value.dtype for value in added.values()} == {torch.bfloat16}
+    latents, noise, timesteps = replayed_draws(vae, batch, scheduler, None)
+    torch.testing.assert_close(
+        model.noisy, scheduler.add_noise(latents.bfloat16(), noise.bfloat16(), timesteps), rtol=0, atol=0
+    )
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, F.mse_loss(model.prediction.float(), noise.bfloat16().float()))

@@ -515,3 +515,50 @@ def test_flux_true_cfg_reaches_the_pipeline_and_its_recipe(tmp_path):
 def test_true_cfg_is_refused_on_sdxl(pipe):
     result = generate(pipe, request(*two_subjects(), true_cfg_scale=2.0))
     assert result.error == "True CFG is FLUX's classifier-free guidance; this model's is Guidance."
+@pytest.mark.parametrize(
+    ("option", "limit", "largest"),
+    [("steps", "max_steps", 3), ("num_images", "max_images", 2), ("guidance", "max_guidance", 7.5)],
+)
+def test_the_largest_allowed_value_runs_and_one_more_is_refused(pipe, option, limit, largest):
+    """Guards the upper bounds of the request against an off-by-one: the limit itself is accepted and
+    generated, the limit + 1 refused with the range in the message, and nothing runs. Fails when
+    ``steps <= max_steps`` (or the images' or guidance's bound) becomes ``<``."""
+    limits = Limits.for_pipeline(pipe, **{limit: largest})
+    recording = Recording(pipe)
+    result = generate(recording, request(*two_subjects(), **{"steps": 1, option: largest}), limits)
+    assert result.ok, result.status
+    assert len(recording.calls) == 1
+    refused = generate(recording, request(*two_subjects(), **{"steps": 1, option: largest + 1}), limits)
+    assert not refused.ok and len(recording.calls) == 1
+    lowest = 0 if option == "guidance" else 1
+    assert refused.error.endswith(f"between {lowest} and {largest:g}, got {largest + 1}.")
+
+
+@pytest.mark.parametrize(("option", "lowest"), [("steps", 1), ("num_images", 1), ("guidance", 0.0)])
+def test_the_smallest_allowed_value_runs_and_one_less_is_refused(pipe, option, lowest):
+    recording = Recording(pipe)
+    result = generate(recording, request(*two_subjects(), **{"steps": 1, option: lowest}))
+    assert result.ok, result.status
+    refused = generate(recording, request(*two_subjects(), **{"steps": 1, option: lowest - 1}))
+    assert not refused.ok and len(recording.calls) == 1
+    assert refused.error.endswith(f"got {lowest - 1}.")
+
+
+@pytest.mark.parametrize("strength", [0, 0.0, 1.5])
+def test_a_strength_of_zero_or_more_is_accepted(pipe, strength):
+    """Guards the documented strength range (≥ 0, zero included: the subject's photos then have no
+    effect): fails when a strength of 0 is refused (``> 0`` instead of ``>= 0``)."""
+    recording = Recording(pipe)
+    result = generate(recording, request(*two_subjects(strength=strength), steps=1))
+    assert result.ok, result.status
+    assert recording.calls[0][1][1].scale == strength
+
+
+@pytest.mark.parametrize("strength", [-0.1, float("nan"), float("inf"), 1.6])
+def test_a_negative_non_finite_or_too_large_strength_is_refused(pipe, strength):
+    recording = Recording(pipe)
+    result = generate(recording, request(*two_subjects(strength=strength), steps=1))
+    assert not result.ok and recording.calls == []
+    assert result.subject_errors == {
+        1: f"The strength of subject 'backpack' must be a finite number between 0 and 1.5, got {strength}."
+    }

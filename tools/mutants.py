@@ -1,0 +1,218 @@
+"""Mutation testing, one module at a time (docs/testing.md).
+
+    nice -n 15 python tools/mutants.py [MODULE ...] [--max-children N] [--report]
+
+For each MODULE of the test map in pyproject.toml (``[tool.mipadapter.mutants]``: a file or folder of
+src/mipadapter and the tests that exercise it; all of them when none is named), mutmut runs in its own
+folder, build/mutants/<module>/, with only that module mutated and only its tests selected; within those,
+each mutant runs only the tests that call the mutated function. The shared settings are pyproject's
+``[tool.mutmut]``. Results are cached there (a rerun retests only the functions that changed).
+
+Afterwards one table row per module is printed, ready for docs/testing.md: mutants, tested (fewer when
+a run was stopped), killed (timeouts included), equivalent (tools/equivalent_mutants.toml, each with its
+reason), survived (surviving or not reached by the module's tests) and the kill rate over the tested
+non-equivalent ones; then the survivors not
+known to be equivalent, to be killed by a test (``mutmut show NAME`` in the module's folder shows one).
+--retest tests again only the survivors of earlier runs (after tests were added to kill them); --report
+prints the table of what earlier runs left, running nothing; --show adds each survivor's diff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "build" / "mutants"
+EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.toml"
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}  # the tests (or a limit) stopped it
+UNTESTED = {"not checked", "check was interrupted by user"}  # a run stopped before it reached them
+
+
+def load_project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def slug(module: str) -> str:
+    """``training/step.py`` → ``training.step`` (a folder name)."""
+    return module.removesuffix(".py").replace("/", ".")
+
+
+def mutate_pattern(module: str) -> str:
+    path = f"src/mipadapter/{module}"
+    return path if module.endswith(".py") else f"{path}/*"
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "[" + ", ".join(toml_value(v) for v in value) + "]"
+
+
+def module_pyproject(module: str, tests: list[str]) -> str:
+    """pyproject.toml of a module's folder: the project's, with [tool.mutmut] narrowed to the module."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)
+    settings = {
+        **load_project()["tool"]["mutmut"],
+        "only_mutate": [mutate_pattern(module)],
+        "pytest_add_cli_args_test_selection": tests,
+    }
+    lines = [f"{key} = {toml_value(value)}" for key, value in settings.items()]
+    return text.rstrip() + "\n\n[tool.mutmut]\n" + "\n".join(lines) + "\n"
+
+
+def prepare(module: str, tests: list[str]) -> Path:
+    """build/mutants/<module>/ with src, tests and configs linked and the narrowed pyproject.toml."""
+    folder = WORK / slug(module)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("src", "tests", "configs"):
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(ROOT / name, target_is_directory=True)
+    (folder / "pyproject.toml").write_text(module_pyproject(module, tests), encoding="utf-8")
+    return folder
+
+
+def run(module: str, tests: list[str], max_children: int, names: list[str]) -> int:
+    folder = prepare(module, tests)
+    env = {
+        **os.environ,
+        "PYTHONPATH": "src",  # relative: mutmut runs the tests in mutants/, so its copy is imported
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
+    log = folder / "mutmut.log"
+    print(f"== {module}: mutmut run in {folder.relative_to(ROOT)} (log: {log.relative_to(ROOT)})", flush=True)
+    command = [mutmut, "run", "--max-children", str(max_children), *names]
+    with log.open("w") as out:
+        code = subprocess.call(command, cwd=folder, env=env, stdout=out, stderr=out)
+    if code:
+        tail = "".join(log.read_text().splitlines(True)[-15:])
+        print(f"   mutmut exited with {code}; the end of its log:\n{tail}")
+    return code
+
+
+def statuses(module: str) -> dict[str, str]:
+    """Mutant name → mutmut's status, from the module folder's meta files (empty when never run)."""
+    from mutmut.stats import status_by_exit_code
+
+    found = {}
+    base = WORK / slug(module) / "mutants" / "src" / "mipadapter"
+    target = base / module
+    metas = [Path(str(target) + ".meta")] if module.endswith(".py") else sorted(target.rglob("*.py.meta"))
+    for meta in metas:
+        if meta.is_file():
+            data = json.loads(meta.read_text())
+            found.update({name: status_by_exit_code[code] for name, code in data["exit_code_by_key"].items()})
+    return found
+
+
+def summary(module: str, equivalent: dict[str, str]) -> dict:
+    found = statuses(module)
+    counts = Counter(found.values())
+    tested = {name: status for name, status in found.items() if status not in UNTESTED}
+    known = {name for name in tested if name in equivalent}
+    stale = sorted(name for name in known if tested[name] in KILLED)  # listed, but a test now kills it
+    equivalent_here = len(known) - len(stale)
+    killed = sum(1 for status in tested.values() if status in KILLED)
+    survivors = sorted(n for n, s in tested.items() if s not in KILLED and n not in equivalent)
+    counted = len(tested) - equivalent_here
+    return {
+        "module": module,
+        "mutants": len(found),
+        "tested": len(tested),
+        "killed": killed,
+        "equivalent": equivalent_here,
+        "survived": len(survivors),
+        "rate": killed / counted if counted else None,
+        "statuses": dict(counts),
+        "survivors": {n: tested[n] for n in survivors},
+        "stale_equivalents": stale,
+    }
+
+
+def print_table(rows: list[dict], date: str, tool: str) -> None:
+    print("\n| module | date | tool | mutants | tested | killed | equivalent | survived | kill rate |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        if not row["tested"]:
+            print(f"| {row['module']} | — | — | not run yet | | | | | |")
+            continue
+        rate = "—" if row["rate"] is None else f"{100 * row['rate']:.1f} %"
+        print(f"| {row['module']} | {date} | {tool} | {row['mutants']} | {row['tested']} | {row['killed']} | "
+              f"{row['equivalent']} | {row['survived']} | {rate} |")  # fmt: skip
+    for row in rows:
+        for name, status in row["survivors"].items():
+            print(f"   {status}: {name}")
+        for name in row["stale_equivalents"]:
+            print(f"   listed as equivalent but killed now (remove it from {EQUIVALENT_FILE.name}): {name}")
+
+
+def show(module: str, names) -> None:
+    mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
+    for name in names:
+        folder = WORK / slug(module)
+        shown = subprocess.run([mutmut, "show", name], cwd=folder, capture_output=True, text=True)
+        print(shown.stdout.rstrip() or shown.stderr.rstrip(), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    test_map = load_project()["tool"]["mipadapter"]["mutants"]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"of: {', '.join(test_map)}")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--report", action="store_true", help="only print the table of earlier runs")
+    parser.add_argument("--show", action="store_true", help="also print each survivor's diff (mutmut show)")
+    parser.add_argument("--retest", action="store_true", help="test again only the survivors of earlier runs")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in test_map]
+    if unknown:
+        parser.error(f"unknown module {unknown[0]!r}; pyproject.toml's test map has {', '.join(test_map)}")
+    modules = args.modules or list(test_map)
+    equivalent = {}
+    if EQUIVALENT_FILE.is_file():
+        equivalent = tomllib.loads(EQUIVALENT_FILE.read_text(encoding="utf-8"))
+    failed = []
+    if not args.report:
+        for module in modules:
+            names = list(summary(module, equivalent)["survivors"]) if args.retest else []
+            if args.retest and not names:
+                continue
+            if run(module, test_map[module], args.max_children, names):
+                failed.append(module)
+    rows = [summary(module, equivalent) for module in modules]
+    for row in rows:
+        (WORK / slug(row["module"])).mkdir(parents=True, exist_ok=True)
+        (WORK / slug(row["module"]) / "summary.json").write_text(json.dumps(row, indent=1) + "\n")
+    print_table(rows, datetime.date.today().isoformat(), f"mutmut {metadata.version('mutmut')}")
+    if args.show:
+        for row in rows:
+            show(row["module"], row["survivors"])
+    if failed:
+        print(f"mutmut failed on: {', '.join(failed)} (see their mutmut.log)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
