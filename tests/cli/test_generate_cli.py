@@ -194,6 +194,24 @@ def test_every_generate_option_has_help_and_shows_its_default():
             assert "(default" in action.help, action.option_strings
 
 
+def test_every_web_option_shows_its_default():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in subparsers.choices["web"]._actions:
+        if action.option_strings and not set(action.option_strings) & {"-h", "-v"}:
+            assert action.help and "(default" in action.help, action.option_strings
+
+
+def test_the_help_examples_keep_their_line_continuations(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    examples = [line for line in lines if "mipadapter generate --preset ip-flux" in line]
+    assert len(examples) == 1 and examples[0].endswith(" \\")
+    following = lines[lines.index(examples[0]) + 1]
+    assert following.strip().startswith("--subject cat=cat.jpg --subject jacket=jacket.jpg")
+
+
 def test_top_level_help_is_written_for_users(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -52,7 +52,7 @@ examples:
   mipadapter generate --prompt "a cat wearing a jacket" --subject cat=cat1.jpg,cat2.jpg \\
       --subject jacket=jacket.jpg --scale jacket=0.8 --region jacket=512,300,1024,1024 -o out.png
   mipadapter generate --tiny --prompt "a cat and a dog" --subject cat=c.jpg --subject dog=d.jpg
-  mipadapter generate --preset ip-flux --prompt "a cat wearing a jacket in Boston" \
+  mipadapter generate --preset ip-flux --prompt "a cat wearing a jacket in Boston" \\
       --subject cat=cat.jpg --subject jacket=jacket.jpg --negative-prompt "blurry" --true-cfg-scale 4
   mipadapter generate --from-png out.png --seed 7 -o again.png
   mipadapter generate --from-png out.png --subject cat=my_cat.jpg -o mine.png   # cat keeps its scale, region"""
