@@ -364,3 +364,40 @@ def test_the_contact_sheet_numbers_every_subject_of_a_repeated_name(tmp_path, mo
     )  # fmt: skip
     assert code == 0
     assert shown == [(["dog#1", "dog#2", "cat"], [["cat", "dog#1", "dog#2"]])]
+
+
+def test_from_png_warns_in_one_line_when_the_tokenizers_differ(tmp_path, capsys, monkeypatch):
+    from mipadapter.provenance import tokenizer_identity
+    from mipadapter.recipe import write_image
+    from mipadapter.testing import build_clip_tokenizer, has_real_clip_vocab
+
+    first, same = tmp_path / "first.png", tmp_path / "same.png"
+    assert generate(first) == 0
+    recorded = read_recipe(first)["tokenizers"]
+    assert set(recorded) == {"tokenizer", "tokenizer_2"}
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(first), "-o", str(same)]) == 0
+    assert "warning" not in capsys.readouterr().err and np.array_equal(pixels(first), pixels(same))
+    # a recipe written before the field reruns without a word
+    old, again = tmp_path / "old.png", tmp_path / "again.png"
+    without = {key: value for key, value in read_recipe(first).items() if key != "tokenizers"}
+    with Image.open(first) as image:
+        write_image(image.copy(), old, without)
+    assert main(["generate", "--from-png", str(old), "-o", str(again)]) == 0
+    assert "warning" not in capsys.readouterr().err and np.array_equal(pixels(first), pixels(again))
+    if not has_real_clip_vocab():
+        pytest.skip("CLIP's real BPE (open_clip) is not installed: both runs used the fallback vocabulary")
+    # this environment's tiny models now tokenize with the tests' fallback vocabulary, not CLIP's BPE
+    monkeypatch.setattr("mipadapter.testing.tokenizer.has_real_clip_vocab", lambda: False)
+    here = {
+        "tokenizer": tokenizer_identity(build_clip_tokenizer()),
+        "tokenizer_2": tokenizer_identity(build_clip_tokenizer("!")),
+    }
+    assert main(["generate", "--from-png", str(first), "-o", str(tmp_path / "other.png")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]  # not the progress bar
+    assert err == [
+        f"mipadapter generate: warning: '{first}' was made with other tokenizers than this environment's "
+        f"(tokenizer {recorded['tokenizer']} there, {here['tokenizer']} here; tokenizer_2 "
+        f"{recorded['tokenizer_2']} there, {here['tokenizer_2']} here): the image may differ (e.g. the tests' "
+        "fallback vocabulary vs CLIP's real BPE)"
+    ]

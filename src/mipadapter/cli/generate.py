@@ -290,6 +290,7 @@ class Plan:
     prompt_2: str | None = None
     max_sequence_length: int | None = None
     keep_index: int | None = None  # write only this image of the call (--from-png of image k of a batch)
+    same_models_as: dict | None = None  # the --from-png recipe, when its base model is rerun (no model flag)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -399,6 +400,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         prompt_2=value("prompt_2"),
         max_sequence_length=value("max_sequence_length"),
         keep_index=keep_index,
+        same_models_as=recipe if recipe is not None and not (args.tiny or args.base_model or args.preset) else None,
     )
 
 
@@ -821,6 +823,14 @@ def generate(plan: Plan):
     ]
     device, dtype = options.pick_device_dtype(plan.device, plan.dtype, tiny=plan.models.tiny)
     pipe, record = options.load_pipeline(plan.models, device, dtype)
+    if plan.same_models_as is not None:
+        import sys
+
+        from mipadapter.recipe import tokenizer_mismatch
+
+        warning = tokenizer_mismatch(plan.same_models_as, pipe.pipe, plan.source)
+        if warning is not None:
+            print(f"mipadapter generate: {warning}", file=sys.stderr)
     if plan.compile:
         pipe.compile()
     generator = torch.Generator(device="cpu").manual_seed(plan.seed)
