@@ -283,6 +283,13 @@ def test_from_png_with_one_new_subject_keeps_every_other_recorded_subject(tmp_pa
     direct = tmp_path / "direct.png"
     assert generate(direct, *settings, subjects=(f"cat={BACKPACK}", f"backpack={BACKPACK}")) == 0
     assert np.array_equal(pixels(mine), pixels(direct))
+    # a new --prompt keeps the recorded subjects it still names, and only those
+    beach, alone = tmp_path / "beach.png", tmp_path / "alone.png"
+    rerun = ["generate", "--from-png", str(first), "--subject", f"cat={BACKPACK}"]
+    assert main(rerun + ["--prompt", "a Cat wearing a backpack on a beach", "-o", str(beach)]) == 0
+    assert [s["name"] for s in read_recipe(beach)["subjects"]] == ["cat", "backpack"]
+    assert main(rerun + ["--prompt", "a cat on a beach", "-o", str(alone)]) == 0
+    assert [s["name"] for s in read_recipe(alone)["subjects"]] == ["cat"]
     # a kept subject's photo is checked like any recorded one
     photo = tmp_path / "backpack.jpg"
     photo.write_bytes(BACKPACK.read_bytes())

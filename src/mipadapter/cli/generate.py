@@ -338,7 +338,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if not (math.isfinite(max_mp) and max_mp > 0):
         raise ValueError(f"--max-photo-mp must be > 0 and finite, got {max_mp}")
 
-    subjects = _subjects(args, recipe)
+    named_in = None if args.prompt is None and args.prompt_2 is None else (prompt, value("prompt_2") or "")
+    subjects = _subjects(args, recipe, named_in)
     if arch and (height is None or width is None):
         side = options.TINY_ARCHS[arch].native_side
         known = (height or side, width or side)
@@ -629,11 +630,13 @@ def _models(args, recipe) -> argparse.Namespace:
     )
 
 
-def _subjects(args, recipe) -> list[SubjectPlan]:
+def _subjects(args, recipe, named_in: tuple[str, ...] | None = None) -> list[SubjectPlan]:
     """The subjects: ``--subject`` alone, or with ``--from-png`` the recorded ones, where a ``--subject``
     replaces the photos of the recorded subject with its label (``dog``, then ``dog#2`` …), which keeps
     its scale and region; the other recorded subjects stay as recorded (their files checked against their
-    SHA-256), and a ``--subject`` under a new name is added after them."""
+    SHA-256), and a ``--subject`` under a new name is added after them. named_in: the new prompts when
+    ``--prompt`` / ``--prompt-2`` replace the recorded ones: a recorded subject they no longer name (the
+    K-th ``dog`` needs K mentions) is left out rather than kept."""
     from mipadapter.cli import options
     from mipadapter.recipe import verify_inputs
 
@@ -644,11 +647,21 @@ def _subjects(args, recipe) -> list[SubjectPlan]:
     names = [subject["name"] for subject in recipe["subjects"]]
     replaced = dict(zip(subject_labels([p.name for p in given]), given, strict=True))
     recorded_labels = subject_labels(names)
-    kept = [s for s, label in zip(recipe["subjects"], recorded_labels, strict=True) if label not in replaced]
+    if named_in is not None:
+        recorded_labels = [
+            label if _mentions(subject["name"], named_in) >= _occurrence(label) else None
+            for subject, label in zip(recipe["subjects"], recorded_labels, strict=True)
+        ]
+    kept = [
+        s for s, label in zip(recipe["subjects"], recorded_labels, strict=True)
+        if label is not None and label not in replaced
+    ]
     verify_inputs({"subjects": kept}, source)  # the recorded photos used must be the same files
     _keep_recorded_settings(given, recipe, source)
     plans = []
     for subject, label in zip(recipe["subjects"], recorded_labels, strict=True):
+        if label is None:  # the new prompt does not name it
+            continue
         if label in replaced:
             plans.append(replaced.pop(label))
             continue
@@ -664,6 +677,21 @@ def _subjects(args, recipe) -> list[SubjectPlan]:
             )
         )
     return plans + list(replaced.values())
+
+
+def _mentions(name: str, texts: tuple[str, ...]) -> int:
+    """How often ``name`` occurs as whole words in the text that names the most of it (any case): the
+    tokenizers match names on whole tokens, so "cat" is not in "cats"."""
+    import re
+
+    pattern = re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, name.split())) + r"(?!\w)", re.IGNORECASE)
+    return max(len(pattern.findall(text)) for text in texts)
+
+
+def _occurrence(label: str) -> int:
+    """Which subject of its name a label is: ``dog`` 1, ``dog#2`` 2 (``subject_labels``)."""
+    head, _, number = label.rpartition("#")
+    return int(number) if head and number.isdigit() else 1
 
 
 def _recorded_region(subject: dict, source):
