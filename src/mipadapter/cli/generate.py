@@ -124,8 +124,9 @@ def register(subparsers) -> None:
         "--from-png",
         metavar="IMAGE",
         help="rerun the generation recorded in IMAGE (a .png or .jpg written by generate); photos are "
-        "read from their recorded paths and checked against their SHA-256; --subject replaces them, and a "
-        "subject given under a recorded name keeps that subject's scale and region",
+        "read from their recorded paths and checked against their SHA-256; --subject NAME=... replaces the "
+        "photos of the recorded subject NAME, which keeps its scale and region, and the other recorded "
+        "subjects stay (with a new --prompt, those it names); image k of a batch is rerun alone, at -o",
     )
 
     how = parser.add_argument_group("sampling")
