@@ -148,6 +148,15 @@ def subject_labels(names: Sequence[str]) -> list[str]:
     return labels
 
 
+def numbered_labels(names: Sequence[str]) -> list[str]:
+    """Labels for people to read: a name that repeats is numbered from its first use ("dog#1",
+    "dog#2", as --scale dog#1=... addresses it); a name used once stays bare."""
+    return [
+        f"{name}#1" if label == name and names.count(name) > 1 else label
+        for name, label in zip(names, subject_labels(names), strict=True)
+    ]
+
+
 def align_subjects(tokenizers: Sequence, prompt: str, names: Sequence[str]) -> list[list[NameSpan]]:
     """``locate_names`` for every tokenizer of a pipeline (SDXL has two): [tokenizer][subject]."""
     aligned = []

@@ -229,6 +229,13 @@ def check_output_file(
         raise ValueError(f"{what} {str(path)!r}: the folder {str(parent)!r} is not writable")
     if path.exists() and not os.access(path, os.W_OK) and not os.access(parent, os.W_OK):
         raise ValueError(f"{what} {str(path)!r} exists and cannot be replaced")
+    try:  # os.access reads permission bits only: /proc or a read-only mount refuse just the real file
+        _temporary(path).unlink()
+    except OSError as error:
+        raise ValueError(
+            f"{what} {str(path)!r}: the folder {str(parent)!r} is not writable "
+            f"(creating a file there fails: {error.strerror or error})"
+        ) from None
     return path
 
 

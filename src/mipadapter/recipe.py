@@ -49,6 +49,10 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
                                      written before it)
     device, dtype   str
     versions        {mipadapter, torch, diffusers, transformers}: str | null
+    tokenizers      {tokenizer, tokenizer_2, …: str}   the identity (``provenance.tokenizer_identity``, 16
+                                     hex) of each tokenizer of the diffusers pipeline: the same recipe gives
+                                     another image with another vocabulary (absent in files written before
+                                     it; ``tokenizer_mismatch`` compares it on a rerun)
 
 Layer 3, beside ``pipeline`` (it reads a pipeline and its output; CLI and web, layer 5, use it).
 
@@ -80,7 +84,7 @@ from mipadapter.limits import (
     MAX_RECIPE_BYTES,
     SEED_RANGE,
 )
-from mipadapter.provenance import file_sha256
+from mipadapter.provenance import file_sha256, tokenizer_identity
 
 RECIPE_VERSION = 2
 PNG_KEY = "mipadapter"
@@ -186,6 +190,37 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def tokenizer_identities(base) -> dict[str, str]:
+    """``{component name: tokenizer_identity}`` of every tokenizer of a diffusers pipeline ``base``
+    (``tokenizer``, ``tokenizer_2`` …; those it lacks or holds as None are left out)."""
+    return {
+        name: tokenizer_identity(component)
+        for name, component in sorted(base.components.items())
+        if name.startswith("tokenizer") and component is not None
+    }
+
+
+def tokenizer_mismatch(recipe: Mapping[str, Any], base, source: str | os.PathLike) -> str | None:
+    """One warning line when the tokenizers of ``base`` (a diffusers pipeline about to rerun ``recipe``)
+    are not those recorded in ``source``, naming both hashes of each that differs; None when they are the
+    same or the recipe records none (written before the field)."""
+    recorded = recipe.get("tokenizers")
+    if not recorded:
+        return None
+    current = tokenizer_identities(base)
+    differing = [
+        f"{name} {recorded.get(name)} there, {current.get(name)} here"
+        for name in sorted(set(recorded) | set(current))
+        if recorded.get(name) != current.get(name)
+    ]
+    if not differing:
+        return None
+    return (
+        f"warning: {str(source)!r} was made with other tokenizers than this environment's "
+        f"({'; '.join(differing)}): the image may differ (e.g. the tests' fallback vocabulary vs CLIP's real BPE)"
+    )
 
 
 def _pipeline_defaults(pipe) -> _Defaults:
@@ -360,6 +395,7 @@ def build_recipe(
         "device": str(parameter.device),
         "dtype": str(parameter.dtype).removeprefix("torch."),
         "versions": package_versions(),
+        "tokenizers": tokenizer_identities(pipe.pipe),
     }
     validate_recipe(recipe, "the new recipe")
     return recipe
@@ -523,6 +559,13 @@ def _is_photo_record(value) -> bool:
     )
 
 
+def _is_tokenizer_record(value) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(name, str) and isinstance(identity, str) and 0 < len(identity) <= 64
+        for name, identity in value.items()
+    )
+
+
 def _region_ok(region) -> bool:
     if region is None or _is_file_record(region):
         return True
@@ -592,6 +635,7 @@ _OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {  # written only where they appl
     "prompt_2": ("a string", lambda v: isinstance(v, str)),
     "max_sequence_length": ("an integer in 1..512", lambda v: _is_int(v) and 1 <= v <= 512),
     "model_family": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
+    "tokenizers": ("an object of names and hashes (strings)", lambda v: _is_tokenizer_record(v)),
 }
 _MODEL_FIELDS: dict[str, tuple[str, Any]] = {
     "base_model": ("a string", lambda v: isinstance(v, str)),

@@ -45,7 +45,10 @@ def test_the_default_scale_of_a_file_without_one_is_given_with_scale_or_noted(tm
     assert read_file(scaled).config.default_scale == 0.75 and "note:" not in capsys.readouterr().err
     assert main(["convert", str(files.mip_basic_bin), str(plain), "--base-model", "tiny-sdxl"]) == 0
     assert read_file(plain).config.default_scale == 1.0
-    assert "carries no default image scale; 1.0 was stored (pass --scale" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"note: {files.mip_basic_bin} carries no default image scale; 1.0 was stored (pass --scale, e.g. 0.75 "
+        "for the authors' model_sdxl.bin)\n"
+    )
     again = tmp_path / "again.safetensors"
     assert main(["convert", str(scaled), str(again), "--base-model", "tiny-sdxl", "--scale", "0.5"]) == 2
     err = capsys.readouterr().err
@@ -121,11 +124,16 @@ def _same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
 
 
-def test_xlabs_to_ours_to_xlabs_round_trips_bit_exactly(tmp_path, xlabs):
+def test_xlabs_to_ours_to_xlabs_round_trips_bit_exactly(tmp_path, xlabs, capsys):
     from mipadapter.checkpoint.xlabs import convert_state
 
     ours, back, plain = tmp_path / "ours.safetensors", tmp_path / "back.safetensors", tmp_path / "plain.bin"
     assert main(["convert", str(xlabs), str(ours), "--base-model", "tiny-flux"]) == 0
+    # a FLUX file is not told about the authors' SDXL scale: 1.0 is the ip-flux preset's already
+    assert capsys.readouterr().err == (
+        f"note: {xlabs} carries no default image scale; 1.0 was stored (1.0 is the ip-flux preset's scale "
+        "too; pass --scale to store another)\n"
+    )
     read = read_file(ours)
     assert read.layout == "mipadapter" and read.config.architecture == "flux" and read.config.num_tokens == 4
     assert main(["convert", str(ours), str(back), "--to", "xlabs", "--base-model", "tiny-flux"]) == 0

@@ -194,6 +194,24 @@ def test_every_generate_option_has_help_and_shows_its_default():
             assert "(default" in action.help, action.option_strings
 
 
+def test_every_web_option_shows_its_default():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in subparsers.choices["web"]._actions:
+        if action.option_strings and not set(action.option_strings) & {"-h", "-v"}:
+            assert action.help and "(default" in action.help, action.option_strings
+
+
+def test_the_help_examples_keep_their_line_continuations(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    examples = [line for line in lines if "mipadapter generate --preset ip-flux" in line]
+    assert len(examples) == 1 and examples[0].endswith(" \\")
+    following = lines[lines.index(examples[0]) + 1]
+    assert following.strip().startswith("--subject cat=cat.jpg --subject jacket=jacket.jpg")
+
+
 def test_top_level_help_is_written_for_users(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -249,3 +267,144 @@ def test_tiny_stands_for_the_default_preset_and_records_the_negative_prompt_it_u
     assert read_recipe(tmp_path / "default.png")["negative_prompt"] == AUTHORS_NEGATIVE_PROMPT
     assert main(base + ["--negative-prompt", "", "-o", str(tmp_path / "off.png")]) == 0
     assert read_recipe(tmp_path / "off.png")["negative_prompt"] is None
+
+
+# ----------------------------------------------------------------------------------------------- --from-png
+def test_from_png_with_one_new_subject_keeps_every_other_recorded_subject(tmp_path, capsys):
+    first, mine = tmp_path / "first.png", tmp_path / "mine.png"
+    settings = ("--scale", "backpack=0.6", "--region", "cat=0,0,40,64", "--seed", "5")
+    assert generate(first, *settings) == 0
+    assert read_recipe(first)["subjects"][1]["scale"] == 0.6  # as given, not float32's 0.6000000238418579
+    assert main(["generate", "--from-png", str(first), "--subject", f"cat={BACKPACK}", "-o", str(mine)]) == 0
+    cat, backpack = read_recipe(mine)["subjects"]
+    assert cat["photos"][0]["path"] == str(BACKPACK.resolve()) and cat["region"] == [0.0, 0.0, 40.0, 64.0]
+    assert backpack == read_recipe(first)["subjects"][1]  # kept: its photo, scale 0.6 and region
+    # the same image as asking for all of it by hand
+    direct = tmp_path / "direct.png"
+    assert generate(direct, *settings, subjects=(f"cat={BACKPACK}", f"backpack={BACKPACK}")) == 0
+    assert np.array_equal(pixels(mine), pixels(direct))
+    # a new --prompt keeps the recorded subjects it still names, and only those
+    beach, alone = tmp_path / "beach.png", tmp_path / "alone.png"
+    rerun = ["generate", "--from-png", str(first), "--subject", f"cat={BACKPACK}"]
+    assert main(rerun + ["--prompt", "a Cat wearing a backpack on a beach", "-o", str(beach)]) == 0
+    assert [s["name"] for s in read_recipe(beach)["subjects"]] == ["cat", "backpack"]
+    assert main(rerun + ["--prompt", "a cat on a beach", "-o", str(alone)]) == 0
+    assert [s["name"] for s in read_recipe(alone)["subjects"]] == ["cat"]
+    # a kept subject's photo is checked like any recorded one
+    photo = tmp_path / "backpack.jpg"
+    photo.write_bytes(BACKPACK.read_bytes())
+    assert generate(first, *settings, subjects=(f"cat={CAT}", f"backpack={photo}")) == 0
+    photo.write_bytes(CAT.read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(first), "--subject", f"cat={BACKPACK}", "-o", str(out / "x.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"mipadapter generate: error: recorded photo 1 of 'backpack' '{photo}' has changed since '{first}' "
+        "was made (its SHA-256 differs)\n"
+    )
+    assert os.listdir(out) == []
+
+
+def test_from_png_of_image_2_of_a_batch_writes_that_image_alone_at_o(tmp_path, capsys):
+    batch, again = tmp_path / "batch", tmp_path / "again"
+    batch.mkdir(), again.mkdir()
+    assert generate(batch / "b.png", "--num-images", "2", "--seed", "3") == 0
+    second = batch / "b_2.png"
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(second), "-o", str(again / "x.png")]) == 0
+    assert capsys.readouterr().out == f"{again / 'x.png'}\n" and os.listdir(again) == ["x.png"]
+    assert np.array_equal(pixels(again / "x.png"), pixels(second))
+    assert read_recipe(again / "x.png") == read_recipe(second)
+    # --num-images given: the whole batch again, numbered
+    assert main(["generate", "--from-png", str(second), "--num-images", "2", "-o", str(again / "y.png")]) == 0
+    assert sorted(os.listdir(again)) == ["x.png", "y_1.png", "y_2.png"]
+    assert np.array_equal(pixels(again / "y_1.png"), pixels(batch / "b_1.png"))
+
+
+def test_a_recipe_reruns_only_on_its_model_family(tmp_path, capsys):
+    made = tmp_path / "sd15.png"
+    assert generate(made, "--tiny", "sd15") == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(made), "--tiny", "flux", "-o", str(out / "x.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"mipadapter generate: error: '{made}' was made on SD1.5, but --tiny flux is FLUX: a recipe reruns on "
+        "its own model family (give --prompt and --subject for a new image on this model)\n"
+    )
+    assert main(["generate", "--from-png", str(made), "--tiny", "sdxl", "-o", str(out / "x.png")]) == 2
+    assert "was made on SD1.5, but --tiny sdxl is SDXL" in capsys.readouterr().err
+    assert os.listdir(out) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_refuses_files_is_refused_before_generating(tmp_path, capsys, monkeypatch):
+    import mipadapter.cli.options as options
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded")
+
+    monkeypatch.setattr(options, "load_pipeline", no_loading)
+    assert generate(Path("/proc/x.png")) == 2
+    assert capsys.readouterr().err == (
+        "mipadapter generate: error: -o '/proc/x.png': the folder '/proc' is not writable (creating a file "
+        "there fails: No such file or directory)\n"
+    )
+    assert not Path("/proc/x.png").exists()
+
+
+def test_the_contact_sheet_numbers_every_subject_of_a_repeated_name(tmp_path, monkeypatch):
+    import mipadapter.figures as figures
+
+    shown = []
+    real = figures.contact_sheet
+
+    def recording(references, results, relevance=None, **kwargs):
+        shown.append((list(references), [sorted(r) for r in relevance]))
+        return real(references, results, relevance, **kwargs)
+
+    monkeypatch.setattr(figures, "contact_sheet", recording)
+    code = generate(
+        tmp_path / "dogs.png", "--contact-sheet", str(tmp_path / "sheet.png"),
+        prompt="a dog and a dog and a cat", subjects=(f"dog={CAT}", f"dog={BACKPACK}", f"cat={CAT}"),
+    )  # fmt: skip
+    assert code == 0
+    assert shown == [(["dog#1", "dog#2", "cat"], [["cat", "dog#1", "dog#2"]])]
+
+
+def test_from_png_warns_in_one_line_when_the_tokenizers_differ(tmp_path, capsys, monkeypatch):
+    from mipadapter.provenance import tokenizer_identity
+    from mipadapter.recipe import write_image
+    from mipadapter.testing import build_clip_tokenizer, has_real_clip_vocab
+
+    first, same = tmp_path / "first.png", tmp_path / "same.png"
+    assert generate(first) == 0
+    recorded = read_recipe(first)["tokenizers"]
+    assert set(recorded) == {"tokenizer", "tokenizer_2"}
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(first), "-o", str(same)]) == 0
+    assert "warning" not in capsys.readouterr().err and np.array_equal(pixels(first), pixels(same))
+    # a recipe written before the field reruns without a word
+    old, again = tmp_path / "old.png", tmp_path / "again.png"
+    without = {key: value for key, value in read_recipe(first).items() if key != "tokenizers"}
+    with Image.open(first) as image:
+        write_image(image.copy(), old, without)
+    assert main(["generate", "--from-png", str(old), "-o", str(again)]) == 0
+    assert "warning" not in capsys.readouterr().err and np.array_equal(pixels(first), pixels(again))
+    if not has_real_clip_vocab():
+        pytest.skip("CLIP's real BPE (open_clip) is not installed: both runs used the fallback vocabulary")
+    # this environment's tiny models now tokenize with the tests' fallback vocabulary, not CLIP's BPE
+    monkeypatch.setattr("mipadapter.testing.tokenizer.has_real_clip_vocab", lambda: False)
+    here = {
+        "tokenizer": tokenizer_identity(build_clip_tokenizer()),
+        "tokenizer_2": tokenizer_identity(build_clip_tokenizer("!")),
+    }
+    assert main(["generate", "--from-png", str(first), "-o", str(tmp_path / "other.png")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]  # not the progress bar
+    assert err == [
+        f"mipadapter generate: warning: '{first}' was made with other tokenizers than this environment's "
+        f"(tokenizer {recorded['tokenizer']} there, {here['tokenizer']} here; tokenizer_2 "
+        f"{recorded['tokenizer_2']} there, {here['tokenizer_2']} here): the image may differ (e.g. the tests' "
+        "fallback vocabulary vs CLIP's real BPE)"
+    ]

@@ -221,7 +221,9 @@ def test_from_png_with_new_photos_keeps_each_recorded_subjects_scale_and_region(
     other = tmp_path / "other.png"
     assert main(["generate", "--from-png", str(first), "--prompt", "a dog wearing a backpack", "--subject",
                  f"dog={DOG}", "--subject", f"backpack={BACKPACK}", "-o", str(other)]) == 0  # fmt: skip
-    dog, backpack = read_recipe(other)["subjects"]
+    # the recorded order, the replaced backpack in its place, the new dog after it; the cat the new prompt
+    # no longer names is left out
+    backpack, dog = read_recipe(other)["subjects"]
     assert dog["scale"] == 1.0 and dog["region"] is None and backpack["region"] == [8.0, 8.0, 60.0, 60.0]
 
 

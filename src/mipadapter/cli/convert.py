@@ -75,12 +75,16 @@ def run(args: argparse.Namespace) -> int:
     check_adapter_fits(loaded, model, source, f"--base-model {args.base_model!r}")
     print(convert_checkpoint(source, output, model, args.to, where="input", loaded=loaded, default_scale=args.scale))
     if args.to == "mipadapter" and loaded.config is None and args.scale is None:
-        print(
-            f"note: {args.input} carries no default image scale; 1.0 was stored (pass --scale, e.g. 0.75 "
-            "for the authors' model_sdxl.bin)",
-            file=sys.stderr,
-        )
+        print(f"note: {args.input} carries no default image scale; 1.0 was stored ({scale_hint(model)})", file=sys.stderr)
     return 0
+
+
+def scale_hint(model) -> str:
+    """What to pass as --scale for a file without a default scale: the authors' values on a UNet; on a
+    FLUX transformer 1.0 is already the ip-flux preset's (x-flux's default), so only tuning is suggested."""
+    if type(model).__name__.startswith("Flux"):
+        return "1.0 is the ip-flux preset's scale too; pass --scale to store another"
+    return "pass --scale, e.g. 0.75 for the authors' model_sdxl.bin"
 
 
 def denoiser_for(base_model: str):

@@ -52,7 +52,7 @@ examples:
   mipadapter generate --prompt "a cat wearing a jacket" --subject cat=cat1.jpg,cat2.jpg \\
       --subject jacket=jacket.jpg --scale jacket=0.8 --region jacket=512,300,1024,1024 -o out.png
   mipadapter generate --tiny --prompt "a cat and a dog" --subject cat=c.jpg --subject dog=d.jpg
-  mipadapter generate --preset ip-flux --prompt "a cat wearing a jacket in Boston" \
+  mipadapter generate --preset ip-flux --prompt "a cat wearing a jacket in Boston" \\
       --subject cat=cat.jpg --subject jacket=jacket.jpg --negative-prompt "blurry" --true-cfg-scale 4
   mipadapter generate --from-png out.png --seed 7 -o again.png
   mipadapter generate --from-png out.png --subject cat=my_cat.jpg -o mine.png   # cat keeps its scale, region"""
@@ -124,8 +124,9 @@ def register(subparsers) -> None:
         "--from-png",
         metavar="IMAGE",
         help="rerun the generation recorded in IMAGE (a .png or .jpg written by generate); photos are "
-        "read from their recorded paths and checked against their SHA-256; --subject replaces them, and a "
-        "subject given under a recorded name keeps that subject's scale and region",
+        "read from their recorded paths and checked against their SHA-256; --subject NAME=... replaces the "
+        "photos of the recorded subject NAME, which keeps its scale and region, and the other recorded "
+        "subjects stay (with a new --prompt, those it names); image k of a batch is rerun alone, at -o",
     )
 
     how = parser.add_argument_group("sampling")
@@ -289,6 +290,8 @@ class Plan:
     negative_image: str | None = None
     prompt_2: str | None = None
     max_sequence_length: int | None = None
+    keep_index: int | None = None  # write only this image of the call (--from-png of image k of a batch)
+    same_models_as: dict | None = None  # the --from-png recipe, when its base model is rerun (no model flag)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -309,6 +312,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     models = _models(args, recipe)
     arch = options.tiny_arch(models.tiny)
     flux = _is_flux(args, models, recipe)
+    if recipe is not None:
+        _check_same_family(recipe, source, models, flux)
     factor = options.FLUX_CELL if flux else options.VAE_FACTOR
 
     prompt = value("prompt")
@@ -334,7 +339,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if not (math.isfinite(max_mp) and max_mp > 0):
         raise ValueError(f"--max-photo-mp must be > 0 and finite, got {max_mp}")
 
-    subjects = _subjects(args, recipe)
+    named_in = None if args.prompt is None and args.prompt_2 is None else (prompt, value("prompt_2") or "")
+    subjects = _subjects(args, recipe, named_in)
     if arch and (height is None or width is None):
         side = options.TINY_ARCHS[arch].native_side
         known = (height or side, width or side)
@@ -351,8 +357,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
             limits.check_scale(subject.scale, what, caps, allow=allow)
 
     output = check_output_file(value("output"), "-o", IMAGE_SUFFIXES)
+    # rerunning image k of a recorded batch: the call makes the whole batch (its images share one
+    # generator), but only image k, the recorded one, is written, at -o itself
+    keep_index = recipe["image_index"] if recipe is not None and args.num_images is None else None
+    written = 1 if keep_index is not None else num_images
     outputs = [
-        check_output_file(path, "-o", IMAGE_SUFFIXES) for path in options.output_paths(output, num_images)
+        check_output_file(path, "-o", IMAGE_SUFFIXES) for path in options.output_paths(output, written)
     ]
     sheet = None
     if args.contact_sheet:
@@ -391,6 +401,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         negative_image=value("negative_image"),
         prompt_2=value("prompt_2"),
         max_sequence_length=value("max_sequence_length"),
+        keep_index=keep_index,
+        same_models_as=recipe if recipe is not None and not (args.tiny or args.base_model or args.preset) else None,
     )
 
 
@@ -423,6 +435,36 @@ def _is_flux(args, models, recipe) -> bool:
 
 FLUX_RECORDED = ("true_cfg_scale", "prompt_2", "max_sequence_length")
 """Recipe fields only FLUX images carry."""
+
+TINY_FAMILIES = {"sdxl": "SDXL", "sd15": "SD1.5", "flux": "FLUX"}
+"""The model family (``recipe.model_family``) of each ``--tiny`` architecture."""
+
+
+def _check_same_family(recipe, source, models, flux: bool) -> None:
+    """A recipe reruns on a model of the family that made it (its settings, e.g. the rule and text weight,
+    are that family's): refuse another one, known before loading, in one line naming both. Known: a tiny
+    architecture's family, and FLUX or not for any model (a UNet's family is left to the loaded model)."""
+    from mipadapter.cli import options
+
+    recorded = recipe.get("model_family")
+    if recorded is None and any(recipe.get(key) is not None for key in FLUX_RECORDED):
+        recorded = "FLUX"  # written before model_family existed: only FLUX recipes carry these fields
+    if recorded is None:
+        return
+    arch = options.tiny_arch(models.tiny)
+    now = TINY_FAMILIES.get(arch) if arch else ("FLUX" if flux else None)
+    if now == recorded or (now is None and recorded != "FLUX"):
+        return
+    if arch:
+        given = f"--tiny {arch} is {now}"
+    elif now is None:
+        given = _not_flux(models)
+    else:
+        given = f"the base model {models.base_model or models.preset!r} is FLUX"
+    raise ValueError(
+        f"{str(source)!r} was made on {recorded}, but {given}: a recipe reruns on its own model "
+        "family (give --prompt and --subject for a new image on this model)"
+    )
 
 
 def _check_flux_settings(args, recipe, source, flux: bool, models, value) -> None:
@@ -485,13 +527,10 @@ def _recipe_of(args):
         if not args.subject:
             raise ValueError("give at least one --subject NAME=PHOTO (or --from-png IMAGE)")
         return None, None
-    from mipadapter.recipe import read_recipe, verify_inputs
+    from mipadapter.recipe import read_recipe
 
     source = Path(args.from_png).expanduser()
-    recipe = read_recipe(source)
-    if not args.subject:  # the recorded photos are used: they must be the same files
-        verify_inputs(recipe, source)
-    return recipe, source
+    return read_recipe(source), source
 
 
 RECORDED = {  # flag's dest → the recipe's key
@@ -592,18 +631,41 @@ def _models(args, recipe) -> argparse.Namespace:
     )
 
 
-def _subjects(args, recipe) -> list[SubjectPlan]:
-    """The subjects: ``--subject`` (with ``--from-png``, each keeps the recorded scale and region of the
-    recorded subject with its label: ``dog``, then ``dog#2`` …), else the recorded ones."""
+def _subjects(args, recipe, named_in: tuple[str, ...] | None = None) -> list[SubjectPlan]:
+    """The subjects: ``--subject`` alone, or with ``--from-png`` the recorded ones, where a ``--subject``
+    replaces the photos of the recorded subject with its label (``dog``, then ``dog#2`` …), which keeps
+    its scale and region; the other recorded subjects stay as recorded (their files checked against their
+    SHA-256), and a ``--subject`` under a new name is added after them. named_in: the new prompts when
+    ``--prompt`` / ``--prompt-2`` replace the recorded ones: a recorded subject they no longer name (the
+    K-th ``dog`` needs K mentions) is left out rather than kept."""
     from mipadapter.cli import options
+    from mipadapter.recipe import verify_inputs
 
-    if args.subject:
-        plans = [SubjectPlan(s.name, s.photos) for s in options.parse_subjects(args.subject)]
-        if recipe is not None:
-            _keep_recorded_settings(plans, recipe, args.from_png)
-        return plans
-    plans, source = [], Path(args.from_png).expanduser()
-    for subject in recipe["subjects"]:
+    given = [SubjectPlan(s.name, s.photos) for s in options.parse_subjects(args.subject or [])]
+    if recipe is None:
+        return given
+    source = Path(args.from_png).expanduser()
+    names = [subject["name"] for subject in recipe["subjects"]]
+    replaced = dict(zip(subject_labels([p.name for p in given]), given, strict=True))
+    recorded_labels = subject_labels(names)
+    if named_in is not None:
+        recorded_labels = [
+            label if _mentions(subject["name"], named_in) >= _occurrence(label) else None
+            for subject, label in zip(recipe["subjects"], recorded_labels, strict=True)
+        ]
+    kept = [
+        s for s, label in zip(recipe["subjects"], recorded_labels, strict=True)
+        if label is not None and label not in replaced
+    ]
+    verify_inputs({"subjects": kept}, source)  # the recorded photos used must be the same files
+    _keep_recorded_settings(given, recipe, source)
+    plans = []
+    for subject, label in zip(recipe["subjects"], recorded_labels, strict=True):
+        if label is None:  # the new prompt does not name it
+            continue
+        if label in replaced:
+            plans.append(replaced.pop(label))
+            continue
         photos = tuple(Path(photo["path"]) for photo in subject["photos"])
         plans.append(
             SubjectPlan(
@@ -615,7 +677,22 @@ def _subjects(args, recipe) -> list[SubjectPlan]:
                 recorded_scale=True,
             )
         )
-    return plans
+    return plans + list(replaced.values())
+
+
+def _mentions(name: str, texts: tuple[str, ...]) -> int:
+    """How often ``name`` occurs as whole words in the text that names the most of it (any case): the
+    tokenizers match names on whole tokens, so "cat" is not in "cats"."""
+    import re
+
+    pattern = re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, name.split())) + r"(?!\w)", re.IGNORECASE)
+    return max(len(pattern.findall(text)) for text in texts)
+
+
+def _occurrence(label: str) -> int:
+    """Which subject of its name a label is: ``dog`` 1, ``dog#2`` 2 (``subject_labels``)."""
+    head, _, number = label.rpartition("#")
+    return int(number) if head and number.isdigit() else 1
 
 
 def _recorded_region(subject: dict, source):
@@ -775,6 +852,14 @@ def generate(plan: Plan):
     ]
     device, dtype = options.pick_device_dtype(plan.device, plan.dtype, tiny=plan.models.tiny)
     pipe, record = options.load_pipeline(plan.models, device, dtype)
+    if plan.same_models_as is not None:
+        import sys
+
+        from mipadapter.recipe import tokenizer_mismatch
+
+        warning = tokenizer_mismatch(plan.same_models_as, pipe.pipe, plan.source)
+        if warning is not None:
+            print(f"mipadapter generate: {warning}", file=sys.stderr)
     if plan.compile:
         pipe.compile()
     generator = torch.Generator(device="cpu").manual_seed(plan.seed)
@@ -822,15 +907,22 @@ def write_outputs(plan: Plan, output, pipe, record) -> None:
         models=record,
         call={"prompt": plan.prompt, "region_mode": plan.region_mode, **call_arguments(plan)},
     )
+    indices = range(len(output.images)) if plan.keep_index is None else [plan.keep_index]
+    images = [output.images[index] for index in indices]
     writes = [
-        (path, image_writer(image, path, recipe, image_index=index))
-        for index, (image, path) in enumerate(zip(output.images, plan.outputs, strict=True))
+        (path, image_writer(output.images[index], path, recipe, image_index=index))
+        for index, path in zip(indices, plan.outputs, strict=True)
     ]
     if plan.contact_sheet is not None:
+        from mipadapter.alignment import numbered_labels
         from mipadapter.figures import contact_sheet
 
-        labels = subject_labels([s.name for s in plan.subjects])
-        sheet = contact_sheet(dict(zip(labels, plan.photos, strict=True)), output.images, output.relevance)
+        names = [s.name for s in plan.subjects]
+        shown = dict(zip(subject_labels(names), numbered_labels(names), strict=True))
+        relevance = output.relevance and [
+            {shown[label]: grid for label, grid in output.relevance[index].items()} for index in indices
+        ]
+        sheet = contact_sheet(dict(zip(shown.values(), plan.photos, strict=True)), images, relevance)
         writes.append((plan.contact_sheet, lambda tmp: sheet.save(tmp)))
     for path in atomic_write_all(writes):
         print(path)

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         "--host",
         default="127.0.0.1",
         help="address to bind (0.0.0.0 exposes it to the network; then any Host name is answered, not only "
-        "localhost's)",
+        "localhost's) (default: %(default)s, this machine only)",
     )
     parser.add_argument(
         "--allow-host",
@@ -27,38 +27,64 @@ def register(subparsers) -> None:
         default=[],
         metavar="NAME",
         help="a host name the server answers to besides localhost (repeatable), e.g. behind a reverse proxy "
-        "that passes the browser's Host on",
+        "that passes the browser's Host on (default: none)",
     )
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help="default models")
-    parser.add_argument("--base-model", help="diffusers base model: Hub id or local folder")
-    parser.add_argument("--adapter", help="adapter checkpoint: local file or owner/repo/path/file")
-    parser.add_argument("--image-encoder", help="CLIP image encoder: local folder or owner/repo/subfolder")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
     parser.add_argument(
-        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 …"
+        "--preset",
+        choices=sorted(PRESETS),
+        default=DEFAULT_PRESET,
+        help="the default models and scale (default: %(default)s)",
     )
-    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
-    parser.add_argument("--max-subjects", type=int, default=4, help="subjects one request may give")
-    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest photo file accepted")
-    parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model")
+    parser.add_argument(
+        "--base-model", help="diffusers base model: Hub id or local folder (default: the preset's)"
+    )
+    parser.add_argument(
+        "--adapter", help="adapter checkpoint: local file or owner/repo/path/file (default: the preset's)"
+    )
+    parser.add_argument(
+        "--image-encoder",
+        help="CLIP image encoder: local folder or owner/repo/subfolder (default: the preset's)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 … (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        default="auto",
+        help="weights' dtype (default: %(default)s = float16 on GPUs, float32 on the CPU)",
+    )
+    parser.add_argument(
+        "--max-subjects", type=int, default=4, help="subjects one request may give (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=10.0, help="largest photo file accepted (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--queue-size", type=int, default=16, help="requests that may wait for the model (default: %(default)s)"
+    )
     parser.add_argument(
         "--max-session-uploads",
         type=int,
         default=Limits.max_session_uploads,
-        help="photos one browser session may upload per hour",
+        help="photos one browser session may upload per hour (default: %(default)s)",
     )
     parser.add_argument(
         "--max-session-upload-mb",
         type=float,
         default=Limits.max_session_upload_bytes / 2**20,
-        help="megabytes one browser session may upload per hour",
+        help="megabytes one browser session may upload per hour (default: %(default)g)",
     )
     add_tiny_argument(parser, "try the page anywhere")
     parser.add_argument(
         "--compile",
         action="store_true",
         help="compile the UNet (torch.compile): the first generation pays minutes of compilation, later ones "
-        "with the same size, number of subjects and rule reuse it; routing maps are then not drawn",
+        "with the same size, number of subjects and rule reuse it; routing maps are then not drawn "
+        "(default: off)",
     )
     parser.set_defaults(func=run)
 

@@ -377,11 +377,11 @@ class MIPAdapterPipeline:
             "multi_image": multi_image.value,
             "region_mode": modes.pop().value if modes else None,
             "names": names,
-            "scales": {  # per-layer scales as given (a list, or diffusers' dict form), else the resolved one
-                label: subject.scale if is_layered(subject.scale) else value
-                for label, subject, value in zip(
-                    labels, subjects, conditioning.scales[-1].tolist(), strict=True
-                )
+            "scales": {  # as given (a number, a list or diffusers' dict form), else the adapter's default: the
+                # Python numbers, not their float32 round trip (0.6, not 0.6000000238418579)
+                label: self.adapter.config.default_scale if subject.scale is None
+                else subject.scale if is_layered(subject.scale) else float(subject.scale)
+                for label, subject in zip(labels, subjects, strict=True)
             },
             "scheduler": type(pipe.scheduler).__name__,
         }
