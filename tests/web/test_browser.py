@@ -37,6 +37,8 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 START_TIMEOUT_S = 90
+DESKTOP = {"width": 1400, "height": 1100}
+PHONE = {"width": 390, "height": 844}
 
 
 def free_port() -> int:
@@ -93,7 +95,7 @@ def browser(server, chromium, tmp_path_factory):
             executable_path=str(chromium),
             headless=True,
             args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1100},
+            viewport=DESKTOP,
             accept_downloads=True,
         )
         context.set_default_timeout(30_000)
@@ -236,6 +238,15 @@ def test_photos_show_as_thumbnails_and_are_removed_one_by_one(browser, server):
     wait_for_thumbnails(page, 0, 2)
     sources = [thumbnails(page, 0).nth(index).get_attribute("src") for index in range(2)]
     assert sources[0].endswith("/cat.jpg") and sources[1].endswith("/backpack.jpg")
+    for viewport in (PHONE, DESKTOP):  # each photo's × lies inside the gallery and the window
+        page.set_viewport_size(viewport)
+        page.locator("#subject-0-photos").scroll_into_view_if_needed()
+        gallery = page.locator("#subject-0-photos").bounding_box()
+        for button in page.locator("#subject-0-photos button[aria-label='Delete image']").all():
+            box = button.bounding_box()
+            assert gallery["y"] <= box["y"] and box["y"] + box["height"] <= gallery["y"] + gallery["height"]
+            assert gallery["x"] <= box["x"] and box["x"] + box["width"] <= gallery["x"] + gallery["width"]
+            assert 0 <= box["x"] and box["x"] + box["width"] <= viewport["width"]
     page.locator("#subject-0-photos button[aria-label='Delete image']").first.click()
     wait_for_thumbnails(page, 0, 1)
     assert thumbnails(page, 0).get_attribute("src").endswith("/backpack.jpg")
@@ -467,4 +478,24 @@ def test_numbers_out_of_range_are_refused_before_the_model_runs_with_the_clis_wo
     page.fill("#subject-0-name textarea, #subject-0-name input", "**cat**")  # Markdown's bold, as text
     page.click("#generate")
     page.locator("#subject-0-error").get_by_text("'**cat**'").wait_for()
+    page.close()
+
+
+def test_results_are_shown_whole_at_their_aspect_ratio(browser, server):
+    page = browser.new_page()
+    page.goto(server)
+    page.click("#example-0")  # cat + backpack, no boxes
+    wait_for_thumbnails(page, 1, 1)
+    set_number(page, "#width", 96)
+    set_number(page, "#height", 32)
+    set_number(page, "#steps", 1)
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#history img').length === 1", timeout=60_000)
+    assert page.inner_text("#status").startswith("Generated 1 image of 96×32")
+    for selector in ("#images img", "#maps img", "#history img"):  # each shown item is the whole 3:1 image
+        for image in page.locator(selector).all():
+            image.scroll_into_view_if_needed()
+            box = image.bounding_box()
+            assert abs(box["width"] / box["height"] - 3) < 0.05, (selector, box)
+            assert image.evaluate("i => getComputedStyle(i).objectFit") == "contain"
     page.close()

@@ -69,6 +69,13 @@ CSS = """
 #images .fixed-height, #maps .fixed-height, #history .fixed-height {
   min-height: 160px !important; max-height: none !important;
 }
+/* every result whole, at its own aspect ratio (a 96×32 image is not cut to its middle third) */
+#images .thumbnail-item, #maps .thumbnail-item, #history .thumbnail-item {
+  aspect-ratio: auto !important; height: auto !important;
+}
+#images .thumbnail-item img, #maps .thumbnail-item img, #history .thumbnail-item img {
+  width: 100% !important; height: auto !important; object-fit: contain !important;
+}
 """
 
 
@@ -243,7 +250,7 @@ class _Slot:
                 interactive=True,
                 columns=4,
                 fit_columns=False,
-                height=130,
+                height="auto",  # a fixed height hid each photo's × below the thumbnails' bottom edge
                 object_fit="contain",
                 allow_preview=False,
                 buttons=[],
@@ -495,6 +502,7 @@ def build_app(
                     label="Images" + (" (a saved PNG carries its recipe)" if record is not None else ""),
                     columns=2,
                     height="auto",
+                    object_fit="contain",  # every image whole, whatever its aspect ratio
                     format="png",
                     buttons=["download", "download_all", "fullscreen"],
                     elem_id="images",
@@ -505,6 +513,7 @@ def build_app(
                     + (": off, the UNet is compiled" if compiled else ""),
                     columns=2,
                     height="auto",
+                    object_fit="contain",  # every image whole, whatever its aspect ratio
                     format="png",
                     buttons=["download", "fullscreen"],
                     elem_id="maps",
@@ -515,6 +524,7 @@ def build_app(
                     columns=4,
                     fit_columns=False,
                     height="auto",
+                    object_fit="contain",  # every image whole, whatever its aspect ratio
                     format="png",
                     buttons=["download", "fullscreen"],
                     elem_id="history",
