@@ -499,3 +499,17 @@ def test_results_are_shown_whole_at_their_aspect_ratio(browser, server):
             assert abs(box["width"] / box["height"] - 3) < 0.05, (selector, box)
             assert image.evaluate("i => getComputedStyle(i).objectFit") == "contain"
     page.close()
+
+
+def test_a_photo_over_the_limit_is_named_with_the_limit_at_its_subject(browser, server, tmp_path):
+    page = browser.new_page()
+    page.goto(server)
+    big = tmp_path / "big.jpg"
+    big.write_bytes((ASSETS / "cat.jpg").read_bytes() + bytes(11 * 2**20))  # 11 MB; the limit is 10 MB
+    page.set_input_files("#subject-0-photos input[type=file]", str(big))
+    error = page.locator("#subject-0-error")
+    error.get_by_text("big.jpg is").wait_for(timeout=60_000)
+    size = f"{big.stat().st_size / 2**20:.1f} MB"
+    assert error.inner_text() == f"⚠ Photo of subject 1: big.jpg is {size}; the limit is 10.0 MB."
+    assert page.locator(".toast-body").count() == 0  # no bare "Error" pop-up
+    page.close()

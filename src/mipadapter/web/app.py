@@ -36,6 +36,7 @@ from mipadapter.web.handler import (  # noqa: E402
     GenerateRequest,
     Limits,
     SubjectForm,
+    check_upload_size,
     default_guidance,
     generate,
     model_family,
@@ -690,6 +691,28 @@ def build_app(
                 slot.warning,
             )
 
+        def photos_checker(index: int):
+            def check(photos):
+                """A photo over the size limit is named at its subject as soon as it is uploaded."""
+                problems = []
+                for path in gallery_paths(photos):
+                    try:
+                        check_upload_size(path, limits)
+                    except ValueError as error:
+                        problems.append(f"Photo of subject {index + 1}: {error}.")
+                return f"⚠ {plain(' '.join(problems))}" if problems else ""
+
+            return check
+
+        for index, slot in enumerate(slots):
+            slot.photos.upload(
+                photos_checker(index),
+                inputs=slot.photos,
+                outputs=slot.error,
+                queue=False,
+                api_visibility="private",
+            )
+
         def on_default_strength(value):
             value = config.default_scale if value is None else value
             return [value for _ in slots]
@@ -796,7 +819,9 @@ def launch(
     from ``limits``; uploads served only to their session);
     queued events (generation, preview) are reachable only through the queue, not the REST routes.
     block: keep serving until interrupted by Ctrl+C or SIGTERM (otherwise return at once, the server
-    running in a thread).
+    running in a thread). max_file_size: the largest photo; a larger one is taken up to the session's
+    upload budget (``limits.max_session_upload_bytes``) so that the page says why it is refused (the
+    handler's "N MB; the limit is …" at its subject) instead of Gradio's bare "Error".
     """
     from starlette.middleware import Middleware
 
@@ -809,7 +834,7 @@ def launch(
     _, url, _ = app.launch(
         server_name=host,
         server_port=port,
-        max_file_size=max_file_size,
+        max_file_size=max(max_file_size, (limits or Limits()).max_session_upload_bytes),
         allowed_paths=[str(EXAMPLES)],
         share=False,
         ssr_mode=False,

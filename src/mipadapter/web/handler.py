@@ -224,6 +224,20 @@ def photo_path(item: Any) -> Path | None:
     return Path(getattr(item, "path", None) or getattr(item, "name", None) or item)
 
 
+def check_upload_size(item: Any, limits: Limits) -> str:
+    """An uploaded file's size within ``limits.max_upload_bytes``; its name (the person's, not the upload
+    folder's). Raises ValueError ("cat.jpg is 11.0 MB; the limit is 10.0 MB") otherwise."""
+    path = photo_path(item)
+    label = path.name
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise ValueError(f"{label} could not be read (the upload is missing)") from None
+    if size > limits.max_upload_bytes:
+        raise ValueError(f"{label} is {_bytes(size)}; the limit is {_bytes(limits.max_upload_bytes)}")
+    return label
+
+
 def read_photo(item: Any, limits: Limits):
     """An uploaded file (path, or an object with ``.name``/``.path``) or PIL image → RGB PIL image, upright
     (EXIF) and at full size: the same pixels ``mipadapter generate`` reads from that file, so that a
@@ -239,13 +253,7 @@ def read_photo(item: Any, limits: Limits):
         image, label = item, "a photo"
         width, height = image.size
     else:
-        label = path.name
-        try:
-            size = path.stat().st_size
-        except OSError:
-            raise ValueError(f"{label} could not be read (the upload is missing)") from None
-        if size > limits.max_upload_bytes:
-            raise ValueError(f"{label} is {_bytes(size)}; the limit is {_bytes(limits.max_upload_bytes)}")
+        label = check_upload_size(item, limits)
         try:
             width, height = photo_size(path, label, max_pixels=None)
         except (PhotoError, FileNotFoundError):
