@@ -148,3 +148,9 @@ def test_number_fields_pass_what_was_typed_to_the_handler(web, pipe):
     width, seed = component(app, "width"), component(app, "seed")
     assert width.preprocess(5000) == 5000  # Gradio's own check would answer with an error, not our message
     assert seed.preprocess(-5.0) == -5 and seed.preprocess(1e20) == 10**20
+
+
+def test_the_queue_note_needs_no_emoji_font(web):
+    """Every character the queue note writes is in DejaVu Sans (⏳, U+23F3, is only in emoji fonts)."""
+    for script in (web.QUEUE_CLICK_JS, web.QUEUE_DONE_JS):
+        assert all(ord(character) < 0x2300 for character in script), script

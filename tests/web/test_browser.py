@@ -41,6 +41,14 @@ DESKTOP = {"width": 1400, "height": 1100}
 PHONE = {"width": 390, "height": 844}
 
 
+def save_screenshot(page, tmp_path, name: str) -> None:
+    """A full-page screenshot under ``$MIPADAPTER_WEB_SCREENSHOTS`` (else the test's temporary folder), to
+    look at the page's fixed states; never committed."""
+    shots = Path(os.environ.get("MIPADAPTER_WEB_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / name), full_page=True)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -481,7 +489,7 @@ def test_numbers_out_of_range_are_refused_before_the_model_runs_with_the_clis_wo
     page.close()
 
 
-def test_results_are_shown_whole_at_their_aspect_ratio(browser, server):
+def test_results_are_shown_whole_at_their_aspect_ratio(browser, server, tmp_path):
     page = browser.new_page()
     page.goto(server)
     page.click("#example-0")  # cat + backpack, no boxes
@@ -498,6 +506,7 @@ def test_results_are_shown_whole_at_their_aspect_ratio(browser, server):
             box = image.bounding_box()
             assert abs(box["width"] / box["height"] - 3) < 0.05, (selector, box)
             assert image.evaluate("i => getComputedStyle(i).objectFit") == "contain"
+    save_screenshot(page, tmp_path, "desktop-96x32.png")
     page.close()
 
 
@@ -512,4 +521,37 @@ def test_a_photo_over_the_limit_is_named_with_the_limit_at_its_subject(browser, 
     size = f"{big.stat().st_size / 2**20:.1f} MB"
     assert error.inner_text() == f"⚠ Photo of subject 1: big.jpg is {size}; the limit is 10.0 MB."
     assert page.locator(".toast-body").count() == 0  # no bare "Error" pop-up
+    page.close()
+
+
+def test_the_phone_layout_keeps_labels_clear_and_captions_whole(browser, server, tmp_path):
+    page = browser.new_page()
+    page.set_viewport_size(PHONE)
+    page.goto(server)
+    open_region(page, 0)
+    label = page.locator("#subject-0-painted label[data-testid='block-label']")
+    label.wait_for()
+    assert "Painted region" in label.inner_text()
+    first = label.bounding_box()
+    tools = page.locator("#subject-0-painted button.icon-button").all()
+    assert tools  # pan, zoom, undo, redo, clear
+    for tool in tools:
+        other = tool.bounding_box()
+        apart = (
+            first["x"] + first["width"] <= other["x"]
+            or other["x"] + other["width"] <= first["x"]
+            or first["y"] + first["height"] <= other["y"]
+            or other["y"] + other["height"] <= first["y"]
+        )
+        assert apart, (tool.get_attribute("aria-label"), first, other)
+    page.click("#example-0")
+    wait_for_thumbnails(page, 1, 1)
+    set_number(page, "#steps", 1)
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#history img').length === 1", timeout=60_000)
+    widths = page.evaluate(
+        "() => [...document.querySelectorAll('#history .caption-label')].map(c => [c.scrollWidth, c.clientWidth])"
+    )
+    assert widths and all(scroll <= client for scroll, client in widths), widths
+    save_screenshot(page, tmp_path, "phone.png")
     page.close()

@@ -70,6 +70,11 @@ CSS = """
 #images .fixed-height, #maps .fixed-height, #history .fixed-height {
   min-height: 160px !important; max-height: none !important;
 }
+/* the editor's label stays clear of its toolbar (top right) at a phone's width */
+.region-editor label[data-testid="block-label"] {
+  max-width: 38%; overflow: hidden; text-overflow: ellipsis; white-space: nowrap;
+}
+#history .caption-label { white-space: normal !important; overflow: visible !important; }
 /* every result whole, at its own aspect ratio (a 96×32 image is not cut to its middle third) */
 #images .thumbnail-item, #maps .thumbnail-item, #history .thumbnail-item {
   aspect-ratio: auto !important; height: auto !important;
@@ -202,7 +207,7 @@ _SHOW_PENDING = (
     + """
   const waiting = window.mipadapterPending - 1;
   if (note) note.textContent = waiting > 0
-    ? `⏳ 1 generation running, ${waiting} waiting in the queue (yours run one at a time, in the order `
+    ? `Queue: 1 generation running, ${waiting} waiting in the queue (yours run one at a time, in the order `
       + `you clicked; your last click is number ${window.mipadapterPending} in line).`
     : "";
 """
@@ -260,7 +265,7 @@ class _Slot:
                 elem_classes=["subject-photos"],
             )
             with gr.Accordion(
-                "Region (optional): a box, or paint where it goes",
+                "Region (optional): a box in output pixels, or paint where it goes",
                 open=False,
                 elem_id=f"subject-{index}-region",
             ) as self.region:
@@ -279,7 +284,7 @@ class _Slot:
                         for label in ("x0", "y0", "x1", "y1")
                     ]
                 self.painted = region_editor(
-                    label="Painted region (the canvas stands for the output image)",
+                    label="Painted region",  # short: a phone's toolbar sits beside it
                     type="numpy",
                     sources=[],
                     canvas_size=(256, 256),
@@ -289,6 +294,7 @@ class _Slot:
                     brush=gr.Brush(colors=[color], color_mode="fixed", default_size=24),
                     height=300,
                     elem_id=f"subject-{index}-painted",
+                    elem_classes=["region-editor"],
                 )
                 self.region_note = gr.Markdown(
                     "", elem_id=f"subject-{index}-region-note", elem_classes=["subject-warning"]
