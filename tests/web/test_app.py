@@ -135,3 +135,22 @@ def test_flux_gets_a_true_cfg_field_and_no_official_rule(web, pipe):
     sdxl = web.build_app(pipe)
     assert [choice[1] for choice in component(sdxl, "rule").choices] == ["uniform", "paper", "official"]
     assert not [b for b in sdxl.blocks.values() if getattr(b, "elem_id", None) == "true-cfg"]
+
+
+def test_messages_show_as_written_not_as_markdown(web):
+    assert web.plain("0..2**64-1") == "0\\.\\.2\\*\\*64\\-1"  # a browser test shows it rendered
+    assert web.plain("subject '_cat_' <b>") == "subject '\\_cat\\_' \\<b\\>"
+    assert web.plain("plain words") == "plain words"
+
+
+def test_number_fields_pass_what_was_typed_to_the_handler(web, pipe):
+    app = web.build_app(pipe)
+    width, seed = component(app, "width"), component(app, "seed")
+    assert width.preprocess(5000) == 5000  # Gradio's own check would answer with an error, not our message
+    assert seed.preprocess(-5.0) == -5 and seed.preprocess(1e20) == 10**20
+
+
+def test_the_queue_note_needs_no_emoji_font(web):
+    """Every character the queue note writes is in DejaVu Sans (⏳, U+23F3, is only in emoji fonts)."""
+    for script in (web.QUEUE_CLICK_JS, web.QUEUE_DONE_JS):
+        assert all(ord(character) < 0x2300 for character in script), script

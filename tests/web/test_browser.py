@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from mipadapter.recipe import read_recipe
-from mipadapter.web.handler import slot_color
+from mipadapter.web.handler import BOX_CLEARED, PAINT_CLEARED, slot_color
 from mipadapter.web.preview import BACKGROUND, canvas_size
 
 pytestmark = pytest.mark.browser
@@ -37,6 +37,16 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 START_TIMEOUT_S = 90
+DESKTOP = {"width": 1400, "height": 1100}
+PHONE = {"width": 390, "height": 844}
+
+
+def save_screenshot(page, tmp_path, name: str) -> None:
+    """A full-page screenshot under ``$MIPADAPTER_WEB_SCREENSHOTS`` (else the test's temporary folder), to
+    look at the page's fixed states; never committed."""
+    shots = Path(os.environ.get("MIPADAPTER_WEB_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / name), full_page=True)
 
 
 def free_port() -> int:
@@ -93,7 +103,7 @@ def browser(server, chromium, tmp_path_factory):
             executable_path=str(chromium),
             headless=True,
             args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1100},
+            viewport=DESKTOP,
             accept_downloads=True,
         )
         context.set_default_timeout(30_000)
@@ -116,6 +126,21 @@ def set_number(page, selector: str, value) -> None:
     """Type into a number field and commit it (Enter), as a person does."""
     page.fill(f"{selector} input[type=number]", str(value))
     page.press(f"{selector} input[type=number]", "Enter")
+
+
+def box_field(slot: int, field: str) -> str:
+    """The text field of one box coordinate (``x0`` …) of a subject's region."""
+    return f"#subject-{slot}-{field} textarea, #subject-{slot}-{field} input"
+
+
+def type_box(page, slot: int, box) -> None:
+    """Type a box into a subject's four fields, as a person does (the region panel is open)."""
+    for field, value in zip(("x0", "y0", "x1", "y1"), box, strict=True):
+        page.fill(box_field(slot, field), str(value))
+
+
+def open_region(page, slot: int) -> None:
+    page.click(f"#subject-{slot}-region button, #subject-{slot}-region .label-wrap")
 
 
 def fill_subjects(page, prompt: str, steps: int = 2) -> None:
@@ -204,7 +229,8 @@ def test_an_example_button_loads_two_photos_and_a_prompt_that_generate(browser, 
     assert page.input_value("#width input[type=number]") == "64"
     assert thumbnails(page, 0).get_attribute("src").endswith("/dog.jpg")  # shown as a picture
     assert thumbnails(page, 1).get_attribute("src").endswith("/teapot.jpg")
-    assert page.locator("#subject-0-x1 input").is_visible()  # the example's boxes are shown, not folded
+    assert page.locator(box_field(0, "x1")).is_visible()  # the example's boxes are shown, not folded
+    assert page.input_value(box_field(0, "x1")) == "32"
     set_number(page, "#steps", 2)
     page.click("#generate")
     wait_for_result(page)
@@ -220,6 +246,15 @@ def test_photos_show_as_thumbnails_and_are_removed_one_by_one(browser, server):
     wait_for_thumbnails(page, 0, 2)
     sources = [thumbnails(page, 0).nth(index).get_attribute("src") for index in range(2)]
     assert sources[0].endswith("/cat.jpg") and sources[1].endswith("/backpack.jpg")
+    for viewport in (PHONE, DESKTOP):  # each photo's × lies inside the gallery and the window
+        page.set_viewport_size(viewport)
+        page.locator("#subject-0-photos").scroll_into_view_if_needed()
+        gallery = page.locator("#subject-0-photos").bounding_box()
+        for button in page.locator("#subject-0-photos button[aria-label='Delete image']").all():
+            box = button.bounding_box()
+            assert gallery["y"] <= box["y"] and box["y"] + box["height"] <= gallery["y"] + gallery["height"]
+            assert gallery["x"] <= box["x"] and box["x"] + box["width"] <= gallery["x"] + gallery["width"]
+            assert 0 <= box["x"] and box["x"] + box["width"] <= viewport["width"]
     page.locator("#subject-0-photos button[aria-label='Delete image']").first.click()
     wait_for_thumbnails(page, 0, 1)
     assert thumbnails(page, 0).get_attribute("src").endswith("/backpack.jpg")
@@ -236,9 +271,8 @@ def test_a_box_typed_as_numbers_is_drawn_over_the_canvas_preview(browser, server
     page = browser.new_page()
     page.goto(server)
     page.fill("#subject-1-name textarea, #subject-1-name input", "teapot")
-    page.click("#subject-1-region button, #subject-1-region .label-wrap")  # open the region panel
-    for field, value in zip(("x0", "y0", "x1", "y1"), (32, 0, 64, 32), strict=True):
-        set_number(page, f"#subject-1-{field}", value)
+    open_region(page, 1)
+    type_box(page, 1, (32, 0, 64, 32))
     page.locator("#region-summary").get_by_text("box (32, 0, 64, 32)").wait_for()
     assert "'teapot'" in page.inner_text("#region-summary")
     preview = np.asarray(fetch_image(page, "#region-preview img")).astype(int)
@@ -284,9 +318,8 @@ def test_a_starved_subject_shows_its_warning_at_its_own_slot(browser, server):
     page = browser.new_page()
     page.goto(server)
     fill_subjects(page, "a cat wearing a backpack in Boston")
-    page.click("#subject-1-region button, #subject-1-region .label-wrap")
-    for field, value in zip(("x0", "y0", "x1", "y1"), (0, 0, 8, 8), strict=True):  # one latent cell
-        set_number(page, f"#subject-1-{field}", value)
+    open_region(page, 1)
+    type_box(page, 1, (0, 0, 8, 8))  # one latent cell
     page.locator("#region-summary").get_by_text("box (0, 0, 8, 8)").wait_for()
     page.click("#generate")
     warning = page.locator("#subject-1-warning")
@@ -372,9 +405,31 @@ def test_a_painted_region_reaches_the_preview_and_photos_stay_with_their_page(br
     with pytest.raises(urllib.error.HTTPError) as refused:  # any other client: refused
         urllib.request.urlopen(urllib.parse.urljoin(server, thumbnail), timeout=10)
     assert refused.value.code == 403
-    page.click("#subject-0-region button, #subject-0-region .label-wrap")  # open the region panel
-    page.click("#subject-0-painted button[aria-label='Brush']")
-    canvas = page.locator("#subject-0-painted canvas").first
+    open_region(page, 0)
+    type_box(page, 0, (0, 0, 32, 32))
+    page.locator("#region-summary").get_by_text("box (0, 0, 32, 32)").wait_for()
+    paint_stroke(page, 0)  # painting where a box is typed: the box makes way, with a note
+    page.locator("#region-summary").get_by_text("painted region (").wait_for()
+    assert "'cat': painted region (" in page.inner_text("#region-summary")
+    page.locator("#subject-0-region-note").get_by_text(BOX_CLEARED, exact=True).wait_for()  # as written
+    assert [page.input_value(box_field(0, field)) for field in ("x0", "y0", "x1", "y1")] == [""] * 4
+    page.fill(box_field(0, "x0"), "8")  # typing a box where a region is painted: the painting makes way
+    page.locator("#subject-0-region-note").get_by_text(PAINT_CLEARED, exact=True).wait_for()
+    type_box(page, 0, (8, 8, 40, 40))
+    page.locator("#region-summary").get_by_text("box (8, 8, 40, 40)").wait_for()
+    assert "painted region" not in page.inner_text("#region-summary")
+    page.fill("#prompt textarea", "a cat on a beach")
+    set_number(page, "#steps", 1)
+    page.click("#generate")
+    wait_for_result(page, 1)  # no "give a box or a painted region, not both"
+    assert "'cat' (box)" in page.inner_text("#status")
+    page.close()
+
+
+def paint_stroke(page, slot: int) -> None:
+    """A short horizontal brush stroke across the middle of a subject's canvas (its panel open)."""
+    page.click(f"#subject-{slot}-painted button[aria-label='Brush']")
+    canvas = page.locator(f"#subject-{slot}-painted canvas").first
     box = canvas.bounding_box()  # the drawing area sits in the middle of the editor
     y = box["y"] + box["height"] * 0.5
     page.mouse.move(box["x"] + box["width"] * 0.4, y)
@@ -382,6 +437,121 @@ def test_a_painted_region_reaches_the_preview_and_photos_stay_with_their_page(br
     for step in range(1, 11):
         page.mouse.move(box["x"] + box["width"] * (0.4 + 0.02 * step), y)
     page.mouse.up()
-    page.locator("#region-summary").get_by_text("painted region (").wait_for()
-    assert "'cat': painted region (" in page.inner_text("#region-summary")
+
+
+def test_opening_and_closing_a_region_panel_leaves_no_box(browser, server):
+    page = browser.new_page()
+    page.goto(server)
+    fill_subjects(page, "a cat wearing a backpack in Boston", steps=1)
+    open_region(page, 0)
+    page.locator(box_field(0, "x0")).wait_for()
+    assert [page.input_value(box_field(0, field)) for field in ("x0", "y0", "x1", "y1")] == [""] * 4
+    open_region(page, 0)  # closed again
+    page.click("#generate")
+    wait_for_result(page)
+    assert page.inner_text("#status").startswith("Generated 1 image")
+    assert "(box)" not in page.inner_text("#status")
+    assert page.inner_text("#subject-0-error") == ""
+    page.close()
+
+
+def wait_for_status(page, needle: str) -> str:
+    try:
+        page.locator("#status").get_by_text(needle).wait_for(timeout=60_000)
+    except Exception:
+        pytest.fail(f"the status did not say {needle!r}: {page.inner_text('#status')!r}")
+    return page.inner_text("#status")
+
+
+def test_numbers_out_of_range_are_refused_before_the_model_runs_with_the_clis_words(browser, server):
+    page = browser.new_page()
+    server_errors = []
+    page.on("response", lambda response: response.status >= 500 and server_errors.append(response.url))
+    page.goto(server)
+    fill_subjects(page, "a cat wearing a backpack in Boston", steps=1)
+    top = 2**64 - 1
+    for typed, shown in ((-5, "-5"), ("99999999999999999999", "100000000000000000000")):
+        set_number(page, "#seed", typed)
+        page.click("#generate")
+        status = wait_for_status(page, f"got {shown}")
+        assert status == f"Not generated. The seed must be an integer between 0 and {top}, got {shown}."
+    set_number(page, "#seed", 3)
+    set_number(page, "#width", 5000)  # past the slider's end: the field shows the size that runs
+    message = "The width must be a multiple of 16 between 32 and 96 pixels, got 5000: set to 96."
+    page.locator("#numbers-note").get_by_text(message).wait_for()
+    assert page.input_value("#width input[type=number]") == "96"
+    page.click("#generate")
+    wait_for_status(page, "Generated 1 image of 96×64 in 1 steps (seed 3,")
+    assert server_errors == []  # the preview's refresh too
+    page.fill("#subject-0-name textarea, #subject-0-name input", "**cat**")  # Markdown's bold, as text
+    page.click("#generate")
+    page.locator("#subject-0-error").get_by_text("'**cat**'").wait_for()
+    page.close()
+
+
+def test_results_are_shown_whole_at_their_aspect_ratio(browser, server, tmp_path):
+    page = browser.new_page()
+    page.goto(server)
+    page.click("#example-0")  # cat + backpack, no boxes
+    wait_for_thumbnails(page, 1, 1)
+    set_number(page, "#width", 96)
+    set_number(page, "#height", 32)
+    set_number(page, "#steps", 1)
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#history img').length === 1", timeout=60_000)
+    assert page.inner_text("#status").startswith("Generated 1 image of 96×32")
+    for selector in ("#images img", "#maps img", "#history img"):  # each shown item is the whole 3:1 image
+        for image in page.locator(selector).all():
+            image.scroll_into_view_if_needed()
+            box = image.bounding_box()
+            assert abs(box["width"] / box["height"] - 3) < 0.05, (selector, box)
+            assert image.evaluate("i => getComputedStyle(i).objectFit") == "contain"
+    save_screenshot(page, tmp_path, "desktop-96x32.png")
+    page.close()
+
+
+def test_a_photo_over_the_limit_is_named_with_the_limit_at_its_subject(browser, server, tmp_path):
+    page = browser.new_page()
+    page.goto(server)
+    big = tmp_path / "big.jpg"
+    big.write_bytes((ASSETS / "cat.jpg").read_bytes() + bytes(11 * 2**20))  # 11 MB; the limit is 10 MB
+    page.set_input_files("#subject-0-photos input[type=file]", str(big))
+    error = page.locator("#subject-0-error")
+    error.get_by_text("big.jpg is").wait_for(timeout=60_000)
+    size = f"{big.stat().st_size / 2**20:.1f} MB"
+    assert error.inner_text() == f"⚠ Photo of subject 1: big.jpg is {size}; the limit is 10.0 MB."
+    assert page.locator(".toast-body").count() == 0  # no bare "Error" pop-up
+    page.close()
+
+
+def test_the_phone_layout_keeps_labels_clear_and_captions_whole(browser, server, tmp_path):
+    page = browser.new_page()
+    page.set_viewport_size(PHONE)
+    page.goto(server)
+    open_region(page, 0)
+    label = page.locator("#subject-0-painted label[data-testid='block-label']")
+    label.wait_for()
+    assert "Painted region" in label.inner_text()
+    first = label.bounding_box()
+    tools = page.locator("#subject-0-painted button.icon-button").all()
+    assert tools  # pan, zoom, undo, redo, clear
+    for tool in tools:
+        other = tool.bounding_box()
+        apart = (
+            first["x"] + first["width"] <= other["x"]
+            or other["x"] + other["width"] <= first["x"]
+            or first["y"] + first["height"] <= other["y"]
+            or other["y"] + other["height"] <= first["y"]
+        )
+        assert apart, (tool.get_attribute("aria-label"), first, other)
+    page.click("#example-0")
+    wait_for_thumbnails(page, 1, 1)
+    set_number(page, "#steps", 1)
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#history img').length === 1", timeout=60_000)
+    widths = page.evaluate(
+        "() => [...document.querySelectorAll('#history .caption-label')].map(c => [c.scrollWidth, c.clientWidth])"
+    )
+    assert widths and all(scroll <= client for scroll, client in widths), widths
+    save_screenshot(page, tmp_path, "phone.png")
     page.close()

@@ -22,9 +22,11 @@ from mipadapter.web.handler import (
     default_guidance,
     generate,
     model_family,
+    page_number,
     painted_mask,
     parse_box,
     read_photo,
+    region_to_clear,
     slot_color,
 )
 
@@ -127,6 +129,31 @@ def test_parse_box():
     assert parse_box([0, 1, "2", 3.5]) == (0.0, 1.0, 2.0, 3.5)
     with pytest.raises(ValueError, match="all four box fields"):
         parse_box([0, None, 3, 4])
+    assert parse_box([" ", "", "  ", ""]) is None  # the page's text fields: blank is blank
+    assert parse_box([" 8", "0 ", "16", "32"]) == (8.0, 0.0, 16.0, 32.0)
+    with pytest.raises(ValueError, match="must be numbers"):
+        parse_box(["8", "0", "sixteen", "32"])
+
+
+def test_a_subject_keeps_one_region_the_one_changed_last():
+    painted = {"layers": [np.full((8, 8, 4), 255, np.uint8)]}
+    untouched = {"layers": [np.zeros((8, 8, 4), np.uint8)]}
+    box, half_typed = ["0", "0", "32", "32"], ["4", "", "", ""]
+    assert region_to_clear(box, painted, "painted") == "box"  # painting clears a box
+    assert region_to_clear(half_typed, painted, "box") == "painted"  # typing clears the painting
+    assert region_to_clear(box, untouched, "box") is None and region_to_clear(box, None, "painted") is None
+    assert region_to_clear(["", " ", None, ""], painted, "painted") is None
+    bomb = {"layers": [np.zeros((3000, 3000), np.uint8)]}  # unreadable here: the preview says why
+    assert region_to_clear(box, bomb, "painted", max_painted_pixels=1000) is None
+    with pytest.raises(ValueError, match="changed must be"):
+        region_to_clear(box, painted, "name")
+
+
+def test_page_numbers_are_made_exact_for_the_checks():
+    assert page_number(64.0) == 64 and type(page_number(64.0)) is int
+    assert page_number(1e20) == 10**20  # a 20-digit seed reaches the check whole, and is refused
+    assert page_number(4.5) == 4.5 and page_number(None) is None and page_number(-5) == -5
+    assert page_number(float("nan")) != page_number(float("nan"))  # NaN passes on, to be refused
 
 
 def unreadable(tmp_path) -> str:
@@ -234,6 +261,32 @@ ERRORS = [
         "give a box or a painted region, not both",
     ),
     ("no prompt", lambda tmp: two_subjects(), {"prompt": "  "}, {}, None, "Write a prompt"),
+    # issue 20: numbers typed into the page's fields, refused with the CLI's messages before the model runs
+    (
+        "width typed past the slider",
+        lambda tmp: two_subjects(),
+        {"width": 5000},
+        {},
+        None,
+        "The width must be a multiple of 16 between 32 and 96 pixels, got 5000.",
+    ),
+    (
+        "a 20-digit seed",
+        lambda tmp: two_subjects(),
+        {"seed": 10**20},
+        {},
+        None,
+        f"The seed must be an integer between 0 and {2**64 - 1}, got {10**20}.",
+    ),
+    ("a blank step count", lambda tmp: two_subjects(), {"steps": None}, {}, None, "got None."),
+    (
+        "a fractional image count",
+        lambda tmp: two_subjects(),
+        {"num_images": 1.5},
+        {},
+        None,
+        "Images must be an integer between 1 and 4, got 1.5.",
+    ),
     ("no subject", lambda tmp: [SubjectForm(), SubjectForm()], {}, {}, None, "Add at least one subject"),
     (
         "size off the grid",

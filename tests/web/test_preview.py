@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mipadapter.web.handler import SubjectForm, slot_color
+from mipadapter.web.handler import Limits, SubjectForm, slot_color
 from mipadapter.web.preview import (
     BACKGROUND,
     FILL_ALPHA,
@@ -14,6 +14,7 @@ from mipadapter.web.preview import (
     PAINT_ALPHA,
     PREVIEW_SIDE,
     canvas_size,
+    preview_size,
     region_preview,
 )
 
@@ -103,3 +104,16 @@ def test_unfinished_boxes_are_not_drawn_and_the_summary_says_why(box, reason):
     drawn = region_preview([SubjectForm("dog", box=box)], 64, 64)
     assert np.all(np.asarray(drawn.image) == BACKGROUND)
     assert drawn.summary.startswith("**1** 'dog': box not drawn (") and reason in drawn.summary
+
+
+def test_the_preview_draws_only_sizes_that_would_run():
+    limits = Limits(min_side=32, max_side=96, side_multiple=16)
+    assert preview_size(96, 32, 64, limits) == ((96, 32), None)
+    size, refused = preview_size(5000, 32, 64, limits)  # typed past the slider: said, not an HTTP error
+    assert size == (64, 64)
+    assert refused == (
+        "The width must be a multiple of 16 between 32 and 96 pixels, got 5000: nothing is generated at that size."
+    )
+    assert preview_size(64, None, 64, limits)[1].startswith("The height must be a multiple of 16")
+    small = Limits(min_side=32, max_side=96, side_multiple=16, max_output_pixels=64 * 64)
+    assert preview_size(96, 96, 64, small)[1].startswith("the output size 96×96 is")

@@ -160,6 +160,7 @@ def test_the_region_editor_keeps_layers_undecoded_and_bounded(need, bomb, decode
 def test_the_preview_refuses_a_painted_bomb_through_gradios_own_processing(need, pipe, bomb, decoded):
     need("gradio")
     from gradio.components.image_editor import AcceptBlobs
+    from gradio.events import EventData
 
     import mipadapter.web.app as web
 
@@ -172,7 +173,8 @@ def test_the_preview_refuses_a_painted_bomb_through_gradios_own_processing(need,
     inputs = [2, 64, 64, "cat", None, None, None, None, {"id": "p"}] + ["", None, None, None, None, None] * 3
     tracemalloc.start()
     try:
-        output = asyncio.run(app.process_api(fn, inputs, request=None))
+        event = EventData(editor, {})  # the page sends its event's data: here a stroke on the editor
+        output = asyncio.run(app.process_api(fn, inputs, request=None, event_data=event))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

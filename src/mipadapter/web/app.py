@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -19,27 +20,35 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from types import MethodType
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check
 
 import gradio as gr  # noqa: E402
 
 from mipadapter.config import MultiImageMode, RegionMode  # noqa: E402
+from mipadapter.limits import LimitError, check_images, check_scale, check_side, check_steps  # noqa: E402
 from mipadapter.web.editor import region_editor  # noqa: E402
 from mipadapter.web.guard import RequestGuard, is_loopback  # noqa: E402
 from mipadapter.web.handler import (  # noqa: E402
+    BOX_CLEARED,
+    PAINT_CLEARED,
     GenerateRequest,
     Limits,
     SubjectForm,
+    check_upload_size,
     default_guidance,
     generate,
     model_family,
     native_side,
     offered_rules,
+    on_slider,
+    page_number,
+    region_to_clear,
     slot_color,
     takes_true_cfg,
 )
-from mipadapter.web.preview import region_preview  # noqa: E402
+from mipadapter.web.preview import preview_size, region_preview  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +70,40 @@ CSS = """
 #images .fixed-height, #maps .fixed-height, #history .fixed-height {
   min-height: 160px !important; max-height: none !important;
 }
+/* the editor's label stays clear of its toolbar (top right) at a phone's width */
+.region-editor label[data-testid="block-label"] {
+  max-width: 38%; overflow: hidden; text-overflow: ellipsis; white-space: nowrap;
+}
+#history .caption-label { white-space: normal !important; overflow: visible !important; }
+/* every result whole, at its own aspect ratio (a 96×32 image is not cut to its middle third) */
+#images .thumbnail-item, #maps .thumbnail-item, #history .thumbnail-item {
+  aspect-ratio: auto !important; height: auto !important;
+}
+#images .thumbnail-item img, #maps .thumbnail-item img, #history .thumbnail-item img {
+  width: 100% !important; height: auto !important; object-fit: contain !important;
+}
 """
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$&])")
+
+
+def plain(text: str) -> str:
+    """``text`` for a Markdown field, shown as written: every character Markdown (or HTML) would act on is
+    escaped, so that ``0..2**64-1`` or a subject called ``_cat_`` shows as it is."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def _unchecked_preprocess(component, payload):
+    return page_number(payload)
+
+
+def unchecked(component):
+    """A number field or slider whose value reaches the handler as typed, out of range or not: Gradio's
+    own check would answer a typed 5000 with an HTTP error (or a bare "Error"), while the handler refuses
+    it with the CLI's message, before the model runs. Whole floats become ints (``page_number``)."""
+    component.preprocess = MethodType(_unchecked_preprocess, component)
+    return component
 
 
 def _hex(color: tuple[int, int, int]) -> str:
@@ -165,7 +207,7 @@ _SHOW_PENDING = (
     + """
   const waiting = window.mipadapterPending - 1;
   if (note) note.textContent = waiting > 0
-    ? `⏳ 1 generation running, ${waiting} waiting in the queue (yours run one at a time, in the order `
+    ? `Queue: 1 generation running, ${waiting} waiting in the queue (yours run one at a time, in the order `
       + `you clicked; your last click is number ${window.mipadapterPending} in line).`
     : "";
 """
@@ -196,14 +238,16 @@ class _Slot:
                     elem_id=f"subject-{index}-name",
                     scale=2,
                 )
-                self.strength = gr.Slider(
-                    0.0,
-                    1.5,
-                    value=default_scale,
-                    step=0.05,
-                    label="Strength",
-                    elem_id=f"subject-{index}-strength",
-                    scale=1,
+                self.strength = unchecked(
+                    gr.Slider(
+                        0.0,
+                        1.5,
+                        value=default_scale,
+                        step=0.05,
+                        label="Strength",
+                        elem_id=f"subject-{index}-strength",
+                        scale=1,
+                    )
                 )
             self.photos = gr.Gallery(
                 label="Photos (one or more; × removes one)",
@@ -212,7 +256,7 @@ class _Slot:
                 interactive=True,
                 columns=4,
                 fit_columns=False,
-                height=130,
+                height="auto",  # a fixed height hid each photo's × below the thumbnails' bottom edge
                 object_fit="contain",
                 allow_preview=False,
                 buttons=[],
@@ -221,17 +265,26 @@ class _Slot:
                 elem_classes=["subject-photos"],
             )
             with gr.Accordion(
-                "Region (optional): a box, or paint where it goes",
+                "Region (optional): a box in output pixels, or paint where it goes",
                 open=False,
                 elem_id=f"subject-{index}-region",
             ) as self.region:
                 with gr.Row():
+                    # text fields, not gr.Number: Gradio's number field turns blank into 0 when it is first
+                    # shown, which made opening this panel set a box of 0, 0, 0, 0
                     self.box = [
-                        gr.Number(label=label, value=None, precision=0, elem_id=f"subject-{index}-{label}")
+                        gr.Textbox(
+                            label=label,
+                            value="",
+                            max_lines=1,
+                            placeholder="pixels",
+                            elem_id=f"subject-{index}-{label}",
+                            min_width=60,
+                        )
                         for label in ("x0", "y0", "x1", "y1")
                     ]
                 self.painted = region_editor(
-                    label="Painted region (the canvas stands for the output image)",
+                    label="Painted region",  # short: a phone's toolbar sits beside it
                     type="numpy",
                     sources=[],
                     canvas_size=(256, 256),
@@ -241,6 +294,10 @@ class _Slot:
                     brush=gr.Brush(colors=[color], color_mode="fixed", default_size=24),
                     height=300,
                     elem_id=f"subject-{index}-painted",
+                    elem_classes=["region-editor"],
+                )
+                self.region_note = gr.Markdown(
+                    "", elem_id=f"subject-{index}-region-note", elem_classes=["subject-warning"]
                 )
             self.error = gr.Markdown("", elem_id=f"subject-{index}-error", elem_classes=["subject-error"])
             self.warning = gr.Markdown(
@@ -253,12 +310,12 @@ class _Slot:
 
     @property
     def fields(self) -> list:
-        """What a reset sets: the inputs, then the two message lines."""
-        return [*self.inputs, self.error, self.warning]
+        """What a reset sets: the inputs, then the three message lines."""
+        return [*self.inputs, self.error, self.warning, self.region_note]
 
     def blank(self, strength: float) -> list:
         """Values of ``fields`` for an empty slot."""
-        return ["", None, strength, None, None, None, None, None, "", ""]
+        return ["", None, strength, "", "", "", "", None, "", "", ""]
 
     def form(self, values: dict) -> SubjectForm:
         return SubjectForm(
@@ -348,34 +405,43 @@ def build_app(
                         elem_id="rule",
                     )
                     with gr.Row():
-                        seed = gr.Number(420, label="Seed", precision=0, elem_id="seed")
-                        steps = gr.Slider(
-                            1,
-                            limits.max_steps,
-                            value=min(default_steps, limits.max_steps),
-                            step=1,
-                            label="Steps",
-                            elem_id="steps",
+                        seed = unchecked(gr.Number(420, label="Seed", precision=0, elem_id="seed"))
+                        steps = unchecked(
+                            gr.Slider(
+                                1,
+                                limits.max_steps,
+                                value=min(default_steps, limits.max_steps),
+                                step=1,
+                                label="Steps",
+                                elem_id="steps",
+                            )
                         )
                     with gr.Row():
-                        width = gr.Slider(
-                            limits.min_side,
-                            limits.max_side,
-                            value=side,
-                            step=limits.side_multiple,
-                            label="Width",
-                            elem_id="width",
+                        width = unchecked(
+                            gr.Slider(
+                                limits.min_side,
+                                limits.max_side,
+                                value=side,
+                                step=limits.side_multiple,
+                                label="Width",
+                                elem_id="width",
+                            )
                         )
-                        height = gr.Slider(
-                            limits.min_side,
-                            limits.max_side,
-                            value=side,
-                            step=limits.side_multiple,
-                            label="Height",
-                            elem_id="height",
+                        height = unchecked(
+                            gr.Slider(
+                                limits.min_side,
+                                limits.max_side,
+                                value=side,
+                                step=limits.side_multiple,
+                                label="Height",
+                                elem_id="height",
+                            )
                         )
-                    num_images = gr.Slider(
-                        1, limits.max_images, value=1, step=1, label="Images", elem_id="num-images"
+                    num_images = unchecked(
+                        gr.Slider(1, limits.max_images, value=1, step=1, label="Images", elem_id="num-images")
+                    )
+                    numbers_note = gr.Markdown(
+                        "", elem_id="numbers-note", elem_classes=["subject-warning"], padding=True
                     )
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                     flux = takes_true_cfg(pipe)
@@ -388,32 +454,38 @@ def build_app(
                         elem_id="negative-prompt",
                     )
                     true_cfg = (
-                        gr.Number(
-                            1.0,
-                            label="True CFG (FLUX: 1 = off; above 1 a second pass against the negative prompt, "
-                            "diffusers' XLabs example uses 4)",
-                            minimum=1,
-                            maximum=limits.max_guidance,
-                            elem_id="true-cfg",
+                        unchecked(
+                            gr.Number(
+                                1.0,
+                                label="True CFG (FLUX: 1 = off; above 1 a second pass against the negative prompt, "
+                                "diffusers' XLabs example uses 4)",
+                                minimum=1,
+                                maximum=limits.max_guidance,
+                                elem_id="true-cfg",
+                            )
                         )
                         if flux
                         else None
                     )
                     with gr.Row():
-                        guidance = gr.Number(
-                            default_guidance(pipe),
-                            label="Guidance (the model's default shown)",
-                            minimum=0,
-                            maximum=limits.max_guidance,
-                            elem_id="guidance",
+                        guidance = unchecked(
+                            gr.Number(
+                                default_guidance(pipe),
+                                label="Guidance (the model's default shown)",
+                                minimum=0,
+                                maximum=limits.max_guidance,
+                                elem_id="guidance",
+                            )
                         )
-                        default_strength = gr.Number(
-                            config.default_scale,
-                            label="Image scale (sets every subject's strength)",
-                            minimum=0,
-                            maximum=1.5,
-                            step=0.05,
-                            elem_id="default-strength",
+                        default_strength = unchecked(
+                            gr.Number(
+                                config.default_scale,
+                                label="Image scale (sets every subject's strength)",
+                                minimum=0,
+                                maximum=1.5,
+                                step=0.05,
+                                elem_id="default-strength",
+                            )
                         )
                     with gr.Row():
                         region_mode = gr.Radio(
@@ -437,6 +509,7 @@ def build_app(
                     label="Images" + (" (a saved PNG carries its recipe)" if record is not None else ""),
                     columns=2,
                     height="auto",
+                    object_fit="contain",  # every image whole, whatever its aspect ratio
                     format="png",
                     buttons=["download", "download_all", "fullscreen"],
                     elem_id="images",
@@ -447,6 +520,7 @@ def build_app(
                     + (": off, the UNet is compiled" if compiled else ""),
                     columns=2,
                     height="auto",
+                    object_fit="contain",  # every image whole, whatever its aspect ratio
                     format="png",
                     buttons=["download", "fullscreen"],
                     elem_id="maps",
@@ -457,6 +531,7 @@ def build_app(
                     columns=4,
                     fit_columns=False,
                     height="auto",
+                    object_fit="contain",  # every image whole, whatever its aspect ratio
                     format="png",
                     buttons=["download", "fullscreen"],
                     elem_id="history",
@@ -477,11 +552,12 @@ def build_app(
                 prompt=values[prompt] or "",
                 subjects=[slot.form(values) for slot in slots[:shown]],
                 rule=values[rule],
-                seed=int(values[seed] if values[seed] is not None else 420),
-                steps=int(values[steps]),
-                width=int(values[width]),
-                height=int(values[height]),
-                num_images=int(values[num_images]),
+                # as typed: the handler refuses what the CLI refuses, with its message, before the model runs
+                seed=420 if values[seed] is None else page_number(values[seed]),
+                steps=page_number(values[steps]),
+                width=page_number(values[width]),
+                height=page_number(values[height]),
+                num_images=page_number(values[num_images]),
                 negative_prompt=values[negative_prompt] or "",  # empty: none (the preset's is shown)
                 guidance=values[guidance],
                 region_mode=values[region_mode],
@@ -512,19 +588,19 @@ def build_app(
                     logger.exception("generation failed")
                     message = f"Generation failed: {type(error).__name__}: {error}"
                     shown = page_history.add(page, [], "")
-                    return {images: [], maps: [], status: f"**{message}**", history: shown, **cleared}
+                    return {images: [], maps: [], status: f"**{plain(message)}**", history: shown, **cleared}
             outputs = {
                 images: result.images,
                 maps: result.maps,
-                status: result.status if result.ok else f"**{result.status}**",
+                status: plain(result.status) if result.ok else f"**{plain(result.status)}**",
                 history: page_history.add(page, result.images, f"seed {asked.seed}"),
                 **cleared,
             }
             for index, (error, warning) in enumerate(zip(errors, warnings, strict=True)):
                 if index in result.subject_errors:
-                    outputs[error] = f"⚠ {result.subject_errors[index]}"
+                    outputs[error] = f"⚠ {plain(result.subject_errors[index])}"
                 if index in result.subject_warnings:
-                    outputs[warning] = f"⚠ Warning: {result.subject_warnings[index]}"
+                    outputs[warning] = f"⚠ Warning: {plain(result.subject_warnings[index])}"
             return outputs
 
         run.click(None, js=QUEUE_CLICK_JS, queue=False, trigger_mode="multiple", api_visibility="private")
@@ -544,23 +620,42 @@ def build_app(
         region_inputs = [count, width, height]
         region_inputs += [c for slot in slots for c in (slot.name, *slot.box, slot.painted)]
 
-        def on_region_change(shown, out_width, out_height, *fields):
+        def on_region_change(event: gr.EventData, shown, out_width, out_height, *fields):
+            """Redraw the preview; a box typed where a region is painted (or the reverse) clears the other."""
             per_slot = len(fields) // len(slots)
-            forms = []
-            for index in range(shown):
-                name, x0, y0, x1, y1, painted = fields[index * per_slot : (index + 1) * per_slot]
-                forms.append(SubjectForm(name=name or "", box=[x0, y0, x1, y1], painted=painted))
-            drawn = region_preview(
-                forms, int(out_width), int(out_height), max_painted_pixels=limits.max_painted_pixels
-            )
-            return drawn.image, drawn.summary
+            outputs, forms = {}, []
+            target = getattr(event.target, "elem_id", None)
+            for index, slot in enumerate(slots[:shown]):
+                name, *box, painted = fields[index * per_slot : (index + 1) * per_slot]
+                changed = (  # by elem_id: the target Gradio passes is a copy of the component, not it
+                    "painted"
+                    if target == slot.painted.elem_id
+                    else "box"
+                    if target in (field.elem_id for field in slot.box)
+                    else None
+                )
+                clear = changed and region_to_clear(box, painted, changed, limits.max_painted_pixels)
+                if clear == "box":
+                    outputs.update({field: "" for field in slot.box})
+                    outputs[slot.region_note] = plain(BOX_CLEARED)
+                    box = [""] * 4
+                elif clear == "painted":
+                    outputs[slot.painted] = painted = None
+                    outputs[slot.region_note] = plain(PAINT_CLEARED)
+                # otherwise the note stays: clearing a field changes it too, and the note would flash
+                forms.append(SubjectForm(name=name or "", box=box, painted=painted))
+            size, refused = preview_size(out_width, out_height, side, limits)
+            drawn = region_preview(forms, *size, max_painted_pixels=limits.max_painted_pixels)
+            summary = drawn.summary if refused is None else f"{plain(refused)}  \n{drawn.summary}"
+            return {preview: drawn.image, preview_summary: summary, **outputs}
 
         # what every change of the subjects' slots (adding, removing, an example) runs after itself; in
         # the queue, one at a time (it decodes painted layers), never beside it through the REST routes
         refresh_preview = dict(
             fn=on_region_change,
             inputs=region_inputs,
-            outputs=[preview, preview_summary],
+            outputs=[preview, preview_summary]
+            + [c for slot in slots for c in (*slot.box, slot.painted, slot.region_note)],
             queue=True,
             concurrency_limit=1,
             concurrency_id="preview",
@@ -573,6 +668,56 @@ def build_app(
             for trigger in (slot.name.change, *(number.change for number in slot.box), slot.painted.change)
         ]
         gr.on(region_triggers, **refresh_preview, trigger_mode="always_last")
+
+        def keeps_to_its_scale(slider, check, note):
+            """A number typed into ``slider`` off its scale is replaced by the nearest one on it (what the
+            slider itself would send), and ``note`` says so in the CLI's words (``check``'s message)."""
+
+            def snap(value):
+                try:
+                    check(page_number(value))
+                except LimitError as error:
+                    nearest = on_slider(value, slider.minimum, slider.maximum, slider.step)
+                    return nearest, plain(f"{error}: set to {nearest:g}.")
+                return gr.update(), gr.update()  # the note stays: the value it set changes the field too
+
+            slider.change(snap, inputs=slider, outputs=[slider, note], queue=False, api_visibility="private")
+
+        for slider, check in (
+            (width, lambda value: check_side(value, "The width", limits)),
+            (height, lambda value: check_side(value, "The height", limits)),
+            (steps, lambda value: check_steps(value, "Steps", limits)),
+            (num_images, lambda value: check_images(value, "Images", limits)),
+        ):
+            keeps_to_its_scale(slider, check, numbers_note)
+        for index, slot in enumerate(slots):
+            keeps_to_its_scale(
+                slot.strength,
+                lambda value, index=index: check_scale(value, f"The strength of subject {index + 1}", limits),
+                slot.warning,
+            )
+
+        def photos_checker(index: int):
+            def check(photos):
+                """A photo over the size limit is named at its subject as soon as it is uploaded."""
+                problems = []
+                for path in gallery_paths(photos):
+                    try:
+                        check_upload_size(path, limits)
+                    except ValueError as error:
+                        problems.append(f"Photo of subject {index + 1}: {error}.")
+                return f"⚠ {plain(' '.join(problems))}" if problems else ""
+
+            return check
+
+        for index, slot in enumerate(slots):
+            slot.photos.upload(
+                photos_checker(index),
+                inputs=slot.photos,
+                outputs=slot.error,
+                queue=False,
+                api_visibility="private",
+            )
 
         def on_default_strength(value):
             value = config.default_scale if value is None else value
@@ -634,7 +779,8 @@ def build_app(
                         values += slot.blank(strength)
                         continue
                     name, photo, box = chosen[index]
-                    values += [name, [str(photo)], strength, *(box if box else [None] * 4), None, "", ""]
+                    box_text = [str(value) for value in box] if box else [""] * 4
+                    values += [name, [str(photo)], strength, *box_text, None, "", "", ""]
                 return values + [[], [], "", side, side]  # boxes are in pixels of the native size
 
             button.click(
@@ -679,7 +825,9 @@ def launch(
     from ``limits``; uploads served only to their session);
     queued events (generation, preview) are reachable only through the queue, not the REST routes.
     block: keep serving until interrupted by Ctrl+C or SIGTERM (otherwise return at once, the server
-    running in a thread).
+    running in a thread). max_file_size: the largest photo; a larger one is taken up to the session's
+    upload budget (``limits.max_session_upload_bytes``) so that the page says why it is refused (the
+    handler's "N MB; the limit is …" at its subject) instead of Gradio's bare "Error".
     """
     from starlette.middleware import Middleware
 
@@ -692,7 +840,7 @@ def launch(
     _, url, _ = app.launch(
         server_name=host,
         server_port=port,
-        max_file_size=max_file_size,
+        max_file_size=max(max_file_size, (limits or Limits()).max_session_upload_bytes),
         allowed_paths=[str(EXAMPLES)],
         share=False,
         ssr_mode=False,

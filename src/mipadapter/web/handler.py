@@ -51,6 +51,32 @@ def default_guidance(pipe) -> float | None:
     return None if value is None else float(value)
 
 
+def page_number(value: Any) -> Any:
+    """A number as the page's field sends it, made exact for the checks: a whole float (JSON's ``64.0``,
+    ``1e20``) becomes an int; anything else (None, 4.5, NaN, text) is passed on unchanged, for the checks
+    to refuse with the CLI's message."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+def on_slider(value: Any, minimum: float, maximum: float, step: float) -> int | float:
+    """The value a slider from ``minimum`` to ``maximum`` in steps of ``step`` holds nearest to ``value``
+    (clamped to its ends, rounded to its steps; its minimum for what is no number): what the page's
+    slider sends when a number typed into it is off its scale, shown in the field instead."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        return page_number(float(minimum))
+    steps = round((min(max(number, minimum), maximum) - minimum) / step)
+    nearest = minimum + steps * step
+    if nearest > maximum:  # a scale whose end is off its steps
+        nearest -= step
+    return page_number(round(float(nearest), 10))
+
+
 def slot_color(slot: int) -> tuple[int, int, int]:
     """The colour of subject slot ``slot`` (0-based): its title, its region and its routing maps."""
     from mipadapter.figures import PALETTE
@@ -177,7 +203,7 @@ def is_blank(form: SubjectForm, max_painted_pixels: int | None = Limits.max_pain
     if (
         (form.name or "").strip()
         or list(form.photos or ())
-        or any(value not in (None, "") for value in (form.box or ()))
+        or any(str(value).strip() for value in (form.box or ()) if value is not None)
     ):
         return False
     try:
@@ -198,6 +224,20 @@ def photo_path(item: Any) -> Path | None:
     return Path(getattr(item, "path", None) or getattr(item, "name", None) or item)
 
 
+def check_upload_size(item: Any, limits: Limits) -> str:
+    """An uploaded file's size within ``limits.max_upload_bytes``; its name (the person's, not the upload
+    folder's). Raises ValueError ("cat.jpg is 11.0 MB; the limit is 10.0 MB") otherwise."""
+    path = photo_path(item)
+    label = path.name
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise ValueError(f"{label} could not be read (the upload is missing)") from None
+    if size > limits.max_upload_bytes:
+        raise ValueError(f"{label} is {_bytes(size)}; the limit is {_bytes(limits.max_upload_bytes)}")
+    return label
+
+
 def read_photo(item: Any, limits: Limits):
     """An uploaded file (path, or an object with ``.name``/``.path``) or PIL image → RGB PIL image, upright
     (EXIF) and at full size: the same pixels ``mipadapter generate`` reads from that file, so that a
@@ -213,13 +253,7 @@ def read_photo(item: Any, limits: Limits):
         image, label = item, "a photo"
         width, height = image.size
     else:
-        label = path.name
-        try:
-            size = path.stat().st_size
-        except OSError:
-            raise ValueError(f"{label} could not be read (the upload is missing)") from None
-        if size > limits.max_upload_bytes:
-            raise ValueError(f"{label} is {_bytes(size)}; the limit is {_bytes(limits.max_upload_bytes)}")
+        label = check_upload_size(item, limits)
         try:
             width, height = photo_size(path, label, max_pixels=None)
         except (PhotoError, FileNotFoundError):
@@ -238,7 +272,7 @@ def read_photo(item: Any, limits: Limits):
 
 def parse_box(values: Sequence[Any] | None) -> tuple[float, float, float, float] | None:
     """Four box fields → ``(x0, y0, x1, y1)``; all blank → None. Raises ValueError if only some are filled."""
-    values = list(values or ())
+    values = [value.strip() if isinstance(value, str) else value for value in values or ()]
     if not any(value not in (None, "") for value in values):
         return None
     if len(values) != 4 or any(value in (None, "") for value in values):
@@ -250,6 +284,36 @@ def parse_box(values: Sequence[Any] | None) -> tuple[float, float, float, float]
     if not all(math.isfinite(value) for value in box):
         raise ValueError(f"the box fields must be finite numbers, got {values}")
     return box  # type: ignore[return-value]
+
+
+BOX_CLEARED = "The box was cleared: a subject takes a box or a painted region, and you painted one."
+PAINT_CLEARED = (
+    "The painted region was cleared: a subject takes a box or a painted region, and you typed a box."
+)
+
+
+def region_to_clear(
+    box: Sequence[Any] | None,
+    painted: Any,
+    changed: str,
+    max_painted_pixels: int | None = Limits.max_painted_pixels,
+) -> str | None:
+    """Which of a slot's two ways of giving a region must make way after the person changed one of them
+    (``changed``: ``"box"`` or ``"painted"``): the other one, when both are now set; None otherwise.
+
+    A subject has a box or a painted region, never both: the page clears the older one (with a note)
+    rather than refuse the request. A box counts as set when any of its fields holds something (even
+    half-typed); a painted layer that cannot be read clears nothing (the preview says why)."""
+    if changed not in ("box", "painted"):
+        raise ValueError(f"changed must be 'box' or 'painted', got {changed!r}")
+    typed = any(str(value).strip() for value in (box or ()) if value is not None)
+    try:
+        painted_set = painted_mask(painted, max_painted_pixels) is not None
+    except ValueError:
+        painted_set = False
+    if not (typed and painted_set):
+        return None
+    return "painted" if changed == "box" else "box"
 
 
 def _layer_array(layer: Any, max_pixels: int | None) -> np.ndarray:
@@ -401,12 +465,23 @@ def generate(
     if not prompt:
         problems.add(None, "Write a prompt that names each subject.")
 
-    width = request.width or native_side(pipe)
-    height = request.height or native_side(pipe)
-    checks = (  # the same checks (and messages) as mipadapter generate's, with this server's limits
-        lambda: check_side(width, "The width", limits),
-        lambda: check_side(height, "The height", limits),
-        lambda: check_output_pixels(width, height, limits),
+    width = native_side(pipe) if request.width is None else request.width
+    height = native_side(pipe) if request.height is None else request.height
+    # the same checks (and messages) as mipadapter generate's, with this server's limits
+    size_problems = []
+    for value, what in ((width, "The width"), (height, "The height")):
+        try:
+            check_side(value, what, limits)
+        except LimitError as error:
+            size_problems.append(f"{error}.")
+    if not size_problems:  # two whole sides: their product
+        try:
+            check_output_pixels(width, height, limits)
+        except LimitError as error:
+            size_problems.append(f"{error}.")
+    for message in size_problems:
+        problems.add(None, message)
+    checks = (
         lambda: check_steps(request.steps, "Steps", limits),
         lambda: check_images(request.num_images, "Images", limits),
         lambda: check_seed(request.seed, "The seed"),

@@ -35,6 +35,19 @@ def canvas_size(width: int, height: int, side: int = PREVIEW_SIDE) -> tuple[int,
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def preview_size(width, height, side: int, limits: Limits) -> tuple[tuple[int, int], str | None]:
+    """The output size the preview draws for the page's width and height fields, and why not those
+    (the handler's own message, the CLI's wording) when they would be refused: then ``side``×``side``."""
+    from mipadapter.limits import LimitError, check_output_pixels, check_side
+
+    try:
+        size = check_side(width, "The width", limits), check_side(height, "The height", limits)
+        check_output_pixels(*size, limits)
+    except LimitError as error:
+        return (side, side), f"{error}: nothing is generated at that size."
+    return size, None
+
+
 def _tint(canvas: Image.Image, coverage: np.ndarray, color: tuple[int, int, int]) -> Image.Image:
     """Blend ``color`` into ``canvas`` by ``coverage`` ([H, W] in [0, 1], the canvas's size)."""
     base = np.asarray(canvas, dtype=np.float32)
