@@ -31,6 +31,7 @@ __all__ = [
     "RunMismatchError",
     "check_same_models",
     "describe_identity",
+    "dotted_keys",
     "file_sha256",
     "folder_fingerprint",
     "source_identity",
@@ -150,3 +151,15 @@ def check_same_models(folder: str | os.PathLike, recorded: Mapping[str, Any] | N
                 f"run folder {str(folder)!r} was made with {what} {describe_identity(old)}, "
                 f"this call gives {describe_identity(new)}"
             )
+
+
+def dotted_keys(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings mapping as ``{"optim.learning_rate": value, ...}``: how a run record's settings
+    are compared key by key and named in a refusal."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

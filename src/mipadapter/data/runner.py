@@ -104,16 +104,6 @@ def _done_path(output: Path, shard: str) -> Path:
     return output / "shards" / f"{shard}.done.json"
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _produced_anything(output: Path) -> bool:
     """Whether a run folder holds a finished shard."""
     return any((output / "shards").glob("*.done.json"))
@@ -127,7 +117,7 @@ def _check_run_file(
     finished yet, and ``run.json``'s ``changes`` records it with the shards finished before it). A folder
     with no finished shard yet starts again with what it is given (its partial shard outputs go).
     write: False only checks (every rank, before the main process writes)."""
-    from mipadapter.provenance import check_same_models
+    from mipadapter.provenance import check_same_models, dotted_keys
 
     path = output / "run.json"
     if path.exists() and not _produced_anything(output) and write:
@@ -153,7 +143,7 @@ def _check_run_file(
             f"output folder {str(output)!r} holds a run with other {', '.join(fixed)}; use a new --output, "
             "or the same input to resume"
         )
-    old, new = _flat(previous.get("config", {})), _flat(run.get("config", {}))
+    old, new = dotted_keys(previous.get("config", {})), dotted_keys(run.get("config", {}))
     changed = [
         {"key": k, "old": old.get(k), "new": new.get(k)} for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
     ]

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mipadapter.provenance import dotted_keys
 from mipadapter.training.config import ModelConfig, TrainConfig
 
 __all__ = [
@@ -68,16 +69,6 @@ FREE = (
 )
 
 
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _changeable(key: str) -> bool:
     return any(key == name or (name.endswith(".") and key.startswith(name)) for name in CHANGEABLE)
 
@@ -101,8 +92,8 @@ def check_changes(
     Refuses, in one line, changes not in ``allowed`` (naming every such key with its old and new value),
     and allowed ones the loop cannot apply at a resumed step; an allowed key that did not change is named
     too (a typo would otherwise pass unnoticed)."""
-    old = _flat({k: v for k, v in recorded.items() if k not in ("models", "changes")})
-    new = _flat(config.to_dict())
+    old = dotted_keys({k: v for k, v in recorded.items() if k not in ("models", "changes")})
+    new = dotted_keys(config.to_dict())
     changed = [
         {"key": key, "old": old.get(key), "new": new.get(key)}
         for key in sorted(set(old) | set(new))
