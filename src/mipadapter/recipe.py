@@ -574,30 +574,25 @@ def _region_ok(region) -> bool:
     return isinstance(region, list) and len(region) == 4 and all(_is_number(v) for v in region)
 
 
+def _int_in(low: int, high: int) -> tuple[str, Any]:
+    """A field rule: an integer in ``low..high`` (its description and its test)."""
+    return f"an integer in {low}..{high}", lambda v: _is_int(v) and low <= v <= high
+
+
+def _number_in(low: float, high: float) -> tuple[str, Any]:
+    """A field rule: a finite number in ``[low, high]``."""
+    return f"a finite number in {low:g}..{high:g}", lambda v: _is_number(v) and low <= v <= high
+
+
 _FIELDS: dict[str, tuple[str, Any]] = {  # bounds: what --allow-large permits (limits.LARGE_LIMITS)
     "prompt": ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())),
     "negative_prompt": ("a string or null", lambda v: v is None or isinstance(v, str)),
     "seed": ("an integer in 0..2**64-1", lambda v: _is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1]),
-    "steps": (
-        f"an integer in 1..{LARGE_LIMITS.max_steps}",
-        lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_steps,
-    ),
-    "guidance": (
-        f"a finite number in 0..{LARGE_LIMITS.max_guidance:g}",
-        lambda v: _is_number(v) and 0 <= v <= LARGE_LIMITS.max_guidance,
-    ),
-    "height": (
-        f"an integer in 1..{LARGE_LIMITS.max_side}",
-        lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_side,
-    ),
-    "width": (
-        f"an integer in 1..{LARGE_LIMITS.max_side}",
-        lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_side,
-    ),
-    "num_images": (
-        f"an integer in 1..{LARGE_LIMITS.max_images}",
-        lambda v: _is_int(v) and 1 <= v <= LARGE_LIMITS.max_images,
-    ),
+    "steps": _int_in(1, LARGE_LIMITS.max_steps),
+    "guidance": _number_in(0, LARGE_LIMITS.max_guidance),
+    "height": _int_in(1, LARGE_LIMITS.max_side),
+    "width": _int_in(1, LARGE_LIMITS.max_side),
+    "num_images": _int_in(1, LARGE_LIMITS.max_images),
     "image_index": ("an integer ≥ 0", lambda v: _is_int(v) and v >= 0),
     "rule": (f"one of {RULES}", lambda v: v in RULES),
     "text_weight": ("true or false", lambda v: isinstance(v, bool)),
@@ -626,14 +621,11 @@ _SUBJECT_FIELDS: dict[str, tuple[str, Any]] = {
     "region": ("null, [x0, y0, x1, y1], {path, sha256} or {png_base64}", _region_ok),
 }
 _OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {  # written only where they apply, or by later versions
-    "true_cfg_scale": (
-        f"a finite number in 0..{LARGE_LIMITS.max_guidance:g}",
-        lambda v: _is_number(v) and 0 <= v <= LARGE_LIMITS.max_guidance,
-    ),
+    "true_cfg_scale": _number_in(0, LARGE_LIMITS.max_guidance),
     "negative_image": ('"black" or "zeros"', lambda v: v in ("black", "zeros")),
     "negative_prompt_embeds": ("true", lambda v: v is True),
     "prompt_2": ("a string", lambda v: isinstance(v, str)),
-    "max_sequence_length": ("an integer in 1..512", lambda v: _is_int(v) and 1 <= v <= 512),
+    "max_sequence_length": _int_in(1, 512),
     "model_family": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
     "tokenizers": ("an object of names and hashes (strings)", lambda v: _is_tokenizer_record(v)),
 }
