@@ -16,7 +16,7 @@ from typing import Any
 
 from mipadapter import limits
 from mipadapter.alignment import subject_labels
-from mipadapter.cli.options import add_tiny_argument
+from mipadapter.cli.options import add_model_flags, add_tiny_argument
 from mipadapter.config import DEFAULT_PRESET, PRESETS, MergeRule, MultiImageMode, NegativeImage, RegionMode
 from mipadapter.limits import ALLOW_LARGE, DEFAULT_LIMITS, LARGE_LIMITS
 
@@ -201,16 +201,7 @@ def register(subparsers) -> None:
         choices=sorted(PRESETS),
         help=f"the default models and scale (default: {DEFAULT_PRESET})",
     )
-    models.add_argument(
-        "--base-model", help="diffusers base model: Hub id or local folder (default: the preset's)"
-    )
-    models.add_argument(
-        "--adapter", help="adapter checkpoint: local file or owner/repo/path/file (default: the preset's)"
-    )
-    models.add_argument(
-        "--image-encoder",
-        help="CLIP image encoder: local folder or owner/repo/subfolder (default: the preset's)",
-    )
+    add_model_flags(models)
     add_tiny_argument(models, "an install smoke test, not a picture")
     models.add_argument(
         "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 … (default: auto)"

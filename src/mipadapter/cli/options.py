@@ -41,6 +41,21 @@ TINY_ARCHS = {
 DEFAULT_TINY = "sdxl"
 
 
+def add_model_flags(parser) -> None:
+    """``--base-model``, ``--adapter``, ``--image-encoder`` (each defaulting to the preset's), the same
+    for every command that loads a MIP pipeline (``generate``, ``web``, and ``eval`` with ``help``)."""
+    parser.add_argument(
+        "--base-model", help="diffusers base model: Hub id or local folder (default: the preset's)"
+    )
+    parser.add_argument(
+        "--adapter", help="adapter checkpoint: local file or owner/repo/path/file (default: the preset's)"
+    )
+    parser.add_argument(
+        "--image-encoder",
+        help="CLIP image encoder: local folder or owner/repo/subfolder (default: the preset's)",
+    )
+
+
 def add_tiny_argument(parser, purpose: str) -> None:
     """``--tiny [ARCH]`` on a command's parser (one definition for every command that offers it)."""
     parser.add_argument(

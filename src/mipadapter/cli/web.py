@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mipadapter.cli.options import add_tiny_argument
+from mipadapter.cli.options import add_model_flags, add_tiny_argument
 from mipadapter.config import DEFAULT_PRESET, PRESETS
 from mipadapter.limits import Limits
 
@@ -36,16 +36,7 @@ def register(subparsers) -> None:
         default=DEFAULT_PRESET,
         help="the default models and scale (default: %(default)s)",
     )
-    parser.add_argument(
-        "--base-model", help="diffusers base model: Hub id or local folder (default: the preset's)"
-    )
-    parser.add_argument(
-        "--adapter", help="adapter checkpoint: local file or owner/repo/path/file (default: the preset's)"
-    )
-    parser.add_argument(
-        "--image-encoder",
-        help="CLIP image encoder: local folder or owner/repo/subfolder (default: the preset's)",
-    )
+    add_model_flags(parser)
     parser.add_argument(
         "--device",
         default="auto",
