@@ -5,11 +5,9 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ from mipadapter.modeling.conditioning import (
     ShareMeter,
     SubjectConditioning,
 )
+from mipadapter.pipeline.adapters import DEFAULT_ADAPTER, AdapterSet, check_new_name, mixed_rule
 from mipadapter.pipeline.encoding import (
     denoiser,
     encode_names,
@@ -34,16 +33,13 @@ from mipadapter.pipeline.encoding import (
     unconditional_features,
     unconditional_names,
 )
-from mipadapter.pipeline.loading import default_feature_extractor
+from mipadapter.pipeline.loading import default_feature_extractor, load_adapter
 from mipadapter.pipeline.subjects import Subject, region_mask
 from mipadapter.scales import is_layered, layer_scales
 
 logger = logging.getLogger(__name__)
 
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-DEFAULT_ADAPTER = "default"
-"""The name of the adapter a pipeline is built with, which subjects use unless they name another."""
 STARVED_SHARE = 0.2
 """A subject routed less than this fraction of its fair share (1/n of the image) gets a warning."""
 NAME_WINDOW = 8
@@ -134,9 +130,7 @@ class MIPAdapterPipeline:
         self.default_guidance_scale = float(inspect.signature(pipe.__call__).parameters["guidance_scale"].default)
         self.name_window: int | None = None  # set by ``compile``
         self._uncompiled_forward = None
-        self._adapters: dict[str, MIPAdapter] = {DEFAULT_ADAPTER: adapter}
-        self._encoders: dict[str, tuple[Any, Any]] = {DEFAULT_ADAPTER: (image_encoder, self.feature_extractor)}
-        self._encoder_sources: dict[str, tuple[Any, Any]] = {}  # where an encoder came from → (it, its processor)
+        self._adapters = AdapterSet(adapter, image_encoder, self.feature_extractor)
         adapter.attach(denoiser(pipe))
 
     # ------------------------------------------------------------------ loading
@@ -167,19 +161,19 @@ class MIPAdapterPipeline:
             base_model, adapter, image_encoder, preset=preset, torch_dtype=torch_dtype, **pipeline_kwargs
         )
         pipeline = cls(pipe, adapter, encoder, feature_extractor, negative_prompt=PRESETS[preset].negative_prompt)
-        pipeline._encoder_sources[str(image_encoder or PRESETS[preset].image_encoder)] = (encoder, feature_extractor)
+        pipeline._adapters.remember_source(image_encoder or PRESETS[preset].image_encoder, encoder, feature_extractor)
         return pipeline
 
     # ------------------------------------------------------------------ adapters
     @property
     def adapter_names(self) -> list[str]:
         """The adapters' names, the default one first, then in the order they were added."""
-        return list(self._adapters)
+        return self._adapters.names
 
     @property
     def adapters(self) -> Mapping[str, MIPAdapter]:
         """name → adapter (read-only; ``add_adapter`` adds)."""
-        return MappingProxyType(self._adapters)
+        return self._adapters.mapping
 
     def add_adapter(
         self,
@@ -203,7 +197,7 @@ class MIPAdapterPipeline:
         subjects that give none (files in our format keep their own). What is loaded follows the default
         adapter's device and dtype.
         """
-        self._check_new_adapter_name(name)
+        check_new_name(name, self._adapters.mapping)
         if is_flux(self.pipe):
             raise ValueError(
                 "adding adapters is for SDXL and SD1.5 pipelines: FLUX has one adapter kind (XLabs'), loaded "
@@ -219,78 +213,11 @@ class MIPAdapterPipeline:
         if adapter is None:
             raise ValueError(f"adapter {name!r}: give an adapter file (or a preset)")
         if not isinstance(adapter, MIPAdapter):
-            from mipadapter.pipeline.loading import load_adapter
-
             reference = next(self.adapter.parameters())
             adapter = load_adapter(adapter, denoiser(self.pipe), f"adapter {name!r}", default_scale, cache_dir)
             adapter.to(device=reference.device, dtype=reference.dtype)
-        self._check_adapter_fits(name, adapter)
-        encoder, processor = self._encoder_for(name, adapter, image_encoder, feature_extractor, cache_dir)
-        self._adapters[name] = adapter
-        self._encoders[name] = (encoder, processor)
+        self._adapters.add(name, adapter, image_encoder, feature_extractor, cache_dir)
         return self
-
-    def _check_new_adapter_name(self, name) -> None:
-        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-            raise ValueError(
-                f"an adapter name is letters, digits, '_', '-' or '.' (it is typed as NAME=FILE), got {name!r}"
-            )
-        if name in self._adapters:
-            raise ValueError(f"this pipeline has an adapter named {name!r} already")
-
-    def _check_adapter_fits(self, name: str, adapter: MIPAdapter) -> None:
-        """Refuse an adapter made for another base model (other layers or token width)."""
-        ours = self.adapter.config
-        if (
-            adapter.config.architecture != ours.architecture
-            or adapter.config.cross_attention_dim != ours.cross_attention_dim
-            or [layer.name for layer in adapter.layer_specs] != [layer.name for layer in self.adapter.layer_specs]
-        ):
-            raise ValueError(
-                f"adapter {name!r} was made for another base model (its attention layers or token width differ "
-                "from this pipeline's)"
-            )
-
-    def _encoder_for(self, name: str, adapter: MIPAdapter, image_encoder, feature_extractor, cache_dir):
-        """(encoder, feature extractor) of a new adapter: given, reused from the same place, or loaded."""
-        from mipadapter.pipeline.loading import encoder_fits, load_image_encoder
-
-        if image_encoder is None:
-            for encoder, processor in self._encoders.values():
-                if encoder_fits(encoder, adapter.config):
-                    return encoder, processor
-            kind = "hidden states" if adapter.config.uses_hidden_states else "embeddings"
-            raise ValueError(
-                f"adapter {name!r} takes {adapter.config.image_embed_dim}-wide image {kind}, which no loaded "
-                "image encoder gives: give its image_encoder"
-            )
-        if isinstance(image_encoder, (str, Path)):
-            source = str(image_encoder)
-            if source not in self._encoder_sources:
-                encoder, processor = load_image_encoder(
-                    source, adapter.config, f"image encoder of adapter {name!r}", cache_dir=cache_dir
-                )
-                reference = next(self.image_encoder.parameters())
-                encoder.to(device=reference.device, dtype=reference.dtype)
-                self._encoder_sources[source] = (encoder, processor)
-            encoder, processor = self._encoder_sources[source]
-            if not encoder_fits(encoder, adapter.config):
-                raise ValueError(f"image encoder {source!r} does not give the features adapter {name!r} takes")
-            return encoder, processor
-        if not encoder_fits(image_encoder, adapter.config):
-            raise ValueError(f"the image encoder given for adapter {name!r} does not give the features it takes")
-        for encoder, processor in self._encoders.values():
-            if encoder is image_encoder:
-                return encoder, feature_extractor or processor
-        return image_encoder, feature_extractor or default_feature_extractor(image_encoder)
-
-    def _distinct_modules(self) -> list[torch.nn.Module]:
-        """Every adapter and image encoder once (an encoder shared by adapters is one module)."""
-        modules: list[torch.nn.Module] = []
-        for module in [*self._adapters.values(), *(encoder for encoder, _ in self._encoders.values())]:
-            if not any(module is seen for seen in modules):
-                modules.append(module)
-        return modules
 
     @property
     def architecture(self) -> str:
@@ -300,7 +227,7 @@ class MIPAdapterPipeline:
     def to(self, *args, **kwargs) -> MIPAdapterPipeline:
         """Move the diffusers pipeline, the adapters and the image encoders (``torch.nn.Module.to`` arguments)."""
         self.pipe.to(*args, **kwargs)
-        for module in self._distinct_modules():
+        for module in self._adapters.modules():
             module.to(*args, **kwargs)
         return self
 
@@ -392,8 +319,8 @@ class MIPAdapterPipeline:
             )
         if CROSS_ATTENTION_KWARG in (pipeline_kwargs.get("cross_attention_kwargs") or {}):
             raise ValueError(f"cross_attention_kwargs[{CROSS_ATTENTION_KWARG!r}] is set by this pipeline")
-        used = self._call_adapters(subjects)
-        config = self._adapters[used[0]].config
+        used = self._adapters.used_by(subjects)
+        config = self._adapters.adapter(used[0]).config
         if len(used) == 1:
             rule = config.default_rule if rule is None else MergeRule.parse(rule)
             use_text_weight = config.text_weight if use_text_weight is None else bool(use_text_weight)
@@ -402,7 +329,7 @@ class MIPAdapterPipeline:
                     "use_text_weight=True needs an adapter trained with a text weight (a MIP checkpoint)"
                 )
         else:
-            rule, use_text_weight = self._mixed_rule(subjects, rule, use_text_weight)
+            rule, use_text_weight = mixed_rule(subjects, [self._adapters.of(s) for s in subjects], rule, use_text_weight)
         flux = is_flux(pipe)
         if flux and rule == MergeRule.OFFICIAL and not config.text_weight:
             raise ValueError(
@@ -472,7 +399,7 @@ class MIPAdapterPipeline:
         ]
         for conditioning in conditionings:
             conditioning.text_perturbation = text_perturbation
-            self.adapter.prepare(conditioning, [] if used == [DEFAULT_ADAPTER] else [self._adapters[n] for n in used])
+            self.adapter.prepare(conditioning, [] if used == [DEFAULT_ADAPTER] else [self._adapters.adapter(n) for n in used])
         conditioning = conditionings[0] if flux else conditionings[-1]  # the one carrying the cond rows
         call = dict(pipeline_kwargs)
         if flux:
@@ -521,7 +448,7 @@ class MIPAdapterPipeline:
             "names": names,
             "scales": {  # as given (a number, a list or diffusers' dict form), else its adapter's default: the
                 # Python numbers, not their float32 round trip (0.6, not 0.6000000238418579)
-                label: self._subject_adapter(subject).config.default_scale if subject.scale is None
+                label: self._adapters.of(subject).config.default_scale if subject.scale is None
                 else subject.scale if is_layered(subject.scale) else float(subject.scale)
                 for label, subject in zip(labels, subjects, strict=True)
             },
@@ -574,52 +501,6 @@ class MIPAdapterPipeline:
             if side is not None and (not isinstance(side, int) or side <= 0 or side % factor):
                 raise ValueError(f"{name} must be a positive multiple of {factor} (one latent cell), got {side!r}")
         return subjects
-
-    def _call_adapters(self, subjects: list[Subject]) -> list[str]:
-        """The adapters a call's subjects use, in order of first use; an unknown name is refused."""
-        used: list[str] = []
-        for subject in subjects:
-            name = subject.adapter or DEFAULT_ADAPTER
-            if name not in self._adapters:
-                raise ValueError(
-                    f"subject {subject.name!r}: no adapter named {name!r}; this pipeline has "
-                    f"{', '.join(map(repr, self._adapters))}"
-                )
-            if name not in used:
-                used.append(name)
-        return used
-
-    def _subject_adapter(self, subject: Subject) -> MIPAdapter:
-        return self._adapters[subject.adapter or DEFAULT_ADAPTER]
-
-    def _mixed_rule(self, subjects: list[Subject], rule, use_text_weight) -> tuple[MergeRule, bool]:
-        """The merge rule and text gating of a call whose subjects use several adapters.
-
-        Relevance comes from the base model, so ``paper`` and ``uniform`` route any mix. ``official``
-        weighs each subject by its own adapter's text weight ``g``: every subject's adapter needs one
-        (the default rule when they all have one, else ``paper``). ``paper``'s gate scales the text
-        branch, one ``g`` per image, which a mix of adapters does not have: it runs ungated.
-        """
-        lacking = [s.name for s in subjects if not self._subject_adapter(s).config.text_weight]
-        rule = (MergeRule.PAPER if lacking else MergeRule.OFFICIAL) if rule is None else MergeRule.parse(rule)
-        if rule == MergeRule.OFFICIAL and lacking:
-            raise ValueError(
-                f"rule 'official' weighs each subject by its adapter's text weight, which the adapter of "
-                f"{', '.join(map(repr, lacking))} has not: use rule 'paper' or 'uniform'"
-            )
-        if use_text_weight is None:
-            return rule, rule == MergeRule.OFFICIAL
-        if use_text_weight and rule == MergeRule.PAPER:
-            raise ValueError(
-                "use_text_weight=True under rule 'paper' gates the text with one adapter's weight, and this "
-                "call mixes adapters: use rule 'official', or use_text_weight=False"
-            )
-        if use_text_weight and lacking:
-            raise ValueError(
-                f"use_text_weight=True needs a text weight in every subject's adapter; that of "
-                f"{', '.join(map(repr, lacking))} has none"
-            )
-        return rule, bool(use_text_weight)
 
     def _check_names(self, prompt: str, names: list[str], required: bool) -> list[SubjectWarning]:
         """Raise for a name missing from the prompt (or claimed twice); with ``required=False`` a missing
@@ -727,14 +608,14 @@ class MIPAdapterPipeline:
 
     def encode_subject_features(self, subject: Subject) -> torch.Tensor:
         """A subject's image-encoder features, by its adapter's encoder: [k, D] (basic) or [k, L, D] (plus)."""
-        adapter = self._subject_adapter(subject)
+        adapter = self._adapters.of(subject)
         hidden = adapter.config.uses_hidden_states
         if subject.image_embeds is not None:
             features = subject.image_embeds
             if features.ndim == (2 if hidden else 1):
                 features = features.unsqueeze(0)
             return features.to(next(adapter.parameters()).device)
-        encoder, processor = self._encoders[subject.adapter or DEFAULT_ADAPTER]
+        encoder, processor = self._adapters.encoder(subject.adapter or DEFAULT_ADAPTER)
         return encode_photos(encoder, processor, subject.images, hidden)
 
     def build_conditioning(
@@ -760,7 +641,7 @@ class MIPAdapterPipeline:
         """
         subjects = list(subjects)
         return self._assemble(
-            self._encode_subjects(subjects, MultiImageMode(multi_image), uncond=cfg, used=self._call_adapters(subjects)),
+            self._encode_subjects(subjects, MultiImageMode(multi_image), uncond=cfg, used=self._adapters.used_by(subjects)),
             list(subjects),
             halves=("uncond", "cond") if cfg else ("cond",),
             rows=prompt_rows,
@@ -783,13 +664,13 @@ class MIPAdapterPipeline:
     ) -> _Encoded:
         """Photos and names through their encoders, once per call (``uncond``: also what the unconditional
         rows see, with ``negative_image`` for the photos); sequence_length: FLUX's T5 length of the call;
-        used: the adapters of the call in order of first use (``_call_adapters``). With several, each
+        used: the adapters of the call in order of first use (``AdapterSet.used_by``). With several, each
         subject's photos go through its adapter's encoder and projection, and conditions of adapters with
         fewer tokens are zero-padded to the most (``SubjectConditioning.token_counts``)."""
         used = list(used)
         device = next(self.adapter.parameters()).device
         column = [used.index(subject.adapter or DEFAULT_ADAPTER) for subject in subjects]  # each subject's adapter
-        adapters = [self._adapters[used[c]] for c in column]
+        adapters = [self._adapters.adapter(used[c]) for c in column]
         features = [self.encode_subject_features(subject) for subject in subjects]
         tokens = [adapter.project(feature) for adapter, feature in zip(adapters, features, strict=True)]  # [k_i, t_i, c]
         counts = {c: t.shape[1] for c, t in zip(column, tokens, strict=True)}  # adapter → its token count
@@ -822,8 +703,8 @@ class MIPAdapterPipeline:
         if uncond:
             negatives = []
             for c, name in enumerate(used):
-                encoder, processor = self._encoders[name]
-                adapter = self._adapters[name]
+                encoder, processor = self._adapters.encoder(name)
+                adapter = self._adapters.adapter(name)
                 negative = unconditional_features(
                     encoder, processor, adapter.config.uses_hidden_states, features[column.index(c)], negative_image.value
                 )
