@@ -14,8 +14,9 @@ The parts (``PARTS``) call the benchmark scripts beside this one (``unet_step.ru
 once and shared by the SDXL parts):
 
 1. ``inference``: SDXL UNet, fp16, 1024², batch 2 (CFG), random weights; text-only, IP-Adapter (concatenated,
-   masked), ours under every rule and the authors' approach for 1, 2, 4, 8 subjects; peak memory; parities;
-   the per-call constants over 30 steps;
+   masked), ours under every rule and the authors' approach for 1, 2, 4, 8 subjects, the mixed case (2
+   adapters, 2 subjects: issue 21) and its ratio to one adapter; peak memory; parities; the per-call
+   constants over 30 steps;
 2. ``training``: the training step at 512², batch 4 (ratios);
 3. ``training_memory``: the training step at 1024², batch 4 (peak memory);
 4. ``flux``: the FLUX.1 transformer step in bf16 (skipped, with a note, on a card under 80 GB);
@@ -65,7 +66,7 @@ FLUX_MIN_BYTES = 80e9  # FLUX.1's transformer is built in fp32 (about 48 GB), th
 # figures: IP-Adapter 1.15×, with masks 1.66×, the authors' 2.34×); ours is assumed at IP-Adapter's cost
 # plus the routing. A training step (forward + backward) costs about 4.5 inference steps per pixel-row.
 CALL_WEIGHT = {"text_only": 1.0, "ip_concat": 1.15, "ip_multi": 1.15, "ip_masked": 1.7, "ours": 1.2,
-               "authors": 2.4}
+               "mixed": 1.25, "authors": 2.4}
 TRAIN_FACTOR = 4.5
 
 
@@ -119,7 +120,8 @@ PARTS = (
          ("ours_official/n=2 ÷ ip_concat/n=2 (inference) ≤ 1.05",
           "ours_official/n=2 ÷ authors/n=2 (inference) ≤ 0.45",
           "ours_official/n=8 ÷ ours_official/n=2 (inference) ≤ 1.10",
-          "per-call constants computed once per generation")),
+          "per-call constants computed once per generation",
+          "mixed_<rule>/n=2 ÷ ours_<rule>/n=2 (inference, 2 adapters; issue 21 asks for the ratio, no limit)")),
     Part("training", "SDXL UNet training step: ratios", "unet_step",
          (*SDXL, "--size", "512", "--no-inference", "--train-size", "512", "--train-batch", "4",
           "--repeats", "10", "--warmup", "3", "--gen-steps", "0"),
@@ -152,10 +154,10 @@ PARTS = (
     Part("compiled", "SDXL UNet inference step under torch.compile (one graph per variant)",
          "unet_step",
          (*SDXL, "--size", "1024", "--compile", "--subjects", "2", "--rules", "official", "--no-authors",
-          "--no-masked", "--no-train", "--repeats", "10", "--warmup", "3", "--gen-steps", "0"),
+          "--no-masked", "--no-mixed", "--no-train", "--repeats", "10", "--warmup", "3", "--gen-steps", "0"),
          (*TINY_UNET, "--size", "64", "--compile", "--compile-backend", "eager", "--subjects", "2",
-          "--rules", "official", "--no-authors", "--no-masked", "--no-train", "--repeats", "2", "--warmup", "1",
-          "--gen-steps", "0"),
+          "--rules", "official", "--no-authors", "--no-masked", "--no-mixed", "--no-train", "--repeats", "2",
+          "--warmup", "1", "--gen-steps", "0"),
          "unet"),
 )
 SCRIPTS = {"unet_step": unet_step, "flux_step": flux_step, "processor_layer": processor_layer}
@@ -235,7 +237,8 @@ def estimate(part: Part, argv: Sequence[str], costs: Costs, probe: Probe | None,
     fixed_s = build_s + parity_s
     rounds_s = 0.0
     if not args.no_inference:
-        variants = unet_step.inference_variants(args.subjects, args.rules, not args.no_authors, not args.no_masked)
+        variants = unet_step.inference_variants(args.subjects, args.rules, not args.no_authors, not args.no_masked,
+                                                not args.no_mixed)
         rounds_s += (max(args.warmup, int(args.compile)) + args.repeats) * step_s * sum(
             CALL_WEIGHT[v.kind] for v in variants)
         if args.compile:
@@ -244,7 +247,8 @@ def estimate(part: Part, argv: Sequence[str], costs: Costs, probe: Probe | None,
         train_s = TRAIN_FACTOR * per_call(args.train_size, args.train_batch)
         variants = unet_step.training_variants(args.train_subjects, not args.no_authors)
         rounds_s += (args.warmup + args.repeats) * train_s * sum(CALL_WEIGHT[v.kind] for v in variants)
-    tail_s = args.gen_steps * step_s * (CALL_WEIGHT["ours"] + CALL_WEIGHT["authors"])
+    tail_s = args.gen_steps * step_s * (CALL_WEIGHT["ours"] + CALL_WEIGHT["authors"]
+                                        + (0.0 if args.no_mixed else CALL_WEIGHT["mixed"]))
     return Estimate(fixed_s, rounds_s, tail_s)
 
 

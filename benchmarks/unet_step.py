@@ -16,6 +16,14 @@ developer runs, or ``tiny`` for CI) with random weights, on the chosen device an
   self-attention included, with explicit attention matrices instead of SDPA; a Python loop over subjects; each
   subject's name encoded alone at the full 77-token length, keyed, and its name rows picked, at every call, as
   are the image keys/values), ``official`` rule;
+* ``mixed_<rule>/n=2`` (issue 21; ``--no-mixed`` skips it): two subjects, each through its own adapter — the
+  first through the adapter of every other variant (4 image tokens), the second through another adapter of the
+  same layers (its own ``to_k_ip``/``to_v_ip`` and text weights, 16 tokens as a Plus adapter has), in one
+  ``SubjectConditioning`` (``adapter_of``/``token_counts``: the 4-token condition zero-padded to 16 and kept out
+  of the softmax by the key bias) prepared once by ``MIPAdapter.prepare(cond, [first, second])``; under
+  ``official`` each subject is gated by its own adapter's text weight, under ``paper`` ungated (as a pipeline
+  runs a mix). Timed beside ``ours_<rule>/n=2`` (one adapter, 2 subjects; added when ``--subjects`` lacks 2),
+  and the ratio mixed ÷ single printed;
 
 for 1, 2, 4, 8 subjects (``--subjects``), an inference step (``no_grad``) at ``--size`` with ``--batch`` rows
 (2 = classifier-free guidance), and a training step (adapter weights trainable, UNet frozen, forward and
@@ -60,6 +68,8 @@ from mipadapter.testing import TINY_SDXL
 
 TEXT_TOKENS = 77
 IMAGE_TOKENS = 4  # per image (basic IP-Adapter)
+PLUS_TOKENS = 16  # per image of the mixed case's second adapter (IP-Adapter-Plus)
+MIXED_SUBJECTS = 2  # the mixed case: 2 subjects, one per adapter
 NAME_TOKENS = 3  # padded length of a subject's name; subject i has 1 + i % 3 real tokens
 
 # SDXL base (stabilityai/stable-diffusion-xl-base-1.0/unet/config.json); attention_head_dim is diffusers'
@@ -240,6 +250,14 @@ class Bench:
         # the authors' code runs its self-attention without SDPA too (diffusers' classic AttnProcessor)
         self.authors_processors = {**{key: AttnProcessor() for key in self.base}, **authors}
         self.identity_proj = MultiIPAdapterImageProjection([nn.Identity()])
+        # the mixed case's second adapter: the same layers, other weights, 16 tokens (never attached: the
+        # first one's processors route both, each condition through its own adapter's projections)
+        second_config = AdapterConfig("basic", image_embed_dim=1280, cross_attention_dim=cross_dim,
+                                      num_tokens=PLUS_TOKENS, text_weight=True)
+        self.second = MIPAdapter.for_unet(self.unet, second_config).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            for processor in self.second.processors().values():
+                processor.text_to_weight.weight.normal_(0.0, 0.02)
         self.adapter_params = list(self.adapter.layers.parameters())
 
     # inputs ------------------------------------------------------------------------------------------
@@ -276,6 +294,7 @@ class Bench:
             "masks": strips.to(self.device, self.dtype),
             "latent_size": (latent, latent),
             "target": rand(batch, 4, latent, latent),
+            "plus_tokens": rand(batch, 1, PLUS_TOKENS, cross_dim),  # the mixed case's second subject
         }
 
     def conditioning(self, x: dict, subjects: int, rule: str) -> SubjectConditioning:
@@ -291,6 +310,25 @@ class Bench:
             latent_size=x["latent_size"],
         )
 
+    def mixed_conditioning(self, x: dict, rule: str) -> SubjectConditioning:
+        """The mixed case: subject 0 through the first adapter (4 tokens, zero-padded to 16), subject 1
+        through the second (16 tokens); gated per adapter under ``official``, ungated otherwise."""
+        first = F.pad(x["image_tokens"][:, :1], (0, 0, 0, PLUS_TOKENS - IMAGE_TOKENS))  # [b, 1, 16, c]
+        n = MIXED_SUBJECTS
+        return SubjectConditioning(
+            image_tokens=torch.cat([first, x["plus_tokens"]], dim=1),  # [b, 2, 16, c]
+            owner=torch.arange(n, device=self.device),
+            share=torch.ones(n, device=self.device, dtype=self.dtype),
+            scales=x["scales"][:, :n],
+            name_embeds=x["name_embeds"][:, :n],
+            name_mask=x["name_mask"][:, :n],
+            rule=rule,
+            use_text_weight=rule == MergeRule.OFFICIAL.value,
+            latent_size=x["latent_size"],
+            adapter_of=torch.arange(n, device=self.device),
+            token_counts=(IMAGE_TOKENS, PLUS_TOKENS),
+        )
+
     # installing a variant ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def installed(self, variant: Variant):
@@ -301,12 +339,12 @@ class Bench:
             unet.config.encoder_hid_dim_type = "ip_image_proj"
         elif variant.kind == "authors":
             unet.set_attn_processor(dict(self.authors_processors))
-        elif variant.kind == "ours":
+        elif variant.kind in ("ours", "mixed"):
             self.adapter.attach(unet)
         try:
             yield
         finally:
-            if variant.kind == "ours":
+            if variant.kind in ("ours", "mixed"):
                 self.adapter.detach()
             unet.encoder_hid_proj = None
             unet.config.encoder_hid_dim_type = None
@@ -323,6 +361,10 @@ class Bench:
         elif variant.kind == "ours":
             if not cond.layer_inputs:  # once per conditioning, with the adapter attached (as a pipeline call)
                 self.adapter.prepare(cond)
+            kwargs["cross_attention_kwargs"] = {"ip_hidden_states": cond}
+        elif variant.kind == "mixed":
+            if not cond.layer_inputs:  # each adapter projects its own subject, once per call
+                self.adapter.prepare(cond, [self.adapter, self.second])
             kwargs["cross_attention_kwargs"] = {"ip_hidden_states": cond}
         elif variant.kind == "authors":
             kwargs["cross_attention_kwargs"] = {"ip_hidden_states": AuthorsConditioning(
@@ -350,8 +392,9 @@ class Bench:
 # Checks: per-call constants, parities, graph breaks
 
 
-def generation_check(bench: Bench, x: dict, subjects: int, steps: int) -> dict:
-    """Run ``steps`` UNet calls with one conditioning and count image-key and name-key projections."""
+def generation_check(bench: Bench, x: dict, subjects: int, steps: int, mixed: bool = True) -> dict:
+    """Run ``steps`` UNet calls with one conditioning and count image-key and name-key projections (ours, the
+    authors' and, with ``mixed``, the mixed case's: both adapters' ``to_k_ip`` together)."""
     counts = {"to_k_ip": 0, "name_keys": 0}
 
     def count_ip(module, args, output):
@@ -367,21 +410,27 @@ def generation_check(bench: Bench, x: dict, subjects: int, steps: int) -> dict:
             counts["name_keys"] += 1
 
     processors = list(bench.adapter.processors().values())
-    hooks = [p.to_k_ip.register_forward_hook(count_ip) for p in processors]
+    hooks = [p.to_k_ip.register_forward_hook(count_ip) for p in [*processors, *bench.second.processors().values()]]
     hooks += [attn.to_k.register_forward_hook(count_names) for attn in bench.attn_modules]
     report = {"steps": steps, "subjects": subjects, "cross_attention_layers": len(processors)}
     try:
-        for kind in ("ours", "authors"):
-            variant = Variant(kind, kind, subjects, MergeRule.OFFICIAL.value)
+        for kind in ("ours", "authors", *(("mixed",) if mixed else ())):
+            variant = Variant(kind, kind, MIXED_SUBJECTS if kind == "mixed" else subjects, MergeRule.OFFICIAL.value)
             counts.update(to_k_ip=0, name_keys=0)
-            cond = bench.conditioning(x, subjects, variant.rule) if kind == "ours" else None
+            cond = None
+            if kind == "ours":
+                cond = bench.conditioning(x, subjects, variant.rule)
+            elif kind == "mixed":
+                cond = bench.mixed_conditioning(x, variant.rule)
             sample = x["sample"]
             with bench.installed(variant), torch.no_grad():
                 for _ in range(steps):
                     out = bench.unet(sample, x["timestep"], x["text"], **bench.call_kwargs(variant, x, cond)).sample
                     sample = sample - 0.05 * out
             layers = len(processors)
-            report[kind] = {**counts, "per_call": counts["to_k_ip"] == layers and counts["name_keys"] == layers}
+            adapters = 2 if kind == "mixed" else 1  # a mix: each adapter projects its own subject once per layer
+            report[kind] = {**counts, "per_call": counts["to_k_ip"] == adapters * layers
+                            and counts["name_keys"] == layers}
     finally:
         for hook in hooks:
             hook.remove()
@@ -479,6 +528,10 @@ def summarise(variants: list[Variant]) -> dict:
         }
         if row["peak_gib"] is not None and reference and reference.peak_gib:
             row["peak_vs_ip_concat"] = row["peak_gib"] / max(reference.peak_gib)
+        single = by_name.get(f"ours_{variant.rule}/n={variant.subjects}") if variant.kind == "mixed" else None
+        if single is not None and ms and single.times_ms:  # issue 21: mixed ÷ single adapter, same run
+            row["vs_single_adapter"] = ms / median(single.times_ms)
+            row["vs_single_adapter_min"] = min(variant.times_ms) / min(single.times_ms)
         rows[variant.name] = row
     return rows
 
@@ -519,12 +572,18 @@ def markdown(result: dict) -> str:
             specs = [".1f", ".1f", ".3f", ".3f", ".2f"]
             lines.append(f"| {name} | " + " | ".join("-" if v is None else format(v, f) for v, f in zip(cells, specs, strict=True)) + " |")
         lines.append("")
+    mixed = {name: row for name, row in result.get("inference", {}).items() if "vs_single_adapter" in row}
+    if mixed:
+        lines.append("Mixed adapters (2 adapters, 2 subjects, 4 + 16 tokens) ÷ one adapter (2 subjects), same run: "
+                     + "; ".join(f"{name} ÷ ours_{row['rule']}/n={row['subjects']} = {row['vs_single_adapter']:.3f} "
+                                 f"(medians), {row['vs_single_adapter_min']:.3f} (minima)" for name, row in mixed.items())
+                     + ".")
     if "generation" in result:
         gen = result["generation"]
         lines.append(f"Per-call constants ({gen['steps']} steps, {gen['subjects']} subjects, "
                      f"{gen['cross_attention_layers']} cross-attention layers): "
                      + "; ".join(f"{kind} {gen[kind]['to_k_ip']} `to_k_ip` calls and {gen[kind]['name_keys']} name-key "
-                                 f"projections" for kind in ("ours", "authors")) + ".")
+                                 f"projections" for kind in ("ours", "authors", "mixed") if kind in gen) + ".")
     for label, parity in result.get("parity", {}).items():
         lines.append(f"Parity {label}: relative error {parity['relative_error']:.1e}.")
     for title, rows in (("inference", result.get("inference", {})), ("training", result.get("training", {}))):
@@ -572,10 +631,18 @@ def targets(inference: dict, training: dict, generation: dict | None, on_gpu: bo
         add(f"{train_ours} ÷ {train_ip} (training)", ratio(training, train_ours, train_ip), 1.10)
         if on_gpu:
             add(f"{train_ours} ÷ {train_ip} (training peak memory)", training[train_ours].get("peak_vs_ip_concat"), 1.05)
+    for name, row in inference.items():  # issue 21 asks for the ratio; it sets no limit
+        if "vs_single_adapter" in row:
+            checks.append({"target": f"{name} ÷ ours_{row['rule']}/n={row['subjects']} (inference, 2 adapters)",
+                           "value": row["vs_single_adapter"], "limit": "none set", "met": None})
     if generation is not None:
         ok = generation["ours"]["per_call"]
         checks.append({"target": "per-call constants computed once per generation", "value": generation["ours"],
                        "limit": "1 per layer", "met": ok})
+        if "mixed" in generation:
+            checks.append({"target": "per-call constants of a mix computed once per generation and adapter",
+                           "value": generation["mixed"], "limit": "1 per layer and adapter",
+                           "met": generation["mixed"]["per_call"]})
     return checks
 
 
@@ -600,6 +667,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-inference", action="store_true", help="skip the inference step")
     parser.add_argument("--no-authors", action="store_true", help="skip the authors' approach")
     parser.add_argument("--no-masked", action="store_true", help="skip diffusers' IP-Adapter with masks")
+    parser.add_argument("--no-mixed", action="store_true",
+                        help="skip the mixed case (2 adapters, 2 subjects) and its single-adapter reference")
     parser.add_argument("--gen-steps", type=int, default=None,
                         help="steps of the per-call check (30 GPU, 3 CPU; 0 skips it)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet; report graph breaks")
@@ -618,9 +687,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def inference_variants(subjects: Sequence[int], rules: Sequence[str], authors: bool = True,
-                       masked: bool = True) -> list[Variant]:
+                       masked: bool = True, mixed: bool = True) -> list[Variant]:
     """The inference step's variants: ``text_only``, then for every ``n``: ``ip_concat``, ``ip_masked``, ours
-    under every rule, the authors'."""
+    under every rule, the authors'; then (``mixed``) the mixed case under every rule, with the single-adapter
+    ``ours_<rule>/n=2`` it is divided by when ``subjects`` lacks 2."""
     variants = [Variant("text_only", "text_only", 0)]
     for n in subjects:
         variants.append(Variant(f"ip_concat/n={n}", "ip_concat", n))
@@ -629,6 +699,11 @@ def inference_variants(subjects: Sequence[int], rules: Sequence[str], authors: b
         variants += [Variant(f"ours_{rule}/n={n}", "ours", n, rule) for rule in rules]
         if authors:
             variants.append(Variant(f"authors/n={n}", "authors", n, MergeRule.OFFICIAL.value))
+    if mixed:
+        n = MIXED_SUBJECTS
+        if n not in subjects:
+            variants += [Variant(f"ours_{rule}/n={n}", "ours", n, rule) for rule in rules]
+        variants += [Variant(f"mixed_{rule}/n={n}", "mixed", n, rule) for rule in rules]
     return variants
 
 
@@ -704,7 +779,7 @@ def run(argv: Sequence[str] | None = None, *, benches: dict | None = None, deadl
     dtype = bench.dtype
     log(f"  {sum(p.numel() for p in bench.unet.parameters()) / 1e6:.0f} M parameters, "
         f"{len(bench.layer_names)} cross-attention layers")
-    max_n = max(subjects + [args.train_subjects])
+    max_n = max(subjects + [args.train_subjects, MIXED_SUBJECTS])
     x = bench.inputs(args.batch, size, max_n)
     result: dict = {
         "card": card(device),
@@ -776,8 +851,8 @@ def run(argv: Sequence[str] | None = None, *, benches: dict | None = None, deadl
     generation = None
     if gen_steps:
         log(f"\nper-call constants over a {gen_steps}-step loop with one conditioning …")
-        generation = result["generation"] = generation_check(bench, x, min(2, max_n), gen_steps)
-        for kind in ("ours", "authors"):
+        generation = result["generation"] = generation_check(bench, x, min(2, max_n), gen_steps, not args.no_mixed)
+        for kind in ("ours", "authors", *(() if args.no_mixed else ("mixed",))):
             log(f"  {kind}: to_k_ip calls {generation[kind]['to_k_ip']}, name-key projections "
                 f"{generation[kind]['name_keys']} ({generation['cross_attention_layers']} layers, {gen_steps} steps)")
 
@@ -795,11 +870,13 @@ def inference(args: argparse.Namespace, bench: Bench, x: dict, unet: nn.Module, 
               result: dict, log: Callable[[str], None]) -> None:
     """Time the inference step's variants into ``result["inference"]`` (and, compiled, the graph count)."""
     size, device = args.size, bench.device
-    variants = inference_variants(args.subjects, args.rules, authors=not args.no_authors, masked=not args.no_masked)
-    conds = {(v.subjects, v.rule): bench.conditioning(x, v.subjects, v.rule) for v in variants if v.kind == "ours"}
+    variants = inference_variants(args.subjects, args.rules, authors=not args.no_authors, masked=not args.no_masked,
+                                  mixed=not args.no_mixed)
+    conds = {(v.kind, v.subjects, v.rule): bench.conditioning(x, v.subjects, v.rule) if v.kind == "ours"
+             else bench.mixed_conditioning(x, v.rule) for v in variants if v.kind in ("ours", "mixed")}
 
     def inference_step(variant: Variant):
-        cond = conds.get((variant.subjects, variant.rule))
+        cond = conds.get((variant.kind, variant.subjects, variant.rule))
 
         def run_step():
             with torch.no_grad():
@@ -817,6 +894,10 @@ def inference(args: argparse.Namespace, bench: Bench, x: dict, unet: nn.Module, 
         log(f"compiled graphs: {result['graphs']['compiled']} for {len(variants)} variants")
     log(format_table(f"\ninference step ({args.config}, {size}², batch {args.batch}, "
                      f"{result['settings']['dtype']}, {device}, {result['settings']['timer']})", result["inference"]))
+    for name, row in result["inference"].items():
+        if "vs_single_adapter" in row:
+            log(f"  {name} ÷ ours_{row['rule']}/n={row['subjects']} (mixed ÷ single adapter): "
+                f"{row['vs_single_adapter']:.3f} (medians), {row['vs_single_adapter_min']:.3f} (minima)")
 
 
 

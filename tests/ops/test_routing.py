@@ -536,3 +536,110 @@ def test_ops_follow_float64_inputs(rule):
     fast = run_fast(rule, True, "multiply", x, owner, share, latent, grid)
     assert fast.dtype == torch.float64
     assert rel_err(fast, run_reference(rule, True, "multiply", x, owner, share, latent, grid)) <= 1e-12
+
+
+# ----------------------------------------------------------------------------------------- mixed adapters
+
+
+def ref_padded_routed_attention(query, keys, values, counts, weights, base, alpha) -> np.ndarray:
+    """query [b, h, p, d]; keys, values [b, N, h, t, d] (unscaled); counts [N]: condition c attends only to
+    its own first counts[c] tokens (the rest is padding); weights [b, p, N]; base [b, h, p, d] →
+    base + alpha·Σ_c w_c·Attn(q, K_c[:t_c], V_c[:t_c]), position by position in float64."""
+    q, k, v, w, out = np64(query), np64(keys), np64(values), np64(weights), np64(base).copy()
+    b, num_cond, h, _, d = k.shape
+    for bi in range(b):
+        for hh in range(h):
+            for pos in range(q.shape[2]):
+                for c in range(num_cond):
+                    real = range(counts[c])
+                    probs = softmax([float(np.dot(q[bi, hh, pos], k[bi, c, hh, j])) / math.sqrt(d) for j in real])
+                    attended = sum(probs[j] * v[bi, c, hh, j] for j in real)
+                    out[bi, hh, pos] += alpha * w[bi, pos, c] * attended
+    return out
+
+
+def padding_bias(counts: list[int], tokens: int) -> torch.Tensor:
+    """[t·N] token-major: -inf on the rows past each condition's count (what SubjectConditioning builds)."""
+    bias = torch.zeros(tokens, len(counts))
+    for c, count in enumerate(counts):
+        bias[count:, c] = -math.inf
+    return bias.reshape(-1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("counts", [[2, 5, 3], [5, 1]])
+def test_routed_attention_key_bias_keeps_each_condition_to_its_own_tokens(shape, counts):
+    """Conditions of different token counts (adapters with 4 and 16 tokens in one call), zero-padded to the
+    most: with the key bias each condition's softmax runs over its real tokens only. The padding keys and
+    values are garbage, so a bias that let any padding row in (or masked a real one) fails."""
+    _, grid = SHAPES[shape]
+    g = torch.Generator().manual_seed(31 + len(counts) + len(shape))
+    t, num_cond, p = max(counts), len(counts), grid[0] * grid[1]
+    query = torch.randn(BATCH, HEADS, p, HEAD_DIM, generator=g)
+    keys = torch.randn(BATCH, num_cond, HEADS, t, HEAD_DIM, generator=g)
+    values = torch.randn(BATCH, num_cond, HEADS, t, HEAD_DIM, generator=g)
+    for c, count in enumerate(counts):  # padding: large garbage, never to be attended to
+        keys[:, c, :, count:] = 50 * torch.randn(BATCH, HEADS, t - count, HEAD_DIM, generator=g)
+        values[:, c, :, count:] = 1e3
+    weights = torch.rand(BATCH, p, num_cond, generator=g) + 0.1
+    base = torch.randn(BATCH, HEADS, p, HEAD_DIM, generator=g)
+    fast = ops.routed_attention(
+        query, token_major(keys) / math.sqrt(HEAD_DIM), token_major(values), weights, base,
+        num_conditions=num_cond, alpha=1.7, key_bias=padding_bias(counts, t),
+    )  # fmt: skip
+    assert fast.shape == base.shape and torch.isfinite(fast).all()
+    assert rel_err(fast, ref_padded_routed_attention(query, keys, values, counts, weights, base, 1.7)) <= 1e-5
+    unbiased = ops.routed_attention(
+        query, token_major(keys) / math.sqrt(HEAD_DIM), token_major(values), weights, base,
+        num_conditions=num_cond, alpha=1.7,
+    )  # fmt: skip
+    assert rel_err(unbiased, np64(fast)) > 1e-2  # without the bias the padding is attended to
+
+
+def test_routed_attention_with_a_zero_key_bias_is_the_unbiased_attention():
+    """A key bias of zeros (no condition padded) changes nothing, bit for bit."""
+    x = random_inputs(3, 3, 15, (6, 10), seed=33)
+    keys, values = token_major(x["keys"]) / math.sqrt(HEAD_DIM), token_major(x["values"])
+    weights = torch.rand(BATCH, 15, 3, generator=torch.Generator().manual_seed(1))
+    common = dict(num_conditions=3, alpha=2.0)
+    plain = ops.routed_attention(x["query"], keys, values, weights, x["text_out"], **common)
+    zero = torch.zeros(IMAGE_TOKENS * 3)
+    assert torch.equal(ops.routed_attention(x["query"], keys, values, weights, x["text_out"], key_bias=zero, **common), plain)
+
+
+def ref_official_per_condition_gate(maps, total, gate) -> np.ndarray:
+    """weights[b, p, c] = g[b, p, c]·A[b, p, c] / Σ_k A_k[b, p] (0 where nothing claims the position)."""
+    m, tot, g = np64(maps), np64(total), np64(gate)
+    b, p, num_cond = m.shape
+    out = np.zeros((b, p, num_cond))
+    for bi in range(b):
+        for pos in range(p):
+            for c in range(num_cond):
+                out[bi, pos, c] = g[bi, pos, c] * m[bi, pos, c] / tot[bi, pos, 0] if tot[bi, pos, 0] > 0 else 0.0
+    return out
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_merge_factors_official_takes_one_gate_per_condition(normalized):
+    """Under official a call mixing adapters gates each condition by its own adapter's g [b, p, N]; fails
+    when the gate is broadcast over conditions the wrong way (e.g. [b, p, N] unsqueezed to [b, p, N, 1])."""
+    g = torch.Generator().manual_seed(34)
+    maps = torch.rand(2, 15, 3, generator=g) + 0.01
+    total = maps.sum(-1, keepdim=True)
+    if not normalized:  # user regions may leave positions unclaimed
+        maps[:, :4] = 0.0
+        total = maps.sum(-1, keepdim=True)
+    gate = torch.stack([ops.text_gate(torch.randn(2, 15, generator=g) * 2) for _ in range(3)], dim=-1)
+    text_factor, weights, alpha = ops.merge_factors("official", maps, total, gate, normalized=normalized)
+    assert text_factor is None and alpha == 1.0 and weights.shape == (2, 15, 3)
+    assert rel_err(weights, ref_official_per_condition_gate(maps, total, gate)) <= 1e-6
+    # one gate shared by all conditions is the [b, p] form
+    _, shared, _ = ops.merge_factors("official", maps, total, gate[..., :1].expand(-1, -1, 3), normalized=normalized)
+    _, flat, _ = ops.merge_factors("official", maps, total, gate[..., 0], normalized=normalized)
+    torch.testing.assert_close(shared, flat)
+
+
+def test_merge_factors_paper_refuses_a_gate_per_condition():
+    maps = torch.rand(1, 6, 2)
+    with pytest.raises(ValueError, match=r"^the paper rule's text gate is one map per image \[b, p\], got \(1, 6, 2\)$"):
+        ops.merge_factors("paper", maps, None, torch.ones(1, 6, 2), normalized=True)
