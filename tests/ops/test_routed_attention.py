@@ -136,20 +136,25 @@ def test_the_image_term_alone_is_scaled_by_alpha(alpha):
 
 def test_each_bad_shape_is_refused_naming_every_shape():
     """Each check alone refuses: keys of another batch or head count, values unlike the keys, a base
-    unlike the query, keys not a multiple of N; the message names base's shape, or None without one."""
+    unlike the query, keys not a multiple of N, a key bias not one value per key; the message names
+    base's and the bias's shapes, or None without them."""
     query, keys, values, weights, base = make(1, 3, 2, 10, 4, 8)
     k, v = token_major(keys), token_major(values)  # [1, 2, 12, 8]
+    bias = torch.zeros(12)
     cases = [
-        (k[:, :1], v[:, :1], base, "keys (1, 1, 12, 8), values (1, 1, 12, 8) and base (1, 2, 10, 8)"),
-        (k, v[..., :4], base, "keys (1, 2, 12, 8), values (1, 2, 12, 4) and base (1, 2, 10, 8)"),
-        (k, v, base[:, :, :9], "keys (1, 2, 12, 8), values (1, 2, 12, 8) and base (1, 2, 9, 8)"),
-        (k[:, :, :-1], v[:, :, :-1], None, "keys (1, 2, 11, 8), values (1, 2, 11, 8) and base None"),
-        (k, v[..., :4], None, "keys (1, 2, 12, 8), values (1, 2, 12, 4) and base None"),
+        (k[:, :1], v[:, :1], base, None, "keys (1, 1, 12, 8), values (1, 1, 12, 8), base (1, 2, 10, 8) and key_bias None"),
+        (k, v[..., :4], base, None, "keys (1, 2, 12, 8), values (1, 2, 12, 4), base (1, 2, 10, 8) and key_bias None"),
+        (k, v, base[:, :, :9], None, "keys (1, 2, 12, 8), values (1, 2, 12, 8), base (1, 2, 9, 8) and key_bias None"),
+        (k[:, :, :-1], v[:, :, :-1], None, None, "keys (1, 2, 11, 8), values (1, 2, 11, 8), base None and key_bias None"),
+        (k, v[..., :4], None, None, "keys (1, 2, 12, 8), values (1, 2, 12, 4), base None and key_bias None"),
+        (k, v, base, bias[:9], "keys (1, 2, 12, 8), values (1, 2, 12, 8), base (1, 2, 10, 8) and key_bias (9,)"),
+        (k, v, base, bias.view(3, 4), "keys (1, 2, 12, 8), values (1, 2, 12, 8), base (1, 2, 10, 8) and key_bias (3, 4)"),
     ]
-    for bad_keys, bad_values, bad_base, names in cases:
+    for bad_keys, bad_values, bad_base, bad_bias, names in cases:
         message = (
-            f"{names} must be [b, h, t·N, d] with N=3 and [b, h, p, d] for a query of (1, 2, 10, 8)"
+            f"{names} must be [b, h, t·N, d] with N=3, [b, h, p, d] and [t·N] for a query of (1, 2, 10, 8)"
         )
         with pytest.raises(ValueError) as error:
-            routed_attention(query, bad_keys, bad_values, weights, bad_base, num_conditions=3)
+            routed_attention(query, bad_keys, bad_values, weights, bad_base, num_conditions=3, key_bias=bad_bias)
         assert str(error.value) == message
+    routed_attention(query, k, v, weights, base, num_conditions=3, key_bias=bias)  # the right shape runs

@@ -247,11 +247,13 @@ def routed_attention(
         or values.shape != keys.shape
         or (base is not None and base.shape != query.shape)
         or keys.shape[2] % num_conditions
+        or (key_bias is not None and tuple(key_bias.shape) != (keys.shape[2],))
     ):
         raise ValueError(
-            f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and base "
-            f"{None if base is None else tuple(base.shape)} must be "
-            f"[b, h, t·N, d] with N={num_conditions} and [b, h, p, d] for a query of {tuple(query.shape)}"
+            f"keys {tuple(keys.shape)}, values {tuple(values.shape)}, base "
+            f"{None if base is None else tuple(base.shape)} and key_bias "
+            f"{None if key_bias is None else tuple(key_bias.shape)} must be [b, h, t·N, d] with "
+            f"N={num_conditions}, [b, h, p, d] and [t·N] for a query of {tuple(query.shape)}"
         )
     logits = torch.matmul(query, keys.transpose(-1, -2))  # [b, h, p, t·N]
     if key_bias is not None:
