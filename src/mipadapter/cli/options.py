@@ -401,7 +401,8 @@ def _check_source(source: str, flag: str, *, folder: bool, hub: bool) -> None:
     if path.is_dir() if folder else path.is_file():
         return
     if path.exists():
-        raise ValueError(f"{flag}: that is a {'file' if folder else 'folder'}, not the {kind} it takes")
+        wanted = "give the image encoder's folder" if folder else "name the checkpoint file inside it"
+        raise ValueError(f"{flag}: that is a {'file' if folder else 'folder'}; {wanted}")
     slashes = source.strip("/").count("/")
     if not hub or looks_local(source) or slashes < (1 if folder else 2):
         raise FileNotFoundError(f"{flag}: no such {kind}")
@@ -527,7 +528,8 @@ def _read_added(added: AddedAdapter, path: Path, model, base: str, default_scale
     try:
         return check_adapter_fits(read_file(path), model, path, base, default_scale)
     except (ValueError, OSError) as error:
-        raise ValueError(f"{added.flag}: {error}") from None
+        text = str(error).removeprefix(f"{path}: ")  # the flag names the file already
+        raise ValueError(f"{added.flag}: {text}") from None
 
 
 def _check_added_adapters(added: Sequence[AddedAdapter], base_model: str, default_encoder: str):
@@ -590,14 +592,19 @@ def _add_tiny_adapters(pipe, arch: str, added: Sequence[AddedAdapter], files) ->
     from mipadapter.checkpoint import adapter_from_file
     from mipadapter.pipeline.encoding import denoiser
     from mipadapter.pipeline.loading import check_image_encoder
-    from mipadapter.testing.mip import tiny_parts
+    from mipadapter.testing.mip import ARCHS, tiny_parts
 
     model = denoiser(pipe.pipe)
     checked = [_read_added(one, path, model, f"--tiny {arch}") for one, (path, _) in zip(added, files, strict=True)]
     for one, file in zip(added, checked, strict=True):
         if one.image_encoder is not None:
             check_image_encoder(_recorded_path(one.image_encoder), file.config, f"--image-encoder {one.name}")
-    built = {pipe.adapter.config.projection: (pipe.image_encoder, pipe.feature_extractor)}
+    spec = ARCHS[arch][0]
+
+    def encoder_spec(projection: str):  # SD1.5's basic and Plus adapters read the same ViT-H: one copy
+        return spec.basic_image_encoder if projection == "basic" else spec.plus_image_encoder
+
+    built = {encoder_spec(pipe.adapter.config.projection): (pipe.image_encoder, pipe.feature_extractor)}
     reference = next(pipe.adapter.parameters())
     records = []
     for one, (path, digest), file in zip(added, files, checked, strict=True):
@@ -608,9 +615,9 @@ def _add_tiny_adapters(pipe, arch: str, added: Sequence[AddedAdapter], files) ->
             pipe.add_adapter(one.name, adapter, encoder)
         else:
             projection = file.config.projection
-            if projection not in built:
-                built[projection] = tiny_parts(arch, projection, base_pipe=pipe.pipe)[1:]
-            pipe.add_adapter(one.name, adapter, *built[projection])
+            if encoder_spec(projection) not in built:
+                built[encoder_spec(projection)] = tiny_parts(arch, projection, base_pipe=pipe.pipe)[1:]
+            pipe.add_adapter(one.name, adapter, *built[encoder_spec(projection)])
             encoder = tiny_encoder_label(arch, projection)
         records.append(AdapterRecord(one.name, str(path.resolve()), digest, encoder))
     return tuple(records)
