@@ -228,3 +228,37 @@ def test_a_recorded_subject_adapter_the_rerun_does_not_load_is_refused(sdxl_file
         "--adapter face=FILE or --subject-adapter man=ADAPTER"
     )
     assert os.listdir(out) == []
+
+
+def test_real_models_share_one_encoder_and_refuse_a_misfit_before_the_base_model_loads(
+    sdxl_files, sd15_files, tmp_path, monkeypatch, capsys
+):
+    """The non-tiny path (local folders): an added adapter without --image-encoder reads the default's
+    encoder when it gives its features, loaded once; an adapter for another base model is refused from its
+    keys before ``from_pretrained`` starts."""
+    import mipadapter.pipeline.loading as loading
+    from mipadapter.pipeline import MIPAdapterPipeline
+    from mipadapter.testing import tiny_sdxl_pipeline
+
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "base")
+    real = ["generate", "--base-model", str(tmp_path / "base"), "--adapter", str(sdxl_files.mip_plus_bin),
+            "--image-encoder", str(sdxl_files.plus_image_encoder), "--prompt", PROMPT, "--subject", f"man={CAT}",
+            "--subject", f"cat={BACKPACK}", "--steps", "1", "--subject-adapter", "man=face"]  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    loaded = []
+    original = loading._load_image_encoder
+    monkeypatch.setattr(loading, "_load_image_encoder", lambda *a: loaded.append(a[0]) or original(*a))
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(MIPAdapterPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the base model loaded"))
+        code = main([*real, "--adapter", f"face={sd15_files.plus_bin}", "-o", str(out / "x.png")])
+        assert refused(capsys, code, out).startswith(f"--adapter face={sd15_files.plus_bin}: adapter tokens are 48 wide")
+    first = tmp_path / "first.png"
+    assert main([*real, "--adapter", f"face={sdxl_files.plus_bin}", "-o", str(first)]) == 0
+    assert loaded == [str(sdxl_files.plus_image_encoder.resolve())]  # one copy for both adapters
+    recipe = read_recipe(first)
+    assert recipe["models"]["adapters"][0]["image_encoder"] == recipe["models"]["image_encoder"] == loaded[0]
+    assert recipe["rule"] == "paper" and [s["adapter"] for s in recipe["subjects"]] == ["face", "default"]
+    assert main(["generate", "--from-png", str(first), "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(pixels(first), pixels(tmp_path / "again.png"))
