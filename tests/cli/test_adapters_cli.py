@@ -90,16 +90,17 @@ def refused(capsys, code: int, out: Path) -> str:
 def test_two_adapters_and_two_encoders_are_recorded_and_rerun_bit_for_bit(sdxl_files, tmp_path, capsys):
     """Guards the whole CLI path of a mixed call: the man's photos through the Plus adapter ("face", its own
     ViT-H folder), the cat's through the MIP basic default (the tiny bigG), both files' SHA-256 recorded,
-    ``--from-png`` giving the same pixels, and a changed adapter file refused on the rerun."""
-    face = tmp_path / "face.bin"
+    ``--from-png`` giving the same pixels, and a changed adapter file (added or default) refused on the rerun."""
+    face, mip = tmp_path / "face.bin", tmp_path / "model_sdxl.bin"
     shutil.copyfile(sdxl_files.plus_bin, face)
+    shutil.copyfile(sdxl_files.mip_basic_bin, mip)
     first, again = tmp_path / "first.png", tmp_path / "again.png"
-    flags = ["--adapter", str(sdxl_files.mip_basic_bin), "--adapter", f"face={face}",
+    flags = ["--adapter", str(mip), "--adapter", f"face={face}",
              "--image-encoder", f"face={sdxl_files.plus_image_encoder}", "--scale", "cat=0.6"]  # fmt: skip
     assert main(argv(first, *flags, "--subject-adapter", "man=face")) == 0
     recipe = read_recipe(first)
-    assert recipe["models"]["adapter"] == str(sdxl_files.mip_basic_bin.resolve())
-    assert recipe["models"]["adapter_sha256"] == file_sha256(sdxl_files.mip_basic_bin)
+    assert recipe["models"]["adapter"] == str(mip)
+    assert recipe["models"]["adapter_sha256"] == file_sha256(mip)
     assert recipe["models"]["adapters"] == [
         {"name": "face", "adapter": str(face), "sha256": file_sha256(face),
          "image_encoder": str(sdxl_files.plus_image_encoder.resolve())}
@@ -126,6 +127,12 @@ def test_two_adapters_and_two_encoders_are_recorded_and_rerun_bit_for_bit(sdxl_f
     code = main(["generate", "--from-png", str(first), "-o", str(out / "x.png")])
     assert refused(capsys, code, out) == (
         f"the recorded adapter 'face' '{face}' has changed since '{first}' was made (its SHA-256 differs)"
+    )
+    shutil.copyfile(sdxl_files.plus_bin, face)
+    shutil.copyfile(sdxl_files.basic_bin, mip)  # the default adapter's file now another one
+    code = main(["generate", "--from-png", str(first), "-o", str(out / "x.png")])
+    assert refused(capsys, code, out) == (
+        f"the recorded adapter '{mip}' has changed since '{first}' was made (its SHA-256 differs)"
     )
 
 
