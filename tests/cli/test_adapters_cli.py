@@ -269,3 +269,22 @@ def test_real_models_share_one_encoder_and_refuse_a_misfit_before_the_base_model
     assert recipe["rule"] == "paper" and [s["adapter"] for s in recipe["subjects"]] == ["face", "default"]
     assert main(["generate", "--from-png", str(first), "-o", str(tmp_path / "again.png")]) == 0
     assert np.array_equal(pixels(first), pixels(tmp_path / "again.png"))
+
+
+def test_web_takes_the_same_adapter_flags(sdxl_files):
+    """``mipadapter web`` shares ``add_model_flags`` and ``load_pipeline``: its adapters are generate's."""
+    import torch
+
+    from mipadapter.cli.main import build_parser
+    from mipadapter.cli.options import load_pipeline
+
+    args = build_parser().parse_args(
+        ["web", "--tiny", "--adapter", f"face={sdxl_files.plus_bin}", "--adapter", f"mip={sdxl_files.mip_plus_bin}"]
+    )
+    pipe, record = load_pipeline(args, torch.device("cpu"), torch.float32)
+    assert pipe.adapter_names == ["default", "face", "mip"]
+    assert [(a.name, a.sha256, a.image_encoder) for a in record.adapters] == [
+        ("face", file_sha256(sdxl_files.plus_bin), "tiny sdxl plus (random)"),
+        ("mip", file_sha256(sdxl_files.mip_plus_bin), "tiny sdxl plus (random)"),
+    ]
+    assert pipe.adapters["mip"].config.text_weight and not pipe.adapters["face"].config.text_weight
