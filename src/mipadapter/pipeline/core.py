@@ -14,15 +14,7 @@ import numpy as np
 import torch
 
 from mipadapter.alignment import align_subjects, subject_labels, unnamed_subjects
-from mipadapter.config import (
-    ADAPTER_NAME,
-    DEFAULT_ADAPTER,
-    PRESETS,
-    MergeRule,
-    MultiImageMode,
-    NegativeImage,
-    RegionMode,
-)
+from mipadapter.config import PRESETS, MergeRule, MultiImageMode, NegativeImage, RegionMode
 from mipadapter.modeling.adapter import MIPAdapter
 from mipadapter.modeling.conditioning import (
     CROSS_ATTENTION_KWARG,
