@@ -288,3 +288,6 @@ def test_web_takes_the_same_adapter_flags(sdxl_files):
         ("mip", file_sha256(sdxl_files.mip_plus_bin), "tiny sdxl plus (random)"),
     ]
     assert pipe.adapters["mip"].config.text_weight and not pipe.adapters["face"].config.text_weight
+    flux = build_parser().parse_args(["web", "--tiny", "flux", "--adapter", f"face={sdxl_files.plus_bin}"])
+    with pytest.raises(ValueError, match=r"^--adapter face=.*: adapters are added on SDXL and SD1.5; a FLUX pipeline"):
+        load_pipeline(flux, torch.device("cpu"), torch.float32)

@@ -331,7 +331,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if recipe is not None:
         _check_same_family(recipe, source, models, flux)
     if flux and models.adapters:
-        raise ValueError(f"{models.adapters[0].flag}: adapters are added on SDXL and SD1.5; a FLUX pipeline holds one (XLabs')")
+        raise ValueError(f"{models.adapters[0].flag}: {options.ONE_ADAPTER_ON_FLUX}")
     factor = options.FLUX_CELL if flux else options.VAE_FACTOR
 
     prompt = value("prompt")

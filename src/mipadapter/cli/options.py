@@ -22,6 +22,7 @@ MODEL_FLAGS = {"base_model": "--base-model", "adapter": "--adapter", "image_enco
 TINY_ADAPTER = "built-in tiny (random)"
 VAE_FACTOR = 8  # SD1.5 and SDXL pixel sides per latent side
 FLUX_CELL = 16  # FLUX.1: the VAE's factor 8 times the transformer's 2×2 latent patches
+ONE_ADAPTER_ON_FLUX = "adapters are added on SDXL and SD1.5; a FLUX pipeline holds one (XLabs')"
 
 
 @dataclass(frozen=True)
@@ -249,8 +250,11 @@ def check_model_flags(args) -> AdapterFlags:
     model flags are errors with it (an added adapter's ``--image-encoder NAME=DIR`` is not). Returns the
     adapter flags sorted out (``adapter_flags``)."""
     flags = adapter_flags(args)
-    if tiny_arch(getattr(args, "tiny", None)) is None:
+    arch = tiny_arch(getattr(args, "tiny", None))
+    if arch is None:
         return flags
+    if flags.added and TINY_ARCHS[arch].family == "flux":
+        raise ValueError(f"{flags.added[0].flag}: {ONE_ADAPTER_ON_FLUX}")
     for key, given in (("base_model", getattr(args, "base_model", None)), ("image_encoder", flags.image_encoder)):
         if given:
             raise ValueError(
@@ -384,7 +388,7 @@ def _added_adapter(name: str, source: str, tiny: bool) -> AddedAdapter:
         if tiny:
             raise ValueError(f"{flag}: a preset names real models; with --tiny give a file made for the tiny models")
         if preset_family(source) == "flux":
-            raise ValueError(f"{flag}: adapters are added on SDXL and SD1.5; a FLUX pipeline holds one (XLabs')")
+            raise ValueError(f"{flag}: {ONE_ADAPTER_ON_FLUX}")
         preset = PRESETS[source]
         return AddedAdapter(name, preset.adapter, preset.image_encoder, preset=source)
     _check_source(source, flag, folder=False, hub=not tiny)
@@ -545,7 +549,7 @@ def _check_added_adapters(added: Sequence[AddedAdapter], base_model: str, defaul
 
     skeleton = denoiser_skeleton(base_model, "base model", MODEL_FLAGS["base_model"])
     if not isinstance(skeleton, UNet2DConditionModel):
-        raise ValueError(f"{added[0].flag}: adapters are added on SDXL and SD1.5; a FLUX pipeline holds one (XLabs')")
+        raise ValueError(f"{added[0].flag}: {ONE_ADAPTER_ON_FLUX}")
     encoders = [default_encoder]  # where a loaded encoder came from, the default adapter's first
     prepared = []
     for one in added:
