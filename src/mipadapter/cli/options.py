@@ -593,6 +593,8 @@ def _add_tiny_adapters(pipe, arch: str, added: Sequence[AddedAdapter], files) ->
     """The added adapters (files made for the tiny models) onto the tiny pipeline, all checked before any
     is built; each reads its ``--image-encoder NAME=DIR`` or the tiny image encoder of its projection (one
     per projection, the default adapter's when it is the same). files: ``_added_file`` of each."""
+    if not added:
+        return ()
     from mipadapter.checkpoint import adapter_from_file
     from mipadapter.pipeline.encoding import denoiser
     from mipadapter.pipeline.loading import check_image_encoder
