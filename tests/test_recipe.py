@@ -333,3 +333,85 @@ def test_non_default_modes_are_recorded_and_round_trip(generated, tmp_path, mult
     from_call = build_recipe(pipe, bare, seed=5, subjects=recorded, models=MODELS,
                              call={**call, "region_mode": region_mode})  # fmt: skip
     assert (from_call["multi_image"], from_call["region_mode"]) == (multi_image, region_mode)
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+FACE_SHA = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """One tiny call whose two subjects are encoded by two adapters (MIP basic default, Plus "face")."""
+    from mipadapter.recipe import AdapterRecord
+    from mipadapter.testing.mip import tiny_adapter, tiny_parts
+    from mipadapter.testing.tiny import TINY_SDXL
+
+    pipe = tiny_mip_pipeline("sdxl")
+    _, encoder, processor = tiny_parts("sdxl", "plus", base_pipe=pipe.pipe)
+    pipe.add_adapter("face", tiny_adapter(pipe.pipe.unet, TINY_SDXL.plus_image_encoder, "plus", False, 5), encoder, processor)
+    subjects = [Subject("man", [Image.open(CAT)], adapter="face", scale=0.4), Subject("cat", [Image.open(BACKPACK)])]
+    call = dict(prompt="a man holding a cat", num_inference_steps=1)
+    output = pipe(call["prompt"], subjects, generator=torch.Generator().manual_seed(2), show_progress=False,
+                  num_inference_steps=1)  # fmt: skip
+    models = ModelRecord(
+        "tiny-sdxl (random)", "/m/model_sdxl.bin", "tiny sdxl basic (random)", tiny="sdxl", adapter_sha256="cd" * 32,
+        adapters=(AdapterRecord("face", "/m/face.bin", FACE_SHA, "/m/image_encoder"),),
+    )
+    return build_recipe(
+        pipe, output, seed=2, subjects=[RecipeSubject("man", [CAT], 0.4), RecipeSubject("cat", [BACKPACK])],
+        models=models, call=call,
+    )  # fmt: skip
+
+
+def test_a_mixed_call_records_each_subjects_adapter_and_every_adapter_file(mixed, tmp_path):
+    """Guards the recipe of a call that mixes adapters: which adapter encoded whom, each file's SHA-256."""
+    assert [s["adapter"] for s in mixed["subjects"]] == ["face", "default"]
+    assert mixed["models"]["adapter_sha256"] == "cd" * 32
+    assert mixed["models"]["adapters"] == [
+        {"name": "face", "adapter": "/m/face.bin", "sha256": FACE_SHA, "image_encoder": "/m/image_encoder"}
+    ]
+    assert mixed["rule"] == "paper" and mixed["text_weight"] is False  # the face adapter has no text weight
+    assert read_recipe(write_image(Image.new("RGB", (8, 8)), tmp_path / "m.png", mixed)) == mixed
+
+
+def test_a_one_adapter_recipe_records_no_adapter_names(generated):
+    recipe = recipe_of(generated, None)
+    assert all("adapter" not in subject for subject in recipe["subjects"])
+    assert set(recipe["models"]) == {"base_model", "adapter", "image_encoder", "preset", "tiny"}
+
+
+def test_recorded_adapters_are_checked_like_every_field(mixed, tmp_path):
+    face = mixed["models"]["adapters"][0]
+
+    def with_models(**changes):
+        return {**mixed, "models": {**mixed["models"], **changes}}
+
+    def with_subject_adapter(name):
+        return {**mixed, "subjects": [{**mixed["subjects"][0], "adapter": name}, *mixed["subjects"][1:]]}
+
+    cases = {
+        "sha.png": (with_models(adapter_sha256="XY"), "models: recipe field 'adapter_sha256' must be 64 lowercase hex"),
+        "empty.png": (with_models(adapters=[]), "models: recipe field 'adapters' must be a non-empty list"),
+        "entry.png": (with_models(adapters=["face"]), "models adapter #1 is not an object"),
+        "lacks.png": (with_models(adapters=[{"name": "face"}]), "models adapter #1: the recipe lacks adapter, sha256"),
+        "default.png": (
+            with_models(adapters=[{**face, "name": "default"}]),
+            "models adapter #1: recipe field 'name' must be an adapter name (letters, digits, '_', '-', '.') other "
+            "than 'default', got 'default'",
+        ),
+        "spaces.png": (with_models(adapters=[{**face, "name": "my face"}]), "recipe field 'name' must be an adapter name"),
+        "twice.png": (
+            with_models(adapters=[face, {**face, "sha256": "ef" * 32}]),
+            "models adapter #2: the adapter name 'face' is recorded twice",
+        ),
+        "filesha.png": (with_models(adapters=[{**face, "sha256": "00"}]), "recipe field 'sha256' must be 64 lowercase"),
+        "unknown.png": (
+            with_subject_adapter("hair"),
+            "subject #1: its adapter 'hair' is not one the recipe records (default, face)",
+        ),
+        "badname.png": (with_subject_adapter(""), "subject #1: recipe field 'adapter' must be an adapter name"),
+    }
+    for name, (recipe, message) in cases.items():
+        with pytest.raises(RecipeError) as error:
+            read_recipe(_png_with_text(tmp_path / name, json.dumps(recipe)))
+        assert message in str(error.value) and name in str(error.value), (name, str(error.value))

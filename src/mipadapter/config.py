@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -230,3 +231,8 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 DEFAULT_PRESET = "mip-sdxl"
+
+DEFAULT_ADAPTER = "default"
+"""The name of the adapter a pipeline is built with, which subjects use unless they name another."""
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+"""What an added adapter's name may hold: it is typed as ``--adapter NAME=FILE`` and recorded in recipes."""

@@ -36,15 +36,22 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
     multi_image     "mean" | "each"
     region_mode     "replace" | "multiply"
     scheduler       str              the diffusers scheduler class
-    subjects        [{name, photos: [{path, sha256} | {name, sha256}], scale, region}]
+    subjects        [{name, photos: [{path, sha256} | {name, sha256}], scale, region, adapter?}]
                     photos: {name, sha256} for a photo uploaded to the web page (its file name; the
                             server's path is private and temporary), else {path, sha256}
                     scale: float (resolved) | [float, …] (FLUX, one per double block) | diffusers' UNet
                            dict form {"down": …, "mid": …, "up": …} (``mipadapter.scales``)
                     region: null | [x0, y0, x1, y1] (output pixels) | {path, sha256} (mask file)
                             | {png_base64} (a mask that has no file, e.g. painted on the web page)
+                    adapter: the name of the adapter that encoded its photos ("default" or one of
+                            models.adapters); present only when the pipeline held several adapters
     models          {base_model, adapter, image_encoder, preset: str | null, tiny: null | an architecture of
-                    the CLI's --tiny ("sdxl", "sd15", "flux")}
+                    the CLI's --tiny ("sdxl", "sd15", "flux"), adapter_sha256?, adapters?}
+                    adapter_sha256: the default adapter file's SHA-256 (absent for the tiny models' built-in
+                            adapter and in files written before it)
+                    adapters: [{name, adapter, sha256, image_encoder}], the adapters added beside the
+                            default one (``--adapter NAME=FILE``; absent when there were none): the file
+                            (absolute path or Hub id), its SHA-256, the image encoder it read
     model_family    "SDXL" | "SD1.5" | "FLUX" | …   the base model's (``model_family``; absent in files
                                      written before it)
     device, dtype   str
@@ -76,6 +83,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mipadapter.config import ADAPTER_NAME, DEFAULT_ADAPTER
 from mipadapter.fileio import atomic_write
 from mipadapter.limits import (
     DEFAULT_MAX_PIXELS,
@@ -124,24 +132,47 @@ class RecipeSubject:
 
 
 @dataclass(frozen=True)
+class AdapterRecord:
+    """An adapter added beside the default one (``--adapter NAME=FILE``): its name, its file (absolute
+    path or Hub id) with the file's SHA-256, and the image encoder it read (a folder, a Hub id, or the
+    tiny models' built-in one)."""
+
+    name: str
+    adapter: str
+    sha256: str
+    image_encoder: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "adapter": self.adapter, "sha256": self.sha256, "image_encoder": self.image_encoder}
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     """Which models made the image (Hub ids or local paths, as loaded); ``tiny`` names the built-in tiny
-    architecture when the tiny models were used."""
+    architecture when the tiny models were used; adapter_sha256: the default adapter file's (None: the
+    tiny built-in adapter); adapters: those added beside the default one."""
 
     base_model: str
     adapter: str
     image_encoder: str
     preset: str | None = None
     tiny: str | None = None
+    adapter_sha256: str | None = None
+    adapters: tuple[AdapterRecord, ...] = ()
 
-    def to_dict(self) -> dict[str, str | None]:
-        return {
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
             "base_model": self.base_model,
             "adapter": self.adapter,
             "image_encoder": self.image_encoder,
             "preset": self.preset,
             "tiny": self.tiny,
         }
+        if self.adapter_sha256 is not None:
+            record["adapter_sha256"] = self.adapter_sha256
+        if self.adapters:
+            record["adapters"] = [added.to_dict() for added in self.adapters]
+        return record
 
 
 @dataclass(frozen=True)
@@ -252,7 +283,8 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
 
     Keys: prompt, negative_prompt, guidance_scale, num_inference_steps, height, width,
     num_images_per_prompt, rule, use_text_weight, multi_image, region_mode, scheduler, scales,
-    default_scale, negative_image, negative_prompt_embeds (whether the negative came as embeddings), and
+    default_scale, negative_image, negative_prompt_embeds (whether the negative came as embeddings),
+    adapters (subject label → adapter name, when the pipeline holds several; else None), and
     true_cfg_scale, prompt_2 and max_sequence_length on FLUX pipelines (None elsewhere).
     """
     given = dict(getattr(output, "settings", None) or {})
@@ -295,6 +327,7 @@ def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
         "region_mode": str(pick("region_mode", "replace")),
         "scheduler": str(given.get("scheduler") or type(pipe.pipe.scheduler).__name__),
         "scales": given.get("scales"),
+        "adapters": given.get("adapters"),
         "default_scale": defaults.default_scale,
         "true_cfg_scale": None if true_cfg is None else float(true_cfg),
     }
@@ -315,6 +348,18 @@ def _resolved_scales(subjects: Sequence[RecipeSubject], settings: Mapping[str, A
     if isinstance(recorded, Mapping) and set(labels) <= set(recorded):
         return [plain(recorded[label]) for label in labels]
     return [settings["default_scale"] if s.scale is None else plain(s.scale) for s in subjects]
+
+
+def _subject_adapters(subjects: Sequence[RecipeSubject], settings: Mapping[str, Any]) -> list[str | None]:
+    """Each subject's adapter name, from the pipeline's ``settings["adapters"]`` (by subject label), or
+    None for every subject when the pipeline held one adapter (nothing to record)."""
+    from mipadapter.alignment import subject_labels
+
+    recorded = settings.get("adapters")
+    labels = subject_labels([subject.name for subject in subjects])
+    if not isinstance(recorded, Mapping):
+        return [None] * len(subjects)
+    return [str(recorded.get(label, DEFAULT_ADAPTER)) for label in labels]
 
 
 def _region_record(region) -> Any:
@@ -357,6 +402,7 @@ def build_recipe(
     from mipadapter.pipeline.encoding import denoiser
 
     scales = _resolved_scales(subjects, settings)
+    adapters = _subject_adapters(subjects, settings)
     parameter = next(denoiser(pipe.pipe).parameters())
     recipe = {
         "recipe_version": RECIPE_VERSION,
@@ -387,8 +433,9 @@ def build_recipe(
                 "photos": [(upload_record if uploaded else file_record)(photo) for photo in subject.photos],
                 "scale": scale,
                 "region": _region_record(subject.region),
+                **({} if adapter is None else {"adapter": adapter}),
             }
-            for subject, scale in zip(subjects, scales, strict=True)
+            for subject, scale, adapter in zip(subjects, scales, adapters, strict=True)
         ],
         "models": models.to_dict(),
         "model_family": model_family(pipe),
@@ -524,15 +571,25 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def _is_file_record(value) -> bool:
     return (
         isinstance(value, Mapping)
         and set(value) == {"path", "sha256"}
         and isinstance(value["path"], str)
-        and isinstance(value["sha256"], str)
-        and len(value["sha256"]) == 64
-        and all(c in "0123456789abcdef" for c in value["sha256"])
+        and _is_sha256(value["sha256"])
     )
+
+
+def _is_adapter_name(value) -> bool:
+    return isinstance(value, str) and bool(ADAPTER_NAME.fullmatch(value))
+
+
+def _non_empty_string() -> tuple[str, Any]:
+    return "a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())
 
 
 def _scale_ok(scale) -> bool:
@@ -620,6 +677,9 @@ _SUBJECT_FIELDS: dict[str, tuple[str, Any]] = {
     ),
     "region": ("null, [x0, y0, x1, y1], {path, sha256} or {png_base64}", _region_ok),
 }
+_OPTIONAL_SUBJECT_FIELDS: dict[str, tuple[str, Any]] = {
+    "adapter": ("an adapter name (letters, digits, '_', '-', '.')", _is_adapter_name),
+}
 _OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {  # written only where they apply, or by later versions
     "true_cfg_scale": _number_in(0, LARGE_LIMITS.max_guidance),
     "negative_image": ('"black" or "zeros"', lambda v: v in ("black", "zeros")),
@@ -636,6 +696,19 @@ _MODEL_FIELDS: dict[str, tuple[str, Any]] = {
     "preset": ("a string or null", lambda v: v is None or isinstance(v, str)),
     # the architectures themselves are listed once, in the CLI's --tiny table
     "tiny": ("null or an architecture name", lambda v: v is None or (isinstance(v, str) and bool(v))),
+}
+_OPTIONAL_MODEL_FIELDS: dict[str, tuple[str, Any]] = {
+    "adapter_sha256": ("64 lowercase hex digits", _is_sha256),
+    "adapters": ("a non-empty list of {name, adapter, sha256, image_encoder}", lambda v: isinstance(v, list) and bool(v)),
+}
+_ADDED_ADAPTER_FIELDS: dict[str, tuple[str, Any]] = {
+    "name": (
+        f"an adapter name (letters, digits, '_', '-', '.') other than {DEFAULT_ADAPTER!r}",
+        lambda v: _is_adapter_name(v) and v != DEFAULT_ADAPTER,
+    ),
+    "adapter": _non_empty_string(),
+    "sha256": ("64 lowercase hex digits", _is_sha256),
+    "image_encoder": _non_empty_string(),
 }
 
 
@@ -683,10 +756,32 @@ def validate_recipe(recipe: Any, where: str) -> None:
     for index, subject in enumerate(recipe["subjects"]):
         if not isinstance(subject, Mapping):
             raise RecipeError(f"{where}: subject #{index + 1} is not an object")
-        _check_fields(f"{where} subject #{index + 1}", subject, _SUBJECT_FIELDS)
+        _check_fields(f"{where} subject #{index + 1}", subject, _SUBJECT_FIELDS, _OPTIONAL_SUBJECT_FIELDS)
         if isinstance(subject["region"], Mapping) and "png_base64" in subject["region"]:
             embedded_mask_bytes(subject["region"], f"{where} subject #{index + 1}")
-    _check_fields(f"{where} models", recipe["models"], _MODEL_FIELDS)
+    _check_fields(f"{where} models", recipe["models"], _MODEL_FIELDS, _OPTIONAL_MODEL_FIELDS)
+    _check_adapter_names(recipe, where)
+
+
+def _check_adapter_names(recipe: Mapping[str, Any], where: str) -> None:
+    """The added adapters are valid and named once each, and every subject's adapter is one of them or
+    the default one."""
+    added = recipe["models"].get("adapters", [])
+    names = [DEFAULT_ADAPTER]
+    for index, adapter in enumerate(added):
+        what = f"{where} models adapter #{index + 1}"
+        if not isinstance(adapter, Mapping):
+            raise RecipeError(f"{what} is not an object")
+        _check_fields(what, adapter, _ADDED_ADAPTER_FIELDS)
+        if adapter["name"] in names:
+            raise RecipeError(f"{what}: the adapter name {adapter['name']!r} is recorded twice")
+        names.append(adapter["name"])
+    for index, subject in enumerate(recipe["subjects"]):
+        if subject.get("adapter", DEFAULT_ADAPTER) not in names:
+            raise RecipeError(
+                f"{where} subject #{index + 1}: its adapter {subject['adapter']!r} is not one the recipe "
+                f"records ({', '.join(names)})"
+            )
 
 
 def embedded_mask_bytes(region: Mapping[str, str], where: str) -> bytes:

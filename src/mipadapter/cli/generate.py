@@ -17,7 +17,15 @@ from typing import Any
 from mipadapter import limits
 from mipadapter.alignment import subject_labels
 from mipadapter.cli.options import add_model_flags, add_tiny_argument
-from mipadapter.config import DEFAULT_PRESET, PRESETS, MergeRule, MultiImageMode, NegativeImage, RegionMode
+from mipadapter.config import (
+    DEFAULT_ADAPTER,
+    DEFAULT_PRESET,
+    PRESETS,
+    MergeRule,
+    MultiImageMode,
+    NegativeImage,
+    RegionMode,
+)
 from mipadapter.limits import ALLOW_LARGE, DEFAULT_LIMITS, LARGE_LIMITS
 
 DEFAULTS: dict[str, Any] = {
@@ -48,12 +56,18 @@ subjects with the same name:
   --scale/--region dog=... address every subject called dog; dog#1=..., dog#2=... only the first,
   the second.
 
+several adapters (SDXL, SD1.5; docs/adapters.md):
+  --adapter face=ip-sdxl-plus-face --subject-adapter man=face   the man's photos through h94's face
+  adapter, the other subjects through the default one; all routed together in one call.
+
 examples:
   mipadapter generate --prompt "a cat wearing a jacket" --subject cat=cat1.jpg,cat2.jpg \\
       --subject jacket=jacket.jpg --scale jacket=0.8 --region jacket=512,300,1024,1024 -o out.png
   mipadapter generate --tiny --prompt "a cat and a dog" --subject cat=c.jpg --subject dog=d.jpg
   mipadapter generate --preset ip-flux --prompt "a cat wearing a jacket in Boston" \\
       --subject cat=cat.jpg --subject jacket=jacket.jpg --negative-prompt "blurry" --true-cfg-scale 4
+  mipadapter generate --prompt "a man holding a cat" --subject man=me.jpg --subject cat=cat.jpg \\
+      --adapter face=ip-sdxl-plus-face --subject-adapter man=face
   mipadapter generate --from-png out.png --seed 7 -o again.png
   mipadapter generate --from-png out.png --subject cat=my_cat.jpg -o mine.png   # cat keeps its scale, region"""
 
@@ -99,6 +113,14 @@ def register(subparsers) -> None:
         metavar="NAME[#K]=X0,Y0,X1,Y1|NAME[#K]=MASK",
         help="where a subject goes: a box in output pixels or a mask image (white = the subject) "
         "(default: routed automatically)",
+    )
+    what.add_argument(
+        "--subject-adapter",
+        action="append",
+        default=[],
+        metavar="NAME[#K]=ADAPTER",
+        help="the adapter that encodes a subject's photos: one added with --adapter ADAPTER=FILE, or "
+        "'default' (default: default, the preset's adapter or --adapter FILE)",
     )
     what.add_argument(
         "--region-mode",
@@ -250,6 +272,7 @@ class SubjectPlan:
     region: Any = None
     recorded_photos: bool = False  # the photos come from --from-png's recipe (named so in errors)
     recorded_scale: bool = False  # the scale comes from the recipe (checked against the caps as such)
+    adapter: str = DEFAULT_ADAPTER  # the name of the adapter that encodes its photos
 
 
 @dataclass
@@ -283,6 +306,8 @@ class Plan:
     max_sequence_length: int | None = None
     keep_index: int | None = None  # write only this image of the call (--from-png of image k of a batch)
     same_models_as: dict | None = None  # the --from-png recipe, when its base model is rerun (no model flag)
+    rule_origin: str = "--rule"  # how errors name the rule and the text weight: the flag, or the recipe
+    text_weight_origin: str = "--text-weight"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -305,6 +330,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     flux = _is_flux(args, models, recipe)
     if recipe is not None:
         _check_same_family(recipe, source, models, flux)
+    if flux and models.adapters:
+        raise ValueError(f"{models.adapters[0].flag}: {options.ONE_ADAPTER_ON_FLUX}")
     factor = options.FLUX_CELL if flux else options.VAE_FACTOR
 
     prompt = value("prompt")
@@ -340,6 +367,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if None not in known:
         limits.check_output_pixels(known[1], known[0], caps, allow=allow)
     _apply_overrides(args, subjects, known, caps, allow)
+    _apply_subject_adapters(args, subjects, [DEFAULT_ADAPTER, *(a.name for a in models.adapters)], source)
     _check_block_scale_forms(args, subjects, flux, models)
     for subject, label in zip(subjects, subject_labels([s.name for s in subjects]), strict=True):
         # --scale values were checked as parsed; per-layer scales by their form (scales.check_scale)
@@ -394,7 +422,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
         max_sequence_length=value("max_sequence_length"),
         keep_index=keep_index,
         same_models_as=recipe if recipe is not None and not (args.tiny or args.base_model or args.preset) else None,
+        rule_origin=_flag_or_recorded("--rule", "the rule", value("rule"), args.rule is None and recipe, source),
+        text_weight_origin=_flag_or_recorded(
+            "--text-weight", "the text weight", value("text_weight"), args.text_weight is None and recipe, source
+        ),
     )
+
+
+def _flag_or_recorded(flag: str, what: str, value, recorded, source) -> str:
+    """How an error names a setting: ``--rule official``, or ``the rule 'official' recorded in 'x.png'``."""
+    if recorded:
+        return f"{what} {value!r} recorded in {str(source)!r}"
+    return flag if isinstance(value, bool) or value is None else f"{flag} {value}"
 
 
 def _side(side: int | None, what: str, factor: int, caps, allow: str | None) -> int | None:
@@ -593,9 +632,12 @@ def _models(args, recipe) -> argparse.Namespace:
             f"{str(Path(args.from_png).expanduser())!r} models: recipe field 'models.tiny' must be null or "
             f"one of {', '.join(options.TINY_ARCHS)}, got {recorded['tiny']!r}"
         )
+    from mipadapter.cli.options import split_named
+
     tiny = args.tiny or recorded.get("tiny")
+    bare_encoder = any(split_named(value)[0] in (None, DEFAULT_ADAPTER) for value in args.image_encoder or [])
     given_real = [
-        flag for dest, flag in options.MODEL_FLAGS.items() if dest != "adapter" and getattr(args, dest)
+        flag for flag, given in (("--base-model", args.base_model), ("--image-encoder", bare_encoder)) if given
     ]
     if args.preset:
         given_real.append("--preset")
@@ -605,21 +647,49 @@ def _models(args, recipe) -> argparse.Namespace:
         )
     if tiny and given_real:  # the recording was tiny; the flags ask for real models: those win
         tiny = None
+    keep = recipe is not None and bool(recorded.get("tiny")) == bool(tiny)  # the recorded models apply
+    source = str(Path(args.from_png).expanduser()) if recipe is not None else None
+    flags = options.parse_adapter_flags(
+        args.adapter, args.image_encoder, tiny=bool(tiny), recorded=_recorded_adapters(recorded, source) if keep else ()
+    )
+    adapter = flags.adapter
+    if adapter is None and keep and recorded.get("adapter") != options.TINY_ADAPTER:
+        adapter = recorded.get("adapter")
+    common = {
+        "adapters": flags.added,
+        # a recorded default adapter file must be the recorded one
+        "adapter_sha256": recorded.get("adapter_sha256") if flags.adapter is None and keep else None,
+        "recorded_in": source,
+    }
     if tiny:
-        adapter = args.adapter
-        if adapter is None and recorded.get("tiny") and recorded.get("adapter") != options.TINY_ADAPTER:
-            adapter = recorded.get("adapter")
         return argparse.Namespace(
-            tiny=tiny, adapter=adapter, base_model=None, image_encoder=None, preset=None
+            tiny=tiny, adapter=adapter, base_model=None, image_encoder=None, preset=None, **common
         )
-    keep = not recorded.get("tiny")
     return argparse.Namespace(
         tiny=None,
         preset=args.preset or (keep and recorded.get("preset")) or DEFAULTS["preset"],
         base_model=args.base_model or (keep and recorded.get("base_model")) or None,
-        adapter=args.adapter or (keep and recorded.get("adapter")) or None,
-        image_encoder=args.image_encoder or (keep and recorded.get("image_encoder")) or None,
+        adapter=adapter,
+        image_encoder=flags.image_encoder or (keep and recorded.get("image_encoder")) or None,
+        **common,
     )
+
+
+def _recorded_adapters(recorded: dict, source: str | None) -> list:
+    """A recipe's added adapters as ``--adapter NAME=FILE`` would give them, with the SHA-256 each file
+    must still have; a tiny built-in image encoder is built again (None)."""
+    from mipadapter.cli.options import AddedAdapter, is_tiny_encoder
+
+    return [
+        AddedAdapter(
+            added["name"],
+            added["adapter"],
+            None if is_tiny_encoder(added["image_encoder"]) else added["image_encoder"],
+            sha256=added["sha256"],
+            recorded_in=source,
+        )
+        for added in recorded.get("adapters", [])
+    ]
 
 
 def _subjects(args, recipe, named_in: tuple[str, ...] | None = None) -> list[SubjectPlan]:
@@ -666,6 +736,7 @@ def _subjects(args, recipe, named_in: tuple[str, ...] | None = None) -> list[Sub
                 _recorded_region(subject, source),
                 recorded_photos=True,
                 recorded_scale=True,
+                adapter=subject.get("adapter", DEFAULT_ADAPTER),
             )
         )
     return plans + list(replaced.values())
@@ -714,6 +785,7 @@ def _keep_recorded_settings(plans: list[SubjectPlan], recipe: dict, source) -> N
             check_recorded_file(region, f"{label}'s region mask", source)
         plan.scale, plan.region = subject["scale"], _recorded_region(subject, source)
         plan.recorded_scale = True
+        plan.adapter = subject.get("adapter", DEFAULT_ADAPTER)
 
 
 def _apply_overrides(
@@ -756,6 +828,28 @@ def _apply_overrides(
     for subject, label in zip(subjects, labels, strict=True):
         if isinstance(subject.region, tuple):
             options.check_box_fits(subject.region, label, *size)
+
+
+def _apply_subject_adapters(args, subjects: list[SubjectPlan], names: list[str], source) -> None:
+    """``--subject-adapter NAME[#K]=ADAPTER`` onto the subjects; every subject's adapter (given or
+    recorded) must be one this run loads."""
+    from mipadapter.cli import options
+
+    labels = subject_labels([s.name for s in subjects])
+    items = options.parse_keyed(args.subject_adapter, "--subject-adapter")
+    given = options.address(items, [s.name for s in subjects], "--subject-adapter")
+    for index, name in given.items():
+        if name not in names:
+            raise ValueError(
+                f"--subject-adapter {labels[index]}={name}: no adapter is named {name!r} (adapters: {', '.join(names)})"
+            )
+        subjects[index].adapter = name
+    for subject, label in zip(subjects, labels, strict=True):
+        if subject.adapter not in names:
+            raise ValueError(
+                f"{label!r} was encoded by the adapter {subject.adapter!r} recorded in {str(source)!r}, which this run "
+                f"does not load: give --adapter {subject.adapter}=FILE or --subject-adapter {label}=ADAPTER"
+            )
 
 
 def _check_block_scale_forms(args, subjects: list[SubjectPlan], flux: bool, models) -> None:
@@ -838,11 +932,19 @@ def generate(plan: Plan):
         for s in plan.subjects
     ]
     subjects = [
-        Subject(s.name, photos, scale=s.scale, region=region, region_mode=plan.region_mode)
+        Subject(
+            s.name,
+            photos,
+            scale=s.scale,
+            region=region,
+            region_mode=plan.region_mode,
+            adapter=None if s.adapter == DEFAULT_ADAPTER else s.adapter,
+        )
         for s, photos, region in zip(plan.subjects, plan.photos, regions, strict=True)
     ]
     device, dtype = options.pick_device_dtype(plan.device, plan.dtype, tiny=plan.models.tiny)
     pipe, record = options.load_pipeline(plan.models, device, dtype)
+    _check_rule_fits_adapters(plan, pipe)
     if plan.same_models_as is not None:
         import sys
 
@@ -862,6 +964,35 @@ def generate(plan: Plan):
         return_relevance=plan.contact_sheet is not None,
     )
     return output, pipe, record
+
+
+def _check_rule_fits_adapters(plan: Plan, pipe) -> None:
+    """A call that mixes adapters: ``official`` (and the text weight) need a text weight in every
+    subject's adapter, and ``paper`` runs ungated there; refused in one line naming the flag (or the
+    recorded value) and the subjects, before the model runs. One adapter: the library checks as always."""
+    if len({s.adapter for s in plan.subjects}) < 2:
+        return
+    labels = subject_labels([s.name for s in plan.subjects])
+    lacking = [
+        f"{label!r} ({s.adapter})"
+        for s, label in zip(plan.subjects, labels, strict=True)
+        if not pipe.adapters[s.adapter].config.text_weight
+    ]
+    rule = plan.rule or ("paper" if lacking else "official")  # the library's default for a mix
+    if rule == "official" and lacking:
+        raise ValueError(
+            f"{plan.rule_origin}: official weighs each subject by its own adapter's text weight, and the adapter "
+            f"of {', '.join(lacking)} has none (use --rule paper or uniform)"
+        )
+    if plan.text_weight and rule == "paper":
+        raise ValueError(
+            f"{plan.text_weight_origin}: under rule paper a call that mixes adapters runs ungated (paper gates "
+            "the text with one adapter's weight): use --no-text-weight, or --rule official"
+        )
+    if plan.text_weight and lacking:
+        raise ValueError(
+            f"{plan.text_weight_origin}: the adapter of {', '.join(lacking)} has no text weight (use --no-text-weight)"
+        )
 
 
 def call_arguments(plan: Plan) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Everything here that checks runs before any model is loaded; errors are one line
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -13,13 +14,15 @@ from pathlib import Path
 
 from mipadapter import limits
 from mipadapter.alignment import subject_labels
+from mipadapter.config import ADAPTER_NAME, DEFAULT_ADAPTER
 from mipadapter.limits import SEED_RANGE  # noqa: F401  (the CLI's name for it)
-from mipadapter.recipe import ModelRecord
+from mipadapter.recipe import AdapterRecord, ModelRecord
 
 MODEL_FLAGS = {"base_model": "--base-model", "adapter": "--adapter", "image_encoder": "--image-encoder"}
 TINY_ADAPTER = "built-in tiny (random)"
 VAE_FACTOR = 8  # SD1.5 and SDXL pixel sides per latent side
 FLUX_CELL = 16  # FLUX.1: the VAE's factor 8 times the transformer's 2×2 latent patches
+ONE_ADAPTER_ON_FLUX = "adapters are added on SDXL and SD1.5; a FLUX pipeline holds one (XLabs')"
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,27 @@ DEFAULT_TINY = "sdxl"
 
 def add_model_flags(parser) -> None:
     """``--base-model``, ``--adapter``, ``--image-encoder`` (each defaulting to the preset's), the same
-    for every command that loads a MIP pipeline (``generate``, ``web``, and ``eval`` with ``help``)."""
+    for every command that loads a MIP pipeline (``generate`` and ``web``). ``--adapter NAME=FILE`` and
+    ``--image-encoder NAME=DIR`` add named adapters beside the default one (docs/adapters.md)."""
     parser.add_argument(
         "--base-model", help="diffusers base model: Hub id or local folder (default: the preset's)"
     )
     parser.add_argument(
-        "--adapter", help="adapter checkpoint: local file or owner/repo/path/file (default: the preset's)"
+        "--adapter",
+        action="append",
+        metavar="[NAME=]FILE",
+        help="adapter checkpoint: local file or owner/repo/path/file; NAME=FILE adds another adapter under "
+        "NAME (repeatable; NAME=PRESET takes a preset's adapter and encoder, e.g. face=ip-sdxl-plus-face) "
+        "for the subjects --subject-adapter gives it, SDXL and SD1.5 only (default: the preset's, no added "
+        "adapters)",
     )
     parser.add_argument(
         "--image-encoder",
-        help="CLIP image encoder: local folder or owner/repo/subfolder (default: the preset's)",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="CLIP image encoder: local folder or owner/repo/subfolder; NAME=DIR the encoder of the adapter "
+        "added as NAME (default: the preset's; an added adapter's: a loaded one that gives its features, "
+        "with --tiny the tiny encoder of its kind)",
     )
 
 
@@ -228,25 +242,184 @@ def base_model_kind(models) -> str:
         from mipadapter.pipeline.loading import denoiser_kind
 
         return denoiser_kind(models.base_model, "base model", MODEL_FLAGS["base_model"])
-    from mipadapter.config import PRESETS
-
-    preset = PRESETS[models.preset]
-    declared = getattr(preset, "architecture", None)  # config.Preset may name it; else its base model does
-    return declared or ("flux" if "/flux" in preset.base_model.lower() else "unet")
+    return preset_family(models.preset)
 
 
-def check_model_flags(args) -> None:
+def check_model_flags(args) -> AdapterFlags:
     """``--tiny`` picks the base model and image encoder (an ``--adapter`` loads onto them): the other
-    model flags are errors with it."""
-    if tiny_arch(getattr(args, "tiny", None)) is None:
-        return
-    for key in ("base_model", "image_encoder"):
-        if getattr(args, key, None):
+    model flags are errors with it (an added adapter's ``--image-encoder NAME=DIR`` is not). Returns the
+    adapter flags sorted out (``adapter_flags``)."""
+    flags = adapter_flags(args)
+    arch = tiny_arch(getattr(args, "tiny", None))
+    if arch is None:
+        return flags
+    if flags.added and TINY_ARCHS[arch].family == "flux":
+        raise ValueError(f"{flags.added[0].flag}: {ONE_ADAPTER_ON_FLUX}")
+    for key, given in (("base_model", getattr(args, "base_model", None)), ("image_encoder", flags.image_encoder)):
+        if given:
             raise ValueError(
                 f"{MODEL_FLAGS[key]} cannot be used with --tiny (it picks the tiny base model and image encoder)"
             )
     if getattr(args, "preset_given", False):
         raise ValueError("--preset cannot be used with --tiny (it picks the tiny models)")
+    return flags
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+@dataclass(frozen=True)
+class AddedAdapter:
+    """An adapter added beside the default one by ``--adapter NAME=FILE`` (or recorded by a recipe).
+
+    adapter: its file, local or ``owner/repo/file``; image_encoder: the folder or ``owner/repo/subfolder``
+    of the image encoder it reads (None: a loaded one that gives its features; with ``--tiny`` the tiny
+    encoder of its projection); preset: the preset that named it (``face=ip-sdxl-plus-face``: its file,
+    encoder and default scale); sha256: the SHA-256 its file must have, recorded in ``recorded_in``."""
+
+    name: str
+    adapter: str
+    image_encoder: str | None = None
+    preset: str | None = None
+    sha256: str | None = None
+    recorded_in: str | None = None
+
+    @property
+    def flag(self) -> str:
+        """How errors name it: the flag as typed, or the recipe that recorded it."""
+        if self.recorded_in is not None:
+            return f"the adapter {self.name!r} recorded in {self.recorded_in!r}"
+        return f"--adapter {self.name}={self.preset or self.adapter}"
+
+
+@dataclass(frozen=True)
+class AdapterFlags:
+    """``--adapter`` / ``--image-encoder`` sorted out: the default adapter's file and image encoder (None:
+    the preset's) and the added adapters in the order given."""
+
+    adapter: str | None = None
+    image_encoder: str | None = None
+    added: tuple[AddedAdapter, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        """Every adapter's name, the default one first."""
+        return [DEFAULT_ADAPTER, *(added.name for added in self.added)]
+
+
+def split_named(value: str) -> tuple[str | None, str]:
+    """``NAME=VALUE`` → (NAME, VALUE) when NAME is an adapter name; a path or Hub id → (None, value)."""
+    name, sep, rest = value.partition("=")
+    if sep and ADAPTER_NAME.fullmatch(name.strip()):
+        return name.strip(), rest.strip()
+    return None, value.strip()
+
+
+def _values(given) -> list[str]:
+    """A flag's values: None, one string (a caller's Namespace) or the list ``action="append"`` makes."""
+    if given is None:
+        return []
+    return [given] if isinstance(given, (str, Path)) else [str(value) for value in given]
+
+
+def adapter_flags(args) -> AdapterFlags:
+    """The adapter flags of ``args``: sorted out already (``args.adapters``, as ``generate`` merges them
+    with a recipe's), else parsed from ``args.adapter`` / ``args.image_encoder``."""
+    added = getattr(args, "adapters", None)
+    if isinstance(added, tuple):
+        return AdapterFlags(getattr(args, "adapter", None), getattr(args, "image_encoder", None), added)
+    tiny = tiny_arch(getattr(args, "tiny", None)) is not None
+    return parse_adapter_flags(getattr(args, "adapter", None), getattr(args, "image_encoder", None), tiny=tiny)
+
+
+def parse_adapter_flags(
+    adapters, encoders, *, tiny: bool = False, recorded: Sequence[AddedAdapter] = ()
+) -> AdapterFlags:
+    """``--adapter [NAME=]FILE`` and ``--image-encoder [NAME=]DIR`` values → ``AdapterFlags``, checked
+    before anything loads: one default adapter and encoder, each name once, a NAME=FILE's local file
+    there, an encoder only for a named adapter. recorded: a recipe's added adapters, kept unless a flag
+    names them again (``--image-encoder NAME=DIR`` may replace a recorded one's encoder)."""
+    default: str | None = None
+    added = {adapter.name: adapter for adapter in recorded}
+    flagged: dict[str, str] = {}
+    for value in _values(adapters):
+        name, source = split_named(value)
+        if not source:
+            raise ValueError(f"--adapter takes FILE or NAME=FILE, got {value!r}")
+        if name is None or name == DEFAULT_ADAPTER:
+            if default is not None:
+                raise ValueError(
+                    f"--adapter gives the default adapter twice ({default!r} and {source!r}): add another "
+                    "one under a name, --adapter NAME=FILE"
+                )
+            default = source
+            continue
+        if name in flagged:
+            raise ValueError(f"--adapter {name}={source}: --adapter {name}={flagged[name]} names {name!r} already")
+        flagged[name] = source
+        added[name] = _added_adapter(name, source, tiny)
+    encoder: str | None = None
+    encoded: set[str] = set()
+    for value in _values(encoders):
+        name, source = split_named(value)
+        if not source:
+            raise ValueError(f"--image-encoder takes DIR or NAME=DIR, got {value!r}")
+        if name is None or name == DEFAULT_ADAPTER:
+            if encoder is not None:
+                raise ValueError(f"--image-encoder gives the default adapter's encoder twice ({encoder!r} and {source!r})")
+            encoder = source
+            continue
+        flag = f"--image-encoder {name}={source}"
+        if name not in added:
+            others = ", ".join(added) or "none"
+            raise ValueError(f"{flag}: no --adapter is named {name!r} (added adapters: {others})")
+        if name in encoded:
+            raise ValueError(f"{flag}: the image encoder of {name!r} is given twice")
+        _check_source(source, flag, folder=True, hub=not tiny)
+        encoded.add(name)
+        added[name] = dataclasses.replace(added[name], image_encoder=source)
+    return AdapterFlags(default, encoder, tuple(added.values()))
+
+
+def _added_adapter(name: str, source: str, tiny: bool) -> AddedAdapter:
+    """``--adapter NAME=SOURCE``: a file (local, or ``owner/repo/file``), or a preset's adapter and encoder."""
+    from mipadapter.config import PRESETS
+
+    flag = f"--adapter {name}={source}"
+    if source in PRESETS and not Path(source).expanduser().exists():
+        if tiny:
+            raise ValueError(f"{flag}: a preset names real models; with --tiny give a file made for the tiny models")
+        if preset_family(source) == "flux":
+            raise ValueError(f"{flag}: {ONE_ADAPTER_ON_FLUX}")
+        preset = PRESETS[source]
+        return AddedAdapter(name, preset.adapter, preset.image_encoder, preset=source)
+    _check_source(source, flag, folder=False, hub=not tiny)
+    return AddedAdapter(name, source)
+
+
+def _check_source(source: str, flag: str, *, folder: bool, hub: bool) -> None:
+    """A local file (folder) that must exist; a Hub id (``owner/repo/file``, ``owner/repo[/subfolder]``)
+    is looked for when it loads."""
+    from mipadapter.hub import looks_local
+
+    path = Path(source).expanduser()
+    kind = "folder" if folder else "file"
+    if path.is_dir() if folder else path.is_file():
+        return
+    if path.exists():
+        wanted = "give the image encoder's folder" if folder else "name the checkpoint file inside it"
+        raise ValueError(f"{flag}: that is a {'file' if folder else 'folder'}; {wanted}")
+    slashes = source.strip("/").count("/")
+    if not hub or looks_local(source) or slashes < (1 if folder else 2):
+        raise FileNotFoundError(f"{flag}: no such {kind}")
+
+
+def preset_family(name: str) -> str:
+    """``flux`` or ``unet``: the kind of base model a preset loads (its declared architecture, else its
+    base model's name)."""
+    from mipadapter.config import PRESETS
+
+    preset = PRESETS[name]
+    declared = getattr(preset, "architecture", None)  # config.Preset may name it; else its base model does
+    return declared or ("flux" if "/flux" in preset.base_model.lower() else "unet")
 
 
 def pick_device_dtype(device: str, dtype: str, tiny: bool | str | None = False):
@@ -275,15 +448,26 @@ def load_pipeline(args, device, dtype):
     """Build the pipeline the arguments describe; returns it and a ``ModelRecord`` of what was loaded.
 
     args: ``tiny`` (None, True, or an architecture of ``TINY_ARCHS``), ``preset``, ``base_model``,
-    ``adapter``, ``image_encoder``. Small things are checked before big ones (see
-    ``mipadapter.pipeline.loading``); errors name the flags.
+    ``adapter``, ``image_encoder`` (the flags' values, or as ``adapter_flags`` takes them), and from a
+    recipe ``adapter_sha256`` / ``recorded_in`` (the default adapter file must be the recorded one).
+    Small things are checked before big ones (see ``mipadapter.pipeline.loading``): every adapter file is
+    hashed, read and checked against the base model's config before the base model loads. Errors name
+    the flags.
     """
-    check_model_flags(args)
+    flags = check_model_flags(args)
     arch = tiny_arch(getattr(args, "tiny", None))
+    recorded_in = getattr(args, "recorded_in", None)
+    expected = getattr(args, "adapter_sha256", None)
     if arch is not None:
         from mipadapter.pipeline.encoding import denoiser
 
-        pipe, record = load_tiny(arch, getattr(args, "adapter", None))
+        digest = None
+        if flags.adapter is not None:
+            digest = _adapter_file(flags.adapter, MODEL_FLAGS["adapter"], "the recorded adapter", expected, recorded_in)[1]
+        files = [_added_file(added) for added in flags.added]
+        pipe, record = load_tiny(arch, flags.adapter)
+        added = _add_tiny_adapters(pipe, arch, flags.added, files)
+        record = dataclasses.replace(record, adapter_sha256=digest, adapters=added)
         pipe.to(device)
         if dtype != denoiser(pipe.pipe).dtype:
             pipe.to(dtype=dtype)
@@ -292,21 +476,166 @@ def load_pipeline(args, device, dtype):
     from mipadapter.pipeline import MIPAdapterPipeline
 
     preset = PRESETS[args.preset]
-    record = ModelRecord(
-        base_model=_recorded_path(args.base_model or preset.base_model),
-        adapter=_recorded_path(args.adapter or preset.adapter),
-        image_encoder=_recorded_path(args.image_encoder or preset.image_encoder),
-        preset=args.preset,
+    _, digest = _adapter_file(
+        flags.adapter or preset.adapter, MODEL_FLAGS["adapter"], "the recorded adapter", expected, recorded_in
     )
+    encoder = _recorded_path(flags.image_encoder or preset.image_encoder)
+    prepared = _check_added_adapters(flags.added, args.base_model or preset.base_model, encoder)
     pipe = MIPAdapterPipeline.from_pretrained(
         args.base_model,
-        args.adapter,
-        args.image_encoder,
+        flags.adapter,
+        encoder if flags.image_encoder else None,
         preset=args.preset,
         torch_dtype=dtype,
         argument_names=MODEL_FLAGS,
     )
+    records = _add_adapters(pipe, prepared)
+    record = ModelRecord(
+        base_model=_recorded_path(args.base_model or preset.base_model),
+        adapter=_recorded_path(flags.adapter or preset.adapter),
+        image_encoder=encoder,
+        preset=args.preset,
+        adapter_sha256=digest,
+        adapters=records,
+    )
     return pipe.to(device), record
+
+
+def _adapter_file(source: str, where: str, what: str, expected: str | None, recorded_in: str | None):
+    """(path, SHA-256) of an adapter file (local or ``owner/repo/file``); a recorded SHA-256 (``expected``,
+    from ``recorded_in``) it no longer has is refused in one line naming ``what`` and the file."""
+    from mipadapter.hub import resolve_file
+    from mipadapter.provenance import file_sha256
+    from mipadapter.recipe import RecipeError
+
+    path = resolve_file(source, "adapter", where)
+    digest = file_sha256(path)
+    if expected is not None and digest != expected:
+        raise RecipeError(
+            f"{what} {str(path.resolve())!r} has changed since {recorded_in!r} was made (its SHA-256 differs)"
+        )
+    return path, digest
+
+
+def _added_file(added: AddedAdapter):
+    """(path, SHA-256) of an added adapter's file, checked against its recorded SHA-256."""
+    where = f"--adapter {added.name}"
+    return _adapter_file(added.adapter, where, f"the recorded adapter {added.name!r}", added.sha256, added.recorded_in)
+
+
+def _read_added(added: AddedAdapter, path: Path, model, base: str, default_scale: float | None = None):
+    """An added adapter's file read and checked against ``model`` (the UNet, on ``meta`` or not), every
+    refusal one line starting with the flag that gave it."""
+    from mipadapter.checkpoint import read_file
+    from mipadapter.pipeline.loading import check_adapter_fits
+
+    try:
+        return check_adapter_fits(read_file(path), model, path, base, default_scale)
+    except (ValueError, OSError) as error:
+        text = str(error).removeprefix(f"{path}: ")  # the flag names the file already
+        raise ValueError(f"{added.flag}: {text}") from None
+
+
+def _check_added_adapters(added: Sequence[AddedAdapter], base_model: str, default_encoder: str):
+    """Each added adapter's file hashed, read and checked against the base model's UNet config, and the
+    image encoder it will read chosen and checked from its config, before any model loads. Returns
+    ``[(added, path, sha256, checked file, encoder source)]``."""
+    if not added:
+        return []
+    from diffusers import UNet2DConditionModel
+
+    from mipadapter.config import PRESETS
+    from mipadapter.pipeline.loading import check_image_encoder, denoiser_skeleton, image_encoder_gives
+
+    skeleton = denoiser_skeleton(base_model, "base model", MODEL_FLAGS["base_model"])
+    if not isinstance(skeleton, UNet2DConditionModel):
+        raise ValueError(f"{added[0].flag}: {ONE_ADAPTER_ON_FLUX}")
+    encoders = [default_encoder]  # where a loaded encoder came from, the default adapter's first
+    prepared = []
+    for one in added:
+        path, digest = _added_file(one)
+        scale = PRESETS[one.preset].scale if one.preset else None
+        checked = _read_added(one, path, skeleton, f"the base model {base_model!r}", scale)
+        if one.image_encoder is not None:
+            encoder = _recorded_path(one.image_encoder)
+            check_image_encoder(encoder, checked.config, f"--image-encoder {one.name}")
+        else:
+            fitting = [e for e in encoders if image_encoder_gives(e, checked.config, MODEL_FLAGS["image_encoder"])]
+            if not fitting:
+                kind = "hidden states" if checked.config.uses_hidden_states else "embeddings"
+                raise ValueError(
+                    f"{one.flag}: it takes {checked.config.image_embed_dim}-wide image {kind}, which no other "
+                    f"adapter's image encoder gives: give --image-encoder {one.name}=DIR"
+                )
+            encoder = fitting[0]
+        encoders.append(encoder)
+        prepared.append((one, path, digest, checked, encoder))
+    return prepared
+
+
+def _add_adapters(pipe, prepared) -> tuple[AdapterRecord, ...]:
+    """The checked added adapters built on the loaded UNet and added to ``pipe`` (an encoder from the same
+    place as one loaded already is that one); their records."""
+    from mipadapter.checkpoint import adapter_from_file
+    from mipadapter.pipeline.encoding import denoiser
+
+    records = []
+    reference = next(pipe.adapter.parameters())
+    for added, path, digest, checked, encoder in prepared:
+        adapter = adapter_from_file(checked, denoiser(pipe.pipe), str(path))
+        adapter.to(device=reference.device, dtype=reference.dtype)
+        pipe.add_adapter(added.name, adapter, encoder)
+        records.append(AdapterRecord(added.name, _recorded_path(added.adapter), digest, encoder))
+    return tuple(records)
+
+
+def _add_tiny_adapters(pipe, arch: str, added: Sequence[AddedAdapter], files) -> tuple[AdapterRecord, ...]:
+    """The added adapters (files made for the tiny models) onto the tiny pipeline, all checked before any
+    is built; each reads its ``--image-encoder NAME=DIR`` or the tiny image encoder of its projection (one
+    per projection, the default adapter's when it is the same). files: ``_added_file`` of each."""
+    if not added:
+        return ()
+    from mipadapter.checkpoint import adapter_from_file
+    from mipadapter.pipeline.encoding import denoiser
+    from mipadapter.pipeline.loading import check_image_encoder
+    from mipadapter.testing.mip import ARCHS, tiny_parts
+
+    model = denoiser(pipe.pipe)
+    checked = [_read_added(one, path, model, f"--tiny {arch}") for one, (path, _) in zip(added, files, strict=True)]
+    for one, file in zip(added, checked, strict=True):
+        if one.image_encoder is not None:
+            check_image_encoder(_recorded_path(one.image_encoder), file.config, f"--image-encoder {one.name}")
+    spec = ARCHS[arch][0]
+
+    def encoder_spec(projection: str):  # SD1.5's basic and Plus adapters read the same ViT-H: one copy
+        return spec.basic_image_encoder if projection == "basic" else spec.plus_image_encoder
+
+    built = {encoder_spec(pipe.adapter.config.projection): (pipe.image_encoder, pipe.feature_extractor)}
+    reference = next(pipe.adapter.parameters())
+    records = []
+    for one, (path, digest), file in zip(added, files, checked, strict=True):
+        adapter = adapter_from_file(file, model, str(path))
+        adapter.to(device=reference.device, dtype=reference.dtype)
+        if one.image_encoder is not None:
+            encoder = _recorded_path(one.image_encoder)
+            pipe.add_adapter(one.name, adapter, encoder)
+        else:
+            projection = file.config.projection
+            if encoder_spec(projection) not in built:
+                built[encoder_spec(projection)] = tiny_parts(arch, projection, base_pipe=pipe.pipe)[1:]
+            pipe.add_adapter(one.name, adapter, *built[encoder_spec(projection)])
+            encoder = tiny_encoder_label(arch, projection)
+        records.append(AdapterRecord(one.name, str(path.resolve()), digest, encoder))
+    return tuple(records)
+
+
+def tiny_encoder_label(arch: str, projection: str) -> str:
+    """How a recipe records a tiny built-in image encoder (``is_tiny_encoder`` reads it back)."""
+    return f"tiny {arch} {projection} (random)"
+
+
+def is_tiny_encoder(recorded: str) -> bool:
+    return recorded.startswith("tiny ") and recorded.endswith(" (random)")
 
 
 def _recorded_path(source) -> str:
@@ -333,7 +662,7 @@ def load_tiny(arch: str, adapter: str | Path | None = None):
 
     path = resolve_file(adapter, "adapter", "--adapter")
     tiny, projection = tiny_pipeline_with_adapter(arch, path, f"--tiny {arch}")
-    record = ModelRecord(base, str(path.resolve()), f"tiny {arch} {projection} (random)", None, arch)
+    record = ModelRecord(base, str(path.resolve()), tiny_encoder_label(arch, projection), None, arch)
     _as_default_preset(tiny)
     return tiny, record
 

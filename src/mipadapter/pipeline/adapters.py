@@ -8,7 +8,6 @@ as another is that same module, so memory holds one copy per distinct encoder.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -16,14 +15,10 @@ from typing import Any
 
 import torch
 
-from mipadapter.config import MergeRule
+from mipadapter.config import ADAPTER_NAME, DEFAULT_ADAPTER, MergeRule
 from mipadapter.modeling.adapter import MIPAdapter
 from mipadapter.pipeline.loading import default_feature_extractor, encoder_fits, load_image_encoder
 from mipadapter.pipeline.subjects import Subject
-
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-DEFAULT_ADAPTER = "default"
-"""The name of the adapter a pipeline is built with, which subjects use unless they name another."""
 
 
 class AdapterSet:

@@ -260,6 +260,18 @@ def load_image_encoder(source: str | Path, adapter: AdapterConfig, where: str, t
     return _load_image_encoder(source, where, torch_dtype, cache_dir)
 
 
+def check_image_encoder(source: str | Path, adapter: AdapterConfig, where: str) -> None:
+    """Refuse, from its config alone (nothing loaded), an image encoder (folder or ``owner/repo/subfolder``)
+    that does not give the features ``adapter`` takes; where: how errors name it (a flag)."""
+    check_encoder_fits(_encoder_config(str(source), where), adapter, str(source), where)
+
+
+def image_encoder_gives(source: str | Path, adapter: AdapterConfig, where: str) -> bool:
+    """Whether the image encoder at ``source`` gives the features ``adapter`` takes, from its config alone."""
+    config = _encoder_config(str(source), where)
+    return encoder_input_width(config, adapter.uses_hidden_states) == adapter.image_embed_dim
+
+
 def encoder_fits(image_encoder, adapter: AdapterConfig) -> bool:
     """Whether a loaded image encoder gives the features ``adapter`` takes (its config's width)."""
     config = image_encoder.config.to_dict() if hasattr(image_encoder.config, "to_dict") else dict(image_encoder.config)
