@@ -972,27 +972,27 @@ def _check_rule_fits_adapters(plan: Plan, pipe) -> None:
     recorded value) and the subjects, before the model runs. One adapter: the library checks as always."""
     if len({s.adapter for s in plan.subjects}) < 2:
         return
+    from mipadapter.pipeline.adapters import MixedRuleError, mixed_rule
+
     labels = subject_labels([s.name for s in plan.subjects])
-    lacking = [
-        f"{label!r} ({s.adapter})"
-        for s, label in zip(plan.subjects, labels, strict=True)
-        if not pipe.adapters[s.adapter].config.text_weight
-    ]
-    rule = plan.rule or ("paper" if lacking else "official")  # the library's default for a mix
-    if rule == "official" and lacking:
+    adapter_of = {label: s.adapter for s, label in zip(plan.subjects, labels, strict=True)}
+    try:
+        mixed_rule(labels, [pipe.adapters[s.adapter] for s in plan.subjects], plan.rule, plan.text_weight)
+    except MixedRuleError as error:
+        lacking = ", ".join(f"{label!r} ({adapter_of[label]})" for label in error.lacking)
+        if error.setting == "rule":
+            raise ValueError(
+                f"{plan.rule_origin}: official weighs each subject by its own adapter's text weight, and the "
+                f"adapter of {lacking} has none (use --rule paper or uniform)"
+            ) from None
+        if not error.lacking:
+            raise ValueError(
+                f"{plan.text_weight_origin}: under rule paper a call that mixes adapters runs ungated (paper "
+                "gates the text with one adapter's weight): use --no-text-weight, or --rule official"
+            ) from None
         raise ValueError(
-            f"{plan.rule_origin}: official weighs each subject by its own adapter's text weight, and the adapter "
-            f"of {', '.join(lacking)} has none (use --rule paper or uniform)"
-        )
-    if plan.text_weight and rule == "paper":
-        raise ValueError(
-            f"{plan.text_weight_origin}: under rule paper a call that mixes adapters runs ungated (paper gates "
-            "the text with one adapter's weight): use --no-text-weight, or --rule official"
-        )
-    if plan.text_weight and lacking:
-        raise ValueError(
-            f"{plan.text_weight_origin}: the adapter of {', '.join(lacking)} has no text weight (use --no-text-weight)"
-        )
+            f"{plan.text_weight_origin}: the adapter of {lacking} has no text weight (use --no-text-weight)"
+        ) from None
 
 
 def call_arguments(plan: Plan) -> dict[str, Any]:

@@ -145,34 +145,50 @@ def check_new_name(name, taken: Mapping[str, Any]) -> None:
         raise ValueError(f"this pipeline has an adapter named {name!r} already")
 
 
+class MixedRuleError(ValueError):
+    """A rule or text gating a call's mix of adapters cannot give. setting: ``"rule"`` or
+    ``"text_weight"`` (what to change); lacking: the subjects whose adapter has no text weight (empty
+    when the refusal is paper's one gate). Shells word their own fix from these."""
+
+    def __init__(self, message: str, setting: str, lacking: Sequence[str]) -> None:
+        super().__init__(message)
+        self.setting, self.lacking = setting, list(lacking)
+
+
 def mixed_rule(
-    subjects: Sequence[Subject], adapters: Sequence[MIPAdapter], rule, use_text_weight
+    names: Sequence[str], adapters: Sequence[MIPAdapter], rule, use_text_weight
 ) -> tuple[MergeRule, bool]:
-    """The merge rule and text gating of a call whose subjects use several adapters (``adapters``: each
-    subject's).
+    """The merge rule and text gating of a call whose subjects (``names``) use several adapters
+    (``adapters``: each subject's); a ``MixedRuleError`` for a combination the mix cannot run.
 
     Relevance comes from the base model, so ``paper`` and ``uniform`` route any mix. ``official`` weighs
     each subject by its own adapter's text weight ``g``: every subject's adapter needs one (the default
     rule when they all have one, else ``paper``). ``paper``'s gate scales the text branch, one ``g`` per
     image, which a mix of adapters does not have: it runs ungated.
     """
-    lacking = [s.name for s, a in zip(subjects, adapters, strict=True) if not a.config.text_weight]
+    lacking = [name for name, a in zip(names, adapters, strict=True) if not a.config.text_weight]
+    listed = ", ".join(map(repr, lacking))
     rule = (MergeRule.PAPER if lacking else MergeRule.OFFICIAL) if rule is None else MergeRule.parse(rule)
     if rule == MergeRule.OFFICIAL and lacking:
-        raise ValueError(
-            f"rule 'official' weighs each subject by its adapter's text weight, which the adapter of "
-            f"{', '.join(map(repr, lacking))} has not: use rule 'paper' or 'uniform'"
+        raise MixedRuleError(
+            f"rule 'official' weighs each subject by its adapter's text weight, which the adapter of {listed} "
+            "has not: use rule 'paper' or 'uniform'",
+            "rule",
+            lacking,
         )
     if use_text_weight is None:
         return rule, rule == MergeRule.OFFICIAL
     if use_text_weight and rule == MergeRule.PAPER:
-        raise ValueError(
+        raise MixedRuleError(
             "use_text_weight=True under rule 'paper' gates the text with one adapter's weight, and this "
-            "call mixes adapters: use rule 'official', or use_text_weight=False"
+            "call mixes adapters: use rule 'official', or use_text_weight=False",
+            "text_weight",
+            [],
         )
     if use_text_weight and lacking:
-        raise ValueError(
-            f"use_text_weight=True needs a text weight in every subject's adapter; that of "
-            f"{', '.join(map(repr, lacking))} has none"
+        raise MixedRuleError(
+            f"use_text_weight=True needs a text weight in every subject's adapter; that of {listed} has none",
+            "text_weight",
+            lacking,
         )
     return rule, bool(use_text_weight)

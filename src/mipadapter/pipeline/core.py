@@ -329,7 +329,9 @@ class MIPAdapterPipeline:
                     "use_text_weight=True needs an adapter trained with a text weight (a MIP checkpoint)"
                 )
         else:
-            rule, use_text_weight = mixed_rule(subjects, [self._adapters.of(s) for s in subjects], rule, use_text_weight)
+            rule, use_text_weight = mixed_rule(
+                [s.name for s in subjects], [self._adapters.of(s) for s in subjects], rule, use_text_weight
+            )
         flux = is_flux(pipe)
         if flux and rule == MergeRule.OFFICIAL and not config.text_weight:
             raise ValueError(
