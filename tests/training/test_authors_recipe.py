@@ -290,6 +290,27 @@ def test_views_are_the_reference_then_crops_of_the_same_segment(tmp_path):
     assert not torch.allclose(views[1], views[0]) and not torch.allclose(views[2], views[1])
 
 
+
+def test_a_flipped_reference_is_the_mirror_image():
+    """``flip`` mirrors the reference left to right (before the resize, so the mirror of the unflipped
+    one up to the resampling's rounding), and a view with ``flip_prob=1`` is that flipped reference.
+    Guards the flag not passed on (the reference then never flipped)."""
+    from mipadapter.training.samples import reference_image
+
+    rng = np.random.default_rng(4)
+    for height, width in ((40, 56), (48, 30)):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        rows, cols = np.mgrid[:height, :width]
+        mask = cols < rows * width / height  # a triangle: no mirror symmetry
+        box = (2, 3, width - 4, height - 2)
+        settings = SampleSettings(64, 32, flip_prob=1.0)
+        plain = reference_image(image, mask, box, 32, False, settings.mean, settings.std)
+        flipped = reference_image(image, mask, box, 32, True, settings.mean, settings.std)
+        assert not torch.allclose(flipped, plain, atol=0.1)
+        torch.testing.assert_close(flipped, plain.flip(-1), rtol=0, atol=0.05)
+        (view,) = reference_views(segment_square(image, mask, box), 1, 0.5, random.Random(0), settings)
+        torch.testing.assert_close(view, flipped)
+
 # --- the step: a dropped Plus image, views as conditions -------------------------------------------------
 
 
