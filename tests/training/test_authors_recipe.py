@@ -221,6 +221,19 @@ def test_crop_offset_is_in_stored_pixels_and_the_centre_fallback_is_theirs(tmp_p
     assert tops == {0}
 
 
+
+def test_subjects_that_fit_no_square_are_skipped_with_their_reason(tmp_path):
+    """Without the authors' crop region (a record indexed by the other crop rule), the square must hold
+    every box: boxes spanning x 10..100 fit no square of side 80, so the sample is skipped as
+    ``no_valid_object`` with a one-line message naming the record. Guards the reason or message lost."""
+    from mipadapter.training.samples import SkippedSample, safe_build_sample
+    from mipadapter.training.sources import NO_VALID_OBJECT
+
+    for crop in ("authors", "subjects"):
+        skipped = safe_build_sample(_record(tmp_path), 5, 1, SampleSettings(64, 32, crop=crop))
+        assert isinstance(skipped, SkippedSample) and skipped.index == 5
+        assert (skipped.reason, skipped.message) == (NO_VALID_OBJECT, "x: the subjects do not fit one square crop")
+
 def test_post_crop_filter_and_duplicate_names(tmp_path):
     # a 22x10 box: in the 64-px frame of an 80-px square crop it covers 17.6 x 8 = 140 px ≤ 200
     record = _record(
