@@ -234,6 +234,29 @@ def test_subjects_that_fit_no_square_are_skipped_with_their_reason(tmp_path):
         assert isinstance(skipped, SkippedSample) and skipped.index == 5
         assert (skipped.reason, skipped.message) == (NO_VALID_OBJECT, "x: the subjects do not fit one square crop")
 
+
+@pytest.mark.parametrize("landscape", [True, False])
+def test_without_random_crop_the_square_is_the_middle_of_the_allowed_ones(tmp_path, landscape):
+    """``random_crop=False`` places the square of side 80 in the middle of the offsets that hold every
+    box, rounded down: boxes spanning 11..80 along the long side allow offsets 0..11, so 5 (the other
+    side has only 0). Both crop rules (the authors' crop region, and the boxes themselves), on a
+    landscape and a portrait image; SDXL's crop offset is (top, left). Guards the middle computed with
+    a true division or a difference."""
+    boxes = ((11, 10, 40, 60), (45, 15, 80, 70))
+    if not landscape:  # the same boxes, transposed
+        boxes = tuple((y1, x1, y2, x2) for x1, y1, x2, y2 in boxes)
+    width, height = (120, 80) if landscape else (80, 120)
+    record = _record(tmp_path, width=width, height=height, boxes=boxes)
+    expected = (0, 5) if landscape else (5, 0)  # (top, left)
+    fixed = SampleSettings(64, 32, random_crop=False, drop_text=0, drop_image=0, drop_both=0)
+    for crop in ("authors", "subjects"):
+        sample = build_sample(record, 0, random.Random(0), dataclasses.replace(fixed, crop=crop))
+        assert sample.time_ids[2:4] == expected, crop
+    chosen = choose_subjects(record, _rules(), Counter(), label_map=True)
+    assert chosen.crop_region is not None  # the authors' path through their crop region
+    sample = build_sample(chosen, 0, random.Random(0), dataclasses.replace(fixed, rules=_rules()))
+    assert sample.time_ids[2:4] == expected
+
 def test_post_crop_filter_and_duplicate_names(tmp_path):
     # a 22x10 box: in the 64-px frame of an 80-px square crop it covers 17.6 x 8 = 140 px ≤ 200
     record = _record(
