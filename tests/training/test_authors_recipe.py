@@ -523,3 +523,17 @@ def test_single_object_multi_view_training_runs_and_its_export_loads(tiny_run, t
         assert out.images.shape == (1, 64, 64, 3)
     finally:
         mip.unload()
+
+
+def test_the_training_image_is_the_crop_resized_bilinearly(tmp_path):
+    """pixel_values are the square crop resized to the training side with Pillow's bilinear filter (the
+    references use bicubic), scaled to [-1, 1]. Guards the filter dropped (Pillow's default for
+    ``resize`` is bicubic)."""
+    record = _record(tmp_path, boxes=((11, 10, 40, 60), (45, 15, 80, 70)))
+    settings = SampleSettings(64, 32, random_crop=False, crop="subjects", drop_text=0, drop_image=0, drop_both=0)
+    sample = build_sample(record, 0, random.Random(0), settings)
+    top, left = sample.time_ids[2:4]
+    crop = Image.open(record.image).convert("RGB").crop((left, top, left + 80, top + 80))
+    for resample, same in ((Image.BILINEAR, True), (Image.BICUBIC, False)):
+        expected = torch.from_numpy(np.array(crop.resize((64, 64), resample))).permute(2, 0, 1) / 127.5 - 1
+        assert torch.allclose(sample.pixel_values, expected.float(), atol=1e-5) == same, resample
