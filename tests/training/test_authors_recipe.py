@@ -537,3 +537,14 @@ def test_the_training_image_is_the_crop_resized_bilinearly(tmp_path):
     for resample, same in ((Image.BILINEAR, True), (Image.BICUBIC, False)):
         expected = torch.from_numpy(np.array(crop.resize((64, 64), resample))).permute(2, 0, 1) / 127.5 - 1
         assert torch.allclose(sample.pixel_values, expected.float(), atol=1e-5) == same, resample
+
+
+def test_a_segment_low_in_a_portrait_image_is_cut_whole():
+    """On a portrait image the box is clamped to the image's height, not its width: a box reaching
+    y = 110 of a 60×120 image gives a segment 100 rows tall, padded to a 100-px square. Guards the
+    clamp taken from the wrong side."""
+    image = np.random.default_rng(2).integers(0, 256, (120, 60, 3), dtype=np.uint8)
+    mask = np.ones((120, 60), dtype=bool)
+    square = segment_square(image, mask, (10, 10, 50, 110))
+    assert square.shape == (100, 100, 3)
+    np.testing.assert_array_equal(square[:, 30:70], image[10:110, 10:50])
