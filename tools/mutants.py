@@ -14,13 +14,15 @@ reason), survived (surviving or not reached by the module's tests) and the kill 
 non-equivalent ones; then the survivors not
 known to be equivalent, to be killed by a test (``mutmut show NAME`` in the module's folder shows one).
 --retest tests again only the survivors of earlier runs (after tests were added to kill them); --report
-prints the table of what earlier runs left, running nothing; --show adds each survivor's diff.
+prints the table of what earlier runs left, running nothing; --show adds each survivor's diff; --only
+PATTERN tests only the mutants whose names match (the functions that matter first, on a slow machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import json
 import os
 import re
@@ -185,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only print the table of earlier runs")
     parser.add_argument("--show", action="store_true", help="also print each survivor's diff (mutmut show)")
     parser.add_argument("--retest", action="store_true", help="test again only the survivors of earlier runs")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="PATTERN",
+        help="test only the mutants whose names match (fnmatch, e.g. '*x_build_sample__*'; repeatable)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in test_map]
     if unknown:
@@ -199,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             names = list(summary(module, equivalent)["survivors"]) if args.retest else []
             if args.retest and not names:
                 continue
+            if args.only:
+                names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in args.only)] if args.retest else args.only
             if run(module, test_map[module], args.max_children, names):
                 failed.append(module)
     rows = [summary(module, equivalent) for module in modules]

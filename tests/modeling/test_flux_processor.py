@@ -205,3 +205,108 @@ def test_the_conditioning_names_what_it_cannot_place():
     cond = conditioning(1, "one", "paper", (4, 4), seed=1)
     with pytest.raises(ValueError, match=r"^a layer with 15 positions does not fit a latent of \(4, 4\)$"):
         cond.grid(15)
+
+
+def joint_mask(grid, seed: int) -> torch.Tensor:
+    """A boolean attention mask [b, 1, 1, s + p] hiding some text rows (never all of them) from every query."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.rand(BATCH, TEXT_TOKENS, generator=g) < 0.5
+    text[:, 0] = True
+    image = torch.ones(BATCH, grid[0] * grid[1], dtype=torch.bool)
+    return torch.cat([text, image], dim=1)[:, None, None, :]
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+@pytest.mark.parametrize("shape", GRIDS)
+def test_the_attention_mask_reaches_the_joint_attention(flux, shape, conditioned):
+    """With an attention mask (diffusers passes one for padded T5 prompts), the image and text outputs
+    are those of diffusers' ``FluxAttnProcessor`` with that mask, with or without a conditioning in the
+    call, and differ from the unmasked ones. Guards the mask dropped on either path."""
+    transformer, adapter = flux
+    grid = GRIDS[shape]
+    block = transformer.transformer_blocks[0]
+    hidden, context, ids = block_inputs(grid, seed=11)
+    rotary = transformer.pos_embed(ids)
+    mask = joint_mask(grid, seed=len(shape))
+    extra = {}
+    if conditioned:
+        extra["ip_hidden_states"] = adapter.prepare(conditioning(2, "several", "paper", grid, seed=12))
+    with torch.no_grad():
+        ours = block.attn(hidden, context, attention_mask=mask, image_rotary_emb=rotary, **extra)
+        theirs = FluxAttnProcessor()(block.attn, hidden, context, mask, rotary)
+        unmasked = FluxAttnProcessor()(block.attn, hidden, context, None, rotary)
+    assert len(ours) == (3 if conditioned else 2)
+    for a, b, c in zip(ours[:2], theirs, unmasked, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(a, c, atol=1e-4)  # the mask matters here
+
+
+def test_misuse_of_the_block_is_refused_with_one_line(flux):
+    """Something else than a SubjectConditioning as ``ip_hidden_states``, and a call without a text
+    stream (a single-stream block's): one line each, naming the processor."""
+    transformer, adapter = flux
+    block = transformer.transformer_blocks[0]
+    hidden, context, ids = block_inputs((4, 4), seed=13)
+    rotary = transformer.pos_embed(ids)
+    message = r"^MIPFluxAttnProcessor takes a SubjectConditioning as ip_hidden_states, got Tensor$"
+    with pytest.raises(TypeError, match=message):
+        block.attn(hidden, context, image_rotary_emb=rotary, ip_hidden_states=torch.zeros(BATCH, 4, 8))
+    cond = adapter.prepare(conditioning(1, "one", "uniform", (4, 4), seed=13))
+    message = r"^MIPFluxAttnProcessor runs in double-stream blocks, which have a text stream$"
+    with pytest.raises(ValueError, match=message):
+        block.attn.processor(block.attn, hidden, None, None, rotary, ip_hidden_states=cond)
+
+
+def test_a_diagnosing_block_reports_its_shares_and_a_quiet_one_does_not(flux):
+    """A FLUX adapter's blocks all diagnose (there is no mid block): one call adds the block's routed
+    shares to the conditioning's meter (every condition a positive one). The same block
+    with ``diagnose=False`` gives the same outputs and leaves the meter alone. Guards the flag not
+    passed on to the routing."""
+    from mipadapter.modeling.conditioning import ShareMeter
+    from mipadapter.modeling.flux import MIPFluxAttnProcessor
+
+    transformer, adapter = flux
+    block = transformer.transformer_blocks[0]
+    hidden, context, ids = block_inputs((3, 5), seed=14)
+    rotary = transformer.pos_embed(ids)
+    cond = adapter.prepare(conditioning(3, "several", "paper", (3, 5), seed=14))
+    assert block.attn.processor.diagnose is True
+    cond.share_meter = ShareMeter(BATCH, cond.num_conditions, torch.device("cpu"))
+    with torch.no_grad():
+        reported = block.attn(hidden, context, image_rotary_emb=rotary, ip_hidden_states=cond)
+    assert (cond.share_meter.sums > 0).all()  # every condition gets a share of the image
+    quiet = MIPFluxAttnProcessor(
+        TINY_FLUX.inner_dim, TINY_FLUX.joint_attention_dim, block.attn.processor.layer_name, diagnose=False
+    )
+    quiet.load_state_dict(block.attn.processor.state_dict())
+    cond.share_meter = ShareMeter(BATCH, cond.num_conditions, torch.device("cpu"))
+    with torch.no_grad():
+        silent = quiet(block.attn, hidden, context, None, rotary, ip_hidden_states=cond)
+    assert not cond.share_meter.sums.any()
+    for a, b in zip(reported, silent, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_bfloat16_transformer_gets_its_routed_term_in_bfloat16():
+    """A bfloat16 transformer and adapter run the conditioned block in bfloat16 end to end (the routing
+    maps are made in float32, ``ops.working_dtype``): all three outputs are bfloat16 and agree with the
+    float32 model's to bfloat16 accuracy. Guards a float32 routed term leaking out to meet the bfloat16
+    image stream."""
+    pipe = tiny_flux_pipeline()
+    adapter = tiny_flux_adapter(pipe.transformer, TINY_FLUX.image_encoder.projection_dim, seed=3)
+    adapter.attach(pipe.transformer)
+    block = pipe.transformer.transformer_blocks[0]
+    hidden, context, ids = block_inputs((3, 5), seed=15)
+    outputs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        pipe.transformer.to(dtype)
+        adapter.to(dtype)
+        cond = adapter.prepare(conditioning(2, "several", "paper", (3, 5), seed=15))
+        with torch.no_grad():
+            outputs[dtype] = block.attn(
+                hidden.to(dtype), context.to(dtype), image_rotary_emb=pipe.transformer.pos_embed(ids),
+                ip_hidden_states=cond,
+            )  # fmt: skip
+    assert [t.dtype for t in outputs[torch.bfloat16]] == [torch.bfloat16] * 3
+    for low, full in zip(outputs[torch.bfloat16], outputs[torch.float32], strict=True):
+        torch.testing.assert_close(low.float(), full, rtol=0.05, atol=0.05)

@@ -506,6 +506,28 @@ def test_name_keys_follow_a_cross_attention_norm_and_the_layers_dtype(dtype):
     torch.testing.assert_close(keys.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (1, 2, 5)])
+def test_name_keys_follow_a_key_norm(shape):
+    """A layer with ``qk_norm`` (an RMSNorm per head on the keys, as diffusers' ``Attention`` builds it)
+    normalises the names' keys as it does the prompt's, after ``to_k`` and before the 1/sqrt(d) scaling.
+    The reference writes the RMSNorm out with a non-trivial weight. Guards the norm skipped or fed
+    nothing (the ``norm_k`` branch, which the UNets of SDXL and SD1.5 never take)."""
+    from mipadapter.modeling.processor import name_keys
+
+    b, n, m = shape
+    torch.manual_seed(b + n + m)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16, qk_norm="rms_norm")
+    with torch.no_grad():
+        attn.norm_k.weight.uniform_(0.5, 1.5)
+    names = torch.randn(b, n, m, 24) * 3.0  # far from unit RMS, so a skipped norm shows
+    keys = name_keys(attn, names)
+    assert keys.shape == (b, 2, n * m, 16)
+    raw = (names.double() @ attn.to_k.weight.double().T).view(b, n, m, 2, 16)
+    normed = raw / torch.sqrt(raw.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.norm_k.weight.double()
+    expected = normed.permute(0, 3, 1, 2, 4).reshape(b, 2, n * m, 16) / 4.0  # 1/sqrt(16)
+    torch.testing.assert_close(keys.double(), expected, rtol=1e-5, atol=1e-5)
+
 @pytest.mark.parametrize("photos", ["one", "several"])
 def test_image_attention_maps_match_the_loop(photos):
     """Where each subject's image tokens attend: per position, the softmax over positions of every

@@ -119,3 +119,21 @@ def test_share_meter_stays_on_its_device():
     meter.add(torch.rand(2, 16, 3, device="meta"))
     assert meter.sums.device.type == "meta"
     assert meter.shares(torch.tensor([0, 2], device="meta")).shape == (2, 2)
+
+
+def test_share_meter_normalises_each_row_on_its_own_below_one():
+    """One layer over four conditions, two subjects of two photos each: the subjects' first columns sum
+    to less than 1 in every row, and both rows are routed, each with its own total. Each row of the
+    shares sums to 1 and matches the loop. Guards the row totals taken over the whole batch (both rows
+    would then sum to less than 1 together) and a floor of 1 on them (rows summing below 1)."""
+    g = torch.Generator().manual_seed(3)
+    for positions in (6, 20):
+        meter = ShareMeter(2, 4, torch.device("cpu"))
+        layer = torch.rand(2, positions, 4, generator=g).softmax(dim=-1)
+        layer[1] *= 0.5  # the second row's totals differ from the first's
+        meter.add(layer)
+        first = [0, 2]
+        shares = meter.shares(torch.tensor(first))
+        assert float(meter.sums[:, first].sum(dim=1).max()) < 1.0  # the case under test
+        np.testing.assert_allclose(shares.double().numpy(), ref_shares([layer], first), atol=1e-6)
+        torch.testing.assert_close(shares.sum(dim=1), torch.ones(2))

@@ -221,6 +221,42 @@ def test_crop_offset_is_in_stored_pixels_and_the_centre_fallback_is_theirs(tmp_p
     assert tops == {0}
 
 
+
+def test_subjects_that_fit_no_square_are_skipped_with_their_reason(tmp_path):
+    """Without the authors' crop region (a record indexed by the other crop rule), the square must hold
+    every box: boxes spanning x 10..100 fit no square of side 80, so the sample is skipped as
+    ``no_valid_object`` with a one-line message naming the record. Guards the reason or message lost."""
+    from mipadapter.training.samples import SkippedSample, safe_build_sample
+    from mipadapter.training.sources import NO_VALID_OBJECT
+
+    for crop in ("authors", "subjects"):
+        skipped = safe_build_sample(_record(tmp_path), 5, 1, SampleSettings(64, 32, crop=crop))
+        assert isinstance(skipped, SkippedSample) and skipped.index == 5
+        assert (skipped.reason, skipped.message) == (NO_VALID_OBJECT, "x: the subjects do not fit one square crop")
+
+
+@pytest.mark.parametrize("landscape", [True, False])
+def test_without_random_crop_the_square_is_the_middle_of_the_allowed_ones(tmp_path, landscape):
+    """``random_crop=False`` places the square of side 80 in the middle of the offsets that hold every
+    box, rounded down: boxes spanning 11..80 along the long side allow offsets 0..11, so 5 (the other
+    side has only 0). Both crop rules (the authors' crop region, and the boxes themselves), on a
+    landscape and a portrait image; SDXL's crop offset is (top, left). Guards the middle computed with
+    a true division or a difference."""
+    boxes = ((11, 10, 40, 60), (45, 15, 80, 70))
+    if not landscape:  # the same boxes, transposed
+        boxes = tuple((y1, x1, y2, x2) for x1, y1, x2, y2 in boxes)
+    width, height = (120, 80) if landscape else (80, 120)
+    record = _record(tmp_path, width=width, height=height, boxes=boxes)
+    expected = (0, 5) if landscape else (5, 0)  # (top, left)
+    fixed = SampleSettings(64, 32, random_crop=False, drop_text=0, drop_image=0, drop_both=0)
+    for crop in ("authors", "subjects"):
+        sample = build_sample(record, 0, random.Random(0), dataclasses.replace(fixed, crop=crop))
+        assert sample.time_ids[2:4] == expected, crop
+    chosen = choose_subjects(record, _rules(), Counter(), label_map=True)
+    assert chosen.crop_region is not None  # the authors' path through their crop region
+    sample = build_sample(chosen, 0, random.Random(0), dataclasses.replace(fixed, rules=_rules()))
+    assert sample.time_ids[2:4] == expected
+
 def test_post_crop_filter_and_duplicate_names(tmp_path):
     # a 22x10 box: in the 64-px frame of an 80-px square crop it covers 17.6 x 8 = 140 px ≤ 200
     record = _record(
@@ -289,6 +325,27 @@ def test_views_are_the_reference_then_crops_of_the_same_segment(tmp_path):
     )
     assert not torch.allclose(views[1], views[0]) and not torch.allclose(views[2], views[1])
 
+
+
+def test_a_flipped_reference_is_the_mirror_image():
+    """``flip`` mirrors the reference left to right (before the resize, so the mirror of the unflipped
+    one up to the resampling's rounding), and a view with ``flip_prob=1`` is that flipped reference.
+    Guards the flag not passed on (the reference then never flipped)."""
+    from mipadapter.training.samples import reference_image
+
+    rng = np.random.default_rng(4)
+    for height, width in ((40, 56), (48, 30)):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        rows, cols = np.mgrid[:height, :width]
+        mask = cols < rows * width / height  # a triangle: no mirror symmetry
+        box = (2, 3, width - 4, height - 2)
+        settings = SampleSettings(64, 32, flip_prob=1.0)
+        plain = reference_image(image, mask, box, 32, False, settings.mean, settings.std)
+        flipped = reference_image(image, mask, box, 32, True, settings.mean, settings.std)
+        assert not torch.allclose(flipped, plain, atol=0.1)
+        torch.testing.assert_close(flipped, plain.flip(-1), rtol=0, atol=0.05)
+        (view,) = reference_views(segment_square(image, mask, box), 1, 0.5, random.Random(0), settings)
+        torch.testing.assert_close(view, flipped)
 
 # --- the step: a dropped Plus image, views as conditions -------------------------------------------------
 
@@ -466,3 +523,28 @@ def test_single_object_multi_view_training_runs_and_its_export_loads(tiny_run, t
         assert out.images.shape == (1, 64, 64, 3)
     finally:
         mip.unload()
+
+
+def test_the_training_image_is_the_crop_resized_bilinearly(tmp_path):
+    """pixel_values are the square crop resized to the training side with Pillow's bilinear filter (the
+    references use bicubic), scaled to [-1, 1]. Guards the filter dropped (Pillow's default for
+    ``resize`` is bicubic)."""
+    record = _record(tmp_path, boxes=((11, 10, 40, 60), (45, 15, 80, 70)))
+    settings = SampleSettings(64, 32, random_crop=False, crop="subjects", drop_text=0, drop_image=0, drop_both=0)
+    sample = build_sample(record, 0, random.Random(0), settings)
+    top, left = sample.time_ids[2:4]
+    crop = Image.open(record.image).convert("RGB").crop((left, top, left + 80, top + 80))
+    for resample, same in ((Image.BILINEAR, True), (Image.BICUBIC, False)):
+        expected = torch.from_numpy(np.array(crop.resize((64, 64), resample))).permute(2, 0, 1) / 127.5 - 1
+        assert torch.allclose(sample.pixel_values, expected.float(), atol=1e-5) == same, resample
+
+
+def test_a_segment_low_in_a_portrait_image_is_cut_whole():
+    """On a portrait image the box is clamped to the image's height, not its width: a box reaching
+    y = 110 of a 60×120 image gives a segment 100 rows tall, padded to a 100-px square. Guards the
+    clamp taken from the wrong side."""
+    image = np.random.default_rng(2).integers(0, 256, (120, 60, 3), dtype=np.uint8)
+    mask = np.ones((120, 60), dtype=bool)
+    square = segment_square(image, mask, (10, 10, 50, 110))
+    assert square.shape == (100, 100, 3)
+    np.testing.assert_array_equal(square[:, 30:70], image[10:110, 10:50])

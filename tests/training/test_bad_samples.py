@@ -289,3 +289,35 @@ def test_changing_the_warning_share_keeps_the_index(tmp_path, capsys):
     assert [r.id for r in again] == [r.id for r in first]  # reused, not refused as other data settings
     with pytest.raises(ValueError, match="was built with other data settings"):
         prepare_index(_index_config(root, tmp_path / "run", resolution=256), write=True)
+
+
+def test_a_sample_is_the_same_for_the_same_seed_and_a_failure_keeps_its_index(authors_data, monkeypatch):
+    """``safe_build_sample`` draws everything random (flips, crop position) from its seed: the same seed
+    gives the same sample, another seed another one; a sample that fails is skipped under the index it
+    was asked for. Guards an unseeded generator (samples then differ between workers and resumes) and
+    the index lost from the skip."""
+    import torch
+
+    import mipadapter.training.samples as samples
+
+    records, _ = build_index(*authors_candidates(authors_data, None), RULES)
+    settings = SampleSettings(resolution=64, reference_size=32, flip_prob=0.5)
+    first, again = (safe_build_sample(records[0], 3, 11, settings) for _ in range(2))
+    others = [safe_build_sample(records[0], 3, seed, settings) for seed in range(12, 20)]
+    assert torch.equal(first.references, again.references) and first.caption == again.caption
+    assert any(not torch.equal(first.references, other.references) for other in others)
+    monkeypatch.setattr(samples, "segment_square", lambda *a: 1 / 0)
+    skipped = safe_build_sample(records[0], 7, 1, SETTINGS)
+    assert isinstance(skipped, SkippedSample) and (skipped.index, skipped.reason) == (7, "unexpected_error")
+
+
+def test_the_per_sample_seed_is_pinned_and_distinct():
+    """The per-sample seed is part of a run's reproducibility (a resumed or repeated run must draw the
+    same samples): pinned to its formula, an integer, distinct over run seeds, epochs and indices.
+    Guards any change to the formula."""
+    from mipadapter.training.samples import sample_seed
+
+    assert sample_seed(0, 0, 0) == 0
+    assert sample_seed(2, 3, 5) == (2 * 1_000_003 + 3) * 10_000_019 + 5
+    seeds = [sample_seed(s, e, i) for s in (0, 1, 7) for e in range(4) for i in range(50)]
+    assert all(isinstance(seed, int) for seed in seeds) and len(set(seeds)) == len(seeds)

@@ -170,10 +170,12 @@ class Capturing:
         return self.prediction
 
 
-def captured_loss(tmp_path, arch: str, prediction_type: str, weight_dtype=torch.float32, **options):
+def captured_loss(
+    tmp_path, arch: str, prediction_type: str, weight_dtype=torch.float32, projection: str = "basic", **options
+):
     """One training_loss on a real 2-sample batch of a tiny ``arch`` model with ``prediction_type``
-    (everything but the VAE in ``weight_dtype``); returns (loss, the Capturing model, the scheduler, the
-    batch, the VAE)."""
+    (everything but the VAE in ``weight_dtype``) and a ``basic`` or ``plus`` adapter; returns (loss, the
+    Capturing model, the scheduler, the batch, the VAE)."""
     spec, build = (TINY_SDXL, tiny_sdxl_pipeline) if arch == "sdxl" else (TINY_SD15, tiny_sd15_pipeline)
     write_authors_layout(tmp_path / "data", 2)
     encoder, _ = spec.basic_image_encoder.build()
@@ -184,15 +186,19 @@ def captured_loss(tmp_path, arch: str, prediction_type: str, weight_dtype=torch.
     settings = SampleSettings(64, components.reference_size, drop_text=0, drop_image=0, drop_both=0)
     dataset = SubjectDataset(records, settings)
     batch = Collator(components.tokenizers, components.reference_size)([dataset[(i, i)] for i in range(2)])
-    config = AdapterConfig("basic", spec.basic_image_encoder.projection_dim, spec.cross_attention_dim, 4,
-                           text_weight=True)  # fmt: skip
+    if projection == "plus":  # the resampler reads the encoder's penultimate hidden states
+        config = AdapterConfig("plus", encoder.config.hidden_size, spec.cross_attention_dim, 4, text_weight=True,
+                               resampler_dim=32, resampler_depth=1, resampler_heads=1)  # fmt: skip
+    else:
+        config = AdapterConfig("basic", spec.basic_image_encoder.projection_dim, spec.cross_attention_dim, 4,
+                               text_weight=True)  # fmt: skip
     adapter = MIPAdapter.for_unet(components.unet, config).to(weight_dtype)
     for module in (components.unet, components.image_encoder, *components.text_encoders):
         module.to(weight_dtype)
     scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, prediction_type=prediction_type)
     frozen = FrozenModels(
         components.vae, TextConditioner(components.text_encoders, arch), components.image_encoder,
-        scheduler, uses_hidden_states=False, weight_dtype=weight_dtype,
+        scheduler, uses_hidden_states=config.uses_hidden_states, weight_dtype=weight_dtype,
     )  # fmt: skip
     adapter.attach(components.unet)
     try:
@@ -262,3 +268,18 @@ def test_the_unet_inputs_are_in_the_weight_dtype(tmp_path):
     )
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, F.mse_loss(model.prediction.float(), noise.bfloat16().float()))
+
+
+def test_a_plus_adapter_is_fed_the_encoders_hidden_states(tmp_path):
+    """A Plus adapter trains on the image encoder's penultimate hidden states [B, n, L, D] of the
+    references (as its pipeline feeds it), not on the projected embeddings. Guards FrozenModels'
+    ``uses_hidden_states`` not reaching the image encoding."""
+    from mipadapter.training.step import encode_images
+
+    loss, model, _, batch, _ = captured_loss(tmp_path, "sd15", "epsilon", projection="plus")
+    features = model.args[2]
+    assert features.ndim == 4  # [B, n, L, D]
+    encoder, _ = TINY_SD15.basic_image_encoder.build()  # the same seeded weights as the run's
+    torch.testing.assert_close(features, encode_images(encoder, batch.references, True))
+    assert features.shape[-1] == encoder.config.hidden_size
+    assert torch.isfinite(loss)
