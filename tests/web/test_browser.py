@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from mipadapter.recipe import read_recipe
-from mipadapter.web.handler import BOX_CLEARED, PAINT_CLEARED, slot_color
+from mipadapter.web.handler import BOX_CLEARED, PAINT_CLEARED, paint_stretched, slot_color
 from mipadapter.web.preview import BACKGROUND, canvas_size
 
 pytestmark = pytest.mark.browser
@@ -409,7 +409,7 @@ def test_a_painted_region_reaches_the_preview_and_photos_stay_with_their_page(br
     type_box(page, 0, (0, 0, 32, 32))
     page.locator("#region-summary").get_by_text("box (0, 0, 32, 32)").wait_for()
     paint_stroke(page, 0)  # painting where a box is typed: the box makes way, with a note
-    page.locator("#region-summary").get_by_text("painted region (").wait_for()
+    page.locator("#region-summary").get_by_text("painted region (").wait_for(timeout=90_000)
     assert "'cat': painted region (" in page.inner_text("#region-summary")
     page.locator("#subject-0-region-note").get_by_text(BOX_CLEARED, exact=True).wait_for()  # as written
     assert [page.input_value(box_field(0, field)) for field in ("x0", "y0", "x1", "y1")] == [""] * 4
@@ -428,8 +428,11 @@ def test_a_painted_region_reaches_the_preview_and_photos_stay_with_their_page(br
 
 def paint_stroke(page, slot: int) -> None:
     """A short horizontal brush stroke across the middle of a subject's canvas (its panel open)."""
-    page.click(f"#subject-{slot}-painted button[aria-label='Brush']")
+    brush = page.locator(f"#subject-{slot}-painted button[aria-label='Brush']")
+    if "highlight" not in (brush.get_attribute("class") or ""):  # a second click would open its options
+        brush.click()
     canvas = page.locator(f"#subject-{slot}-painted canvas").first
+    canvas.scroll_into_view_if_needed()  # the mouse paints only inside the window
     box = canvas.bounding_box()  # the drawing area sits in the middle of the editor
     y = box["y"] + box["height"] * 0.5
     page.mouse.move(box["x"] + box["width"] * 0.4, y)
@@ -554,4 +557,82 @@ def test_the_phone_layout_keeps_labels_clear_and_captions_whole(browser, server,
     )
     assert widths and all(scroll <= client for scroll, client in widths), widths
     save_screenshot(page, tmp_path, "phone.png")
+    page.close()
+
+
+def paint_canvas_on_screen(page, slot: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where a subject's paint canvas shows on screen, from a screenshot of its editor: the canvas as a
+    [H, W] boolean picture (its blank grey, ``BACKGROUND``, or paint) cropped to the rows and columns it
+    fills (the label's and buttons' grey borders fill few), and the paint in it (the slot's colour;
+    the tool bar over the canvas, whose colour button shows it too, left out)."""
+    canvas = page.locator(f"#subject-{slot}-painted canvas").first
+    origin = canvas.bounding_box()
+    pixels = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")).astype(int)
+    grey = np.abs(pixels - np.array(BACKGROUND)).max(axis=-1) <= 3
+    paint = np.abs(pixels - np.array(slot_color(slot))).max(axis=-1) <= 12
+    for tool in ("Brush", "Erase", "Color", "Brush Size"):
+        button = page.locator(f"#subject-{slot}-painted button[aria-label='{tool}']")
+        if button.count():
+            box = button.first.bounding_box()
+            left, top = int(box["x"] - origin["x"]) - 8, int(box["y"] - origin["y"]) - 8
+            paint[max(0, top) : top + int(box["height"]) + 16, max(0, left) : left + int(box["width"]) + 16] = False
+    shown = grey | paint
+    rows = np.nonzero(shown.mean(axis=1) > 0.3)[0]
+    columns = np.nonzero(shown.mean(axis=0) > 0.3)[0]
+    if rows.size == 0 or columns.size == 0:
+        return shown[:0, :0], paint[:0, :0]
+    crop = np.s_[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+    return shown[crop], paint[crop]
+
+
+def wait_for_canvas_ratio(page, slot: int, ratio: float, timeout_s: float = 30) -> tuple[np.ndarray, np.ndarray]:
+    """The canvas (as ``paint_canvas_on_screen``) once its width / height is ``ratio`` (within 4 %)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        canvas, paint = paint_canvas_on_screen(page, slot)
+        shown = canvas.shape[1] / canvas.shape[0] if canvas.size else 0.0
+        if abs(shown / ratio - 1) < 0.04:
+            return canvas, paint
+        if time.monotonic() > deadline:
+            pytest.fail(f"the paint canvas shows {canvas.shape[1]}×{canvas.shape[0]}, not {ratio:g}:1")
+        page.wait_for_timeout(250)
+
+
+def extent(paint: np.ndarray) -> tuple[float, float, float, float]:
+    """The painted part of a canvas picture: (left, top, right, bottom) as fractions of its sides."""
+    rows, columns = np.nonzero(paint)
+    height, width = paint.shape
+    return columns.min() / width, rows.min() / height, (columns.max() + 1) / width, (rows.max() + 1) / height
+
+
+def test_the_paint_canvas_takes_the_outputs_shape_and_a_painting_is_stretched_with_it(browser, server, tmp_path):
+    """96×32: the canvas shows 3:1 (it was square); painted, then the height set to 64: the canvas shows
+    3:2, the painting is kept, stretched to the same part of the canvas, the note says so, and it runs."""
+    page = browser.new_page()
+    page.goto(server)
+    page.fill("#subject-0-name textarea, #subject-0-name input", "cat")
+    page.set_input_files("#subject-0-photos input[type=file]", str(ASSETS / "cat.jpg"))
+    wait_for_thumbnails(page, 0, 1)
+    set_number(page, "#width", 96)
+    set_number(page, "#height", 32)  # the region panel still closed: its canvas follows all the same
+    open_region(page, 0)
+    page.locator("#subject-0-painted canvas").first.wait_for()
+    wait_for_canvas_ratio(page, 0, 3)
+    paint_stroke(page, 0)
+    page.locator("#region-summary").get_by_text("painted region (").wait_for(timeout=90_000)
+    _, paint = wait_for_canvas_ratio(page, 0, 3)
+    before = extent(paint)
+    save_screenshot(page, tmp_path, "paint-canvas-96x32.png")
+    set_number(page, "#height", 64)
+    page.locator("#subject-0-region-note").get_by_text(paint_stretched(96, 64), exact=True).wait_for(timeout=90_000)
+    _, paint = wait_for_canvas_ratio(page, 0, 1.5)
+    after = extent(paint)
+    assert np.allclose(before, after, atol=0.03), (before, after)  # the same part of the canvas
+    assert "'cat': painted region (" in page.inner_text("#region-summary")
+    save_screenshot(page, tmp_path, "paint-canvas-96x64.png")
+    page.fill("#prompt textarea", "a cat on a beach")
+    set_number(page, "#steps", 1)
+    page.click("#generate")
+    wait_for_status(page, "Generated 1 image of 96×64")
+    assert "'cat' (painted region)" in page.inner_text("#status")
     page.close()

@@ -292,6 +292,11 @@ PAINT_CLEARED = (
 )
 
 
+def paint_stretched(width: int, height: int) -> str:
+    """The note at a painted region that the page stretched onto the canvas of a new output size."""
+    return f"The painted region was stretched to the new {width}×{height} size: check that it lies where you want it."
+
+
 def region_to_clear(
     box: Sequence[Any] | None,
     painted: Any,
