@@ -188,3 +188,48 @@ def test_encoded_bytes_are_refused_by_their_header_too():
     assert open_photo(buffer.getvalue(), "embedded mask", mode="L").size == (3000, 2000)
     with pytest.raises(PhotoError, match=r"^embedded mask is not an image file Pillow can read$"):
         open_photo(b"not a png", "embedded mask")
+
+
+def _mask_cases():
+    """(name, image, the labels every mask reader must return)."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, size=(7, 9)).astype(np.uint8)
+    colour = np.zeros((7, 9, 3), np.uint8)
+    colour[..., 1] = (labels > 0) * 200  # green only: a red-channel reader sees nothing
+    colour[..., 2] = (labels == 3) * 50
+    return [
+        ("grey label map", Image.fromarray(labels), labels),
+        ("grey label map saved as RGB", Image.fromarray(np.stack([labels] * 3, -1)), labels),
+        ("label map with alpha", Image.fromarray(np.stack([labels, np.full_like(labels, 255)], -1), "LA"), labels),
+        ("colour mask", Image.fromarray(colour), (labels > 0).astype(np.uint8)),
+        ("colour mask with alpha", Image.fromarray(np.dstack([colour, np.full_like(labels, 255)])), (labels > 0).astype(np.uint8)),
+        ("16-bit label map", Image.fromarray(labels.astype(np.uint16) * 1000), labels.astype(np.uint16) * 1000),
+        ("mode 1", Image.fromarray(labels > 0), (labels > 0).astype(np.uint8)),
+    ]
+
+
+@pytest.mark.parametrize("name, image, want", _mask_cases(), ids=[case[0] for case in _mask_cases()])
+def test_the_data_build_and_training_read_a_mask_as_the_same_labels(tmp_path, name, image, want):
+    """Guards the two readers drifting apart again: the data build took channel 0 of a colour mask (a
+    green-only mask read as empty) and training took any channel (an RGB label map's labels merged
+    into one object)."""
+    from mipadapter.data.masks import read_label_map
+    from mipadapter.training.sources import load_label_map
+
+    path = tmp_path / "mask.png"
+    image.save(path)
+    built, trained = read_label_map(str(path)), load_label_map(path)
+    assert built.dtype == trained.dtype == want.dtype
+    assert np.array_equal(built, want) and np.array_equal(trained, want)
+
+
+def test_a_float_mask_is_refused_by_both_readers_naming_the_file(tmp_path):
+    from mipadapter.data.masks import read_label_map
+    from mipadapter.training.sources import DataError, load_label_map
+
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.full((4, 5), 0.5, np.float32), "F").save(path)
+    with pytest.raises(ValueError, match=r"mask .*float\.tiff: float32 pixels are not integer labels"):
+        read_label_map(str(path))
+    with pytest.raises(DataError, match=r"float\.tiff: float32 pixels are not integer labels"):
+        load_label_map(path)

@@ -209,6 +209,18 @@ PRESETS: dict[str, Preset] = {
         "h94/IP-Adapter/models/image_encoder",
         0.6,
     ),
+    "ip-sdxl-plus-face": Preset(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "h94/IP-Adapter/sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors",
+        "h94/IP-Adapter/models/image_encoder",
+        0.6,
+    ),
+    "ip-sd15-plus-face": Preset(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "h94/IP-Adapter/models/ip-adapter-plus-face_sd15.safetensors",
+        "h94/IP-Adapter/models/image_encoder",
+        0.6,
+    ),
     "ip-flux": Preset(
         "black-forest-labs/FLUX.1-dev",
         "XLabs-AI/flux-ip-adapter-v2/ip_adapter.safetensors",

@@ -16,6 +16,7 @@ import stat
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mipadapter.limits import DEFAULT_MAX_PIXELS, PixelLimitError, check_pixels, header_size
@@ -25,6 +26,27 @@ EXIF_ORIENTATION = 0x0112
 
 class PhotoError(ValueError):
     """A photo that cannot be used; the message names the file and what is wrong."""
+
+
+def mask_labels(image: Image.Image) -> np.ndarray:
+    """An opened mask or label-map image as integers [H, W], the one rule for every reader (the data
+    build and training).
+
+    Grey, palette and 16-bit images keep their raw values in their own integer type (labels stay
+    labels, never widened to int64). A colour image whose colour channels agree is a grey label map
+    saved in colour: its labels are kept; one whose channels differ is a colour mask: 1 where any
+    channel is set. An alpha channel is not a label. Mode ``1`` gives 0/1. ValueError for float pixels.
+    """
+    array = np.asarray(image)
+    if array.ndim == 3:
+        colours = array[..., :-1] if image.mode in ("LA", "RGBA", "La", "RGBa", "PA") else array
+        same = bool((colours == colours[..., :1]).all())
+        array = colours[..., 0] if same else colours.any(axis=-1)
+    if array.dtype == np.bool_:  # not a view: Pillow's mode "1" arrays hold 255 behind True
+        array = array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{array.dtype} pixels are not integer labels")
+    return array
 
 
 def upright(image: Image.Image) -> Image.Image:

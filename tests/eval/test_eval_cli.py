@@ -77,9 +77,18 @@ def test_concept101_arguments_reach_the_library(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--steps", "0"], "--steps must be >= 1, got 0"),
-        (["--height", "50"], "--height must be a positive multiple of 8, got 50"),
-        (["--images-per-prompt", "0"], "--images-per-prompt must be >= 1, got 0"),
+        (["--steps", "0"], "--steps must be an integer between 1 and 100, got 0"),
+        (["--height", "50"], "--height must be a multiple of 8 between 8 and 1536 pixels, got 50"),
+        (["--images-per-prompt", "0"], "--images-per-prompt must be an integer between 1 and 4, got 0"),
+        # generate's caps (limits.py), with --allow-large's hint; the large caps still apply with it
+        (["--steps", "101"], "--steps must be an integer between 1 and 100, got 101 (--allow-large allows up to 10000)"),
+        (["--steps", "10001", "--allow-large"], "--steps must be an integer between 1 and 10000, got 10001"),
+        (["--width", "1544"], "--width must be a multiple of 8 between 8 and 1536 pixels, got 1544 (--allow-large allows up to 8192)"),
+        (["--height", "1536", "--width", "1536", "--allow-large", "--height", "8192", "--width", "8192"],
+         "the output size 8192×8192 is 67.1 MP, above the limit of 16.8 MP"),
+        (["--guidance", "31"], "--guidance must be a finite number between 0 and 30, got 31.0 (--allow-large allows up to 1000)"),
+        (["--scale", "nan"], "--scale must be a finite number between 0 and 1.5, got nan"),
+        (["--images-per-prompt", "5"], "--images-per-prompt must be an integer between 1 and 4, got 5 (--allow-large allows up to 64)"),
         # issue 18: one seed range, generate's, eval's and the web page's
         (["--seeds", "420,-1"], f"--seeds must be an integer between 0 and {2**64 - 1}, got -1"),
         (["--seeds", str(2**64)], f"--seeds must be an integer between 0 and {2**64 - 1}, got {2**64}"),

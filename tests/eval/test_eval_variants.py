@@ -120,10 +120,12 @@ def test_settings_are_checked_and_pass_the_authors_negative_prompt():
     assert settings.to_json()["negative_prompt"] == AUTHORS_NEGATIVE_PROMPT  # recorded in run.json
     assert "negative_prompt" not in GenerationSettings(negative_prompt="").base_call_kwargs()  # off
     for bad, message in (
-        (dict(num_inference_steps=0), "num_inference_steps must be >= 1, got 0"),
-        (dict(height=50), "height must be a positive multiple of 8, got 50"),
-        (dict(scale=float("inf")), "scale must be a finite number >= 0, got inf"),
-        (dict(guidance_scale=-1.0), "guidance_scale must be >= 0, got -1.0"),
+        (dict(num_inference_steps=0), "num_inference_steps must be an integer between 1 and 10000, got 0"),
+        (dict(num_inference_steps=10_001), "num_inference_steps must be an integer between 1 and 10000, got 10001"),
+        (dict(height=50), "height must be a multiple of 8 between 8 and 8192 pixels, got 50"),
+        (dict(width=8200), "width must be a multiple of 8 between 8 and 8192 pixels, got 8200"),
+        (dict(scale=float("inf")), "scale must be a finite number between 0 and 100, got inf"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be a finite number between 0 and 1000, got -1.0"),
         (dict(multi_image="concat"), "multi_image must be 'mean' or 'each', got 'concat'"),
     ):
         with pytest.raises(ValueError, match=message):

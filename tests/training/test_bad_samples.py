@@ -172,7 +172,7 @@ def test_label_maps_keep_their_own_integer_type(tmp_path, mode, dtype):
     image.save(tmp_path / "mask.png")
     loaded = load_label_map(tmp_path / "mask.png", (WIDTH, HEIGHT))
     assert loaded.dtype == dtype and loaded.shape == (HEIGHT, WIDTH)
-    want = labels if mode in ("L", "I;16") else (labels > 0).astype(np.uint8)
+    want = labels * 100 if mode == "RGB" else labels if mode in ("L", "I;16") else (labels > 0).astype(np.uint8)
     assert np.array_equal(loaded, want)
     with pytest.raises(DataError, match="is 80×64, its image 64×80") as error:
         load_label_map(tmp_path / "mask.png", (HEIGHT, WIDTH))

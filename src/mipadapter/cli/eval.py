@@ -69,6 +69,12 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
         default="mean",
         help="several photos of a subject: mean of their tokens (the authors') or each its own condition",
     )
+    group.add_argument(
+        "--allow-large",
+        action="store_true",
+        help="raise the caps on steps, sizes, guidance, scale and images per prompt to what a big GPU can "
+        "run (docs/limits.md), as generate's flag does",
+    )
 
 
 def _reference_arguments(parser: argparse.ArgumentParser, default: str) -> None:
@@ -248,12 +254,36 @@ def _settings(args):
         raise ValueError(text) from None
 
 
+def _check_generation_caps(args) -> None:
+    """Steps, sizes, guidance, scale and images per prompt within generate's caps (``limits``; the
+    large ones with --allow-large), each refusal naming its flag."""
+    import dataclasses
+
+    from mipadapter import limits
+
+    caps, allow = (
+        (limits.LARGE_LIMITS, None) if getattr(args, "allow_large", False) else (limits.DEFAULT_LIMITS, limits.ALLOW_LARGE)
+    )
+    limits.check_steps(args.steps, "--steps", caps, allow=allow)
+    if getattr(args, "images_per_prompt", None) is not None:
+        limits.check_images(args.images_per_prompt, "--images-per-prompt", caps, allow=allow)
+    if args.guidance is not None:
+        limits.check_guidance(args.guidance, "--guidance", caps, allow=allow)
+    if args.scale is not None:
+        limits.check_scale(args.scale, "--scale", caps, allow=allow)
+    sides = dataclasses.replace(caps, min_side=8, side_multiple=8)  # the latent cell; FLUX's 16 is the pipeline's
+    for flag in ("height", "width"):
+        if getattr(args, flag) is not None:
+            limits.check_side(getattr(args, flag), "--" + flag, sides, allow=allow)
+    if args.height is not None and args.width is not None:
+        limits.check_output_pixels(args.width, args.height, caps, allow=allow)
+
+
 def _check_common(args) -> None:
     """What can be checked before any model loads: numbers, folders, the run folder."""
     from mipadapter.fileio import check_creatable_dir
 
-    if getattr(args, "images_per_prompt", 1) < 1:
-        raise ValueError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
+    _check_generation_caps(args)
     if hasattr(args, "seeds") and not args.seeds:
         raise ValueError("--seeds: give at least one seed")
     from mipadapter.limits import check_seed

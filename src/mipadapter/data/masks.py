@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from mipadapter.limits import DEFAULT_MAX_PIXELS, header_size
+from mipadapter.photos import mask_labels
 
 
 def paint_label_map(masks: torch.Tensor) -> torch.Tensor:
@@ -54,19 +55,15 @@ def encode_png(label_map: torch.Tensor | np.ndarray) -> bytes:
 
 
 def read_label_map(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A label-map PNG as integers [H, W] in the file's own integer type (palette and 16-bit PNGs keep
-    their raw values). The header is read first: ``PixelLimitError`` above ``max_pixels``, before a
-    pixel is decoded; a mask decoded in full takes one or two bytes a pixel, never eight."""
+    """A label-map PNG as integers [H, W] by ``photos.mask_labels``' rule (the one training reads masks
+    by). The header is read first: ``PixelLimitError`` above ``max_pixels``, before a pixel is decoded;
+    a mask decoded in full takes one or two bytes a pixel, never eight."""
     header_size(path, f"mask {path}", max_pixels)
     with Image.open(path) as image:
-        array = np.asarray(image)
-    if array.ndim == 3:  # an RGB(A) export of a label map: all channels carry the label
-        array = array[..., 0]
-    if array.dtype == np.bool_:  # a mode "1" PNG: Pillow's bools hold 255 behind True
-        array = array.astype(np.uint8)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"mask {path} holds {array.dtype} pixels, not integer labels")
-    return array
+        try:
+            return mask_labels(image)
+        except ValueError as error:
+            raise ValueError(f"mask {path}: {error}") from None
 
 
 def _pad_square(image: Image.Image, fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

@@ -22,10 +22,11 @@ variant, and ``ip-adapter-weighted`` is the paper's training-free mode on stock 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from mipadapter.config import AUTHORS_NEGATIVE_PROMPT  # what the authors' generate() always encodes
+from mipadapter.limits import LARGE_LIMITS, check_guidance, check_scale, check_side, check_steps
 
 __all__ = [
     "AUTHORS_NEGATIVE_PROMPT",
@@ -54,16 +55,16 @@ class GenerationSettings:
     multi_image: str = "mean"
 
     def __post_init__(self) -> None:
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if self.guidance_scale is not None and not self.guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        # the library's bounds are the large caps (--allow-large's): the CLI applies generate's own first
+        caps = LARGE_LIMITS
+        check_steps(self.num_inference_steps, "num_inference_steps", caps)
+        if self.guidance_scale is not None:
+            check_guidance(self.guidance_scale, "guidance_scale", caps)
         for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value <= 0 or value % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
-        if self.scale is not None and not 0 <= self.scale < float("inf"):
-            raise ValueError(f"scale must be a finite number >= 0, got {self.scale}")
+            if getattr(self, name) is not None:
+                check_side(getattr(self, name), name, replace(caps, min_side=8, side_multiple=8))
+        if self.scale is not None:
+            check_scale(self.scale, "scale", caps)
         if self.multi_image not in ("mean", "each"):
             raise ValueError(f"multi_image must be 'mean' or 'each', got {self.multi_image!r}")
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -187,11 +187,19 @@ class MIPAdapter(nn.Module):
         self._unet_ref = None
         self._attention = {}
 
-    def prepare(self, cond: SubjectConditioning) -> SubjectConditioning:
+    def prepare(self, cond: SubjectConditioning, sources: Sequence[MIPAdapter] = ()) -> SubjectConditioning:
         """Compute every layer's per-call constants for ``cond`` (once per generation call, or once per
-        training step) and store them in ``cond.layer_inputs``. Returns ``cond``."""
+        training step) and store them in ``cond.layer_inputs``. Returns ``cond``.
+
+        sources: the adapters whose image tokens ``cond`` carries, in ``cond.adapter_groups`` order, when
+        they are not this one alone (a call mixing adapters, or one run with another adapter of the same
+        layers): each condition's image keys and values come from its own adapter's projections; the name
+        keys and the routing come from the model this adapter is attached to.
+        """
         if not self.is_attached:
             raise RuntimeError("attach the adapter to a UNet before preparing a conditioning")
+        sources = list(sources) or [self]
+        self._check_sources(sources, cond)
         cache: dict = {}
         if self.config.architecture == "flux":
             cache[flux.NAME_ROWS], cache[flux.NAME_ROTARY] = flux.name_rows(self._unet_ref(), cond)
@@ -199,8 +207,25 @@ class MIPAdapter(nn.Module):
             attention = self._attention[layer.name]()
             if attention is None:
                 raise RuntimeError("the UNet this adapter was attached to no longer exists")
-            cond.layer_inputs[layer.name] = self.processor(layer.name).prepare(attention, cond, cache)
+            own = [source.processor(layer.name) for source in sources]
+            cond.layer_inputs[layer.name] = self.processor(layer.name).prepare(
+                attention, cond, cache, [] if sources == [self] else own
+            )
         return cond
+
+    def _check_sources(self, sources: list[MIPAdapter], cond: SubjectConditioning) -> None:
+        """Refuse adapters that do not fit this one's layers, or a count that is not the conditioning's."""
+        if len(sources) != cond.num_adapters:
+            raise ValueError(
+                f"the conditioning mixes {cond.num_adapters} adapters' image tokens but {len(sources)} adapters "
+                "were given"
+            )
+        names = [layer.name for layer in self.layer_specs]
+        for index, source in enumerate(sources):
+            if source.config.architecture != self.config.architecture or [
+                layer.name for layer in source.layer_specs
+            ] != names:
+                raise ValueError(f"adapter #{index + 1} of the call was built for a model with different layers")
 
     @torch.no_grad()
     def init_from_base(self, unet: nn.Module, text_weight_init: str = "pytorch") -> None:

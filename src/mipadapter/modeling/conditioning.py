@@ -114,7 +114,10 @@ class LayerInputs:
     condition's image scale, share of its subject and presence. name_keys [b, h, n·m, d] scaled by
     ``1/sqrt(d)`` and name_weights [b, h·n·m, N+1] (``ops.relevance_weights``), when relevance is needed.
     image_weights [b, h·t·N, n]: averages the image tokens' softmaxes over positions per subject, when
-    image-attention maps are recorded.
+    image-attention maps are recorded. key_bias [t·N]: ``-inf`` on the padding rows of a call mixing
+    adapters of different token counts, else None. gate_weight [K, c]: the text weights of the call's K
+    adapters stacked (the trained ``text_to_weight`` itself when K = 1), when the call gates with them;
+    gate_columns [N] (long): each condition's adapter among the K, when K > 1.
     """
 
     ip_keys: torch.Tensor
@@ -122,6 +125,9 @@ class LayerInputs:
     name_keys: torch.Tensor | None = None
     name_weights: torch.Tensor | None = None
     image_weights: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
+    gate_weight: torch.Tensor | None = None
+    gate_columns: torch.Tensor | None = None
 
 
 @dataclass
@@ -151,6 +157,10 @@ class SubjectConditioning:
             before the merge (the relevance experiment perturbs the text branch with it).
         layer_scales: layer name → [b, n] image scales of that layer, replacing ``scales`` there (per-layer
             scales, diffusers' ``set_ip_adapter_scale`` list and dict forms), or None.
+        adapter_of [N] (long) or None: in a call mixing adapters, which of the call's adapters each
+            condition's image tokens come from (an index into ``token_counts``); None: one adapter.
+        token_counts: with ``adapter_of``, the number of image tokens of each adapter (basic 4, Plus 16):
+            ``image_tokens`` holds ``t = max(token_counts)`` per condition, the rest zero padding.
         layer_inputs: layer name → ``LayerInputs``, filled by ``MIPAdapter.prepare``.
     """
 
@@ -172,12 +182,17 @@ class SubjectConditioning:
     share_meter: ShareMeter | None = None
     text_perturbation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     layer_scales: dict[str, torch.Tensor] | None = None
+    adapter_of: torch.Tensor | None = None
+    token_counts: tuple[int, ...] | None = None
     layer_inputs: dict[str, LayerInputs] = field(default_factory=dict, repr=False)
     _grids: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
     _regions: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _condition_has_region: torch.Tensor | None = field(default=None, repr=False)
     _first_condition: torch.Tensor | None = field(default=None, repr=False)
     _first_of_subject: torch.Tensor | None = field(default=None, repr=False)
+    _adapter_groups: list[tuple[torch.Tensor, int]] = field(default_factory=list, repr=False)
+    _key_bias: torch.Tensor | None = field(default=None, repr=False)
+    _token_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.rule = MergeRule.parse(self.rule)
@@ -214,8 +229,64 @@ class SubjectConditioning:
         self._first_of_subject[self._first_condition] = 1.0  # [N]: 1 on each subject's first condition
         if self.has_region is not None:
             self._condition_has_region = self.has_region.index_select(0, self.owner)  # [N]
+        self._check_adapters()
         if self.latent_size is not None:
             self.set_latent_size(self.latent_size)
+
+    def _check_adapters(self) -> None:
+        """Check ``adapter_of`` / ``token_counts`` and fold them, once per call, into each adapter's
+        conditions, the token mask and the key bias."""
+        if (self.adapter_of is None) != (self.token_counts is None):
+            raise ValueError("inconsistent subject conditioning: give adapter_of and token_counts together")
+        if self.adapter_of is None:
+            return
+        num_cond, tokens = self.image_tokens.shape[1:3]
+        counts = tuple(int(count) for count in self.token_counts)
+        if tuple(self.adapter_of.shape) != (num_cond,):
+            raise ValueError(
+                f"inconsistent subject conditioning: adapter_of has shape {tuple(self.adapter_of.shape)}, "
+                f"expected {(num_cond,)}"
+            )
+        if not counts or max(counts) != tokens or min(counts) < 1:
+            raise ValueError(
+                f"token_counts {counts} must be ≥ 1 each, the largest equal to the {tokens} image tokens per "
+                "condition"
+            )
+        used = self.adapter_of.tolist()
+        if min(used) < 0 or max(used) >= len(counts):
+            raise ValueError(f"adapter_of {used} must lie in [0, {len(counts)})")
+        device = self.adapter_of.device
+        self._adapter_groups = [
+            (torch.tensor([j for j, a in enumerate(used) if a == adapter], device=device), count)
+            for adapter, count in enumerate(counts)
+        ]
+        real = torch.tensor(counts, device=device).index_select(0, self.adapter_of)  # [N]
+        self._token_mask = torch.arange(tokens, device=device)[None, :] < real[:, None]  # [N, t]
+        padding = torch.full((tokens, num_cond), -math.inf, device=device)
+        self._key_bias = padding.masked_fill(self._token_mask.T, 0.0).reshape(-1)  # [t·N], token-major
+        if min(counts[a] for a in set(used)) == tokens:  # the call's adapters all have t tokens
+            self._key_bias = None
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def num_adapters(self) -> int:
+        """How many adapters' image tokens the call mixes (1 without ``adapter_of``)."""
+        return 1 if self.token_counts is None else len(self.token_counts)
+
+    @property
+    def adapter_groups(self) -> list[tuple[torch.Tensor, int]]:
+        """Per adapter of the call: (its conditions [N_a] (long), its token count); [] for one adapter."""
+        return self._adapter_groups
+
+    @property
+    def key_bias(self) -> torch.Tensor | None:
+        """[t·N] token-major: ``-inf`` on padding tokens, 0 on real ones; None when nothing is padded."""
+        return self._key_bias
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        """[N, t] (bool): which of each condition's image tokens are real; None for one adapter."""
+        return self._token_mask
 
     # ------------------------------------------------------------------ shapes
     @property

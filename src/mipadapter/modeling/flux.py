@@ -10,6 +10,8 @@ path (``add_k_proj`` → ``norm_added_k`` → RoPE at text positions). docs/flux
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
@@ -52,13 +54,17 @@ class MIPFluxAttnProcessor(nn.Module):
         self._plain = FluxAttnProcessor()
 
     # ------------------------------------------------------------------ once per call
-    def prepare(self, attn, cond: SubjectConditioning, cache: dict) -> LayerInputs:
+    def prepare(self, attn, cond: SubjectConditioning, cache: dict, sources: Sequence[nn.Module] = ()) -> LayerInputs:
         """This block's per-call constants. ``cache`` carries the names' rows entering every block and their
-        rotary table (``MIPAdapter.prepare`` puts them there), and the weight matrices shared by blocks."""
+        rotary table (``MIPAdapter.prepare`` puts them there), and the weight matrices shared by blocks;
+        sources: this block's processors of the call's adapters (empty: this one alone)."""
+        sources = list(sources) or [self]
         return routing.layer_inputs(
             cond,
             attn.heads,
-            routing.image_keys_values(self.to_k_ip, self.to_v_ip, cond, attn.heads, self.layer_name),
+            routing.image_keys_values(
+                [(source.to_k_ip, source.to_v_ip) for source in sources], cond, attn.heads, self.layer_name
+            ),
             lambda: self._name_keys(attn, cache[NAME_ROWS], cache[NAME_ROTARY]),
             ops.working_dtype(attn.to_q.weight.dtype),
             cache,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,16 +51,24 @@ class MIPAttnProcessor(nn.Module):
         self.text_to_weight = nn.Linear(hidden_size, 1, bias=False) if text_weight else None
 
     # ------------------------------------------------------------------ once per call
-    def prepare(self, attn, cond: SubjectConditioning, cache: dict | None = None) -> LayerInputs:
+    def prepare(
+        self, attn, cond: SubjectConditioning, cache: dict | None = None, sources: Sequence[nn.Module] = ()
+    ) -> LayerInputs:
         """This layer's per-call constants for ``cond`` (see ``LayerInputs``); ``cache`` is shared by the
-        layers of one call."""
+        layers of one call; sources: this layer's processors of the call's adapters, in
+        ``cond.adapter_groups`` order (empty: this one alone). The name keys are this layer's own: they
+        come from the base model, whatever the adapters."""
+        sources = list(sources) or [self]
         return routing.layer_inputs(
             cond,
             attn.heads,
-            routing.image_keys_values(self.to_k_ip, self.to_v_ip, cond, attn.heads, self.layer_name),
+            routing.image_keys_values(
+                [(source.to_k_ip, source.to_v_ip) for source in sources], cond, attn.heads, self.layer_name
+            ),
             lambda: name_keys(attn, cond.name_embeds),
             ops.working_dtype(attn.to_k.weight.dtype),
             {} if cache is None else cache,
+            [source.text_to_weight for source in sources],
         )
 
     # ------------------------------------------------------------------ every step
@@ -80,17 +90,19 @@ class MIPAttnProcessor(nn.Module):
                 relevance_query=query,
                 image_query=query,
                 base=out,
-                gate=None if self.text_to_weight is None else self._text_gate,
+                gate=self._text_gate,
                 diagnose=self.diagnose,
                 spatial=None if shape is None else shape[1:],
             )
         return finish_attention(attn, out, hidden_states, shape)
 
-    def _text_gate(self, text_out: torch.Tensor) -> torch.Tensor:
-        """``g`` from the text branch's output [b, h, p, d] → [b, p]."""
+    @staticmethod
+    def _text_gate(text_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The text weights' logits from the text branch's output [b, h, p, d] and the call's stacked
+        ``text_to_weight`` weights [K, c] → [b, p, K]."""
         b, heads, positions, head_dim = text_out.shape
         flat = text_out.transpose(1, 2).reshape(b, positions, heads * head_dim)  # [b, p, c]
-        return ops.text_gate(self.text_to_weight(flat).squeeze(-1))
+        return F.linear(flat, weight)
 
 
 def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:

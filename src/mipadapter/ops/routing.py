@@ -186,7 +186,8 @@ def merge_factors(
 
     maps [b, p, N]: each condition's routing map (relevance, or a user region); total [b, p, 1]: ``Σ_i``
     of the maps over subjects (``official`` only); gate [b, p] or None: the normalised text weight
-    ``g``; normalized: every map is a softmax over positions (no region overrides), so ``mean_p A = 1/p``.
+    ``g`` — under ``official`` also [b, p, N], one gate per condition (each from its own adapter's text
+    weight); normalized: every map is a softmax over positions (no region overrides), so ``mean_p A = 1/p``.
     Returns (text_factor [b, p] or None meaning 1, weights [b, p, N] or None meaning 1, alpha) such that
     the merged output is ``text_factor⊙Z_text + alpha·Σ_N weights_N⊙s_N·Z_img_N``:
 
@@ -202,6 +203,8 @@ def merge_factors(
     if maps is None:
         raise ValueError(f"merge rule {rule.value!r} needs relevance maps")
     if rule == MergeRule.PAPER:
+        if gate is not None and gate.ndim != 2:
+            raise ValueError(f"the paper rule's text gate is one map per image [b, p], got {tuple(gate.shape)}")
         if normalized:
             return gate, maps, float(maps.shape[1])
         mean = maps.mean(dim=1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
@@ -212,7 +215,8 @@ def merge_factors(
         total = torch.where(total > 0, total, torch.full_like(total, math.inf))
     if gate is None:
         return None, maps / total, 1.0
-    return None, maps * (_as_dtype(gate, maps.dtype).unsqueeze(-1) / total), 1.0
+    gate = _as_dtype(gate, maps.dtype)
+    return None, maps * ((gate if gate.ndim == 3 else gate.unsqueeze(-1)) / total), 1.0
 
 
 def routed_attention(
@@ -224,6 +228,7 @@ def routed_attention(
     *,
     num_conditions: int,
     alpha: float = 1.0,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``base + alpha·Σ_N weights_N⊙Attn(Q, K_N, V_N)`` without materialising any condition's output.
 
@@ -232,7 +237,9 @@ def routed_attention(
 
     query [b, h, p, d]; keys, values [b, h, t·N, d] in token-major order (row ``j`` holds token ``j // N``
     of condition ``j % N``), keys already scaled by ``1/sqrt(d)``; weights [b, p, N] or None (all 1);
-    base [b, h, p, d] (the text branch) or None (the image term alone); num_conditions ``N`` → [b, h, p, d].
+    base [b, h, p, d] (the text branch) or None (the image term alone); num_conditions ``N``; key_bias
+    [t·N] or None: added to every query's logits, ``-inf`` on the padding rows of conditions with fewer
+    than ``t`` tokens (adapters of different token counts in one call), 0 elsewhere → [b, h, p, d].
     """
     b, h, p, d = query.shape
     if (
@@ -247,6 +254,8 @@ def routed_attention(
             f"[b, h, t·N, d] with N={num_conditions} and [b, h, p, d] for a query of {tuple(query.shape)}"
         )
     logits = torch.matmul(query, keys.transpose(-1, -2))  # [b, h, p, t·N]
+    if key_bias is not None:
+        logits = logits + _as_dtype(key_bias, logits.dtype)
     # Softmax over each condition's t tokens; token-major columns put t on dim -2.
     probs = torch.softmax(logits.view(b, h, p, -1, num_conditions), dim=-2)  # [b, h, p, t, N]
     if weights is not None:

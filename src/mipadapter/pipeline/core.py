@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from mipadapter.modeling.conditioning import (
     ShareMeter,
     SubjectConditioning,
 )
+from mipadapter.pipeline.adapters import DEFAULT_ADAPTER, AdapterSet, check_new_name, mixed_rule
 from mipadapter.pipeline.encoding import (
     denoiser,
     encode_names,
@@ -32,7 +33,7 @@ from mipadapter.pipeline.encoding import (
     unconditional_features,
     unconditional_names,
 )
-from mipadapter.pipeline.loading import default_feature_extractor
+from mipadapter.pipeline.loading import default_feature_extractor, load_adapter
 from mipadapter.pipeline.subjects import Subject, region_mask
 from mipadapter.scales import is_layered, layer_scales
 
@@ -104,6 +105,11 @@ class MIPAdapterPipeline:
     the default negative prompt of calls that give none (``from_pretrained`` takes the preset's). The
     constructor does no I/O: ``from_pretrained`` loads. The pipeline follows its models' device and
     dtype; move everything with ``.to(...)``.
+
+    That adapter is the ``"default"`` one. On SDXL and SD1.5, ``add_adapter`` adds more under their own
+    names (a face adapter beside a general one), each with its image encoder (one copy per distinct
+    encoder); a ``Subject(..., adapter=name)`` is encoded by the one it names, and the subjects of one
+    call are routed together whatever their adapters (docs/adapters.md).
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class MIPAdapterPipeline:
         self.default_guidance_scale = float(inspect.signature(pipe.__call__).parameters["guidance_scale"].default)
         self.name_window: int | None = None  # set by ``compile``
         self._uncompiled_forward = None
+        self._adapters = AdapterSet(adapter, image_encoder, self.feature_extractor)
         adapter.attach(denoiser(pipe))
 
     # ------------------------------------------------------------------ loading
@@ -153,7 +160,64 @@ class MIPAdapterPipeline:
         pipe, adapter, encoder, feature_extractor = load_components(
             base_model, adapter, image_encoder, preset=preset, torch_dtype=torch_dtype, **pipeline_kwargs
         )
-        return cls(pipe, adapter, encoder, feature_extractor, negative_prompt=PRESETS[preset].negative_prompt)
+        pipeline = cls(pipe, adapter, encoder, feature_extractor, negative_prompt=PRESETS[preset].negative_prompt)
+        pipeline._adapters.remember_source(image_encoder or PRESETS[preset].image_encoder, encoder, feature_extractor)
+        return pipeline
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters' names, the default one first, then in the order they were added."""
+        return self._adapters.names
+
+    @property
+    def adapters(self) -> Mapping[str, MIPAdapter]:
+        """name → adapter (read-only; ``add_adapter`` adds)."""
+        return self._adapters.mapping
+
+    def add_adapter(
+        self,
+        name: str,
+        adapter: str | Path | MIPAdapter | None = None,
+        image_encoder: str | Path | Any | None = None,
+        feature_extractor=None,
+        *,
+        preset: str | None = None,
+        default_scale: float | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> MIPAdapterPipeline:
+        """Add an adapter under ``name`` for subjects that say ``adapter=name``; returns the pipeline.
+
+        adapter: a loaded ``MIPAdapter``, or a checkpoint file (local, or ``owner/repo/file``: h94, the
+        authors' or ours) checked against this pipeline's UNet. image_encoder: a loaded
+        ``CLIPVisionModelWithProjection``, or a folder / ``owner/repo/subfolder``; an encoder loaded
+        already from the same place is reused, and None reuses the first loaded one that gives the
+        features the adapter takes. preset: fills the adapter, the encoder and the default scale it
+        does not give (e.g. ``ip-sdxl-plus-face``). default_scale: the image scale of this adapter's
+        subjects that give none (files in our format keep their own). What is loaded follows the default
+        adapter's device and dtype.
+        """
+        check_new_name(name, self._adapters.mapping)
+        if is_flux(self.pipe):
+            raise ValueError(
+                "adding adapters is for SDXL and SD1.5 pipelines: FLUX has one adapter kind (XLabs'), loaded "
+                "as the default"
+            )
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+            defaults = PRESETS[preset]
+            adapter = adapter or defaults.adapter
+            image_encoder = image_encoder or defaults.image_encoder
+            default_scale = defaults.scale if default_scale is None else default_scale
+        if adapter is None:
+            raise ValueError(f"adapter {name!r}: give an adapter file (or a preset)")
+        if not isinstance(adapter, MIPAdapter):
+            reference = next(self.adapter.parameters())
+            adapter = load_adapter(adapter, denoiser(self.pipe), f"adapter {name!r}", default_scale, cache_dir)
+            adapter.to(device=reference.device, dtype=reference.dtype)
+        self._adapters.add(name, adapter, image_encoder, feature_extractor, cache_dir)
+        return self
 
     @property
     def architecture(self) -> str:
@@ -161,10 +225,10 @@ class MIPAdapterPipeline:
         return self.adapter.config.architecture
 
     def to(self, *args, **kwargs) -> MIPAdapterPipeline:
-        """Move the diffusers pipeline, the adapter and the image encoder (``torch.nn.Module.to`` arguments)."""
+        """Move the diffusers pipeline, the adapters and the image encoders (``torch.nn.Module.to`` arguments)."""
         self.pipe.to(*args, **kwargs)
-        self.adapter.to(*args, **kwargs)
-        self.image_encoder.to(*args, **kwargs)
+        for module in self._adapters.modules():
+            module.to(*args, **kwargs)
         return self
 
     def compile(self, **compile_kwargs) -> MIPAdapterPipeline:
@@ -255,13 +319,17 @@ class MIPAdapterPipeline:
             )
         if CROSS_ATTENTION_KWARG in (pipeline_kwargs.get("cross_attention_kwargs") or {}):
             raise ValueError(f"cross_attention_kwargs[{CROSS_ATTENTION_KWARG!r}] is set by this pipeline")
-        config = self.adapter.config
-        rule = config.default_rule if rule is None else MergeRule.parse(rule)
-        use_text_weight = config.text_weight if use_text_weight is None else bool(use_text_weight)
-        if use_text_weight and not config.text_weight:
-            raise ValueError(
-                "use_text_weight=True needs an adapter trained with a text weight (a MIP checkpoint)"
-            )
+        used = self._adapters.used_by(subjects)
+        config = self._adapters.adapter(used[0]).config
+        if len(used) == 1:
+            rule = config.default_rule if rule is None else MergeRule.parse(rule)
+            use_text_weight = config.text_weight if use_text_weight is None else bool(use_text_weight)
+            if use_text_weight and not config.text_weight:
+                raise ValueError(
+                    "use_text_weight=True needs an adapter trained with a text weight (a MIP checkpoint)"
+                )
+        else:
+            rule, use_text_weight = mixed_rule(subjects, [self._adapters.of(s) for s in subjects], rule, use_text_weight)
         flux = is_flux(pipe)
         if flux and rule == MergeRule.OFFICIAL and not config.text_weight:
             raise ValueError(
@@ -309,6 +377,7 @@ class MIPAdapterPipeline:
             uncond=any("uncond" in h for h in halves),
             negative_image=negative_image,
             sequence_length=sequence_length,
+            used=used,
         )
         conditionings = [
             self._assemble(
@@ -330,7 +399,7 @@ class MIPAdapterPipeline:
         ]
         for conditioning in conditionings:
             conditioning.text_perturbation = text_perturbation
-            self.adapter.prepare(conditioning)
+            self.adapter.prepare(conditioning, [] if used == [DEFAULT_ADAPTER] else [self._adapters.adapter(n) for n in used])
         conditioning = conditionings[0] if flux else conditionings[-1]  # the one carrying the cond rows
         call = dict(pipeline_kwargs)
         if flux:
@@ -377,14 +446,18 @@ class MIPAdapterPipeline:
             "multi_image": multi_image.value,
             "region_mode": modes.pop().value if modes else None,
             "names": names,
-            "scales": {  # as given (a number, a list or diffusers' dict form), else the adapter's default: the
+            "scales": {  # as given (a number, a list or diffusers' dict form), else its adapter's default: the
                 # Python numbers, not their float32 round trip (0.6, not 0.6000000238418579)
-                label: self.adapter.config.default_scale if subject.scale is None
+                label: self._adapters.of(subject).config.default_scale if subject.scale is None
                 else subject.scale if is_layered(subject.scale) else float(subject.scale)
                 for label, subject in zip(labels, subjects, strict=True)
             },
             "scheduler": type(pipe.scheduler).__name__,
         }
+        if len(self._adapters) > 1:
+            output.settings["adapters"] = {
+                label: subject.adapter or DEFAULT_ADAPTER for label, subject in zip(labels, subjects, strict=True)
+            }
         if flux:
             output.settings["true_cfg_scale"] = float(pipeline_kwargs.get("true_cfg_scale", 1.0))
             output.settings["max_sequence_length"] = sequence_length
@@ -534,14 +607,16 @@ class MIPAdapterPipeline:
         return torch.stack(maps).to(device).expand(batch, -1, -1, -1)
 
     def encode_subject_features(self, subject: Subject) -> torch.Tensor:
-        """A subject's image-encoder features: [k, D] (basic) or [k, L, D] (plus)."""
-        hidden = self.adapter.config.uses_hidden_states
+        """A subject's image-encoder features, by its adapter's encoder: [k, D] (basic) or [k, L, D] (plus)."""
+        adapter = self._adapters.of(subject)
+        hidden = adapter.config.uses_hidden_states
         if subject.image_embeds is not None:
             features = subject.image_embeds
             if features.ndim == (2 if hidden else 1):
                 features = features.unsqueeze(0)
-            return features.to(next(self.adapter.parameters()).device)
-        return encode_photos(self.image_encoder, self.feature_extractor, subject.images, hidden)
+            return features.to(next(adapter.parameters()).device)
+        encoder, processor = self._adapters.encoder(subject.adapter or DEFAULT_ADAPTER)
+        return encode_photos(encoder, processor, subject.images, hidden)
 
     def build_conditioning(
         self,
@@ -564,8 +639,9 @@ class MIPAdapterPipeline:
         the regions before the call; None when only the latents will tell (the pipeline's pre-hook sets
         the latent size either way).
         """
+        subjects = list(subjects)
         return self._assemble(
-            self._encode_subjects(subjects, MultiImageMode(multi_image), uncond=cfg),
+            self._encode_subjects(subjects, MultiImageMode(multi_image), uncond=cfg, used=self._adapters.used_by(subjects)),
             list(subjects),
             halves=("uncond", "cond") if cfg else ("cond",),
             rows=prompt_rows,
@@ -584,42 +660,58 @@ class MIPAdapterPipeline:
         uncond: bool,
         negative_image: NegativeImage = NegativeImage.ZEROS,
         sequence_length: int | None = None,
+        used: Sequence[str] = (DEFAULT_ADAPTER,),
     ) -> _Encoded:
         """Photos and names through their encoders, once per call (``uncond``: also what the unconditional
-        rows see, with ``negative_image`` for the photos); sequence_length: FLUX's T5 length of the call."""
-        adapter = self.adapter
-        device = next(adapter.parameters()).device
+        rows see, with ``negative_image`` for the photos); sequence_length: FLUX's T5 length of the call;
+        used: the adapters of the call in order of first use (``AdapterSet.used_by``). With several, each
+        subject's photos go through its adapter's encoder and projection, and conditions of adapters with
+        fewer tokens are zero-padded to the most (``SubjectConditioning.token_counts``)."""
+        used = list(used)
+        device = next(self.adapter.parameters()).device
+        column = [used.index(subject.adapter or DEFAULT_ADAPTER) for subject in subjects]  # each subject's adapter
+        adapters = [self._adapters.adapter(used[c]) for c in column]
         features = [self.encode_subject_features(subject) for subject in subjects]
-        tokens = [adapter.project(feature) for feature in features]  # each [k_i, t, c]
+        tokens = [adapter.project(feature) for adapter, feature in zip(adapters, features, strict=True)]  # [k_i, t_i, c]
+        counts = {c: t.shape[1] for c, t in zip(column, tokens, strict=True)}  # adapter → its token count
+        width = max(counts.values())
+        tokens = [_pad_tokens(t, width) for t in tokens]
         if multi_image == MultiImageMode.MEAN:
             cond_tokens = torch.stack([t.mean(dim=0) for t in tokens])  # [n, t, c]
             owner = torch.arange(len(subjects), device=device)
             share = torch.ones(len(subjects), device=device)
+            adapter_of = column
         else:
             cond_tokens = torch.cat(tokens)  # [N, t, c]
             owner = torch.cat([torch.full((len(t),), i, device=device) for i, t in enumerate(tokens)])
             share = torch.cat([torch.full((len(t),), 1.0 / len(t), device=device) for t in tokens])
+            adapter_of = [column[i] for i, t in enumerate(tokens) for _ in range(len(t))]
         name_embeds, name_mask = encode_names(
             self.pipe, [s.name for s in subjects], device, self.name_window, sequence_length
         )
         # a subject with per-layer scales has none of its own: its layers' scales replace it everywhere
         scales = torch.tensor(
             [adapter.config.default_scale if s.scale is None else 1.0 if is_layered(s.scale) else float(s.scale)
-             for s in subjects],
+             for adapter, s in zip(adapters, subjects, strict=True)],
             device=device,
         )  # fmt: skip
         encoded = _Encoded(cond_tokens, owner, share, name_embeds, name_mask, scales)
         encoded.layer_scales = self._layer_scales(subjects, scales)
+        if len(used) > 1:
+            encoded.adapter_of = torch.tensor(adapter_of, device=device)
+            encoded.token_counts = tuple(counts[c] for c in range(len(used)))
         if uncond:
-            encoded.uncond_tokens = adapter.project(
-                unconditional_features(
-                    self.image_encoder,
-                    self.feature_extractor,
-                    adapter.config.uses_hidden_states,
-                    features[0],
-                    negative_image.value,
+            negatives = []
+            for c, name in enumerate(used):
+                encoder, processor = self._adapters.encoder(name)
+                adapter = self._adapters.adapter(name)
+                negative = unconditional_features(
+                    encoder, processor, adapter.config.uses_hidden_states, features[column.index(c)], negative_image.value
                 )
-            )  # [1, t, c]
+                negatives.append(_pad_tokens(adapter.project(negative), width))  # [1, t, c]
+            encoded.uncond_tokens = (
+                negatives[0] if len(used) == 1 else torch.cat(negatives).index_select(0, encoded.adapter_of)
+            )  # [1, t, c], or [N, t, c] when the call mixes adapters
             encoded.uncond_names = unconditional_names(self.pipe, name_mask, device, sequence_length)  # [n, m, c]
         return encoded
 
@@ -695,6 +787,8 @@ class MIPAdapterPipeline:
             recorder=RelevanceRecorder(latent_size, keep_last=keep) if record else None,
             image_attention=RelevanceRecorder(latent_size, keep_last=keep) if record_image_attention else None,
             share_meter=ShareMeter(batch, num_cond, device) if measure_shares else None,
+            adapter_of=encoded.adapter_of,
+            token_counts=encoded.token_counts,
             layer_scales=None
             if encoded.layer_scales is None
             else {
@@ -719,6 +813,14 @@ class _Encoded:
     uncond_tokens: torch.Tensor | None = None
     uncond_names: torch.Tensor | None = None
     layer_scales: torch.Tensor | None = None  # [L, n] when a subject gives per-layer scales
+    adapter_of: torch.Tensor | None = None  # [N]: a mixed call's adapter of each condition
+    token_counts: tuple[int, ...] | None = None  # a mixed call's token count of each adapter
+
+
+def _pad_tokens(tokens: torch.Tensor, width: int) -> torch.Tensor:
+    """Image tokens [k, t, c] zero-padded to [k, width, c] (the same tensor when t = width)."""
+    missing = width - tokens.shape[1]
+    return tokens if missing == 0 else torch.nn.functional.pad(tokens, (0, 0, 0, missing))
 
 
 def _cell(pipe) -> int:

@@ -241,6 +241,31 @@ def load_components(
     return pipe, loaded, encoder, feature_extractor
 
 
+def load_adapter(source: str | Path, model, where: str, default_scale: float | None = None, cache_dir=None):
+    """An adapter file (local, or ``owner/repo/file``) read, checked against ``model`` (the loaded UNet)
+    and built: a ``MIPAdapter`` on the CPU in the file's dtype. where: how errors name it."""
+    from mipadapter.checkpoint import adapter_from_file, read_file
+    from mipadapter.hub import resolve_file
+
+    path = resolve_file(str(source), "adapter", where, cache_dir=cache_dir)
+    checked = check_adapter_fits(read_file(path), model, path, "the base model", default_scale)
+    return adapter_from_file(checked, model, str(path))
+
+
+def load_image_encoder(source: str | Path, adapter: AdapterConfig, where: str, torch_dtype=None, cache_dir=None):
+    """(image encoder, feature extractor) from a folder or ``owner/repo/subfolder``, after its config is
+    checked to give the features ``adapter`` takes."""
+    source = str(source)
+    check_encoder_fits(_encoder_config(source, where), adapter, source, where)
+    return _load_image_encoder(source, where, torch_dtype, cache_dir)
+
+
+def encoder_fits(image_encoder, adapter: AdapterConfig) -> bool:
+    """Whether a loaded image encoder gives the features ``adapter`` takes (its config's width)."""
+    config = image_encoder.config.to_dict() if hasattr(image_encoder.config, "to_dict") else dict(image_encoder.config)
+    return encoder_input_width(config, adapter.uses_hidden_states) == adapter.image_embed_dim
+
+
 def _load_image_encoder(source: str, where: str, torch_dtype, cache_dir):
     from transformers import CLIPVisionModelWithProjection
 

@@ -30,6 +30,8 @@ class Subject:
     region: where the subject should go, as a box ``(x0, y0, x1, y1)`` in output pixels or a mask
         ([H, W] PIL image, array or tensor, values in [0, 1], any size: it is stretched to the output).
     region_mode: ``replace`` the relevance map with the region, or ``multiply`` it.
+    adapter: the name of the pipeline's adapter that encodes this subject's photos (one added with
+        ``MIPAdapterPipeline.add_adapter``, e.g. a face adapter for a person); None: the default adapter.
     """
 
     name: str
@@ -38,10 +40,13 @@ class Subject:
     scale: float | list[float] | dict[str, Any] | None = None
     region: Box | Any | None = None
     region_mode: RegionMode | str = RegionMode.REPLACE
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"a subject needs a non-empty name, got {self.name!r}")
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter.strip()):
+            raise ValueError(f"subject {self.name!r}: adapter must be an adapter's name or None, got {self.adapter!r}")
         if hasattr(self.images, "size") and hasattr(self.images, "convert"):  # a single PIL image
             self.images = (self.images,)
         self.images = tuple(self.images)

@@ -25,6 +25,7 @@ import numpy as np
 from mipadapter.limits import DEFAULT_MAX_PIXELS, MAX_RECORDED_SIDE, PixelLimitError, header_size
 from mipadapter.manifest import Box, ImageRecord, ManifestError, ObjectRecord, record_from_dict
 from mipadapter.object_filters import ObjectFilterConfig, box_inside_image, select_objects
+from mipadapter.photos import mask_labels
 
 MISSING_JSON = "missing_json"
 MISSING_IMAGE = "missing_image"
@@ -358,8 +359,9 @@ def manifest_candidates(path: str | Path) -> tuple[list[str], Callable[[str], Ca
 def load_label_map(
     path: str | Path, size: tuple[int, int] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
-    """A mask PNG as a 2-D integer array [H, W] in the file's own integer type (binary masks: 0 /
-    non-zero; label maps: labels; a colour mask: 1 where any channel is set).
+    """A mask PNG as a 2-D integer array [H, W] by ``photos.mask_labels``' rule, the data build's too
+    (binary masks: 0 / non-zero; label maps, in grey or colour: labels; a colour mask: 1 where any
+    channel is set).
 
     The header is read first: a missing file, one above ``max_pixels`` or (with ``size``, the image's
     (width, height)) of another size than its image raises `DataError` before a pixel is decoded."""
@@ -382,16 +384,11 @@ def load_label_map(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the header check decided
             with Image.open(path) as image:
-                array = np.asarray(image)
+                return mask_labels(image)
     except OSError as error:  # truncated or corrupt pixel data
         raise DataError(UNREADABLE_MASK, f"{what} cannot be decoded ({error})") from None
-    if array.ndim == 3:  # a colour PNG of a binary mask: any non-zero channel is the object
-        array = array.any(axis=-1)
-    if array.dtype == np.bool_:  # not a view: Pillow's mode "1" arrays hold 255 behind True
-        array = array.astype(np.uint8)
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise DataError(UNREADABLE_MASK, f"{what} holds {array.dtype} pixels, not integer labels")
-    return array
+    except ValueError as error:
+        raise DataError(UNREADABLE_MASK, f"{what}: {error}") from None
 
 
 class LabelMaps:
