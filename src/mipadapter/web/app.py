@@ -36,6 +36,7 @@ from mipadapter.web.handler import (  # noqa: E402
     GenerateRequest,
     Limits,
     SubjectForm,
+    adapter_choices,
     check_upload_size,
     default_guidance,
     generate,
@@ -229,8 +230,13 @@ QUEUE_DONE_JS = (
 class _Slot:
     """The widgets of one subject slot."""
 
-    def __init__(self, index: int, default_scale: float, visible: bool, side: int) -> None:
+    def __init__(
+        self, index: int, default_scale: float, visible: bool, side: int, adapters: list[str]
+    ) -> None:
+        """adapters: the pipeline's adapter names, the default first; with more than one, the slot has
+        a choice among them."""
         self.color = slot_color(index)
+        self.adapters = adapters
         color = _hex(self.color)
         with gr.Group(visible=visible) as self.group:
             gr.Markdown(f"<h3 style='color:{color}'>Subject {index + 1}</h3>", elem_classes=["subject-title"])
@@ -252,6 +258,16 @@ class _Slot:
                         scale=1,
                     )
                 )
+            self.adapter = (
+                gr.Dropdown(
+                    adapters,
+                    value=adapters[0],
+                    label="Adapter (the default, or one for faces …)",
+                    elem_id=f"subject-{index}-adapter",
+                )
+                if len(adapters) > 1
+                else None
+            )
             self.photos = gr.Gallery(
                 label="Photos (one or more; × removes one)",
                 file_types=["image"],
@@ -314,7 +330,9 @@ class _Slot:
 
     @property
     def inputs(self) -> list:
-        return [self.name, self.photos, self.strength, *self.box, self.painted]
+        return [self.name, self.photos, self.strength, *self.box, self.painted] + (
+            [self.adapter] if self.adapter is not None else []
+        )
 
     @property
     def fields(self) -> list:
@@ -323,7 +341,12 @@ class _Slot:
 
     def blank(self, strength: float, size: tuple[int, int]) -> list:
         """Values of ``fields`` for an empty slot; its canvas blank, for an output of ``size`` (width, height)."""
-        return ["", None, strength, "", "", "", "", paint_canvas(*size), "", "", ""]
+        return ["", None, strength, "", "", "", "", paint_canvas(*size), *self.default_adapter, "", "", ""]
+
+    @property
+    def default_adapter(self) -> list:
+        """The adapter field's value for an empty slot (nothing where the slot has no choice)."""
+        return [self.adapters[0]] if self.adapter is not None else []
 
     def canvas(self, size: tuple[int, int], mask=None) -> dict:
         """The value of ``painted`` for an output of ``size`` (width, height), ``mask`` painted on it."""
@@ -336,6 +359,7 @@ class _Slot:
             strength=values[self.strength],
             box=[values[field] for field in self.box],
             painted=values[self.painted],
+            adapter=None if self.adapter is None else values[self.adapter],
         )
 
 
@@ -384,7 +408,7 @@ def build_app(
                         for index, label in enumerate(example_specs)
                     ]
                 slots = [
-                    _Slot(index, config.default_scale, index < VISIBLE_AT_START, side)
+                    _Slot(index, config.default_scale, index < VISIBLE_AT_START, side, adapter_choices(pipe))
                     for index in range(limits.max_subjects)
                 ]
                 count = gr.State(min(VISIBLE_AT_START, limits.max_subjects))
@@ -832,7 +856,8 @@ def build_app(
                         continue
                     name, photo, box = chosen[index]
                     box_text = [str(value) for value in box] if box else [""] * 4
-                    values += [name, [str(photo)], strength, *box_text, slot.canvas((side, side)), "", "", ""]
+                    values += [name, [str(photo)], strength, *box_text, slot.canvas((side, side))]
+                    values += [*slot.default_adapter, "", "", ""]
                 return values + [[], [], "", side, side]  # boxes are in pixels of the native size
 
             button.click(
