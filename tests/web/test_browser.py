@@ -62,25 +62,16 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture(scope="module")
-def server(need, tmp_path_factory):
-    """``mipadapter web --tiny`` on a free port: yields its URL, then stops it."""
-    need("gradio", "playwright", "chromium")
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("web") / "server.log"
+def serve(command: list[str], port: int, log_path: Path):
+    """Run ``command`` (a server on ``port``), yield its URL once it listens, then stop it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mipadapter", "web", "--tiny", "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not listening(port):
             if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"`mipadapter web --tiny` did not start listening:\n{log_path.read_text()}")
+                pytest.fail(f"{command[2:]} did not start listening:\n{log_path.read_text()}")
             time.sleep(0.25)
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -91,6 +82,38 @@ def server(need, tmp_path_factory):
             process.kill()
             process.wait()
     assert "serving http://127.0.0.1:" in log_path.read_text()  # bound to loopback, said so
+
+
+@pytest.fixture(scope="module")
+def server(need, tmp_path_factory):
+    """``mipadapter web --tiny`` on a free port: yields its URL, then stops it."""
+    need("gradio", "playwright", "chromium")
+    port = free_port()
+    command = [sys.executable, "-m", "mipadapter", "web", "--tiny", "--port", str(port)]
+    yield from serve(command, port, tmp_path_factory.mktemp("web") / "server.log")
+
+
+MIXED_SERVER = """
+import sys
+from mipadapter.limits import Limits
+from mipadapter.testing.mip import ARCHS, tiny_adapter, tiny_mip_pipeline
+from mipadapter.web.app import build_app, launch
+
+pipe = tiny_mip_pipeline("sdxl", "basic", text_weight=True)
+pipe.add_adapter("face", tiny_adapter(pipe.pipe.unet, ARCHS["sdxl"][0].basic_image_encoder, "basic", True, 7))
+limits = Limits.for_pipeline(pipe)
+launch(build_app(pipe, limits), port=int(sys.argv[1]), limits=limits)
+"""
+"""The page around a tiny pipeline holding two adapters, ``default`` and ``face`` (the CLI's flags for
+that are another module's)."""
+
+
+@pytest.fixture(scope="module")
+def mixed_server(need, tmp_path_factory):
+    need("gradio", "playwright", "chromium")
+    port = free_port()
+    command = [sys.executable, "-c", MIXED_SERVER, str(port)]
+    yield from serve(command, port, tmp_path_factory.mktemp("web") / "mixed-server.log")
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +203,7 @@ def test_upload_two_subjects_generate_and_see_an_image_and_two_routing_maps(brow
     assert "cat" in maps_text and "backpack" in maps_text
     assert page.inner_text("#status").startswith("Generated 1 image of 64×64 in 2 steps")
     assert page.inner_text("#subject-0-error") == page.inner_text("#subject-1-error") == ""
+    assert page.locator("#subject-0-adapter").count() == 0  # one adapter: no choice shown
     shots = Path(os.environ.get("MIPADAPTER_WEB_SCREENSHOTS", tmp_path))  # to look at the page
     shots.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shots / "generated.png"), full_page=True)
@@ -652,4 +676,20 @@ def test_the_paint_canvas_takes_the_outputs_shape_and_a_painting_is_stretched_wi
     page.click("#generate")
     wait_for_status(page, "Generated 1 image of 96×64")
     assert "'cat' (painted region)" in page.inner_text("#status")
+    page.close()
+
+
+def test_with_two_adapters_each_subject_picks_one_and_the_status_names_it(browser, mixed_server, tmp_path):
+    page = browser.new_page()
+    page.goto(mixed_server)
+    choice = page.locator("#subject-0-adapter input")
+    assert choice.input_value() == "default"  # preselected
+    fill_subjects(page, "a cat wearing a backpack in Boston")
+    choice.click()
+    page.locator("ul[role='listbox'] li", has_text="face").first.click()
+    page.wait_for_function("document.querySelector('#subject-0-adapter input').value === 'face'")
+    page.click("#generate")
+    status = wait_for_status(page, "Generated 1 image")
+    assert "'cat' (adapter face), 'backpack' (adapter default)" in status
+    save_screenshot(page, tmp_path, "two-adapters.png")
     page.close()
