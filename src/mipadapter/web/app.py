@@ -339,9 +339,11 @@ class _Slot:
         """What a reset sets: the inputs, then the three message lines."""
         return [*self.inputs, self.error, self.warning, self.region_note]
 
-    def blank(self, strength: float, size: tuple[int, int]) -> list:
-        """Values of ``fields`` for an empty slot; its canvas blank, for an output of ``size`` (width, height)."""
-        return ["", None, strength, "", "", "", "", paint_canvas(*size), *self.default_adapter, "", "", ""]
+    def blank(self, strength: float) -> list:
+        """Values of ``fields`` for an empty slot. Its canvas is emptied to the square native size (an
+        example resets the output to that; opening the region panel gives it the output's shape): a
+        canvas set here, as an example opens the region panels, kept the page busy for tens of seconds."""
+        return ["", None, strength, "", "", "", "", None, *self.default_adapter, "", "", ""]
 
     @property
     def default_adapter(self) -> list:
@@ -697,7 +699,9 @@ def build_app(
                     outputs[slot.region_note] = plain(BOX_CLEARED)
                     box = [""] * 4
                 elif clear == "painted":
-                    outputs[slot.painted], painted = slot.canvas(size), None
+                    # None, not a blank canvas: a set value comes back once with the old layers, and
+                    # would clear the box being typed, whose change clears the painting again, …
+                    outputs[slot.painted] = painted = None
                     outputs[slot.region_note] = plain(PAINT_CLEARED)
                 # otherwise the note stays: clearing a field changes it too, and the note would flash
                 forms.append(SubjectForm(name=name or "", box=box, painted=painted))
@@ -822,19 +826,18 @@ def build_app(
 
         slot_fields = [c for slot in slots for c in slot.fields]
 
-        def on_remove(shown: int, strength: float | None, out_width, out_height):
+        def on_remove(shown: int, strength: float | None):
             shown = max(1, shown - 1)
             strength = config.default_scale if strength is None else strength
-            size, _ = preview_size(out_width, out_height, side, limits)
             groups = [gr.update(visible=index < shown) for index in range(len(slots))]
             fields = []
             for index, slot in enumerate(slots):  # hidden slots are emptied, the others left as they are
-                fields += slot.blank(strength, size) if index >= shown else [gr.update() for _ in slot.fields]
+                fields += slot.blank(strength) if index >= shown else [gr.update() for _ in slot.fields]
             return [shown, "", *groups, *fields]
 
         remove.click(
             on_remove,
-            inputs=[count, default_strength, width, height],
+            inputs=[count, default_strength],
             outputs=[count, slots_note, *[slot.group for slot in slots], *slot_fields],
             queue=False,
             api_visibility="private",
@@ -852,11 +855,11 @@ def build_app(
                     values.append(gr.update(open=index < len(chosen) and chosen[index][2] is not None))
                 for index, slot in enumerate(slots):
                     if index >= len(chosen):
-                        values += slot.blank(strength, (side, side))
+                        values += slot.blank(strength)
                         continue
                     name, photo, box = chosen[index]
                     box_text = [str(value) for value in box] if box else [""] * 4
-                    values += [name, [str(photo)], strength, *box_text, slot.canvas((side, side))]
+                    values += [name, [str(photo)], strength, *box_text, None]  # see blank
                     values += [*slot.default_adapter, "", "", ""]
                 return values + [[], [], "", side, side]  # boxes are in pixels of the native size
 
