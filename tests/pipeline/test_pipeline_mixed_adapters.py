@@ -268,7 +268,7 @@ def test_an_encoder_folder_is_loaded_once_for_the_adapters_that_share_it(checkpo
     folder = str(files.plus_image_encoder)
     mip.add_adapter("plus", files.plus_bin, image_encoder=folder).add_adapter("face", face, image_encoder=folder)
     mip.add_adapter("face2", face)  # no encoder named: the first loaded one that fits
-    encoders = {name: mip._encoders[name][0] for name in mip.adapter_names}
+    encoders = {name: mip._adapters.encoder(name)[0] for name in mip.adapter_names}
     assert encoders["plus"] is encoders["face"] is encoders["face2"]
     assert encoders["default"] is basic_encoder and encoders["plus"] is not basic_encoder
     distinct = {id(module) for module in mip._distinct_modules()}

@@ -112,7 +112,7 @@ class AdapterSet:
             kind = "hidden states" if config.uses_hidden_states else "embeddings"
             raise ValueError(
                 f"adapter {name!r} takes {config.image_embed_dim}-wide image {kind}, which no loaded image "
-                "encoder gives: give its image encoder"
+                "encoder gives: give its image_encoder"
             )
         if isinstance(image_encoder, (str, Path)):
             source = str(image_encoder)
