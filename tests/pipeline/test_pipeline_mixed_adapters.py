@@ -271,7 +271,7 @@ def test_an_encoder_folder_is_loaded_once_for_the_adapters_that_share_it(checkpo
     encoders = {name: mip._adapters.encoder(name)[0] for name in mip.adapter_names}
     assert encoders["plus"] is encoders["face"] is encoders["face2"]
     assert encoders["default"] is basic_encoder and encoders["plus"] is not basic_encoder
-    distinct = {id(module) for module in mip._distinct_modules()}
+    distinct = {id(module) for module in mip._adapters.modules()}
     assert len(distinct) == 4 + 2  # four adapters, two encoders
     cat = Subject("cat", images=[photo(1)], adapter="face")
     features = mip.encode_subject_features(cat)
