@@ -42,7 +42,7 @@ class Limits:
         return self.max_side**2 if self.max_output_pixels is None else self.max_output_pixels
     # the web server's own bounds (per browser session: its cookie; uploads count for an hour, the time
     # Gradio keeps them)
-    max_painted_pixels: int = 4_000_000  # per painted layer (the page's canvas is 256×256)
+    max_painted_pixels: int = 4_000_000  # per painted layer (the page's canvas is 256 on its longer side)
     max_session_uploads: int = 1000  # files one browser session may upload per hour (painting uploads
     # the canvas's layers as files, a few per stroke)
     max_session_upload_bytes: int = 256 * 2**20  # bytes one browser session may upload per hour

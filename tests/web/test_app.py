@@ -154,3 +154,21 @@ def test_the_queue_note_needs_no_emoji_font(web):
     """Every character the queue note writes is in DejaVu Sans (⏳, U+23F3, is only in emoji fonts)."""
     for script in (web.QUEUE_CLICK_JS, web.QUEUE_DONE_JS):
         assert all(ord(character) < 0x2300 for character in script), script
+
+
+def test_a_subject_gets_an_adapter_choice_only_when_the_pipeline_holds_several(web, pipe):
+    from mipadapter.testing.mip import ARCHS, tiny_adapter
+
+    single = web.build_app(pipe)
+    ids = [getattr(block, "elem_id", None) or "" for block in single.blocks.values()]
+    assert not any(elem_id.endswith("-adapter") for elem_id in ids)  # one adapter: the page as it was
+    mixed = tiny_mip_pipeline("sdxl", "basic", text_weight=True)
+    mixed.add_adapter("face", tiny_adapter(mixed.pipe.unet, ARCHS["sdxl"][0].basic_image_encoder, "basic", True, 7))
+    app = web.build_app(mixed)
+    for slot in range(4):  # every slot, the default preselected
+        choice = component(app, f"subject-{slot}-adapter")
+        assert [value for _, value in choice.choices] == ["default", "face"]
+        assert choice.value == "default"
+    by_name = {fn.name: fn for fn in app.fns.values()}
+    inputs = {getattr(block, "elem_id", None) for block in by_name["on_generate"].inputs}
+    assert {f"subject-{slot}-adapter" for slot in range(4)} <= inputs  # what the handler is given

@@ -19,6 +19,7 @@ from mipadapter.web.handler import (
     GenerateRequest,
     Limits,
     SubjectForm,
+    adapter_choices,
     default_guidance,
     generate,
     model_family,
@@ -615,3 +616,50 @@ def test_a_negative_non_finite_or_too_large_strength_is_refused(pipe, strength):
     assert result.subject_errors == {
         1: f"The strength of subject 'backpack' must be a finite number between 0 and 1.5, got {strength}."
     }
+
+
+@pytest.fixture(scope="module")
+def two_adapters():
+    """A tiny pipeline holding two adapters, ``default`` and ``face`` (another adapter on the same
+    encoder, as plus and plus-face are)."""
+    from mipadapter.testing.mip import ARCHS, tiny_adapter
+
+    mixed = tiny_mip_pipeline("sdxl", "basic", text_weight=True)
+    face = tiny_adapter(mixed.pipe.unet, ARCHS["sdxl"][0].basic_image_encoder, "basic", True, seed=7)
+    mixed.add_adapter("face", face)
+    return mixed
+
+
+def test_each_subjects_adapter_choice_reaches_its_subject_and_changes_the_image(two_adapters):
+    assert adapter_choices(two_adapters) == ["default", "face"]
+    recording = Recording(two_adapters)
+    chosen = [SubjectForm("cat", [CAT], adapter="face"), SubjectForm("backpack", [BACKPACK], adapter="default")]
+    result = generate(recording, request(*chosen, seed=5))
+    assert result.ok, result.status
+    (_, subjects, _), = recording.calls
+    assert [subject.adapter for subject in subjects] == ["face", None]  # the default by None
+    assert recording.outputs[0].settings["adapters"] == {"cat": "face", "backpack": "default"}
+    assert "'cat' (adapter face), 'backpack' (adapter default)" in result.status
+    # the choice acts: all on the default adapter gives another image (same seed)
+    default = generate(two_adapters, request(*two_subjects(), seed=5))
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(default.images[0]))
+    assert adapter_choices(tiny_mip_pipeline("sdxl", "basic")) == ["default"]
+
+
+@pytest.mark.parametrize(
+    ("which", "choices"), [("two_adapters", "'default', 'face'"), ("pipe", "'default'")]
+)
+def test_an_unknown_adapter_is_refused_at_its_subject_and_nothing_runs(request_fixture, which, choices):
+    recording = Recording(request_fixture(which))
+    asked = [SubjectForm("cat", [CAT]), SubjectForm("backpack", [BACKPACK], adapter="hands")]
+    result = generate(recording, request(*asked))
+    assert result.subject_errors == {
+        1: f"The adapter of subject 'backpack': no adapter named 'hands'; this server has {choices}."
+    }
+    assert recording.calls == [] and result.images == []
+    assert result.status == "Not generated. See the message at subject 2."
+
+
+@pytest.fixture
+def request_fixture(request):
+    return request.getfixturevalue

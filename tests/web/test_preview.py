@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from mipadapter.web.handler import Limits, SubjectForm, slot_color
+from mipadapter.web.handler import Limits, SubjectForm, painted_mask, slot_color
 from mipadapter.web.preview import (
     BACKGROUND,
     FILL_ALPHA,
@@ -14,6 +15,7 @@ from mipadapter.web.preview import (
     PAINT_ALPHA,
     PREVIEW_SIDE,
     canvas_size,
+    paint_canvas,
     preview_size,
     region_preview,
 )
@@ -117,3 +119,87 @@ def test_the_preview_draws_only_sizes_that_would_run():
     assert preview_size(64, None, 64, limits)[1].startswith("The height must be a multiple of 16")
     small = Limits(min_side=32, max_side=96, side_multiple=16, max_output_pixels=64 * 64)
     assert preview_size(96, 96, 64, small)[1].startswith("the output size 96×96 is")
+
+
+
+def layer_png(layer) -> bytes:
+    """A layer as the page's editor sends it: PNG bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    layer.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def painted_on_page(value) -> dict:
+    """``paint_canvas``'s value as it comes back from the page: the layers as PNG bytes, no background."""
+    return {"background": None, "layers": [layer_png(layer) for layer in value["layers"]], "composite": None}
+
+
+@pytest.mark.parametrize(("width", "height"), [(96, 32), (32, 96), (64, 64), (1024, 1536)])
+def test_the_paint_canvas_takes_the_outputs_aspect_ratio_and_starts_blank(width, height):
+    value = paint_canvas(width, height)
+    background = value["background"]
+    assert background.size == canvas_size(width, height)
+    assert max(background.size) == PREVIEW_SIDE
+    # the output's aspect ratio, to the pixel (the shorter side rounded)
+    scale = PREVIEW_SIDE / max(width, height)
+    assert abs(background.width - width * scale) <= 0.5 and abs(background.height - height * scale) <= 0.5
+    assert np.all(np.asarray(background) == BACKGROUND)  # the browser test finds the canvas by this grey
+    (layer,) = value["layers"]  # one, transparent: the editor's first change (see paint_canvas)
+    assert layer.size == background.size and layer.getextrema()[3] == (0, 0)
+    assert value["composite"] is None
+    assert painted_mask(painted_on_page(value)) is None  # a blank canvas is no region
+
+
+def test_a_region_painted_on_the_left_third_of_a_3_to_1_canvas_lands_in_the_left_third_of_the_output():
+    """Canvas → output: the handler stretches the painted mask onto the whole output (guards against a
+    letterboxed or cropped mapping, or height and width swapped on the way)."""
+    from mipadapter.pipeline import Subject
+    from mipadapter.pipeline.subjects import region_mask
+    from mipadapter.web.handler import mask_image
+
+    width, height = 96, 32
+    columns, rows = canvas_size(width, height)
+    assert (columns, rows) == (256, 85)
+    painted = np.zeros((rows, columns), dtype=np.float32)
+    painted[:, : round(columns / 3)] = 1.0  # the canvas's left third
+    value = paint_canvas(width, height, painted, slot_color(0))
+    mask = painted_mask(painted_on_page(value))
+    assert mask.shape == (rows, columns)
+    photo = Image.new("RGB", (8, 8))
+    subject = Subject("cat", [photo], region=mask_image(mask))
+    on_output = region_mask(subject, (height, width), (height, width)).numpy()
+    third = width // 3
+    assert on_output[:, : third - 1].min() > 0.99  # the output's left third, all of it
+    assert on_output[:, third + 1 :].max() == 0.0  # and nothing right of it
+    latent = region_mask(subject, (height, width), (height // 8, width // 8)).numpy()
+    assert latent[:, :4].min() > 0.95 and latent[:, 4:].max() == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_painted_region_is_rescaled_with_the_canvas_when_the_output_size_changes(seed):
+    """Width or height changed after painting: the region keeps its place relative to the canvas."""
+    rng = np.random.default_rng(seed)
+    sizes = [(int(rng.integers(2, 25)) * 16, int(rng.integers(2, 25)) * 16) for _ in range(2)]
+    (old_columns, old_rows), (new_columns, new_rows) = (canvas_size(*size) for size in sizes)
+    x0, x1 = sorted(rng.uniform(0, 1, 2)) if seed else (0.25, 0.75)
+    y0, y1 = sorted(rng.uniform(0, 1, 2)) if seed else (0.1, 0.6)
+    painted = np.zeros((old_rows, old_columns), dtype=np.float32)
+    painted[round(y0 * old_rows) : round(y1 * old_rows), round(x0 * old_columns) : round(x1 * old_columns)] = 1
+    color = slot_color(seed)
+    before = painted_mask(painted_on_page(paint_canvas(*sizes[0], painted, color)))
+    value = paint_canvas(*sizes[1], before, color)
+    assert value["background"].size == (new_columns, new_rows)
+    (layer,) = value["layers"]
+    assert layer.size == (new_columns, new_rows)
+    after = painted_mask(painted_on_page(value))
+    assert after.shape == (new_rows, new_columns)
+    inside = np.asarray(layer)[after > 0.5]
+    assert np.all(inside[:, :3] == color)  # painted in the slot's colour
+    rows, columns = np.nonzero(after > 0.5)
+    # edges where they were, to one pixel of either canvas (the painting was rounded to the old one's)
+    across, down = 1 + new_columns / old_columns, 1 + new_rows / old_rows
+    assert abs(columns.min() - x0 * new_columns) <= across and abs(columns.max() + 1 - x1 * new_columns) <= across
+    assert abs(rows.min() - y0 * new_rows) <= down and abs(rows.max() + 1 - y1 * new_rows) <= down
+    assert painted_mask(paint_canvas(*sizes[1])) is None  # without a mask: a blank canvas

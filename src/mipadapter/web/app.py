@@ -36,6 +36,7 @@ from mipadapter.web.handler import (  # noqa: E402
     GenerateRequest,
     Limits,
     SubjectForm,
+    adapter_choices,
     check_upload_size,
     default_guidance,
     generate,
@@ -44,11 +45,13 @@ from mipadapter.web.handler import (  # noqa: E402
     offered_rules,
     on_slider,
     page_number,
+    paint_stretched,
+    painted_mask,
     region_to_clear,
     slot_color,
     takes_true_cfg,
 )
-from mipadapter.web.preview import preview_size, region_preview  # noqa: E402
+from mipadapter.web.preview import canvas_size, paint_canvas, preview_size, region_preview  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +230,14 @@ QUEUE_DONE_JS = (
 class _Slot:
     """The widgets of one subject slot."""
 
-    def __init__(self, index: int, default_scale: float, visible: bool) -> None:
-        color = _hex(slot_color(index))
+    def __init__(
+        self, index: int, default_scale: float, visible: bool, side: int, adapters: list[str]
+    ) -> None:
+        """adapters: the pipeline's adapter names, the default first; with more than one, the slot has
+        a choice among them."""
+        self.color = slot_color(index)
+        self.adapters = adapters
+        color = _hex(self.color)
         with gr.Group(visible=visible) as self.group:
             gr.Markdown(f"<h3 style='color:{color}'>Subject {index + 1}</h3>", elem_classes=["subject-title"])
             with gr.Row():
@@ -249,6 +258,16 @@ class _Slot:
                         scale=1,
                     )
                 )
+            self.adapter = (
+                gr.Dropdown(
+                    adapters,
+                    value=adapters[0],
+                    label="Adapter (the default, or one for faces …)",
+                    elem_id=f"subject-{index}-adapter",
+                )
+                if len(adapters) > 1
+                else None
+            )
             self.photos = gr.Gallery(
                 label="Photos (one or more; × removes one)",
                 file_types=["image"],
@@ -283,12 +302,17 @@ class _Slot:
                         )
                         for label in ("x0", "y0", "x1", "y1")
                     ]
+                # the canvas takes its size from its background (fixed_canvas off): the page sets a blank
+                # one at the output's aspect ratio (``paint_canvas``), the painting stretched onto it, when
+                # width or height change. It starts empty, at the square native size: Gradio's editor
+                # ignores the first change after mounting, which with a starting value is the first stroke
                 self.painted = region_editor(
+                    value=None,
                     label="Painted region",  # short: a phone's toolbar sits beside it
                     type="numpy",
                     sources=[],
-                    canvas_size=(256, 256),
-                    fixed_canvas=True,
+                    canvas_size=canvas_size(side, side),
+                    fixed_canvas=False,
                     transforms=[],
                     layers=False,
                     brush=gr.Brush(colors=[color], color_mode="fixed", default_size=24),
@@ -306,7 +330,9 @@ class _Slot:
 
     @property
     def inputs(self) -> list:
-        return [self.name, self.photos, self.strength, *self.box, self.painted]
+        return [self.name, self.photos, self.strength, *self.box, self.painted] + (
+            [self.adapter] if self.adapter is not None else []
+        )
 
     @property
     def fields(self) -> list:
@@ -314,8 +340,19 @@ class _Slot:
         return [*self.inputs, self.error, self.warning, self.region_note]
 
     def blank(self, strength: float) -> list:
-        """Values of ``fields`` for an empty slot."""
-        return ["", None, strength, "", "", "", "", None, "", "", ""]
+        """Values of ``fields`` for an empty slot. Its canvas is emptied to the square native size (an
+        example resets the output to that; opening the region panel gives it the output's shape): a
+        canvas set here, as an example opens the region panels, kept the page busy for tens of seconds."""
+        return ["", None, strength, "", "", "", "", None, *self.default_adapter, "", "", ""]
+
+    @property
+    def default_adapter(self) -> list:
+        """The adapter field's value for an empty slot (nothing where the slot has no choice)."""
+        return [self.adapters[0]] if self.adapter is not None else []
+
+    def canvas(self, size: tuple[int, int], mask=None) -> dict:
+        """The value of ``painted`` for an output of ``size`` (width, height), ``mask`` painted on it."""
+        return paint_canvas(*size, mask, self.color)
 
     def form(self, values: dict) -> SubjectForm:
         return SubjectForm(
@@ -324,6 +361,7 @@ class _Slot:
             strength=values[self.strength],
             box=[values[field] for field in self.box],
             painted=values[self.painted],
+            adapter=None if self.adapter is None else values[self.adapter],
         )
 
 
@@ -372,7 +410,7 @@ def build_app(
                         for index, label in enumerate(example_specs)
                     ]
                 slots = [
-                    _Slot(index, config.default_scale, index < VISIBLE_AT_START)
+                    _Slot(index, config.default_scale, index < VISIBLE_AT_START, side, adapter_choices(pipe))
                     for index in range(limits.max_subjects)
                 ]
                 count = gr.State(min(VISIBLE_AT_START, limits.max_subjects))
@@ -620,13 +658,34 @@ def build_app(
         region_inputs = [count, width, height]
         region_inputs += [c for slot in slots for c in (slot.name, *slot.box, slot.painted)]
 
+        def canvas_follows(slot: _Slot, painted, size: tuple[int, int]) -> dict:
+            """The slot's canvas at the aspect ratio of an output of ``size`` (width, height), what is
+            painted on it stretched along (said so at the slot); nothing when it is already that size, or
+            its painting cannot be read (the preview says why)."""
+            try:
+                mask = painted_mask(painted, limits.max_painted_pixels)
+            except ValueError:
+                return {}
+            if mask is None:  # blank, or never shown: its size is unknown, it is set
+                return {slot.painted: slot.canvas(size)}
+            if mask.shape == canvas_size(*size)[::-1]:
+                return {}
+            return {slot.painted: slot.canvas(size, mask), slot.region_note: plain(paint_stretched(*size))}
+
         def on_region_change(event: gr.EventData, shown, out_width, out_height, *fields):
-            """Redraw the preview; a box typed where a region is painted (or the reverse) clears the other."""
+            """Redraw the preview; a box typed where a region is painted (or the reverse) clears the other;
+            a new width or height gives every canvas the output's aspect ratio, a painting stretched along."""
             per_slot = len(fields) // len(slots)
             outputs, forms = {}, []
             target = getattr(event.target, "elem_id", None)
-            for index, slot in enumerate(slots[:shown]):
+            size, refused = preview_size(out_width, out_height, side, limits)
+            resized = refused is None and target in (width.elem_id, height.elem_id)
+            for index, slot in enumerate(slots):
                 name, *box, painted = fields[index * per_slot : (index + 1) * per_slot]
+                if resized:  # hidden slots too: one added later shows the output's shape
+                    outputs.update(canvas_follows(slot, painted, size))
+                if index >= shown:
+                    continue
                 changed = (  # by elem_id: the target Gradio passes is a copy of the component, not it
                     "painted"
                     if target == slot.painted.elem_id
@@ -640,11 +699,12 @@ def build_app(
                     outputs[slot.region_note] = plain(BOX_CLEARED)
                     box = [""] * 4
                 elif clear == "painted":
+                    # None, not a blank canvas: a set value comes back once with the old layers, and
+                    # would clear the box being typed, whose change clears the painting again, …
                     outputs[slot.painted] = painted = None
                     outputs[slot.region_note] = plain(PAINT_CLEARED)
                 # otherwise the note stays: clearing a field changes it too, and the note would flash
                 forms.append(SubjectForm(name=name or "", box=box, painted=painted))
-            size, refused = preview_size(out_width, out_height, side, limits)
             drawn = region_preview(forms, *size, max_painted_pixels=limits.max_painted_pixels)
             summary = drawn.summary if refused is None else f"{plain(refused)}  \n{drawn.summary}"
             return {preview: drawn.image, preview_summary: summary, **outputs}
@@ -668,6 +728,25 @@ def build_app(
             for trigger in (slot.name.change, *(number.change for number in slot.box), slot.painted.change)
         ]
         gr.on(region_triggers, **refresh_preview, trigger_mode="always_last")
+
+        for slot in slots:
+
+            def on_region_open(out_width, out_height, painted, slot=slot):
+                """A region panel opened: its canvas takes the output's shape (an editor never shown before
+                ignores the canvases set while it was folded away)."""
+                size, refused = preview_size(out_width, out_height, side, limits)
+                return {} if refused is not None else canvas_follows(slot, painted, size)
+
+            slot.region.expand(
+                on_region_open,
+                inputs=[width, height, slot.painted],
+                outputs=[slot.painted, slot.region_note],
+                queue=True,
+                concurrency_limit=1,
+                concurrency_id="preview",
+                show_progress="hidden",
+                api_visibility="private",
+            )
 
         def keeps_to_its_scale(slider, check, note):
             """A number typed into ``slider`` off its scale is replaced by the nearest one on it (what the
@@ -780,7 +859,8 @@ def build_app(
                         continue
                     name, photo, box = chosen[index]
                     box_text = [str(value) for value in box] if box else [""] * 4
-                    values += [name, [str(photo)], strength, *box_text, None, "", "", ""]
+                    values += [name, [str(photo)], strength, *box_text, None]  # see blank
+                    values += [*slot.default_adapter, "", "", ""]
                 return values + [[], [], "", side, side]  # boxes are in pixels of the native size
 
             button.click(

@@ -27,7 +27,7 @@ MAX_LAYERS = 4
 MAX_PENDING = 16
 """Events whose layers wait in memory for the event itself; older ones are dropped."""
 MAX_LAYER_BYTES = 2 * 2**20
-"""A layer's PNG larger than this is not kept (the page's 256×256 canvas sends at most 256 kB)."""
+"""A layer's PNG larger than this is not kept (the page's canvas, at most 256×256, sends at most 256 kB)."""
 
 
 def region_editor(**kwargs) -> gr.ImageEditor:

@@ -108,13 +108,21 @@ def takes_true_cfg(pipe) -> bool:
     return is_flux(pipe.pipe)
 
 
+def adapter_choices(pipe) -> list[str]:
+    """The names of the pipeline's adapters, the default one first: the page offers a choice per subject
+    when there is more than one (``MIPAdapterPipeline.add_adapter``)."""
+    return list(getattr(pipe, "adapter_names", None) or ["default"])
+
+
 @dataclass
 class SubjectForm:
     """One subject slot of the page, as the page holds it.
 
     photos: uploaded file paths (or PIL images); box: four numbers ``x0, y0, x1, y1`` in output pixels,
     each ``None`` when left blank; painted: the region editor's value (a dict with ``layers`` of RGBA
-    arrays, as gradio's ImageEditor gives, or one [H, W(, C)] array / PIL image), ``None`` if unused.
+    arrays, as gradio's ImageEditor gives, or one [H, W(, C)] array / PIL image), ``None`` if unused;
+    adapter: the name of the pipeline's adapter for this subject (``adapter_choices``), None or "" for
+    the default one.
     """
 
     name: str = ""
@@ -122,6 +130,7 @@ class SubjectForm:
     strength: float | None = None
     box: Sequence[Any] | None = None
     painted: Any = None
+    adapter: str | None = None
 
 
 @dataclass
@@ -290,6 +299,11 @@ BOX_CLEARED = "The box was cleared: a subject takes a box or a painted region, a
 PAINT_CLEARED = (
     "The painted region was cleared: a subject takes a box or a painted region, and you typed a box."
 )
+
+
+def paint_stretched(width: int, height: int) -> str:
+    """The note at a painted region that the page stretched onto the canvas of a new output size."""
+    return f"The painted region was stretched to the new {width}×{height} size: check that it lies where you want it."
 
 
 def region_to_clear(
@@ -537,6 +551,7 @@ def generate(
             f"(remove subject {extra}).",
         )
 
+    choices = adapter_choices(pipe)
     subjects, names, slot_of_subject, recipe_subjects = [], {}, [], []
     for slot, form in filled:
         name = (form.name or "").strip()
@@ -573,6 +588,13 @@ def generate(
                 check_scale(strength, f"The strength of {label}", limits)
             except LimitError as error:
                 problems.add(slot, f"{error}.")
+        adapter = form.adapter.strip() if isinstance(form.adapter, str) else form.adapter
+        if adapter and adapter not in choices:
+            problems.add(
+                slot,
+                f"The adapter of {label}: no adapter named {adapter!r}; this server has "
+                f"{', '.join(map(repr, choices))}.",
+            )
         if name:
             names[slot] = name
         if name and photos and slot not in problems.by_slot:
@@ -583,6 +605,8 @@ def generate(
                     scale=None if strength is None else float(strength),
                     region=region,
                     region_mode=modes.get("region mode", RegionMode.REPLACE),
+                    # the default by None: a single-adapter call stays exactly what it was
+                    adapter=adapter if adapter and adapter != choices[0] else None,
                 )
             )
             slot_of_subject.append(slot)
@@ -647,6 +671,7 @@ def generate(
     described = [
         repr(s.name)
         + ("" if s.region is None else " (box)" if isinstance(s.region, tuple) else " (painted region)")
+        + (f" (adapter {s.adapter or choices[0]})" if len(choices) > 1 else "")
         for s in subjects
     ]
     status = (

@@ -35,6 +35,35 @@ def canvas_size(width: int, height: int, side: int = PREVIEW_SIDE) -> tuple[int,
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def paint_canvas(
+    width: int,
+    height: int,
+    mask: np.ndarray | None = None,
+    color: tuple[int, int, int] = (0, 0, 0),
+    side: int = PREVIEW_SIDE,
+) -> dict:
+    """The region editor's value for a ``width``×``height`` output: a blank canvas at the output's aspect
+    ratio (``canvas_size``: ``side`` pixels on its longer side) and one layer of ``color``: transparent,
+    or ``mask`` ([H, W] in [0, 1], painted on a canvas of any size) stretched onto it as its alpha.
+
+    The editor takes its canvas size from the background (its ``fixed_canvas`` off), so setting this
+    value is how the canvas follows the page's width and height, the painting rescaled with it. The
+    handler stretches whatever mask it gets to the output (``pipeline.subjects.region_mask``): a region
+    painted on this canvas lands on the same part of the image.
+
+    The layer is there even when blank: loading it counts as the change Gradio's editor ignores after
+    it is mounted (without it, a person's first stroke would be the one ignored).
+
+    Returns ``{"background": RGB image, "layers": [RGBA image], "composite": None}``.
+    """
+    size = canvas_size(width, height, side)
+    layer = Image.new("RGBA", size, (*color, 0))
+    if mask is not None:
+        alpha = Image.fromarray(np.uint8(np.rint(np.clip(mask, 0.0, 1.0) * 255)), mode="L")
+        layer.putalpha(alpha.resize(size, Image.BILINEAR))
+    return {"background": Image.new("RGB", size, BACKGROUND), "layers": [layer], "composite": None}
+
+
 def preview_size(width, height, side: int, limits: Limits) -> tuple[tuple[int, int], str | None]:
     """The output size the preview draws for the page's width and height fields, and why not those
     (the handler's own message, the CLI's wording) when they would be refused: then ``side``×``side``."""
