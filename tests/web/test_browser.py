@@ -93,6 +93,16 @@ def server(need, tmp_path_factory):
     yield from serve(command, port, tmp_path_factory.mktemp("web") / "server.log")
 
 
+@pytest.fixture()
+def fresh_server(need, tmp_path_factory):
+    """A server of its own for a test that paints: strokes reach the server as uploads and preview
+    events, and behind the earlier tests' queued work on the shared server their wait ran out."""
+    need("gradio", "playwright", "chromium")
+    port = free_port()
+    command = [sys.executable, "-m", "mipadapter", "web", "--tiny", "--port", str(port)]
+    yield from serve(command, port, tmp_path_factory.mktemp("web") / "fresh-server.log")
+
+
 MIXED_SERVER = """
 import sys
 from mipadapter.limits import Limits
@@ -646,11 +656,11 @@ def extent(paint: np.ndarray) -> tuple[float, float, float, float]:
     return columns.min() / width, rows.min() / height, (columns.max() + 1) / width, (rows.max() + 1) / height
 
 
-def test_the_paint_canvas_takes_the_outputs_shape_and_a_painting_is_stretched_with_it(browser, server, tmp_path):
+def test_the_paint_canvas_takes_the_outputs_shape_and_a_painting_is_stretched_with_it(browser, fresh_server, tmp_path):
     """96×32: the canvas shows 3:1 (it was square); painted, then the height set to 64: the canvas shows
     3:2, the painting is kept, stretched to the same part of the canvas, the note says so, and it runs."""
     page = browser.new_page()
-    page.goto(server)
+    page.goto(fresh_server)
     page.fill("#subject-0-name textarea, #subject-0-name input", "cat")
     page.set_input_files("#subject-0-photos input[type=file]", str(ASSETS / "cat.jpg"))
     wait_for_thumbnails(page, 0, 1)
