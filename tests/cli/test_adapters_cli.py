@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from cli_checks import pixels, refusal
 
 from mipadapter.cli.main import main
 from mipadapter.recipe import file_sha256, read_recipe
@@ -36,13 +36,6 @@ def sd15_files(tmp_path_factory):
 
 
 @pytest.fixture
-def out(tmp_path) -> Path:
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
 def never_called(monkeypatch):
     """Running the pipeline fails the test: the mistakes must be found before the model runs."""
     from mipadapter.pipeline import MIPAdapterPipeline
@@ -53,37 +46,11 @@ def never_called(monkeypatch):
     monkeypatch.setattr(MIPAdapterPipeline, "__call__", refuse)
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Loading any model fails the test."""
-    import mipadapter.cli.options as options
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(options, "load_pipeline", refuse)
-    monkeypatch.setattr(options, "load_tiny", refuse)
-
-
 def argv(out: Path, *extra: str, tiny: str = "sdxl") -> list[str]:
     return [
         "generate", "--tiny", tiny, "--prompt", PROMPT, "--subject", f"man={CAT}", "--subject", f"cat={BACKPACK}",
         "--steps", "2", "--seed", "7", "-o", str(out), *extra,
     ]  # fmt: skip
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def refused(capsys, code: int, out: Path) -> str:
-    """The one line of a refusal (exit 2), with nothing left in ``out``."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("mipadapter generate: error: "), err
-    assert list(out.iterdir()) == [], "a file was left behind"
-    return err.removeprefix("mipadapter generate: error: ").rstrip("\n")
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -125,13 +92,13 @@ def test_two_adapters_and_two_encoders_are_recorded_and_rerun_bit_for_bit(sdxl_f
     out.mkdir()
     capsys.readouterr()
     code = main(["generate", "--from-png", str(first), "-o", str(out / "x.png")])
-    assert refused(capsys, code, out) == (
+    assert refusal(capsys, code, out) == (
         f"the recorded adapter 'face' '{face}' has changed since '{first}' was made (its SHA-256 differs)"
     )
     shutil.copyfile(sdxl_files.plus_bin, face)
     shutil.copyfile(sdxl_files.basic_bin, mip)  # the default adapter's file now another one
     code = main(["generate", "--from-png", str(first), "-o", str(out / "x.png")])
-    assert refused(capsys, code, out) == (
+    assert refusal(capsys, code, out) == (
         f"the recorded adapter '{mip}' has changed since '{first}' was made (its SHA-256 differs)"
     )
 
@@ -177,15 +144,18 @@ def test_flag_mistakes_are_refused_before_any_model_loads(sdxl_files, out, capsy
          "--adapter face=ip-sdxl-plus-face: a preset names real models; with --tiny give a file made for the tiny "
          "models"),
         (["--adapter", "face="], "--adapter takes FILE or NAME=FILE, got 'face='"),
+        (["--adapter", f"face={plus}", "--image-encoder", "face=/a", "--image-encoder", "face=/b"],
+         "--image-encoder face=/b: --image-encoder face=/a names 'face' already"),
+        (["--adapter", f"face={plus}", "--image-encoder", "face="], "--image-encoder takes DIR or NAME=DIR, got 'face='"),
     ]  # fmt: skip
     for args, expected in cases:
-        assert refused(capsys, main(argv(out / "x.png", *args)), out) == expected, args
+        assert refusal(capsys, main(argv(out / "x.png", *args)), out) == expected, args
 
 
 @pytest.mark.usefixtures("no_models")
 def test_a_flux_pipeline_takes_no_added_adapter(sdxl_files, out, capsys):
     code = main(argv(out / "x.png", "--adapter", f"face={sdxl_files.plus_bin}", tiny="flux"))
-    assert refused(capsys, code, out) == (
+    assert refusal(capsys, code, out) == (
         f"--adapter face={sdxl_files.plus_bin}: adapters are added on SDXL and SD1.5; a FLUX pipeline holds one "
         "(XLabs')"
     )
@@ -216,7 +186,7 @@ def test_files_and_rules_that_do_not_fit_are_refused_before_the_model_runs(sdxl_
          "--text-weight: the adapter of 'man' (face) has no text weight (use --no-text-weight)", ""),
     ]  # fmt: skip
     for args, start, words in cases:
-        err = refused(capsys, main(argv(out / "x.png", *args)), out)
+        err = refusal(capsys, main(argv(out / "x.png", *args)), out)
         assert err.startswith(start) and words in err, (args, err)
 
 
@@ -230,7 +200,7 @@ def test_a_recorded_subject_adapter_the_rerun_does_not_load_is_refused(sdxl_file
     out.mkdir()
     capsys.readouterr()
     code = main(["generate", "--from-png", str(first), "--preset", "ip-sdxl", "-o", str(out / "x.png")])
-    assert refused(capsys, code, out) == (
+    assert refusal(capsys, code, out) == (
         f"'man' was encoded by the adapter 'face' recorded in '{first}', which this run does not load: give "
         "--adapter face=FILE or --subject-adapter man=ADAPTER"
     )
@@ -260,7 +230,7 @@ def test_real_models_share_one_encoder_and_refuse_a_misfit_before_the_base_model
     with monkeypatch.context() as patch:
         patch.setattr(MIPAdapterPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the base model loaded"))
         code = main([*real, "--adapter", f"face={sd15_files.plus_bin}", "-o", str(out / "x.png")])
-        assert refused(capsys, code, out).startswith(f"--adapter face={sd15_files.plus_bin}: adapter tokens are 48 wide")
+        assert refusal(capsys, code, out).startswith(f"--adapter face={sd15_files.plus_bin}: adapter tokens are 48 wide")
     first = tmp_path / "first.png"
     assert main([*real, "--adapter", f"face={sdxl_files.plus_bin}", "-o", str(first)]) == 0
     assert loaded == [str(sdxl_files.plus_image_encoder.resolve())]  # one copy for both adapters

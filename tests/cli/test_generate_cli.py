@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import pixels
 from PIL import Image
 
 from mipadapter.cli.main import build_parser, main
@@ -29,11 +30,6 @@ def generate(
     for subject in subjects:
         argv += ["--subject", subject]
     return main(argv + list(extra))
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_generate_writes_images_with_recipes_and_a_sheet_of_every_image(tmp_path, capsys):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import pixels
 from PIL import Image
 
 from mipadapter.cli.main import main
@@ -23,11 +24,6 @@ def flux(out: Path, *extra: str, dog: Path = DOG, toy: Path = TOY) -> int:
     argv = ["generate", "--tiny", "flux", "--prompt", PROMPT, "--steps", "2", "-o", str(out)]
     argv += ["--subject", f"dog={dog}", "--subject", f"duck toy={toy}"]
     return main(argv + list(extra))
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_tiny_flux_end_to_end_names_flux_and_reruns_bit_for_bit(tmp_path, capsys):

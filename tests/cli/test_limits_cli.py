@@ -20,6 +20,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from cli_checks import refusal
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -29,29 +30,6 @@ from mipadapter.recipe import read_recipe
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CAT, BACKPACK = ASSETS / "cat.jpg", ASSETS / "backpack.jpg"
 MAX_SEED = 2**64 - 1
-
-
-@pytest.fixture
-def out(tmp_path) -> Path:
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def no_models(monkeypatch):
-    """A spy on every loader: a refusal must come before any of them is called."""
-    import mipadapter.cli.options as options
-
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(args)
-        raise AssertionError("a model was loaded before the limits were checked")
-
-    monkeypatch.setattr(options, "load_pipeline", refuse)
-    monkeypatch.setattr(options, "load_tiny", refuse)
-    return calls
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +59,7 @@ def edited(made: Path, target: Path, change) -> Path:
 
 
 def refused(capsys, code: int, out: Path, expected: str) -> None:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err == f"mipadapter generate: error: {expected}\n"
-    assert list(out.iterdir()) == [], "a file was written"
+    assert refusal(capsys, code, out) == expected
 
 
 def generate_argv(out: Path, *args: str) -> list[str]:

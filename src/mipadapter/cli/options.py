@@ -330,6 +330,28 @@ def adapter_flags(args) -> AdapterFlags:
     return parse_adapter_flags(getattr(args, "adapter", None), getattr(args, "image_encoder", None), tiny=tiny)
 
 
+def _named_values(
+    flag: str, values, takes: str, default_is: str, hint: str = ""
+) -> tuple[str | None, dict[str, str]]:
+    """A repeatable ``FLAG [NAME=]VALUE``'s values → (the default adapter's value or None, {name: value}
+    in the order given); a bare value or ``default=`` is the default's. Each one is given once."""
+    default: str | None = None
+    named: dict[str, str] = {}
+    for value in _values(values):
+        name, source = split_named(value)
+        if not source:
+            raise ValueError(f"{flag} takes {takes} or NAME={takes}, got {value!r}")
+        if name is None or name == DEFAULT_ADAPTER:
+            if default is not None:
+                raise ValueError(f"{flag} gives the {default_is} twice ({default!r} and {source!r}){hint}")
+            default = source
+        elif name in named:
+            raise ValueError(f"{flag} {name}={source}: {flag} {name}={named[name]} names {name!r} already")
+        else:
+            named[name] = source
+    return default, named
+
+
 def parse_adapter_flags(
     adapters, encoders, *, tiny: bool = False, recorded: Sequence[AddedAdapter] = ()
 ) -> AdapterFlags:
@@ -337,44 +359,19 @@ def parse_adapter_flags(
     before anything loads: one default adapter and encoder, each name once, a NAME=FILE's local file
     there, an encoder only for a named adapter. recorded: a recipe's added adapters, kept unless a flag
     names them again (``--image-encoder NAME=DIR`` may replace a recorded one's encoder)."""
-    default: str | None = None
+    default, named_files = _named_values(
+        "--adapter", adapters, "FILE", "default adapter", ": add another one under a name, --adapter NAME=FILE"
+    )
     added = {adapter.name: adapter for adapter in recorded}
-    flagged: dict[str, str] = {}
-    for value in _values(adapters):
-        name, source = split_named(value)
-        if not source:
-            raise ValueError(f"--adapter takes FILE or NAME=FILE, got {value!r}")
-        if name is None or name == DEFAULT_ADAPTER:
-            if default is not None:
-                raise ValueError(
-                    f"--adapter gives the default adapter twice ({default!r} and {source!r}): add another "
-                    "one under a name, --adapter NAME=FILE"
-                )
-            default = source
-            continue
-        if name in flagged:
-            raise ValueError(f"--adapter {name}={source}: --adapter {name}={flagged[name]} names {name!r} already")
-        flagged[name] = source
+    for name, source in named_files.items():
         added[name] = _added_adapter(name, source, tiny)
-    encoder: str | None = None
-    encoded: set[str] = set()
-    for value in _values(encoders):
-        name, source = split_named(value)
-        if not source:
-            raise ValueError(f"--image-encoder takes DIR or NAME=DIR, got {value!r}")
-        if name is None or name == DEFAULT_ADAPTER:
-            if encoder is not None:
-                raise ValueError(f"--image-encoder gives the default adapter's encoder twice ({encoder!r} and {source!r})")
-            encoder = source
-            continue
+    encoder, named_encoders = _named_values("--image-encoder", encoders, "DIR", "default adapter's encoder")
+    for name, source in named_encoders.items():
         flag = f"--image-encoder {name}={source}"
         if name not in added:
             others = ", ".join(added) or "none"
             raise ValueError(f"{flag}: no --adapter is named {name!r} (added adapters: {others})")
-        if name in encoded:
-            raise ValueError(f"{flag}: the image encoder of {name!r} is given twice")
         _check_source(source, flag, folder=True, hub=not tiny)
-        encoded.add(name)
         added[name] = dataclasses.replace(added[name], image_encoder=source)
     return AdapterFlags(default, encoder, tuple(added.values()))
 
