@@ -665,7 +665,7 @@ def test_the_paint_canvas_takes_the_outputs_shape_and_a_painting_is_stretched_wi
     page.set_input_files("#subject-0-photos input[type=file]", str(ASSETS / "cat.jpg"))
     wait_for_thumbnails(page, 0, 1)
     set_number(page, "#width", 96)
-    set_number(page, "#height", 32)  # the region panel still closed: its canvas follows all the same
+    set_number(page, "#height", 32)  # the region panel still closed: its canvas follows when opened
     open_region(page, 0)
     page.locator("#subject-0-painted canvas").first.wait_for()
     wait_for_canvas_ratio(page, 0, 3)

@@ -166,11 +166,14 @@ def test_the_preview_refuses_a_painted_bomb_through_gradios_own_processing(need,
 
     app = web.build_app(pipe)
     fn = next(fn for fn in app.fns.values() if fn.name == "on_region_change")
-    editor = fn.inputs[8]  # count, width, height, then (name, x0, y0, x1, y1, painted) per slot
+    # count, width, height, each slot's panel state, then (name, x0, y0, x1, y1, painted) per slot
+    slots = (len(fn.inputs) - 3) // 7
+    editor = fn.inputs[3 + slots + 5]
     editor.accept_blobs(
         AcceptBlobs(data={"type": "layer", "index": "0", "file": b"", "id": "p"}, files=[("l.png", bomb)])
     )
-    inputs = [2, 64, 64, "cat", None, None, None, None, {"id": "p"}] + ["", None, None, None, None, None] * 3
+    inputs = [2, 64, 64] + [True] * slots + ["cat", None, None, None, None, {"id": "p"}]
+    inputs += ["", None, None, None, None, None] * (slots - 1)
     tracemalloc.start()
     try:
         event = EventData(editor, {})  # the page sends its event's data: here a stroke on the editor

@@ -288,6 +288,10 @@ class _Slot:
                 open=False,
                 elem_id=f"subject-{index}-region",
             ) as self.region:
+                # whether the person has this panel open: only an open panel's editor is given a new
+                # canvas when the output's size changes (a folded one takes it when opened); a canvas set
+                # on a folded editor left the page unable to send it, so Generate never reached the server
+                self.region_open = gr.State(False)
                 with gr.Row():
                     # text fields, not gr.Number: Gradio's number field turns blank into 0 when it is first
                     # shown, which made opening this panel set a box of 0, 0, 0, 0
@@ -655,7 +659,7 @@ def build_app(
             api_name="generate",
         ).then(None, js=QUEUE_DONE_JS, queue=False, show_progress="hidden", api_visibility="private")
 
-        region_inputs = [count, width, height]
+        region_inputs = [count, width, height, *(slot.region_open for slot in slots)]
         region_inputs += [c for slot in slots for c in (slot.name, *slot.box, slot.painted)]
 
         def canvas_follows(slot: _Slot, painted, size: tuple[int, int]) -> dict:
@@ -672,9 +676,11 @@ def build_app(
                 return {}
             return {slot.painted: slot.canvas(size, mask), slot.region_note: plain(paint_stretched(*size))}
 
-        def on_region_change(event: gr.EventData, shown, out_width, out_height, *fields):
+        def on_region_change(event: gr.EventData, shown, out_width, out_height, *opened_and_fields):
             """Redraw the preview; a box typed where a region is painted (or the reverse) clears the other;
-            a new width or height gives every canvas the output's aspect ratio, a painting stretched along."""
+            a new width or height gives every open panel's canvas the output's aspect ratio, a painting
+            stretched along (a folded one takes it when opened: ``on_region_open``)."""
+            opened, fields = opened_and_fields[: len(slots)], opened_and_fields[len(slots) :]
             per_slot = len(fields) // len(slots)
             outputs, forms = {}, []
             target = getattr(event.target, "elem_id", None)
@@ -682,10 +688,10 @@ def build_app(
             resized = refused is None and target in (width.elem_id, height.elem_id)
             for index, slot in enumerate(slots):
                 name, *box, painted = fields[index * per_slot : (index + 1) * per_slot]
-                if resized:  # hidden slots too: one added later shows the output's shape
-                    outputs.update(canvas_follows(slot, painted, size))
                 if index >= shown:
                     continue
+                if resized and opened[index]:
+                    outputs.update(canvas_follows(slot, painted, size))
                 changed = (  # by elem_id: the target Gradio passes is a copy of the component, not it
                     "painted"
                     if target == slot.painted.elem_id
@@ -735,18 +741,20 @@ def build_app(
                 """A region panel opened: its canvas takes the output's shape (an editor never shown before
                 ignores the canvases set while it was folded away)."""
                 size, refused = preview_size(out_width, out_height, side, limits)
-                return {} if refused is not None else canvas_follows(slot, painted, size)
+                followed = {} if refused is not None else canvas_follows(slot, painted, size)
+                return {slot.region_open: True, **followed}
 
             slot.region.expand(
                 on_region_open,
                 inputs=[width, height, slot.painted],
-                outputs=[slot.painted, slot.region_note],
+                outputs=[slot.painted, slot.region_note, slot.region_open],
                 queue=True,
                 concurrency_limit=1,
                 concurrency_id="preview",
                 show_progress="hidden",
                 api_visibility="private",
             )
+            slot.region.collapse(lambda: False, outputs=slot.region_open, queue=False, api_visibility="private")
 
         def keeps_to_its_scale(slider, check, note):
             """A number typed into ``slider`` off its scale is replaced by the nearest one on it (what the
@@ -851,8 +859,9 @@ def build_app(
                 values = [spec["prompt"], len(chosen), ""]
                 for index in range(len(slots)):
                     values.append(gr.update(visible=index < max(len(chosen), 1)))
-                for index in range(len(slots)):  # an example's boxes are shown opened, not hidden
-                    values.append(gr.update(open=index < len(chosen) and chosen[index][2] is not None))
+                opened = [index < len(chosen) and chosen[index][2] is not None for index in range(len(slots))]
+                values += [gr.update(open=is_open) for is_open in opened]  # an example's boxes are shown
+                values += opened  # the panels' states (``_Slot.region_open``)
                 for index, slot in enumerate(slots):
                     if index >= len(chosen):
                         values += slot.blank(strength)
@@ -868,6 +877,7 @@ def build_app(
                 inputs=default_strength,
                 outputs=[prompt, count, slots_note, *[slot.group for slot in slots]]
                 + [slot.region for slot in slots]
+                + [slot.region_open for slot in slots]
                 + slot_fields
                 + [images, maps, status, width, height],
                 queue=False,
