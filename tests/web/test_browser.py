@@ -258,6 +258,12 @@ def test_an_example_button_loads_two_photos_and_a_prompt_that_generate(browser, 
     page.goto(server)
     page.fill("#width input[type=number]", "96")
     page.press("#width input[type=number]", "Enter")
+    # the resize handled (the preview drawn 3:2) before the example: a new canvas set then on the folded
+    # region editors left the page unable to send them, and Generate never reached the server
+    page.wait_for_function(
+        "(i => i && i.complete && Math.abs(i.naturalWidth / i.naturalHeight - 1.5) < 0.05)"
+        "(document.querySelector('#region-preview img'))"
+    )
     page.click("#example-1")  # dog + teapot, with boxes in pixels of the native size
     wait_for_thumbnails(page, 1, 1)
     assert page.input_value("#prompt textarea") == "a dog next to a teapot on a wooden table"
