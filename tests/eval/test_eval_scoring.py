@@ -112,3 +112,76 @@ def test_each_record_is_scored_against_its_own_prompt_and_subjects(scored_folder
         warned = (case.index, record["seed"], record["k"]) == (2, 2, 1)
         assert record["not_named"] == (["bird"] if warned else [])
         assert len(record["warnings"]) == int(warned)
+
+
+def fake_encoders(text: dict[str, np.ndarray] | None = None):
+    encoders = type("Encoders", (), {})()
+    encoders.clip, encoders.dino = FakeImageEncoder(CLIP_OF, TEXT_OF if text is None else text), FakeImageEncoder(DINO_OF)
+    return encoders
+
+
+def score(out_dir, cases, encoders=None, **overrides):
+    settings = dict(seeds=[1, 2], images_per_prompt=2, encoders=encoders or fake_encoders(),
+                    references=reference_photos, convention="raw")  # fmt: skip
+    return score_images(out_dir, cases, ["v"], **{**settings, **overrides})
+
+
+def test_a_record_says_whether_the_authors_keep_it_only_when_scored_their_way(scored_folder):
+    """Guards the record's fields: ``authors_kept`` appears with ``authors=True`` (and its own CLIP-T
+    text), never without (a mutant computing it always added the field to every record)."""
+    out_dir, cases = scored_folder
+    ours = score(out_dir, cases)
+    assert all("authors_kept" not in record for record in ours)
+    assert [record["clip_t_text"] for record in ours] == [cases[r["case"]].prompt for r in ours]
+    authors_text = {f"{prompt}_gen.png".split(".")[0] + "." : TEXT_OF[prompt] for prompt in PROMPTS}
+    theirs = score(out_dir, cases, fake_encoders(authors_text), authors=True)
+    assert all(record["authors_kept"] is True for record in theirs)  # one prompt per group here
+
+
+def test_authors_kept_keeps_the_highest_index_of_a_prompt_in_its_group_in_any_order():
+    """Guards ``authors_kept``'s max: cases of one prompt and group listed with the highest index first
+    keep that one (a mutant taking the last listed kept 2 here); other groups or prompts are apart."""
+    from mipadapter.eval.scoring import authors_kept
+
+    dog = (SUBJECTS["dog"],)
+    cases = [Case(7, "a dog", dog, "g"), Case(2, "a dog", dog, "g"), Case(5, "a dog", dog, "h"),
+             Case(4, "a dog.", dog, "g"), Case(9, "a dog", dog, "g"), Case(8, "a dog", dog, "g")]  # fmt: skip
+    assert authors_kept(cases) == {9, 5, 4}
+    assert authors_kept(cases[:2]) == {7}
+
+
+def test_missing_images_are_counted_and_named_before_anything_is_scored(scored_folder):
+    """Guards the missing-image message: the count and the first three paths as they are on disk."""
+    out_dir, cases = scored_folder
+    gone = [ImageKey("v", 3, seed, k).path(out_dir) for seed in (1, 2) for k in range(2)]
+    for path in gone:
+        path.unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        score(out_dir, cases)
+    assert str(error.value) == f"4 images to score do not exist, e.g. {[str(p) for p in gone[:3]]}"
+
+
+def test_bad_inputs_are_refused_with_their_reason(scored_folder):
+    """Guards the refusals: a case repeating a subject key (named with the case), a CLIP encoder that
+    gives another number of text features than prompts (zip(strict=True): a silent shift would score
+    images against other prompts), and a generated image that is not an image (named as one)."""
+    out_dir, cases = scored_folder
+    twice = Case(4, "two dogs", (SUBJECTS["dog"], SUBJECTS["dog"]), "g4")
+    with pytest.raises(ValueError) as error:
+        score(out_dir, [*cases, twice])
+    assert str(error.value) == "case 4 repeats a subject key: ['key_dog', 'key_dog']"
+
+    class OneShort(FakeImageEncoder):
+        def text_features(self, prompts):
+            return super().text_features(prompts)[:-1]
+
+    short = fake_encoders()
+    short.clip = OneShort(CLIP_OF, TEXT_OF)
+    with pytest.raises(ValueError, match="zip"):
+        score(out_dir, cases, short)
+
+    broken = ImageKey("v", 1, 2, 0).path(out_dir)
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ValueError) as error:
+        score(out_dir, cases)
+    assert "generated image" in str(error.value) and str(broken) in str(error.value)
