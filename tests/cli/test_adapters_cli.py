@@ -179,7 +179,10 @@ def test_files_and_rules_that_do_not_fit_are_refused_before_the_model_runs(sdxl_
         ([*face, "--rule", "official"],
          "--rule official: official weighs each subject by its own adapter's text weight, and the adapter of 'man' "
          "(face) has none (use --rule paper or uniform)", ""),
-        ([*face, "--text-weight"],
+        ([*face, "--text-weight"],  # no rule would take it: not advised to use --rule official
+         "--text-weight: the adapter of 'man' (face) has no text weight (use --no-text-weight)", ""),
+        (["--adapter", f"mip2={sdxl_files.mip_basic_bin}", "--subject-adapter", "man=mip2", "--rule", "paper",
+          "--text-weight"],
          "--text-weight: under rule paper a call that mixes adapters runs ungated (paper gates the text with one "
          "adapter's weight): use --no-text-weight, or --rule official", ""),
         ([*face, "--rule", "uniform", "--text-weight"],

@@ -178,17 +178,18 @@ def mixed_rule(
         )
     if use_text_weight is None:
         return rule, rule == MergeRule.OFFICIAL
+    # lacking first: with it, no rule would take the text weight, so the other advice would mislead
+    if use_text_weight and lacking:
+        raise MixedRuleError(
+            f"use_text_weight=True needs a text weight in every subject's adapter; that of {listed} has none",
+            "text_weight",
+            lacking,
+        )
     if use_text_weight and rule == MergeRule.PAPER:
         raise MixedRuleError(
             "use_text_weight=True under rule 'paper' gates the text with one adapter's weight, and this "
             "call mixes adapters: use rule 'official', or use_text_weight=False",
             "text_weight",
             [],
-        )
-    if use_text_weight and lacking:
-        raise MixedRuleError(
-            f"use_text_weight=True needs a text weight in every subject's adapter; that of {listed} has none",
-            "text_weight",
-            lacking,
         )
     return rule, bool(use_text_weight)
