@@ -255,7 +255,9 @@ def tokenizer_mismatch(recipe: Mapping[str, Any], base, source: str | os.PathLik
 
 
 def _pipeline_defaults(pipe) -> _Defaults:
-    """The values ``MIPAdapterPipeline.__call__`` picks for arguments left out (mirrors it)."""
+    """The values ``MIPAdapterPipeline.__call__`` picks for arguments left out (mirrors it) in a call on
+    the default adapter; a mix's rule and text weight are ``pipeline.adapters.mixed_rule``'s, and a
+    recipe records them as they ran."""
     base = pipe.pipe
     unet = getattr(base, "unet", None)
     sample_size = unet.config.sample_size if unet is not None else base.default_sample_size  # FLUX: no UNet

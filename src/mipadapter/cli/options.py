@@ -299,11 +299,6 @@ class AdapterFlags:
     image_encoder: str | None = None
     added: tuple[AddedAdapter, ...] = ()
 
-    @property
-    def names(self) -> list[str]:
-        """Every adapter's name, the default one first."""
-        return [DEFAULT_ADAPTER, *(added.name for added in self.added)]
-
 
 def split_named(value: str) -> tuple[str | None, str]:
     """``NAME=VALUE`` → (NAME, VALUE) when NAME is an adapter name; a path or Hub id → (None, value)."""

@@ -20,8 +20,9 @@ class MIPAttnProcessor(nn.Module):
     architectures) runs all conditions' image attention in one folded matmul.
 
     Without a ``SubjectConditioning`` in the call it computes plain text cross-attention, exactly as
-    diffusers' ``AttnProcessor2_0``. With one, each condition's image tokens are attended with the
-    shared ``to_k_ip``/``to_v_ip`` and merged into the text output by the call's merge rule. What does
+    diffusers' ``AttnProcessor2_0``. With one, each condition's image tokens are attended with its
+    adapter's ``to_k_ip``/``to_v_ip`` (this processor's, or in a mixed call another adapter's, given to
+    ``prepare`` as its sources) and merged into the text output by the call's merge rule. What does
     not depend on the latents (image keys and values, name keys) is computed once per call by
     ``prepare`` and read from the conditioning at every step.
 

@@ -148,8 +148,9 @@ def route(
     relevance_query [b, h, p, d]: the queries the layer's text attention really uses (the relevance is
     measured against them); image_query [b, h, p, d]: the queries the image tokens are attended with
     (the same tensor on a UNet); base [b, h, p, d]: the text branch's output, or None where the image
-    term is returned alone (FLUX adds it to the image stream itself); gate: ``base → g [b, p]`` from a
-    trained text weight: ``(base, weight [K, c]) → logits [b, p, K]``, or None; diagnose: report routed shares to the conditioning's meter; spatial:
+    term is returned alone (FLUX adds it to the image stream itself); gate: from a trained text weight,
+    ``(base, weight [K, c]) → logits [b, p, K]`` (K the call's text weights: one, or one per adapter of
+    a mix), or None; diagnose: report routed shares to the conditioning's meter; spatial:
     the layer's (h, w) when its input says it, else the conditioning places ``p`` on a grid.
     Returns [b, h, p, d].
     """

@@ -803,8 +803,9 @@ class MIPAdapterPipeline:
 @dataclass
 class _Encoded:
     """A call's subjects after the encoders: cond_tokens [N, t, c], owner [N], share [N], name_embeds
-    [n, m, c], name_mask [n, m], scales [n]; uncond_tokens [1, t, c] and uncond_names [n, m, c] when the
-    call has unconditional rows."""
+    [n, m, c], name_mask [n, m], scales [n]; uncond_tokens [1, t, c] (one per adapter of a mixed call,
+    [N, t, c] there: each condition's own) and uncond_names [n, m, c] when the call has unconditional
+    rows."""
 
     cond_tokens: torch.Tensor
     owner: torch.Tensor

@@ -344,9 +344,9 @@ class _Slot:
         return [*self.inputs, self.error, self.warning, self.region_note]
 
     def blank(self, strength: float) -> list:
-        """Values of ``fields`` for an empty slot. Its canvas is emptied to the square native size (an
-        example resets the output to that; opening the region panel gives it the output's shape): a
-        canvas set here, as an example opens the region panels, kept the page busy for tens of seconds."""
+        """Values of ``fields`` for an empty slot. Its editor is emptied (None), not given a canvas: this
+        slot's panel may be folded, and a canvas set on a folded editor left the page unable to send it;
+        opening the panel gives it one of the output's shape (``on_region_open``)."""
         return ["", None, strength, "", "", "", "", None, *self.default_adapter, "", "", ""]
 
     @property

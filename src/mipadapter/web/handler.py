@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mipadapter.alignment import SubjectAlignmentError
+from mipadapter.config import DEFAULT_ADAPTER
 from mipadapter.limits import (
     LimitError,
     Limits,
@@ -111,7 +112,7 @@ def takes_true_cfg(pipe) -> bool:
 def adapter_choices(pipe) -> list[str]:
     """The names of the pipeline's adapters, the default one first: the page offers a choice per subject
     when there is more than one (``MIPAdapterPipeline.add_adapter``)."""
-    return list(getattr(pipe, "adapter_names", None) or ["default"])
+    return list(getattr(pipe, "adapter_names", None) or [DEFAULT_ADAPTER])
 
 
 @dataclass
