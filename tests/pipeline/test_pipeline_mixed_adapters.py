@@ -218,6 +218,10 @@ def test_add_adapter_refusals_are_one_line_and_leave_the_pipeline_as_it_was(chec
         (dict(name="", adapter=face), r"got ''$"),
         (dict(name="other"), r"^adapter 'other': give an adapter file \(or a preset\)$"),
         (dict(name="other", adapter=face, preset="ip-sdxl-nope"), r"^unknown preset 'ip-sdxl-nope'"),
+        (  # a loaded adapter keeps its config's scale: a default_scale would be silently lost
+            dict(name="other", adapter=mip.adapters["face"], default_scale=0.5),
+            r"^adapter 'other': default_scale is for an adapter file; a loaded adapter keeps its config's \(1\)$",
+        ),
         (  # an SD1.5 adapter into an SDXL pipeline: named, with the base model it fits
             dict(name="sd15", adapter=checkpoint_files("sd15").plus_bin),
             r"^.*ip-adapter-plus_sd15\.bin: adapter tokens are 48 wide but the model's attention layers take \[96\]: "

@@ -104,13 +104,16 @@ def fresh_server(need, tmp_path_factory):
 
 
 MIXED_SERVER = """
+import dataclasses
 import sys
 from mipadapter.limits import Limits
 from mipadapter.testing.mip import ARCHS, tiny_adapter, tiny_mip_pipeline
 from mipadapter.web.app import build_app, launch
 
 pipe = tiny_mip_pipeline("sdxl", "basic", text_weight=True)
-pipe.add_adapter("face", tiny_adapter(pipe.pipe.unet, ARCHS["sdxl"][0].basic_image_encoder, "basic", True, 7))
+face = tiny_adapter(pipe.pipe.unet, ARCHS["sdxl"][0].basic_image_encoder, "basic", False, 7)
+face.config = dataclasses.replace(face.config, default_scale=0.55)  # as a preset's 0.6: not the default's
+pipe.add_adapter("face", face)
 limits = Limits.for_pipeline(pipe)
 launch(build_app(pipe, limits), port=int(sys.argv[1]), limits=limits)
 """
@@ -708,8 +711,12 @@ def test_with_two_adapters_each_subject_picks_one_and_the_status_names_it(browse
     choice.click()
     page.locator("ul[role='listbox'] li", has_text="face").first.click()
     page.wait_for_function("document.querySelector('#subject-0-adapter input').value === 'face'")
+    # its strength is the face adapter's default; the rule left to the call runs paper (face has no text
+    # weight) rather than refusing the default adapter's official
+    page.wait_for_function("document.querySelector('#subject-0-strength input[type=number]').value === '0.55'")
+    assert page.locator("#rule input").input_value().startswith("by the adapters")
     page.click("#generate")
     status = wait_for_status(page, "Generated 1 image")
-    assert "'cat' (adapter face), 'backpack' (adapter default)" in status
+    assert "rule paper" in status and "'cat' (adapter face), 'backpack' (adapter default)" in status
     save_screenshot(page, tmp_path, "two-adapters.png")
     page.close()

@@ -663,3 +663,33 @@ def test_an_unknown_adapter_is_refused_at_its_subject_and_nothing_runs(request_f
 @pytest.fixture
 def request_fixture(request):
     return request.getfixturevalue
+
+
+def test_with_an_adapter_lacking_a_text_weight_the_page_leaves_the_rule_to_the_call():
+    """Guards the page's rule choice with several adapters: it starts at BY_THE_ADAPTERS (no rule), so a
+    subject put on an adapter without a text weight runs (paper, as the CLI without --rule) rather than
+    being refused for the default adapter's official; official chosen by hand is refused before the
+    model runs. Picking that adapter gives the subject its default scale (not the default adapter's)."""
+    import dataclasses
+
+    from mipadapter.testing.mip import ARCHS, tiny_adapter
+    from mipadapter.web.handler import BY_THE_ADAPTERS, adapter_scale, first_rule, offered_rules
+
+    mixed = tiny_mip_pipeline("sdxl", "basic", text_weight=True)
+    plain = tiny_adapter(mixed.pipe.unet, ARCHS["sdxl"][0].basic_image_encoder, "basic", False, seed=3)
+    plain.config = dataclasses.replace(plain.config, default_scale=0.55)
+    mixed.add_adapter("plain", plain)
+    assert offered_rules(mixed)[0] == (BY_THE_ADAPTERS, "") and first_rule(mixed) == ""
+    single = tiny_mip_pipeline("sdxl", "basic", text_weight=True)
+    assert first_rule(single) == "official" and all(label == value for label, value in offered_rules(single))
+    assert adapter_scale(mixed, "plain") == 0.55
+    assert adapter_scale(mixed, "default") == adapter_scale(mixed, None) == mixed.adapter.config.default_scale != 0.55
+
+    forms = [SubjectForm("cat", [CAT], adapter="plain"), SubjectForm("backpack", [BACKPACK])]
+    result = generate(mixed, request(*forms, rule=first_rule(mixed), steps=1))
+    assert result.ok and "rule paper" in result.status, result.status
+    refused = generate(mixed, request(*forms, rule="official", steps=1))  # by the pipeline's own check
+    assert not refused.ok and refused.images == []
+    assert "rule 'official' weighs each subject by its adapter's text weight, which the adapter of 'cat' has not" in (
+        refused.status + "".join(refused.subject_errors.values())
+    )

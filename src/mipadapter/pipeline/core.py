@@ -194,7 +194,8 @@ class MIPAdapterPipeline:
         already from the same place is reused, and None reuses the first loaded one that gives the
         features the adapter takes. preset: fills the adapter, the encoder and the default scale it
         does not give (e.g. ``ip-sdxl-plus-face``). default_scale: the image scale of this adapter's
-        subjects that give none (files in our format keep their own). What is loaded follows the default
+        subjects that give none (files in our format keep their own; a loaded adapter keeps its config's,
+        and is refused one). What is loaded follows the default
         adapter's device and dtype.
         """
         check_new_name(name, self._adapters.mapping)
@@ -212,6 +213,11 @@ class MIPAdapterPipeline:
             default_scale = defaults.scale if default_scale is None else default_scale
         if adapter is None:
             raise ValueError(f"adapter {name!r}: give an adapter file (or a preset)")
+        if isinstance(adapter, MIPAdapter) and default_scale is not None and preset is None:
+            raise ValueError(
+                f"adapter {name!r}: default_scale is for an adapter file; a loaded adapter keeps its "
+                f"config's ({adapter.config.default_scale:g})"
+            )
         if not isinstance(adapter, MIPAdapter):
             reference = next(self.adapter.parameters())
             adapter = load_adapter(adapter, denoiser(self.pipe), f"adapter {name!r}", default_scale, cache_dir)

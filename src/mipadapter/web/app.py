@@ -37,8 +37,10 @@ from mipadapter.web.handler import (  # noqa: E402
     Limits,
     SubjectForm,
     adapter_choices,
+    adapter_scale,
     check_upload_size,
     default_guidance,
+    first_rule,
     generate,
     model_family,
     native_side,
@@ -442,7 +444,7 @@ def build_app(
                 with gr.Group():
                     rule = gr.Dropdown(
                         offered_rules(pipe),  # no official on FLUX: no FLUX adapter has its text weight
-                        value=config.default_rule.value,
+                        value=first_rule(pipe),
                         label="Merge rule",
                         elem_id="rule",
                     )
@@ -818,6 +820,16 @@ def build_app(
             queue=False,
             api_visibility="private",
         )
+
+        for slot in slots:  # picking an adapter sets the subject's strength to that adapter's default
+            if slot.adapter is not None:
+                slot.adapter.input(
+                    lambda name: adapter_scale(pipe, name),
+                    inputs=slot.adapter,
+                    outputs=slot.strength,
+                    queue=False,
+                    api_visibility="private",
+                )
 
         def on_add(shown: int):
             if shown >= limits.max_subjects:

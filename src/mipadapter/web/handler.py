@@ -92,14 +92,34 @@ def model_family(pipe) -> str:
     return family(pipe)
 
 
-def offered_rules(pipe) -> list[str]:
-    """The merge rules the page offers: every rule, but ``official`` only where an adapter can have the text
-    weight it needs — not on FLUX, where none has been trained (the pipeline and the CLI refuse it too)."""
+def adapter_scale(pipe, name: str | None) -> float:
+    """The strength a subject on adapter ``name`` starts at: that adapter's default scale, as a CLI
+    subject without ``--scale`` gets (a preset's, e.g. 0.6 for the face adapters)."""
+    adapter = (getattr(pipe, "adapters", None) or {}).get(name) if name else None
+    return (pipe.adapter if adapter is None else adapter).config.default_scale
+
+
+BY_THE_ADAPTERS = "by the adapters: official, or paper where a subject's adapter has no text weight"
+"""The page's first rule choice when the server holds several adapters: the rule left to the call."""
+
+
+def offered_rules(pipe) -> list[tuple[str, str]]:
+    """The merge rules the page offers, as (label, value): every rule, but ``official`` only where an
+    adapter can have the text weight it needs — not on FLUX, where none has been trained (the pipeline
+    and the CLI refuse it too). With several adapters the first is ``BY_THE_ADAPTERS`` (value ""): the
+    call picks the rule as the CLI does without ``--rule`` (``pipeline.adapters.mixed_rule``), so a
+    subject given a face adapter is not refused for the default adapter's ``official``."""
     from mipadapter.config import MergeRule
     from mipadapter.pipeline.encoding import is_flux
 
     flux = is_flux(pipe.pipe)
-    return [rule.value for rule in MergeRule if not (flux and rule == MergeRule.OFFICIAL)]
+    rules = [(rule.value, rule.value) for rule in MergeRule if not (flux and rule == MergeRule.OFFICIAL)]
+    return ([(BY_THE_ADAPTERS, "")] if len(adapter_choices(pipe)) > 1 else []) + rules
+
+
+def first_rule(pipe) -> str:
+    """The rule choice the page starts with (a value of ``offered_rules``)."""
+    return offered_rules(pipe)[0][1] if len(adapter_choices(pipe)) > 1 else pipe.adapter.config.default_rule.value
 
 
 def takes_true_cfg(pipe) -> bool:
@@ -677,7 +697,7 @@ def generate(
     ]
     status = (
         f"Generated {count} image{'s' if count > 1 else ''} of {width}×{height} in {total} steps "
-        f"(seed {int(request.seed)}, rule {(rule or pipe.adapter.config.default_rule).value}"
+        f"(seed {int(request.seed)}, rule {settings.get('rule') or (rule or pipe.adapter.config.default_rule).value}"
         + (f", guidance {settings['guidance_scale']:g}" if settings.get("guidance_scale") is not None else "")
         + ") with "
         + ", ".join(described)
