@@ -215,7 +215,8 @@ def test_real_models_share_one_encoder_and_refuse_a_misfit_before_the_base_model
 ):
     """The non-tiny path (local folders): an added adapter without --image-encoder reads the default's
     encoder when it gives its features, loaded once; an adapter for another base model is refused from its
-    keys before ``from_pretrained`` starts."""
+    keys, and official with an adapter lacking a text weight from the files' headers, before
+    ``from_pretrained`` starts."""
     import mipadapter.pipeline.loading as loading
     from mipadapter.pipeline import MIPAdapterPipeline
     from mipadapter.testing import tiny_sdxl_pipeline
@@ -234,6 +235,12 @@ def test_real_models_share_one_encoder_and_refuse_a_misfit_before_the_base_model
         patch.setattr(MIPAdapterPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the base model loaded"))
         code = main([*real, "--adapter", f"face={sd15_files.plus_bin}", "-o", str(out / "x.png")])
         assert refusal(capsys, code, out).startswith(f"--adapter face={sd15_files.plus_bin}: adapter tokens are 48 wide")
+        # official with a face adapter lacking a text weight: known from the files' headers, refused before
+        code = main([*real, "--adapter", f"face={sdxl_files.plus_bin}", "--rule", "official", "-o", str(out / "x.png")])
+        assert refusal(capsys, code, out) == (
+            "--rule official: official weighs each subject by its own adapter's text weight, and the adapter of "
+            "'man' (face) has none (use --rule paper or uniform)"
+        )
     first = tmp_path / "first.png"
     assert main([*real, "--adapter", f"face={sdxl_files.plus_bin}", "-o", str(first)]) == 0
     assert loaded == [str(sdxl_files.plus_image_encoder.resolve())]  # one copy for both adapters

@@ -943,8 +943,9 @@ def generate(plan: Plan):
         for s, photos, region in zip(plan.subjects, plan.photos, regions, strict=True)
     ]
     device, dtype = options.pick_device_dtype(plan.device, plan.dtype, tiny=plan.models.tiny)
-    pipe, record = options.load_pipeline(plan.models, device, dtype)
-    _check_rule_fits_adapters(plan, pipe)
+    pipe, record = options.load_pipeline(
+        plan.models, device, dtype, check_adapters=lambda configs: _check_rule_fits_adapters(plan, configs)
+    )
     if plan.same_models_as is not None:
         import sys
 
@@ -966,10 +967,11 @@ def generate(plan: Plan):
     return output, pipe, record
 
 
-def _check_rule_fits_adapters(plan: Plan, pipe) -> None:
-    """A call that mixes adapters: ``official`` (and the text weight) need a text weight in every
-    subject's adapter, and ``paper`` runs ungated there; refused in one line naming the flag (or the
-    recorded value) and the subjects, before the model runs. One adapter: the library checks as always."""
+def _check_rule_fits_adapters(plan: Plan, configs) -> None:
+    """A call that mixes adapters (configs: name → ``AdapterConfig``): ``official`` (and the text weight)
+    need a text weight in every subject's adapter, and ``paper`` runs ungated there; refused in one line
+    naming the flag (or the recorded value) and the subjects, before the base model loads. One adapter:
+    the library checks as always."""
     if len({s.adapter for s in plan.subjects}) < 2:
         return
     from mipadapter.pipeline.adapters import MixedRuleError, mixed_rule
@@ -977,7 +979,7 @@ def _check_rule_fits_adapters(plan: Plan, pipe) -> None:
     labels = subject_labels([s.name for s in plan.subjects])
     adapter_of = {label: s.adapter for s, label in zip(plan.subjects, labels, strict=True)}
     try:
-        mixed_rule(labels, [pipe.adapters[s.adapter] for s in plan.subjects], plan.rule, plan.text_weight)
+        mixed_rule(labels, [configs[s.adapter] for s in plan.subjects], plan.rule, plan.text_weight)
     except MixedRuleError as error:
         lacking = ", ".join(f"{label!r} ({adapter_of[label]})" for label in error.lacking)
         if error.setting == "rule":

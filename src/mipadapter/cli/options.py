@@ -436,8 +436,12 @@ def pick_device_dtype(device: str, dtype: str, tiny: bool | str | None = False):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_pipeline(args, device, dtype):
+def load_pipeline(args, device, dtype, check_adapters=None):
     """Build the pipeline the arguments describe; returns it and a ``ModelRecord`` of what was loaded.
+
+    check_adapters: called with {adapter name: ``AdapterConfig``} (the default one and each added one)
+    once the adapter files are read and before the base model loads (the tiny models: once built), so
+    that what the call asks of them (``mixed_rule``) is refused before the slow part.
 
     args: ``tiny`` (None, True, or an architecture of ``TINY_ARCHS``), ``preset``, ``base_model``,
     ``adapter``, ``image_encoder`` (the flags' values, or as ``adapter_flags`` takes them), and from a
@@ -459,6 +463,8 @@ def load_pipeline(args, device, dtype):
         files = [_added_file(added) for added in flags.added]
         pipe, record = load_tiny(arch, flags.adapter)
         added = _add_tiny_adapters(pipe, arch, flags.added, files)
+        if check_adapters is not None:
+            check_adapters({name: adapter.config for name, adapter in pipe.adapters.items()})
         record = dataclasses.replace(record, adapter_sha256=digest, adapters=added)
         pipe.to(device)
         if dtype != denoiser(pipe.pipe).dtype:
@@ -468,11 +474,15 @@ def load_pipeline(args, device, dtype):
     from mipadapter.pipeline import MIPAdapterPipeline
 
     preset = PRESETS[args.preset]
-    _, digest = _adapter_file(
+    path, digest = _adapter_file(
         flags.adapter or preset.adapter, MODEL_FLAGS["adapter"], "the recorded adapter", expected, recorded_in
     )
     encoder = _recorded_path(flags.image_encoder or preset.image_encoder)
-    prepared = _check_added_adapters(flags.added, args.base_model or preset.base_model, encoder)
+    base_model = args.base_model or preset.base_model
+    prepared = _check_added_adapters(flags.added, base_model, encoder)
+    if check_adapters is not None and prepared:  # one adapter: the library checks its call as always
+        configs = {DEFAULT_ADAPTER: _default_adapter_config(path, base_model)}
+        check_adapters(configs | {added.name: checked.config for added, _, _, checked, _ in prepared})
     pipe = MIPAdapterPipeline.from_pretrained(
         args.base_model,
         flags.adapter,
@@ -526,6 +536,19 @@ def _read_added(added: AddedAdapter, path: Path, model, base: str, default_scale
     except (ValueError, OSError) as error:
         text = str(error).removeprefix(f"{path}: ")  # the flag names the file already
         raise ValueError(f"{added.flag}: {text}") from None
+
+
+def _default_adapter_config(path: Path, base_model: str):
+    """The default adapter file's ``AdapterConfig``, read as ``from_pretrained`` will read it (the file
+    read once more there: only a call that adds adapters needs it before)."""
+    from mipadapter.checkpoint import read_file
+    from mipadapter.pipeline.loading import check_adapter_fits, denoiser_skeleton
+
+    skeleton = denoiser_skeleton(base_model, "base model", MODEL_FLAGS["base_model"])
+    try:
+        return check_adapter_fits(read_file(path), skeleton, path, f"the base model {base_model!r}").config
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{MODEL_FLAGS['adapter']}: {str(error).removeprefix(f'{path}: ')}") from None
 
 
 def _check_added_adapters(added: Sequence[AddedAdapter], base_model: str, default_encoder: str):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mipadapter.config import ADAPTER_NAME, DEFAULT_ADAPTER, MergeRule
+from mipadapter.config import ADAPTER_NAME, DEFAULT_ADAPTER, AdapterConfig, MergeRule
 from mipadapter.modeling.adapter import MIPAdapter
 from mipadapter.pipeline.loading import default_feature_extractor, encoder_fits, load_image_encoder
 from mipadapter.pipeline.subjects import Subject
@@ -156,17 +156,18 @@ class MixedRuleError(ValueError):
 
 
 def mixed_rule(
-    names: Sequence[str], adapters: Sequence[MIPAdapter], rule, use_text_weight
+    names: Sequence[str], configs: Sequence[AdapterConfig], rule, use_text_weight
 ) -> tuple[MergeRule, bool]:
     """The merge rule and text gating of a call whose subjects (``names``) use several adapters
-    (``adapters``: each subject's); a ``MixedRuleError`` for a combination the mix cannot run.
+    (``configs``: each subject's adapter's config, all a file's header tells: the CLI decides before any
+    model loads); a ``MixedRuleError`` for a combination the mix cannot run.
 
     Relevance comes from the base model, so ``paper`` and ``uniform`` route any mix. ``official`` weighs
     each subject by its own adapter's text weight ``g``: every subject's adapter needs one (the default
     rule when they all have one, else ``paper``). ``paper``'s gate scales the text branch, one ``g`` per
     image, which a mix of adapters does not have: it runs ungated.
     """
-    lacking = [name for name, a in zip(names, adapters, strict=True) if not a.config.text_weight]
+    lacking = [name for name, config in zip(names, configs, strict=True) if not config.text_weight]
     listed = ", ".join(map(repr, lacking))
     rule = (MergeRule.PAPER if lacking else MergeRule.OFFICIAL) if rule is None else MergeRule.parse(rule)
     if rule == MergeRule.OFFICIAL and lacking:

@@ -336,7 +336,7 @@ class MIPAdapterPipeline:
                 )
         else:
             rule, use_text_weight = mixed_rule(
-                [s.name for s in subjects], [self._adapters.of(s) for s in subjects], rule, use_text_weight
+                [s.name for s in subjects], [self._adapters.of(s).config for s in subjects], rule, use_text_weight
             )
         flux = is_flux(pipe)
         if flux and rule == MergeRule.OFFICIAL and not config.text_weight:
