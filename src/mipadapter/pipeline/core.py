@@ -33,7 +33,7 @@ from mipadapter.pipeline.encoding import (
     unconditional_features,
     unconditional_names,
 )
-from mipadapter.pipeline.loading import default_feature_extractor, load_adapter
+from mipadapter.pipeline.loading import default_feature_extractor, load_checked_adapter
 from mipadapter.pipeline.subjects import Subject, region_mask
 from mipadapter.scales import is_layered, layer_scales
 
@@ -220,7 +220,7 @@ class MIPAdapterPipeline:
             )
         if not isinstance(adapter, MIPAdapter):
             reference = next(self.adapter.parameters())
-            adapter = load_adapter(adapter, denoiser(self.pipe), f"adapter {name!r}", default_scale, cache_dir)
+            adapter = load_checked_adapter(adapter, denoiser(self.pipe), f"adapter {name!r}", default_scale, cache_dir)
             adapter.to(device=reference.device, dtype=reference.dtype)
         self._adapters.add(name, adapter, image_encoder, feature_extractor, cache_dir)
         return self

@@ -241,9 +241,13 @@ def load_components(
     return pipe, loaded, encoder, feature_extractor
 
 
-def load_adapter(source: str | Path, model, where: str, default_scale: float | None = None, cache_dir=None):
+def load_checked_adapter(
+    source: str | Path, model, where: str, default_scale: float | None = None, cache_dir=None
+):
     """An adapter file (local, or ``owner/repo/file``) read, checked against ``model`` (the loaded UNet)
-    and built: a ``MIPAdapter`` on the CPU in the file's dtype. where: how errors name it."""
+    and built: a ``MIPAdapter`` on the CPU in the file's dtype. where: how errors name it. Unlike
+    ``checkpoint.load_adapter``, a file in another architecture's layout is named as one (``check_adapter_fits``)
+    and Hub files go to ``cache_dir``."""
     from mipadapter.checkpoint import adapter_from_file, read_file
     from mipadapter.hub import resolve_file
 
