@@ -8,6 +8,7 @@ checkpoints all read their bounds from this module.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -78,6 +79,17 @@ def side_multiple(pipe) -> int:
         return int(inner.vae_scale_factor * 2)
     levels = len(unet.config.block_out_channels)
     return int(inner.vae_scale_factor * 2 ** (levels - 1))
+
+
+LATENT_CELL = 8
+"""Pixels per latent side of the SD1.5 and SDXL VAEs: the finest step an output side can take before a
+model is loaded to say its own (``side_multiple``; FLUX's 16 is checked by its pipeline)."""
+
+
+def latent_sides(limits: Limits) -> Limits:
+    """``limits`` with sides allowed down to one latent cell, in steps of it (eval's sizes, checked before
+    a model says its own multiple)."""
+    return dataclasses.replace(limits, min_side=LATENT_CELL, side_multiple=LATENT_CELL)
 
 
 # --- images opened for training and data construction (issue 18, training and data-set parts) --------

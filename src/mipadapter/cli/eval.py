@@ -257,7 +257,6 @@ def _settings(args):
 def _check_generation_caps(args) -> None:
     """Steps, sizes, guidance, scale and images per prompt within generate's caps (``limits``; the
     large ones with --allow-large), each refusal naming its flag."""
-    import dataclasses
 
     from mipadapter import limits
 
@@ -271,7 +270,7 @@ def _check_generation_caps(args) -> None:
         limits.check_guidance(args.guidance, "--guidance", caps, allow=allow)
     if args.scale is not None:
         limits.check_scale(args.scale, "--scale", caps, allow=allow)
-    sides = dataclasses.replace(caps, min_side=8, side_multiple=8)  # the latent cell; FLUX's 16 is the pipeline's
+    sides = limits.latent_sides(caps)
     for flag in ("height", "width"):
         if getattr(args, flag) is not None:
             limits.check_side(getattr(args, flag), "--" + flag, sides, allow=allow)

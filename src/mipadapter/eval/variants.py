@@ -22,11 +22,11 @@ variant, and ``ip-adapter-weighted`` is the paper's training-free mode on stock 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from mipadapter.config import AUTHORS_NEGATIVE_PROMPT  # what the authors' generate() always encodes
-from mipadapter.limits import LARGE_LIMITS, check_guidance, check_scale, check_side, check_steps
+from mipadapter.limits import LARGE_LIMITS, check_guidance, check_scale, check_side, check_steps, latent_sides
 
 __all__ = [
     "AUTHORS_NEGATIVE_PROMPT",
@@ -62,7 +62,7 @@ class GenerationSettings:
             check_guidance(self.guidance_scale, "guidance_scale", caps)
         for name in ("height", "width"):
             if getattr(self, name) is not None:
-                check_side(getattr(self, name), name, replace(caps, min_side=8, side_multiple=8))
+                check_side(getattr(self, name), name, latent_sides(caps))
         if self.scale is not None:
             check_scale(self.scale, "scale", caps)
         if self.multi_image not in ("mean", "each"):
