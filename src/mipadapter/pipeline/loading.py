@@ -156,12 +156,19 @@ def encoder_input_width(encoder_config: Mapping, uses_hidden_states: bool) -> in
     return int(width) if width is not None else None
 
 
+def config_gives(encoder_config: Mapping, adapter: AdapterConfig) -> bool:
+    """Whether an image encoder of this config gives the features ``adapter`` takes: the one test behind
+    every check and choice of an encoder (a config that does not say its width is not refused)."""
+    width = encoder_input_width(encoder_config, adapter.uses_hidden_states)
+    return width is None or width == adapter.image_embed_dim
+
+
 def check_encoder_fits(
     encoder_config: Mapping, adapter: AdapterConfig, encoder_name: str, where: str
 ) -> None:
     """Refuse an image encoder whose output width is not what the adapter's projection takes."""
-    width = encoder_input_width(encoder_config, adapter.uses_hidden_states)
-    if width is not None and width != adapter.image_embed_dim:
+    if not config_gives(encoder_config, adapter):
+        width = encoder_input_width(encoder_config, adapter.uses_hidden_states)
         kind = "hidden size" if adapter.uses_hidden_states else "projection size"
         raise ValueError(
             f"{where} {encoder_name!r} has {kind} {width}, but the {adapter.projection} adapter takes "
@@ -272,14 +279,13 @@ def check_image_encoder(source: str | Path, adapter: AdapterConfig, where: str) 
 
 def image_encoder_gives(source: str | Path, adapter: AdapterConfig, where: str) -> bool:
     """Whether the image encoder at ``source`` gives the features ``adapter`` takes, from its config alone."""
-    config = _encoder_config(str(source), where)
-    return encoder_input_width(config, adapter.uses_hidden_states) == adapter.image_embed_dim
+    return config_gives(_encoder_config(str(source), where), adapter)
 
 
 def encoder_fits(image_encoder, adapter: AdapterConfig) -> bool:
     """Whether a loaded image encoder gives the features ``adapter`` takes (its config's width)."""
     config = image_encoder.config.to_dict() if hasattr(image_encoder.config, "to_dict") else dict(image_encoder.config)
-    return encoder_input_width(config, adapter.uses_hidden_states) == adapter.image_embed_dim
+    return config_gives(config, adapter)
 
 
 def _load_image_encoder(source: str, where: str, torch_dtype, cache_dir):
