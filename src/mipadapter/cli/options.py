@@ -588,18 +588,23 @@ def _check_added_adapters(added: Sequence[AddedAdapter], base_model: str, defaul
     return prepared
 
 
-def _add_adapters(pipe, prepared) -> tuple[AdapterRecord, ...]:
-    """The checked added adapters built on the loaded UNet and added to ``pipe`` (an encoder from the same
-    place as one loaded already is that one); their records."""
+def _built(pipe, checked, path: Path):
+    """A checked added adapter file built on ``pipe``'s loaded UNet, on its default adapter's device and
+    dtype."""
     from mipadapter.checkpoint import adapter_from_file
     from mipadapter.pipeline.encoding import denoiser
 
-    records = []
     reference = next(pipe.adapter.parameters())
+    adapter = adapter_from_file(checked, denoiser(pipe.pipe), str(path))
+    return adapter.to(device=reference.device, dtype=reference.dtype)
+
+
+def _add_adapters(pipe, prepared) -> tuple[AdapterRecord, ...]:
+    """The checked added adapters built on the loaded UNet and added to ``pipe`` (an encoder from the same
+    place as one loaded already is that one); their records."""
+    records = []
     for added, path, digest, checked, encoder in prepared:
-        adapter = adapter_from_file(checked, denoiser(pipe.pipe), str(path))
-        adapter.to(device=reference.device, dtype=reference.dtype)
-        pipe.add_adapter(added.name, adapter, encoder)
+        pipe.add_adapter(added.name, _built(pipe, checked, path), encoder)
         records.append(AdapterRecord(added.name, _recorded_path(added.adapter), digest, encoder))
     return tuple(records)
 
@@ -610,7 +615,6 @@ def _add_tiny_adapters(pipe, arch: str, added: Sequence[AddedAdapter], files) ->
     per projection, the default adapter's when it is the same). files: ``_added_file`` of each."""
     if not added:
         return ()
-    from mipadapter.checkpoint import adapter_from_file
     from mipadapter.pipeline.encoding import denoiser
     from mipadapter.pipeline.loading import check_image_encoder
     from mipadapter.testing.mip import ARCHS, tiny_parts
@@ -626,11 +630,9 @@ def _add_tiny_adapters(pipe, arch: str, added: Sequence[AddedAdapter], files) ->
         return spec.basic_image_encoder if projection == "basic" else spec.plus_image_encoder
 
     built = {encoder_spec(pipe.adapter.config.projection): (pipe.image_encoder, pipe.feature_extractor)}
-    reference = next(pipe.adapter.parameters())
     records = []
     for one, (path, digest), file in zip(added, files, checked, strict=True):
-        adapter = adapter_from_file(file, model, str(path))
-        adapter.to(device=reference.device, dtype=reference.dtype)
+        adapter = _built(pipe, file, path)
         if one.image_encoder is not None:
             encoder = _recorded_path(one.image_encoder)
             pipe.add_adapter(one.name, adapter, encoder)
