@@ -1,4 +1,5 @@
 import io
+import re
 import struct
 import zlib
 
@@ -9,8 +10,8 @@ from PIL import Image
 from mipadapter.photos import EXIF_ORIENTATION, PhotoError, open_photo, photo_size, upright, upright_size
 
 
-def _gradient(width=40, height=24):
-    rng = np.random.default_rng(0)
+def _gradient(width=40, height=24, seed=0):
+    rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
@@ -21,19 +22,42 @@ def _with_orientation(image, orientation, path):
     return path
 
 
-@pytest.mark.parametrize(
-    "orientation, turn",
-    [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)],
-)
-def test_exif_orientation_is_applied(tmp_path, orientation, turn):
-    stored = _gradient()
-    path = _with_orientation(stored, orientation, tmp_path / "phone.png")
-    opened = open_photo(path)
-    expected = stored.transpose(turn)
-    assert opened.size == expected.size
-    assert np.array_equal(np.asarray(opened), np.asarray(expected))
-    with Image.open(path) as raw:  # the API path: a PIL image a user opened without turning it
-        assert np.array_equal(np.asarray(upright(raw).convert("RGB")), np.asarray(expected))
+# orientation → the transpose that makes the stored pixels upright (None: they are)
+TURNS = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(TURNS))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    """Every EXIF orientation turns the pixels as the EXIF standard says, through ``open_photo`` and
+    through ``upright`` (a PIL image a user opened); ``turn=False`` keeps the stored frame (it guards
+    turning regardless of ``turn``: boxes recorded in the stored frame would then cut the wrong place);
+    an upright image (orientation 1 written, or none) is given back as itself, not copied."""
+    for seed, size in [(0, (40, 24)), (1, (9, 14))]:
+        stored = _gradient(*size, seed=seed)
+        path = _with_orientation(stored, orientation, tmp_path / f"phone{seed}.png")
+        turn = TURNS[orientation]
+        expected = stored if turn is None else stored.transpose(turn)
+        opened = open_photo(path)
+        assert opened.size == expected.size
+        assert np.array_equal(np.asarray(opened), np.asarray(expected))
+        kept = open_photo(path, turn=False)
+        assert np.array_equal(np.asarray(kept), np.asarray(stored))
+        assert kept.getexif()[EXIF_ORIENTATION] == orientation  # for ``upright`` later
+        assert np.array_equal(np.asarray(upright(kept)), np.asarray(expected))
+        with Image.open(path) as raw:  # the API path: a PIL image a user opened without turning it
+            raw.load()
+            turned = upright(raw)
+            assert np.array_equal(np.asarray(turned.convert("RGB")), np.asarray(expected))
+            assert (turned is raw) == (orientation == 1)
 
 
 @pytest.mark.parametrize("orientation, size", [(1, (40, 24)), (3, (40, 24)), (6, (24, 40)), (8, (24, 40))])
@@ -233,3 +257,188 @@ def test_a_float_mask_is_refused_by_both_readers_naming_the_file(tmp_path):
         read_label_map(str(path))
     with pytest.raises(DataError, match=r"float\.tiff: float32 pixels are not integer labels"):
         load_label_map(path)
+
+
+# ----------------------------------------------------------------------------------------------- issue 23
+def _exactly(message):
+    """A ``match`` pattern for exactly ``message`` (paths hold dots and dashes)."""
+    return "^" + re.escape(message) + "$"
+
+
+def _fake_stat(monkeypatch, target, file_type):
+    """``os.stat`` of ``target`` answering a file of ``file_type`` (``stat.S_IF*``): the kinds this test
+    cannot make without root (a block device) or on Linux at all (a Solaris door, 0o150000)."""
+    import os
+
+    real = os.stat
+
+    def fake(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(target):
+            return os.stat_result((file_type | 0o644, 0, 0, 1, 0, 0, 0, 0, 0, 0))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", fake)
+
+
+def test_every_kind_of_path_that_is_not_a_file_is_named_as_such(tmp_path, monkeypatch):
+    """Guards the names ``special_kind`` gives (in the one-line error of every reader) and the tests
+    that find them: a socket, a character device (/dev/null), a block device and a kind Linux does not
+    have each named as what it is, never opened; a regular file and a missing path are not special."""
+    import socket
+    import stat
+
+    from mipadapter.photos import check_is_file, special_kind
+
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "s.sock"))
+    try:
+        paths = {"a socket": tmp_path / "s.sock", "a device": "/dev/null", "a folder": tmp_path}
+        for kind, path in paths.items():
+            assert special_kind(path) == kind
+            with pytest.raises(PhotoError, match=_exactly(f"photo {str(path)!r} is {kind}, not a photo")):
+                photo_size(path)
+    finally:
+        unix.close()
+    block, door = tmp_path / "disk", tmp_path / "door"
+    block.write_bytes(b"")
+    door.write_bytes(b"")
+    for path, file_type, kind in [(block, stat.S_IFBLK, "a device"), (door, 0o150000, "not a regular file")]:
+        with monkeypatch.context() as patched:
+            _fake_stat(patched, path, file_type)
+            assert special_kind(path) == kind
+            message = f"--subject cat {str(path)!r} is {kind}, not a photo"
+            with pytest.raises(PhotoError, match=_exactly(message)):
+                check_is_file(path, "--subject cat")
+    assert special_kind(block) is None and check_is_file(str(block)) == block
+    assert special_kind(tmp_path / "nope.png") is None
+
+
+UNREADABLE, FOLDER = "is not an image file Pillow can read", "is a folder, not a photo"
+
+
+def test_each_reader_names_a_photo_photo_unless_told_otherwise(tmp_path):
+    """Guards the default ``what`` of ``check_is_file``, ``image_size``, ``photo_size`` and
+    ``upright_size``, and ``upright_size`` passing its own ``what`` and ``max_pixels`` on (not None, not
+    the limit in the name's place, not the default limit)."""
+    from mipadapter.photos import check_is_file, image_size
+
+    missing, text = tmp_path / "nope.png", tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=_exactly(f"photo {str(missing)!r} not found")):
+        check_is_file(missing)
+    for read in (image_size, photo_size, upright_size):
+        with pytest.raises(PhotoError, match=_exactly(f"photo {str(text)!r} {UNREADABLE}")):
+            read(text)
+        with pytest.raises(PhotoError, match=_exactly(f"photo {str(tmp_path)!r} {FOLDER}")):
+            read(tmp_path)
+        with pytest.raises(PhotoError, match=_exactly(f"--subject cat {str(tmp_path)!r} {FOLDER}")):
+            read(tmp_path, "--subject cat")
+    path = tmp_path / "wide.png"
+    _gradient(200, 100).save(path)
+    limit = "is 200×100 (0.0 MP), above the 0.01 MP limit: downscale it, or raise the limit"
+    with pytest.raises(PhotoError, match=_exactly(f"cat {str(path)!r} {limit}")):
+        upright_size(path, "cat", max_pixels=10_000)
+    assert upright_size(path, "cat", max_pixels=20_000) == (200, 100)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_header_that_cannot_be_read_is_named_with_pillows_reason(tmp_path):
+    """Guards the messages of a header Pillow refuses: past twice Pillow's own pixel limit (200 MP, even
+    with no limit of ours), a PNG cut inside its header chunk (an ``OSError``) and a header chunk too
+    short (Pillow raises ``ValueError``, which escaped as a bare "Truncated IHDR chunk"): one line naming
+    the file, or an embedded mask by its ``what``; nothing is decoded."""
+    huge = _png_header(tmp_path / "huge.png", 20_000, 10_000)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(PNG_SIGNATURE + struct.pack(">I", 13) + b"IHDR" + b"\0\0\0\4")
+    short = tmp_path / "short.png"
+    short.write_bytes(PNG_SIGNATURE + _chunk(b"IHDR", b"\0\0\0\4\0") + _chunk(b"IEND", b""))
+    cases = [
+        (huge, "has more pixels than Pillow will decode"),
+        (cut, "cannot be read: Truncated File Read"),
+        (short, "cannot be read: Truncated IHDR chunk"),
+    ]
+    for path, reason in cases:
+        for read in (photo_size, upright_size, open_photo):
+            with pytest.raises(PhotoError, match=_exactly(f"photo {str(path)!r} {reason}")):
+                read(path, max_pixels=None)
+        with pytest.raises(PhotoError, match=_exactly(f"embedded mask {reason}")):
+            open_photo(path.read_bytes(), "embedded mask", max_pixels=None)
+
+
+def test_upright_size_names_a_png_whose_pixels_end_early(tmp_path):
+    """Guards the message of ``upright_size``'s own read: Pillow looks for a PNG's EXIF after its pixels
+    when none comes before them, so a truncated PNG fails there (its header was fine)."""
+    for seed, size in [(0, (64, 64)), (1, (40, 90))]:
+        buffer = io.BytesIO()
+        _gradient(*size, seed=seed).save(buffer, format="PNG")
+        path = tmp_path / f"cut{seed}.png"
+        path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        assert photo_size(path) == size
+        truncated = f"cat {str(path)!r} cannot be read: image file is truncated"
+        with pytest.raises(PhotoError, match="^" + re.escape(truncated)):
+            upright_size(path, "cat")
+
+
+def test_mode_none_keeps_the_stored_mode_and_values(tmp_path):
+    """Guards converting when ``mode`` is None: a 16-bit, palette or grey+alpha file comes back as
+    stored (a conversion would give ``L``, ``RGB`` or a flattened ``RGBA``)."""
+    rng = np.random.default_rng(5)
+    palette = Image.fromarray(rng.integers(0, 4, (6, 9)).astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    images = {
+        "I;16": Image.fromarray(rng.integers(0, 65536, (6, 9)).astype(np.uint16)),
+        "P": palette,
+        "LA": Image.fromarray(rng.integers(0, 256, (6, 9, 2)).astype(np.uint8), "LA"),
+    }
+    for mode, image in images.items():
+        path = tmp_path / f"{mode.replace(';', '')}.png"
+        image.save(path)
+        kept = open_photo(path, mode=None)
+        assert kept.mode == mode
+        assert np.array_equal(np.asarray(kept), np.asarray(image))
+
+
+@pytest.mark.parametrize("suffix", [".pgm", ".tiff"])
+def test_the_returned_photo_does_not_change_with_its_file(tmp_path, suffix):
+    """Guards returning Pillow's own image when no conversion made a new one: an uncompressed grey file
+    is memory-mapped, so the image would show whatever is written into the file later (a photo saved
+    again, an upload's temporary file reused) instead of the pixels that were read."""
+    path = tmp_path / f"grey{suffix}"
+    stored = np.random.default_rng(7).integers(0, 200, (5, 8)).astype(np.uint8)
+    for mode in (None, "L"):
+        Image.fromarray(stored).save(path)
+        opened = open_photo(path, mode=mode)
+        size = path.stat().st_size
+        with path.open("r+b") as file:  # in place: the same file, new pixel bytes at its end
+            file.seek(size - stored.size)
+            file.write(bytes([255]) * stored.size)
+        with Image.open(path) as changed:
+            assert (np.asarray(changed) == 255).all()  # what the test is about: the file did change
+        assert np.array_equal(np.asarray(opened), stored), mode
+
+
+def test_only_pillows_bomb_warning_is_silenced(tmp_path, monkeypatch):
+    """Guards the warning filter of ``open_photo``: a photo over Pillow's own pixel limit with our limit
+    off (the web's call) warns of nothing, its size was checked from the header; a warning that says
+    something about the file (here Pillow's about a broken EXIF block) still reaches the user."""
+    import warnings
+
+    path = tmp_path / "big.png"
+    _gradient(12, 10).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 120 pixels: over it, below twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_photo(path, max_pixels=None).size == (12, 10)
+    monkeypatch.undo()
+    ifd = struct.pack("<HHII", EXIF_ORIENTATION, 3, 1, 6) + struct.pack("<HHII", 0x010F, 2, 100, 5000)
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 2) + ifd + struct.pack("<I", 0)  # Make: 100 bytes past the end
+    broken = tmp_path / "broken.png"
+    _gradient(12, 10).save(broken, exif=b"Exif\x00\x00" + tiff)
+    with pytest.warns(UserWarning, match="Truncated File Read"):
+        assert open_photo(broken).size == (10, 12)  # the orientation was still read

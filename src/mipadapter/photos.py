@@ -51,8 +51,7 @@ def mask_labels(image: Image.Image) -> np.ndarray:
 
 def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says (a new image), or ``image`` itself when upright."""
-    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    if orientation in (None, 1):
+    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
         return image
     return ImageOps.exif_transpose(image)
 
@@ -111,7 +110,7 @@ def image_size(
         raise PhotoError(str(error)) from None
     except UnidentifiedImageError:
         raise PhotoError(f"{what}{named} is not an image file Pillow can read") from None
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: Pillow's "Truncated IHDR chunk" of a broken PNG
         raise PhotoError(f"{what}{named} cannot be read: {error}") from None
     try:
         check_pixels(width, height, f"{what}{named}", max_pixels)
@@ -136,7 +135,7 @@ def upright_size(
     width, height = photo_size(path, what, max_pixels)
     try:
         with Image.open(path) as image:
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
     except OSError as error:
         raise PhotoError(f"{what} {str(path)!r} cannot be read: {error}") from None
     return (height, width) if turned else (width, height)
@@ -149,34 +148,33 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 def _to_8bit_grey(image: Image.Image) -> Image.Image:
     """An ``I;16``/``I``/``F`` image → ``L`` with its full range: integers as 0 … 65535; floats as
     0 … 1 when none exceeds 1, else as 0 … 255."""
-    import numpy as np
-
-    values = np.asarray(image, dtype=np.float64)
+    values = np.asarray(image, dtype=np.float64)  # float32 products would round k + ½ the wrong way
     if image.mode == "F":
-        top = float(np.nanmax(values)) if values.size else 0.0
-        values = values * 255.0 if top <= 1.0 else values
+        values = values if (values > 1.0).any() else values * 255.0  # NaN exceeds nothing
     else:
         values = values / 257.0  # 65535 → 255
-    values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    values = np.nan_to_num(values)  # NaN → 0; ±inf → ±1.8e308, which the clip makes 255 and 0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
     """``image`` in ``mode`` ("RGB" for photos, "L" for masks) with its full range.
 
     High-bit modes (``I;16``, ``I``, ``F``) are scaled to 8 bits, not clipped. Transparency (an alpha band,
-    or a palette or colour key marked transparent) is flattened: over white for an RGB photo (the
-    background a viewer shows), over black for a mask (transparent = not the subject).
+    premultiplied or not, or a palette or colour key marked transparent, in ``mode`` itself too) is
+    flattened: over white for an RGB photo (the background a viewer shows), over black for a mask
+    (transparent = not the subject).
     """
-    if image.mode == mode:
+    if image.mode == mode and "transparency" not in image.info:  # a colour key is flattened in any mode
         return image
     if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
-        image = _to_8bit_grey(image)
-        return image if mode == "L" else image.convert(mode)
-    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        return _to_8bit_grey(image).convert(mode)
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts it to its plain form only
+        image = image.convert(image.mode.upper())
+    if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = (255, 255, 255, 255) if mode != "L" else (0, 0, 0, 255)
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
+        background = Image.new("RGBA", rgba.size, "white" if mode != "L" else "black")
+        image = Image.alpha_composite(background, rgba)
     return image.convert(mode)
 
 
