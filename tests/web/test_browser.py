@@ -96,7 +96,8 @@ def server(need, tmp_path_factory):
 @pytest.fixture()
 def fresh_server(need, tmp_path_factory):
     """A server of its own for a test that paints: strokes reach the server as uploads and preview
-    events, and behind the earlier tests' queued work on the shared server their wait ran out."""
+    events, and behind the earlier tests' queued work on the shared server their wait ran out; a
+    painting's events still pending would also hold the shared server's preview queue for later tests."""
     need("gradio", "playwright", "chromium")
     port = free_port()
     command = [sys.executable, "-m", "mipadapter", "web", "--tiny", "--port", str(port)]
@@ -451,19 +452,19 @@ def test_two_quick_clicks_give_two_results_in_order(browser, server):
     page.close()
 
 
-def test_a_painted_region_reaches_the_preview_and_photos_stay_with_their_page(browser, server):
+def test_a_painted_region_reaches_the_preview_and_photos_stay_with_their_page(browser, fresh_server):
     import urllib.error
     import urllib.request
 
     page = browser.new_page()
-    page.goto(server)
+    page.goto(fresh_server)
     page.fill("#subject-0-name textarea, #subject-0-name input", "cat")
     page.set_input_files("#subject-0-photos input[type=file]", str(ASSETS / "cat.jpg"))
     wait_for_thumbnails(page, 0, 1)
     thumbnail = page.get_attribute("#subject-0-photos img", "src")
     assert page.request.get(thumbnail).ok  # this browser uploaded it
     with pytest.raises(urllib.error.HTTPError) as refused:  # any other client: refused
-        urllib.request.urlopen(urllib.parse.urljoin(server, thumbnail), timeout=10)
+        urllib.request.urlopen(urllib.parse.urljoin(fresh_server, thumbnail), timeout=10)
     assert refused.value.code == 403
     open_region(page, 0)
     type_box(page, 0, (0, 0, 32, 32))
