@@ -696,10 +696,6 @@ def test_the_paint_canvas_takes_the_outputs_shape_and_a_painting_is_stretched_wi
     page.click("#generate")
     wait_for_status(page, "Generated 1 image of 96×64")
     assert "'cat' (painted region)" in page.inner_text("#status")
-    page.fill(box_field(0, "x0"), "8")  # a box typed: the painting makes way, the canvas keeps its shape
-    page.locator("#subject-0-region-note").get_by_text(PAINT_CLEARED, exact=True).wait_for()
-    canvas, paint = wait_for_canvas_ratio(page, 0, 1.5)
-    assert not paint.any()
     page.close()
 
 

@@ -707,10 +707,9 @@ def build_app(
                     outputs[slot.region_note] = plain(BOX_CLEARED)
                     box = [""] * 4
                 elif clear == "painted":
-                    # a blank canvas of the output's shape (None would leave the editor without one);
-                    # the person is typing in this open panel, so its editor takes it
-                    outputs[slot.painted] = slot.canvas(size)
-                    painted = None
+                    # None, not a blank canvas: a set value comes back once with the old layers, and
+                    # would clear the box being typed, whose change clears the painting again, …
+                    outputs[slot.painted] = painted = None
                     outputs[slot.region_note] = plain(PAINT_CLEARED)
                 # otherwise the note stays: clearing a field changes it too, and the note would flash
                 forms.append(SubjectForm(name=name or "", box=box, painted=painted))
