@@ -1,0 +1,98 @@
+"""The exact wording of the checkpoint code's refusals, and the small helpers that build them.
+
+Each test here was written against a mutant that survived the rest of the suite (issue 23): a listing
+that stops cutting long key lists, a refusal that loses torch's informative line, a registration error
+that names the wrong record. A user reads these lines to find the bad key or file, so their content is
+behaviour."""
+
+from __future__ import annotations
+
+import pytest
+
+from mipadapter.checkpoint import layouts
+from mipadapter.checkpoint.convert import CheckpointError, _listing, check_keys
+from mipadapter.checkpoint.io import _first_line, _unpickler_detail
+from mipadapter.checkpoint.xlabs import XLabsConfig
+
+
+def _keys(count: int) -> list[str]:
+    return [f"k{index:02d}" for index in range(count)]
+
+
+@pytest.mark.parametrize("count", [1, 11, 12])
+def test_a_listing_of_up_to_twelve_keys_shows_them_all_without_a_count(count):
+    assert _listing("missing", _keys(count)) == "missing: " + ", ".join(_keys(count))
+
+
+@pytest.mark.parametrize("count", [13, 40])
+def test_a_longer_listing_shows_the_first_twelve_and_the_count(count):
+    assert _listing("unexpected", _keys(count)) == (
+        "unexpected: " + ", ".join(_keys(12)) + f", … ({count} in all)"
+    )
+
+
+def test_a_listing_honours_its_limit():
+    assert _listing("wrong shape", _keys(4), limit=3) == "wrong shape: k00, k01, k02, … (4 in all)"
+    assert _listing("wrong shape", _keys(3), limit=3) == "wrong shape: k00, k01, k02"
+
+
+def test_check_keys_lists_thirteen_missing_keys_cut_at_twelve():
+    expected = {key: (1,) for key in _keys(13)}
+    with pytest.raises(CheckpointError) as error:
+        check_keys("a.safetensors", {}, expected)
+    assert str(error.value) == (
+        "a.safetensors does not fit this adapter — missing: " + ", ".join(_keys(12)) + ", … (13 in all)"
+    )
+
+
+def test_the_first_line_of_an_error_is_its_first_non_blank_line_else_its_type():
+    assert _first_line(ValueError("\n  \n  header too large  \nsecond line")) == "header too large"
+    assert _first_line(EOFError()) == "EOFError"
+    assert _first_line(KeyError("")) == "''"  # str(KeyError('')) is "''": one line, kept
+    assert _first_line(RuntimeError("   \n")) == "RuntimeError"
+
+
+def test_the_unpickler_detail_drops_torch_advice_and_keeps_the_first_informative_line():
+    """The shape of torch 2.6+'s refusal of an unsupported opcode: advice lines around the one that says why."""
+    text = (
+        "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument "
+        "in `torch.load` from `False` to `True`.\n"
+        "Please file an issue with the following so that we can make `weights_only=True` compatible with your "
+        "use case: WeightsUnpickler error: \n\n"
+        "  Unsupported operand 149  \n"
+        "second informative line\n\n"
+        "Check the documentation of torch.load to learn more about types accepted by default with weights_only"
+    )
+    assert _unpickler_detail(text) == "Unsupported operand 149"
+    assert _unpickler_detail("bad opcode\nuse weights_only=False") == "bad opcode"
+
+
+def test_the_unpickler_detail_of_nothing_but_advice_is_a_fixed_phrase():
+    assert _unpickler_detail("") == "unsupported pickle content"
+    assert _unpickler_detail("use weights_only=False\nCheck the documentation\n") == "unsupported pickle content"
+
+
+def test_registering_something_that_is_not_a_record_names_it():
+    with pytest.raises(TypeError) as error:
+        layouts.register("xlabs")
+    assert str(error.value) == "not a layout record: 'xlabs'"
+
+
+def test_a_second_registration_names_the_kind_of_record_and_its_key():
+    with pytest.raises(ValueError) as error:
+        layouts.register(layouts.Layout("xlabs", description="again", recognise=lambda metadata, keys: False))
+    assert str(error.value) == "Layout 'xlabs' is registered already"
+
+
+def test_unregistering_a_layout_never_registered_does_nothing():
+    before = (dict(layouts._LAYOUTS), dict(layouts._KEY_TABLES), dict(layouts._SAVE_FORMATS))
+    layouts.unregister("never-registered")
+    assert (layouts._LAYOUTS, layouts._KEY_TABLES, layouts._SAVE_FORMATS) == before
+
+
+def test_an_xlabs_config_for_a_transformer_has_16_image_tokens_unless_told():
+    transformer = {"num_attention_heads": 3, "attention_head_dim": 8, "num_layers": 2, "joint_attention_dim": 32}
+    assert XLabsConfig.for_transformer(transformer, 20) == XLabsConfig(
+        num_blocks=2, hidden_size=24, cross_attention_dim=32, image_embed_dim=20, num_tokens=16
+    )
+    assert XLabsConfig.for_transformer(transformer, 20, num_tokens=4).num_tokens == 4
