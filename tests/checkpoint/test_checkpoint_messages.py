@@ -8,6 +8,7 @@ behaviour."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mipadapter.checkpoint import layouts
 from mipadapter.checkpoint.convert import CheckpointError, _listing, check_keys
@@ -96,3 +97,35 @@ def test_an_xlabs_config_for_a_transformer_has_16_image_tokens_unless_told():
         num_blocks=2, hidden_size=24, cross_attention_dim=32, image_embed_dim=20, num_tokens=16
     )
     assert XLabsConfig.for_transformer(transformer, 20, num_tokens=4).num_tokens == 4
+
+
+def test_xlabs_conversions_name_the_source_in_every_refusal():
+    """``to_neutral`` and ``convert_state`` pass the file's name to the layout and size readers (or
+    "checkpoint" when given none), so the error names the file the user gave."""
+    from mipadapter.checkpoint.xlabs import convert_state, to_neutral
+    from mipadapter.testing.flux import fabricate_xlabs_state
+
+    not_xlabs = {"lora.down.weight": torch.zeros(1)}
+    for convert in (lambda state, **kw: to_neutral(state, **kw), lambda state, **kw: convert_state(state, "xlabs", **kw)):
+        for kwargs, name in (({"source": "lora.safetensors"}, "lora.safetensors"), ({}, "checkpoint")):
+            with pytest.raises(CheckpointError) as error:
+                convert(not_xlabs, **kwargs)
+            assert str(error.value).startswith(f"{name} is not an XLabs FLUX IP-Adapter checkpoint"), error.value
+    sizes = XLabsConfig(num_blocks=2, hidden_size=8, cross_attention_dim=12, image_embed_dim=5, num_tokens=2)
+    state = fabricate_xlabs_state(sizes)
+    del state["ip_adapter_proj_model.norm.weight"]
+    with pytest.raises(CheckpointError) as error:
+        to_neutral(state, source="cut.safetensors")
+    assert str(error.value) == (
+        "cut.safetensors lacks ip_adapter_proj_model.norm.weight: cannot tell the adapter's sizes"
+    )
+
+
+@pytest.mark.parametrize(("architecture", "name"), [("unet", "a.safetensors"), ("flux", "a.bin")])
+def test_the_xlabs_format_refuses_other_models_and_bin_files_in_one_line(architecture, name, tmp_path):
+    from mipadapter.config import AdapterConfig
+
+    config = AdapterConfig("basic", 20, 32, 4, architecture=architecture)
+    with pytest.raises(ValueError) as error:
+        layouts._SAVE_FORMATS["xlabs"].check(config, tmp_path / name)
+    assert str(error.value) == "the xlabs layout is for FLUX adapters, as a .safetensors file"
