@@ -129,3 +129,43 @@ def test_the_xlabs_format_refuses_other_models_and_bin_files_in_one_line(archite
     with pytest.raises(ValueError) as error:
         layouts._SAVE_FORMATS["xlabs"].check(config, tmp_path / name)
     assert str(error.value) == "the xlabs layout is for FLUX adapters, as a .safetensors file"
+
+
+def test_the_authors_format_refuses_an_adapter_without_text_weight_in_one_line(tmp_path):
+    from mipadapter.config import AdapterConfig
+
+    config = AdapterConfig("basic", 20, 32, 4, text_weight=False)
+    with pytest.raises(ValueError) as error:
+        layouts._SAVE_FORMATS["authors"].check(config, tmp_path / "a.bin")
+    assert str(error.value) == "the authors' layout carries text_to_weight, which this adapter does not have"
+    layouts._SAVE_FORMATS["authors"].check(AdapterConfig("basic", 20, 32, 4, text_weight=True), tmp_path / "a.bin")
+
+
+def test_a_file_mixing_the_two_flux_layouts_names_the_first_key_of_each():
+    from mipadapter.checkpoint.xlabs import detect_layout
+
+    keys = ["double_blocks.0.a", "double_blocks.1.b", "image_proj.c", "ip_adapter.0.d"]
+    with pytest.raises(CheckpointError) as error:
+        detect_layout(keys, "mixed.safetensors")
+    assert str(error.value) == (
+        "mixed.safetensors mixes XLabs keys (double_blocks.0.a, …) and diffusers keys (image_proj.c, …); "
+        "an XLabs FLUX IP-Adapter file holds one layout"
+    )
+
+
+def test_a_file_of_neither_flux_layout_shows_its_first_six_keys_sorted():
+    from mipadapter.checkpoint.xlabs import detect_layout, infer_flux_config
+
+    keys = [f"lora.{letter}" for letter in "hgfedcba"]
+    with pytest.raises(CheckpointError) as error:
+        detect_layout(keys)
+    assert str(error.value) == (
+        "checkpoint is not an XLabs FLUX IP-Adapter checkpoint: no ip_adapter_proj_model./double_blocks. "
+        "or image_proj./ip_adapter. keys (found lora.a, lora.b, lora.c, lora.d, lora.e, lora.f)"
+    )
+    with pytest.raises(CheckpointError, match=r"keys \(found no keys\)$"):
+        detect_layout([], "empty.safetensors")
+    for call, name in ((lambda: infer_flux_config({}), "checkpoint"), (lambda: infer_flux_config({}, "e.bin"), "e.bin")):
+        with pytest.raises(CheckpointError) as error:
+            call()
+        assert str(error.value).startswith(f"{name} is not an XLabs FLUX IP-Adapter checkpoint:")
