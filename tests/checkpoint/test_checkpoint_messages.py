@@ -169,3 +169,78 @@ def test_a_file_of_neither_flux_layout_shows_its_first_six_keys_sorted():
         with pytest.raises(CheckpointError) as error:
             call()
         assert str(error.value).startswith(f"{name} is not an XLabs FLUX IP-Adapter checkpoint:")
+
+
+def _small_xlabs_state() -> dict:
+    from mipadapter.testing.flux import fabricate_xlabs_state
+
+    sizes = XLabsConfig(num_blocks=2, hidden_size=8, cross_attention_dim=12, image_embed_dim=5, num_tokens=2)
+    return fabricate_xlabs_state(sizes)
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("ip_adapter_proj_model.proj.weight", (24,)),
+        ("ip_adapter_proj_model.norm.weight", (12, 1)),
+        ("double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight", (8,)),
+    ],
+)
+def test_a_size_tensor_of_the_wrong_rank_is_named_with_every_shape(key, shape):
+    from mipadapter.checkpoint.xlabs import infer_config
+
+    state = _small_xlabs_state()
+    state[key] = torch.zeros(shape)
+    shapes = {
+        name: tuple(state[name].shape)
+        for name in (
+            "ip_adapter_proj_model.proj.weight",
+            "ip_adapter_proj_model.norm.weight",
+            "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight",
+        )
+    }
+    proj, norm, block = shapes.items()
+    with pytest.raises(CheckpointError) as error:
+        infer_config(state, "odd.safetensors")
+    assert str(error.value) == (
+        f"odd.safetensors: {proj[0]} {proj[1]}, {norm[0]} {norm[1]} and {block[0]} {block[1]} "
+        "must be 2-D, 1-D and 2-D"
+    )
+
+
+def test_a_norm_of_width_zero_is_refused_not_divided_by():
+    from mipadapter.checkpoint.xlabs import infer_config
+
+    state = _small_xlabs_state()
+    state["ip_adapter_proj_model.norm.weight"] = torch.zeros(0)
+    with pytest.raises(CheckpointError) as error:
+        infer_config(state, "zero.safetensors")
+    assert str(error.value) == (
+        "zero.safetensors: ip_adapter_proj_model.proj.weight has 24 rows, not a multiple of the token width 0"
+    )
+
+
+def test_unreadable_config_metadata_is_named_with_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from mipadapter.checkpoint import read_file
+
+    path = tmp_path / "ours.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "mipadapter", "format_version": "1", "config": "{"})
+    with pytest.raises(CheckpointError) as error:
+        read_file(path)
+    assert str(error.value).startswith(f"{path}: its adapter config metadata is unreadable (")
+
+
+def test_an_adapter_source_that_cannot_be_found_is_named_by_where(tmp_path):
+    from mipadapter.checkpoint import load_adapter
+    from mipadapter.hub import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError) as error:
+        load_adapter(tmp_path, None)
+    assert str(error.value) == f"adapter {str(tmp_path)!r} is a folder; name the checkpoint file inside it"
+    for kwargs, named in (({}, "adapter"), ({"where": "--adapter face"}, "--adapter face")):
+        with pytest.raises(ModelNotFoundError) as error:
+            load_adapter("owner/repo/missing.bin", None, **kwargs)
+        assert str(error.value).startswith("could not fetch the adapter 'owner/repo/missing.bin' from the Hugging Face Hub")
+        assert str(error.value).endswith(f"point {named} at a local copy")
