@@ -6,7 +6,9 @@ For each MODULE of the test map in pyproject.toml (``[tool.mipadapter.mutants]``
 src/mipadapter and the tests that exercise it; all of them when none is named), mutmut runs in its own
 folder, build/mutants/<module>/, with only that module mutated and only its tests selected; within those,
 each mutant runs only the tests that call the mutated function. The shared settings are pyproject's
-``[tool.mutmut]``. Results are cached there (a rerun retests only the functions that changed).
+``[tool.mutmut]``. Results are cached there (a rerun retests only the functions that changed), and kept
+in its history.json while the function a mutant changed stays the same: mutmut itself forgets every
+earlier result when the tests change.
 
 Afterwards one table row per module is printed, ready for docs/testing.md: mutants, tested (fewer when
 a run was stopped), killed (timeouts included), equivalent (tools/equivalent_mutants.toml, each with its
@@ -41,6 +43,7 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "mutants"
 EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.toml"
+HISTORY_FILE = "history.json"  # results kept across mutmut runs (statuses)
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}  # the tests (or a limit) stopped it
 UNTESTED = {"not checked", "check was interrupted by user"}  # a run stopped before it reached them
 
@@ -115,11 +118,12 @@ def run(module: str, tests: list[str], max_children: int, names: list[str]) -> i
     return code
 
 
-def statuses(module: str) -> dict[str, str]:
-    """Mutant name → mutmut's status, from the module folder's meta files (empty when never run)."""
+def meta_results(module: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(mutant name → mutmut's status, function name → its source hash), from the module folder's meta
+    files (both empty when never run)."""
     from mutmut.stats import status_by_exit_code
 
-    found = {}
+    found, hashes = {}, {}
     base = WORK / slug(module) / "mutants" / "src" / "mipadapter"
     target = base / module
     metas = [Path(str(target) + ".meta")] if module.endswith(".py") else sorted(target.rglob("*.py.meta"))
@@ -127,7 +131,46 @@ def statuses(module: str) -> dict[str, str]:
         if meta.is_file():
             data = json.loads(meta.read_text())
             found.update({name: status_by_exit_code[code] for name, code in data["exit_code_by_key"].items()})
-    return found
+            prefix = meta.relative_to(base.parent).with_suffix("").with_suffix("").as_posix().replace("/", ".")
+            hashes.update({f"{prefix}.{name}": digest for name, digest in data["hash_by_function_name"].items()})
+    return found, hashes
+
+
+def function_of(name: str) -> str:
+    """The mutated function's qualified name: ``pkg.mod.x_f__mutmut_3`` → ``pkg.mod.x_f``."""
+    return name.rsplit("__mutmut_", 1)[0]
+
+
+def merge_history(
+    history: dict[str, dict[str, str]], found: dict[str, str], hashes: dict[str, str]
+) -> dict[str, dict[str, str]]:
+    """The results worth keeping: ``history`` (name → {status, hash}) updated with every mutant ``found``
+    tested now, less those whose function has changed (its hash differs, or it is gone).
+
+    mutmut forgets every earlier result when the tests change (each run after adding a test would
+    otherwise count only what it retested); a result stays valid while the function it mutated is the
+    same code."""
+    merged = {
+        name: entry
+        for name, entry in history.items()
+        if name in found and entry["hash"] == hashes.get(function_of(name))
+    }
+    for name, status in found.items():
+        if status not in UNTESTED and function_of(name) in hashes:
+            merged[name] = {"status": status, "hash": hashes[function_of(name)]}
+    return merged
+
+
+def statuses(module: str) -> dict[str, str]:
+    """Mutant name → status: mutmut's latest where it tested the mutant, else the one kept from an earlier
+    run of the same function (``history.json`` in the module's folder, updated here)."""
+    found, hashes = meta_results(module)
+    path = WORK / slug(module) / HISTORY_FILE
+    history = json.loads(path.read_text()) if path.is_file() else {}
+    history = merge_history(history, found, hashes)
+    if found:
+        path.write_text(json.dumps(history, indent=0, sort_keys=True) + "\n")
+    return {name: history[name]["status"] if name in history else status for name, status in found.items()}
 
 
 def summary(module: str, equivalent: dict[str, str]) -> dict:
@@ -202,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.report:
         for module in modules:
+            statuses(module)  # keep what the last run found: mutmut forgets it when the tests changed
             names = list(summary(module, equivalent)["survivors"]) if args.retest else []
             if args.retest and not names:
                 continue

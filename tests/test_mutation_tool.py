@@ -1,0 +1,44 @@
+"""tools/mutants.py keeps mutation results across mutmut runs (mutmut forgets them when the tests change)
+for as long as the mutated function is the same code."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "mutants.py"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("mutants_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_function_of_a_mutant_is_its_name_without_the_mutant_number(tool):
+    assert tool.function_of("mipadapter.recipe.x__shown__mutmut_12") == "mipadapter.recipe.x__shown"
+    assert tool.function_of("mipadapter.a.xǁCǁm__mutmut_1") == "mipadapter.a.xǁCǁm"
+
+
+def test_a_result_is_kept_until_its_function_changes(tool):
+    hashes = {"m.x_f": "aaa", "m.x_g": "bbb"}
+    first = tool.merge_history(
+        {}, {"m.x_f__mutmut_1": "killed", "m.x_f__mutmut_2": "survived", "m.x_g__mutmut_1": "not checked"}, hashes
+    )
+    assert first == {"m.x_f__mutmut_1": {"status": "killed", "hash": "aaa"},
+                     "m.x_f__mutmut_2": {"status": "survived", "hash": "aaa"}}  # fmt: skip
+    # the next run (tests changed) retests only the survivor; mutmut reports the others as not checked
+    second = tool.merge_history(
+        first, {"m.x_f__mutmut_1": "not checked", "m.x_f__mutmut_2": "killed", "m.x_g__mutmut_1": "timeout"}, hashes
+    )
+    assert {name: entry["status"] for name, entry in second.items()} == {
+        "m.x_f__mutmut_1": "killed", "m.x_f__mutmut_2": "killed", "m.x_g__mutmut_1": "timeout",
+    }  # fmt: skip
+    # x_f was edited: its old results say nothing about the new code; a mutant gone is dropped too
+    third = tool.merge_history(second, {"m.x_f__mutmut_1": "not checked", "m.x_g__mutmut_1": "not checked"},
+                               {"m.x_f": "ccc", "m.x_g": "bbb"})  # fmt: skip
+    assert third == {"m.x_g__mutmut_1": {"status": "timeout", "hash": "bbb"}}
