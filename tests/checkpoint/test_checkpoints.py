@@ -22,6 +22,7 @@ from mipadapter.checkpoint import (
     save_adapter,
 )
 from mipadapter.checkpoint.io import load_state
+from mipadapter.checkpoint.keymaps import LAYER_PARAMS, TEXT_WEIGHT_PARAM
 from mipadapter.config import AdapterConfig
 from mipadapter.modeling import MIPAdapter
 from mipadapter.pipeline import MIPAdapterPipeline, Subject
@@ -164,7 +165,10 @@ def test_our_format_round_trips_bit_exactly(projection, text_weight, shared_unet
         metadata["format"] == "mipadapter"
         and json.loads(metadata["config"])["default_scale"] == config.default_scale
     )
-    assert any(key.startswith("layers.down_blocks.") and key.endswith("attn2.to_k_ip.weight") for key in keys)
+    params = LAYER_PARAMS + ((TEXT_WEIGHT_PARAM,) if text_weight else ())
+    assert {key for key in keys if key.startswith("layers.")} == {
+        f"layers.{layer.name}.{param}" for layer in adapter.layer_specs for param in params
+    }  # the documented names, e.g. layers.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k_ip.weight
     loaded = load_adapter(path, unet)
     assert loaded.config == config
     assert_same_state(loaded.state_dict(), adapter.state_dict())
@@ -468,3 +472,13 @@ def test_diffusers_export_loads_in_diffusers_with_the_same_uniform_output(
         **common,
     ).images
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) <= 1e-5
+
+
+@pytest.mark.parametrize("default_scale", [None, 0.6])
+def test_load_adapter_gives_a_file_without_a_config_the_default_scale_asked_for(
+    default_scale, checkpoint_files, shared_unet
+):
+    """h94 files carry no scale: load_adapter passes the caller's (a preset's 0.6), else 1.0."""
+    files = checkpoint_files("sdxl")
+    loaded = load_adapter(files.basic_safetensors, shared_unet("sdxl"), default_scale)
+    assert loaded.config.default_scale == (1.0 if default_scale is None else default_scale)
