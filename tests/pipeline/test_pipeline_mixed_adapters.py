@@ -280,3 +280,38 @@ def test_an_encoder_folder_is_loaded_once_for_the_adapters_that_share_it(checkpo
     cat = Subject("cat", images=[photo(1)], adapter="face")
     features = mip.encode_subject_features(cat)
     assert features.shape[-1] == SPECS["sdxl"].plus_image_encoder.hidden_size  # ViT-H hidden states
+
+
+@pytest.mark.parametrize("names", [("face", "face"), ("face", None)])
+def test_a_built_conditioning_is_prepared_with_the_adapters_that_projected_it(names, checkpoint_files, face_files, photo):
+    """``build_conditioning`` records which adapters projected the photos (``cond.sources``), so
+    ``pipe.adapter.prepare(cond)`` takes each condition's image keys from them: with every subject on the
+    added adapter, the face adapter's keys, not the default's (before the fix: the default's, silently);
+    sources other than those recorded are refused."""
+    from mipadapter.config import MergeRule, MultiImageMode
+
+    files, face = checkpoint_files("sdxl"), face_files("sdxl")
+    encoder, processor = encoder_of(files, "plus", "sdxl")
+    mip = plus_and_face("sdxl", files, face, encoder, processor)
+    subjects = [Subject(name, images=[photo(k + 1)], adapter=a) for k, (name, a) in enumerate(zip(("cat", "dog"), names, strict=True))]
+    kwargs = dict(
+        prompt_rows=1, subjects=subjects, cfg=True, rule=MergeRule.PAPER, use_text_weight=False,
+        multi_image=MultiImageMode.MEAN, image_size=(64, 64),
+    )  # fmt: skip
+    used = [mip.adapters[name or "default"] for name in dict.fromkeys(names)]
+    recorded = mip.adapter.prepare(mip.build_conditioning(**kwargs))
+    assert list(recorded.sources) == used
+    explicit = mip.adapter.prepare(mip.build_conditioning(**kwargs), used)
+    unrecorded = mip.build_conditioning(**kwargs)
+    unrecorded.sources = ()
+    layer = mip.adapter.layer_specs[0].name
+    torch.testing.assert_close(recorded.layer_inputs[layer].ip_keys, explicit.layer_inputs[layer].ip_keys, rtol=0, atol=0)
+    if len(used) == 1:  # read as the default adapter's tokens, the face tokens meet the default's keys
+        own = mip.adapter.prepare(unrecorded).layer_inputs[layer].ip_keys
+        assert not torch.allclose(own, recorded.layer_inputs[layer].ip_keys)
+    with pytest.raises(ValueError) as error:
+        mip.adapter.prepare(mip.build_conditioning(**kwargs), [mip.adapter] * len(used))
+    assert str(error.value) == (
+        "the conditioning's image tokens were projected by other adapters than the sources given: "
+        "leave sources out to use those it records"
+    )

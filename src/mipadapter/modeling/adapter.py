@@ -194,11 +194,19 @@ class MIPAdapter(nn.Module):
         sources: the adapters whose image tokens ``cond`` carries, in ``cond.adapter_groups`` order, when
         they are not this one alone (a call mixing adapters, or one run with another adapter of the same
         layers): each condition's image keys and values come from its own adapter's projections; the name
-        keys and the routing come from the model this adapter is attached to.
+        keys and the routing come from the model this adapter is attached to. Left out: those ``cond``
+        records (``cond.sources``, set by ``MIPAdapterPipeline.build_conditioning``), else this adapter.
+        Sources other than those recorded are refused: the image tokens would meet another adapter's keys.
         """
         if not self.is_attached:
             raise RuntimeError("attach the adapter to a UNet before preparing a conditioning")
-        sources = list(sources) or [self]
+        given, recorded = list(sources), list(cond.sources)
+        if given and recorded and [id(a) for a in given] != [id(b) for b in recorded]:
+            raise ValueError(
+                "the conditioning's image tokens were projected by other adapters than the sources given: "
+                "leave sources out to use those it records"
+            )
+        sources = given or recorded or [self]
         self._check_sources(sources, cond)
         cache: dict = {}
         if self.config.architecture == "flux":

@@ -161,6 +161,9 @@ class SubjectConditioning:
             condition's image tokens come from (an index into ``token_counts``); None: one adapter.
         token_counts: with ``adapter_of``, the number of image tokens of each adapter (basic 4, Plus 16):
             ``image_tokens`` holds ``t = max(token_counts)`` per condition, the rest zero padding.
+        sources: the adapters whose projections made ``image_tokens``, in ``adapter_groups`` order, as the
+            pipeline records them; ``MIPAdapter.prepare`` takes its image keys and values from them. Empty:
+            the preparing adapter's own (a conditioning built by hand, or by the training step).
         layer_inputs: layer name → ``LayerInputs``, filled by ``MIPAdapter.prepare``.
     """
 
@@ -184,6 +187,7 @@ class SubjectConditioning:
     layer_scales: dict[str, torch.Tensor] | None = None
     adapter_of: torch.Tensor | None = None
     token_counts: tuple[int, ...] | None = None
+    sources: tuple[torch.nn.Module, ...] = field(default=(), repr=False, compare=False)
     layer_inputs: dict[str, LayerInputs] = field(default_factory=dict, repr=False)
     _grids: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
     _regions: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)

@@ -407,7 +407,7 @@ class MIPAdapterPipeline:
         ]
         for conditioning in conditionings:
             conditioning.text_perturbation = text_perturbation
-            self.adapter.prepare(conditioning, [] if used == [DEFAULT_ADAPTER] else [self._adapters.adapter(n) for n in used])
+            self.adapter.prepare(conditioning)  # with the adapters the conditioning records
         conditioning = conditionings[0] if flux else conditionings[-1]  # the one carrying the cond rows
         call = dict(pipeline_kwargs)
         if flux:
@@ -704,6 +704,7 @@ class MIPAdapterPipeline:
             device=device,
         )  # fmt: skip
         encoded = _Encoded(cond_tokens, owner, share, name_embeds, name_mask, scales)
+        encoded.sources = tuple(self._adapters.adapter(name) for name in used)
         encoded.layer_scales = self._layer_scales(subjects, scales)
         if len(used) > 1:
             encoded.adapter_of = torch.tensor(adapter_of, device=device)
@@ -797,6 +798,7 @@ class MIPAdapterPipeline:
             share_meter=ShareMeter(batch, num_cond, device) if measure_shares else None,
             adapter_of=encoded.adapter_of,
             token_counts=encoded.token_counts,
+            sources=encoded.sources,
             layer_scales=None
             if encoded.layer_scales is None
             else {
@@ -824,6 +826,7 @@ class _Encoded:
     layer_scales: torch.Tensor | None = None  # [L, n] when a subject gives per-layer scales
     adapter_of: torch.Tensor | None = None  # [N]: a mixed call's adapter of each condition
     token_counts: tuple[int, ...] | None = None  # a mixed call's token count of each adapter
+    sources: tuple[MIPAdapter, ...] = ()  # the adapters that projected the tokens, in order of first use
 
 
 def _pad_tokens(tokens: torch.Tensor, width: int) -> torch.Tensor:
