@@ -410,8 +410,33 @@ def test_recorded_adapters_are_checked_like_every_field(mixed, tmp_path):
             "subject #1: its adapter 'hair' is not one the recipe records (default, face)",
         ),
         "badname.png": (with_subject_adapter(""), "subject #1: recipe field 'adapter' must be an adapter name"),
+        "preset.png": (
+            with_models(adapters=[{**face, "preset": "ip-sdxl-plus-hair"}]),
+            "models adapter #1: recipe field 'preset' must be one of the presets (",
+        ),
     }
     for name, (recipe, message) in cases.items():
         with pytest.raises(RecipeError) as error:
             read_recipe(_png_with_text(tmp_path / name, json.dumps(recipe)))
         assert message in str(error.value) and name in str(error.value), (name, str(error.value))
+
+
+def test_the_preset_that_named_an_added_adapter_is_recorded_and_read_back_for_a_rerun(mixed, tmp_path):
+    """Guards a rerun's added subject on a preset-named adapter: it must get the preset's default scale
+    (0.6 for ip-sdxl-plus-face), not a plain file's 1.0, so the preset is recorded and handed back."""
+    from mipadapter.cli.generate import _recorded_adapters
+    from mipadapter.config import PRESETS
+    from mipadapter.recipe import AdapterRecord
+
+    record = AdapterRecord("face", "/m/face.bin", FACE_SHA, "/m/image_encoder", preset="ip-sdxl-plus-face")
+    assert record.to_dict() == {
+        "name": "face", "adapter": "/m/face.bin", "sha256": FACE_SHA, "image_encoder": "/m/image_encoder",
+        "preset": "ip-sdxl-plus-face",
+    }  # fmt: skip
+    recipe = {**mixed, "models": {**mixed["models"], "adapters": [record.to_dict()]}}
+    read = read_recipe(write_image(Image.new("RGB", (8, 8)), tmp_path / "p.png", recipe))
+    (added,) = _recorded_adapters(read["models"], "p.png")
+    assert (added.name, added.adapter, added.preset, added.sha256) == ("face", "/m/face.bin", "ip-sdxl-plus-face", FACE_SHA)
+    assert PRESETS[added.preset].scale == 0.6
+    (plain,) = _recorded_adapters(mixed["models"], "m.png")  # a file: no preset, its own default scale
+    assert plain.preset is None

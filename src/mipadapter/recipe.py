@@ -49,9 +49,10 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
                     the CLI's --tiny ("sdxl", "sd15", "flux"), adapter_sha256?, adapters?}
                     adapter_sha256: the default adapter file's SHA-256 (absent for the tiny models' built-in
                             adapter and in files written before it)
-                    adapters: [{name, adapter, sha256, image_encoder}], the adapters added beside the
+                    adapters: [{name, adapter, sha256, image_encoder, preset?}], the adapters added beside the
                             default one (``--adapter NAME=FILE``; absent when there were none): the file
-                            (absolute path or Hub id), its SHA-256, the image encoder it read
+                            (absolute path or Hub id), its SHA-256, the image encoder it read, and
+                            the preset that named it (absent for a file)
     model_family    "SDXL" | "SD1.5" | "FLUX" | …   the base model's (``model_family``; absent in files
                                      written before it)
     device, dtype   str
@@ -83,7 +84,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mipadapter.config import ADAPTER_NAME, DEFAULT_ADAPTER
+from mipadapter.config import ADAPTER_NAME, DEFAULT_ADAPTER, PRESETS
 from mipadapter.fileio import atomic_write
 from mipadapter.limits import (
     DEFAULT_MAX_PIXELS,
@@ -134,16 +135,21 @@ class RecipeSubject:
 @dataclass(frozen=True)
 class AdapterRecord:
     """An adapter added beside the default one (``--adapter NAME=FILE``): its name, its file (absolute
-    path or Hub id) with the file's SHA-256, and the image encoder it read (a folder, a Hub id, or the
-    tiny models' built-in one)."""
+    path or Hub id) with the file's SHA-256, the image encoder it read (a folder, a Hub id, or the tiny
+    models' built-in one), and the preset that named it (``--adapter face=ip-sdxl-plus-face``; None: a
+    file), whose default scale a subject added on a rerun gets."""
 
     name: str
     adapter: str
     sha256: str
     image_encoder: str
+    preset: str | None = None
 
     def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "adapter": self.adapter, "sha256": self.sha256, "image_encoder": self.image_encoder}
+        record = {"name": self.name, "adapter": self.adapter, "sha256": self.sha256, "image_encoder": self.image_encoder}
+        if self.preset is not None:
+            record["preset"] = self.preset
+        return record
 
 
 @dataclass(frozen=True)
@@ -712,6 +718,9 @@ _ADDED_ADAPTER_FIELDS: dict[str, tuple[str, Any]] = {
     "sha256": ("64 lowercase hex digits", _is_sha256),
     "image_encoder": _non_empty_string(),
 }
+_OPTIONAL_ADDED_ADAPTER_FIELDS: dict[str, tuple[str, Any]] = {
+    "preset": (f"one of the presets ({', '.join(PRESETS)})", lambda v: isinstance(v, str) and v in PRESETS),
+}
 
 
 def _check_fields(
@@ -774,7 +783,7 @@ def _check_adapter_names(recipe: Mapping[str, Any], where: str) -> None:
         what = f"{where} models adapter #{index + 1}"
         if not isinstance(adapter, Mapping):
             raise RecipeError(f"{what} is not an object")
-        _check_fields(what, adapter, _ADDED_ADAPTER_FIELDS)
+        _check_fields(what, adapter, _ADDED_ADAPTER_FIELDS, _OPTIONAL_ADDED_ADAPTER_FIELDS)
         if adapter["name"] in names:
             raise RecipeError(f"{what}: the adapter name {adapter['name']!r} is recorded twice")
         names.append(adapter["name"])

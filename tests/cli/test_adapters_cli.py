@@ -271,3 +271,26 @@ def test_web_takes_the_same_adapter_flags(sdxl_files):
     flux = build_parser().parse_args(["web", "--tiny", "flux", "--adapter", f"face={sdxl_files.plus_bin}"])
     with pytest.raises(ValueError, match=r"^--adapter face=.*: adapters are added on SDXL and SD1.5; a FLUX pipeline"):
         load_pipeline(flux, torch.device("cpu"), torch.float32)
+
+
+def test_an_added_adapter_named_by_a_preset_is_recorded_with_it(sdxl_files):
+    """Guards what a rerun needs of a preset-named added adapter (``--adapter face=ip-sdxl-plus-face``, real
+    models only, so its loading step is driven here with a local stand-in file): its record names the
+    preset, whose default scale a subject added on the rerun gets."""
+    from mipadapter.checkpoint import read_file
+    from mipadapter.cli.options import AddedAdapter, _add_adapters
+    from mipadapter.pipeline.loading import check_adapter_fits
+    from mipadapter.testing.mip import tiny_mip_pipeline
+
+    pipe = tiny_mip_pipeline("sdxl")
+    path = sdxl_files.plus_bin
+    checked = check_adapter_fits(read_file(path), pipe.pipe.unet, path, "the tiny model", 0.6)
+    encoder = str(sdxl_files.plus_image_encoder.resolve())
+    for preset in ("ip-sdxl-plus-face", None):
+        added = AddedAdapter(f"face{len(pipe.adapters)}", str(path), encoder, preset=preset)
+        (record,) = _add_adapters(pipe, [(added, path, file_sha256(path), checked, encoder)])
+        assert record.to_dict() == {
+            "name": added.name, "adapter": str(path.resolve()), "sha256": file_sha256(path), "image_encoder": encoder,
+            **({"preset": preset} if preset else {}),
+        }  # fmt: skip
+        assert pipe.adapters[added.name].config.default_scale == 0.6

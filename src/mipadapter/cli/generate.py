@@ -677,7 +677,8 @@ def _models(args, recipe) -> argparse.Namespace:
 
 def _recorded_adapters(recorded: dict, source: str | None) -> list:
     """A recipe's added adapters as ``--adapter NAME=FILE`` would give them, with the SHA-256 each file
-    must still have; a tiny built-in image encoder is built again (None)."""
+    must still have and the preset that named it (its default scale); a tiny built-in image encoder is
+    built again (None)."""
     from mipadapter.cli.options import AddedAdapter, is_tiny_encoder
 
     return [
@@ -685,6 +686,7 @@ def _recorded_adapters(recorded: dict, source: str | None) -> list:
             added["name"],
             added["adapter"],
             None if is_tiny_encoder(added["image_encoder"]) else added["image_encoder"],
+            preset=added.get("preset"),
             sha256=added["sha256"],
             recorded_in=source,
         )

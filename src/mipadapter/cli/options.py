@@ -605,7 +605,7 @@ def _add_adapters(pipe, prepared) -> tuple[AdapterRecord, ...]:
     records = []
     for added, path, digest, checked, encoder in prepared:
         pipe.add_adapter(added.name, _built(pipe, checked, path), encoder)
-        records.append(AdapterRecord(added.name, _recorded_path(added.adapter), digest, encoder))
+        records.append(AdapterRecord(added.name, _recorded_path(added.adapter), digest, encoder, added.preset))
     return tuple(records)
 
 
