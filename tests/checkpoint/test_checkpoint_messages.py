@@ -244,3 +244,58 @@ def test_an_adapter_source_that_cannot_be_found_is_named_by_where(tmp_path):
             load_adapter("owner/repo/missing.bin", None, **kwargs)
         assert str(error.value).startswith("could not fetch the adapter 'owner/repo/missing.bin' from the Hugging Face Hub")
         assert str(error.value).endswith(f"point {named} at a local copy")
+
+
+def test_safetensors_in_the_h94_layouts_carry_torchs_format_tag(shared_unet, tmp_path):
+    """Files written in the h94 layouts carry ``{"format": "pt"}``, the tag safetensors' torch writer and
+    the Hub's IP-Adapter files carry; ours add our own fields over it."""
+    from safetensors import safe_open
+
+    from mipadapter.checkpoint import save_adapter
+    from mipadapter.config import AdapterConfig
+    from mipadapter.modeling import MIPAdapter
+
+    adapter = MIPAdapter.for_unet(shared_unet("sd15"), AdapterConfig("basic", 20, 48, 4, text_weight=True))
+    for fmt in ("diffusers", "authors", "mipadapter"):
+        path = save_adapter(adapter, tmp_path / f"{fmt}.safetensors", fmt)
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        assert metadata["format"] == ("mipadapter" if fmt == "mipadapter" else "pt"), fmt
+        if fmt != "mipadapter":
+            assert metadata == {"format": "pt"}
+
+
+def test_a_conversion_source_that_cannot_be_found_is_named_by_where(shared_unet, tmp_path):
+    from mipadapter.checkpoint import convert_checkpoint
+    from mipadapter.hub import ModelNotFoundError
+
+    unet = shared_unet("sd15")
+    with pytest.raises(ModelNotFoundError) as error:
+        convert_checkpoint(tmp_path, tmp_path / "out.safetensors", unet)
+    assert str(error.value) == f"checkpoint {str(tmp_path)!r} is a folder; name the checkpoint file inside it"
+    for kwargs, named in (({}, "source"), ({"where": "input"}, "input")):
+        with pytest.raises(ModelNotFoundError) as error:
+            convert_checkpoint("owner/repo/missing.bin", tmp_path / "out.safetensors", unet, **kwargs)
+        assert str(error.value).startswith("could not fetch the checkpoint 'owner/repo/missing.bin' from")
+        assert str(error.value).endswith(f"point {named} at a local copy")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_conversion_given_the_read_file_does_not_read_it_again(checkpoint_files, shared_unet, tmp_path):
+    """``loaded``: the CLI has read the source already (a real checkpoint is gigabytes); what it read is
+    what is converted, even when the file has changed since."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from mipadapter.checkpoint import convert_checkpoint, read_file
+
+    source = tmp_path / "source.bin"
+    shutil.copyfile(checkpoint_files("sd15").basic_bin, source)
+    loaded = read_file(source)
+    source.write_bytes(b"not a checkpoint any more")
+    out = convert_checkpoint(source, tmp_path / "out.safetensors", shared_unet("sd15"), "diffusers", loaded=loaded)
+    converted = load_file(str(out))
+    assert set(converted) == set(loaded.state) and all(torch.equal(converted[k], loaded.state[k]) for k in converted)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        convert_checkpoint(source, tmp_path / "again.safetensors", shared_unet("sd15"), "diffusers")

@@ -725,3 +725,19 @@ def test_negative_image_black_feeds_a_black_photo_to_the_unconditional_half(mip_
     torch.testing.assert_close(seen[0].image_tokens[0, 0], expected)  # the unconditional half comes first
     with pytest.raises(ValueError, match="negative_image must be 'black' or 'zeros', got 'grey'"):
         generate(mip, subjects, "a photo of a cat", negative_image="grey")
+
+
+def test_the_plus_negative_is_made_on_the_encoders_device_and_dtype():
+    """The all-zero pixels of a Plus adapter's unconditional side are made where the encoder is: on the
+    meta device (standing in for a GPU) for an encoder there (CPU pixels would not run); a bfloat16
+    encoder gives bfloat16 hidden states close to float32's."""
+    from mipadapter.pipeline.encoding import unconditional_features
+
+    encoder, processor = TINY_SDXL.plus_image_encoder.build()
+    like = torch.zeros(1, 5, TINY_SDXL.plus_image_encoder.hidden_size)
+    reference = unconditional_features(encoder, processor, True, like)
+    half = unconditional_features(encoder.to(torch.bfloat16), processor, True, like)
+    assert half.dtype == torch.bfloat16 and half.shape == reference.shape
+    torch.testing.assert_close(half.float(), reference, atol=0.1, rtol=0.1)
+    meta = unconditional_features(encoder.to("meta", torch.float32), processor, True, like)
+    assert meta.device.type == "meta" and meta.shape == reference.shape
