@@ -299,3 +299,32 @@ def test_a_conversion_given_the_read_file_does_not_read_it_again(checkpoint_file
     assert set(converted) == set(loaded.state) and all(torch.equal(converted[k], loaded.state[k]) for k in converted)
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         convert_checkpoint(source, tmp_path / "again.safetensors", shared_unet("sd15"), "diffusers")
+
+
+def _h94_flat(path) -> dict:
+    from mipadapter.checkpoint import read_file
+
+    return dict(read_file(path).state)
+
+
+def test_a_basic_projection_needs_both_its_tensors_to_be_read_as_basic(checkpoint_files):
+    from mipadapter.checkpoint import infer_h94_config
+
+    state = _h94_flat(checkpoint_files("sd15").basic_bin)
+    del state["image_proj.norm.weight"]
+    with pytest.raises(CheckpointError) as error:
+        infer_h94_config(state)
+    assert str(error.value) == (
+        "unrecognised image_proj layout (keys ['norm.bias', 'proj.bias', 'proj.weight']): neither basic nor plus "
+        "IP-Adapter"
+    )
+
+
+def test_a_plus_projection_missing_a_block_tensor_names_it(checkpoint_files):
+    from mipadapter.checkpoint.h94 import _infer_config
+
+    state = _h94_flat(checkpoint_files("sd15").plus_bin)
+    del state["image_proj.layers.0.0.to_q.weight"]
+    with pytest.raises(CheckpointError) as error:
+        _infer_config(state, "plus.bin")
+    assert str(error.value) == "plus.bin: image_proj lacks layers.0.0.to_q.weight"
