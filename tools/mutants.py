@@ -15,7 +15,8 @@ a run was stopped), killed (timeouts included), equivalent (tools/equivalent_mut
 reason), survived (surviving or not reached by the module's tests) and the kill rate over the tested
 non-equivalent ones; then the survivors not
 known to be equivalent, to be killed by a test (``mutmut show NAME`` in the module's folder shows one).
---retest tests again only the survivors of earlier runs (after tests were added to kill them); --report
+--retest tests again only the survivors of earlier runs (after tests were added to kill them); --resume
+only the mutants no run has tested yet (a run stopped before the end goes on from there); --report
 prints the table of what earlier runs left, running nothing; --show adds each survivor's diff; --only
 PATTERN tests only the mutants whose names match (the functions that matter first, on a slow machine).
 """
@@ -231,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", action="store_true", help="also print each survivor's diff (mutmut show)")
     parser.add_argument("--retest", action="store_true", help="test again only the survivors of earlier runs")
     parser.add_argument(
+        "--resume", action="store_true",
+        help="test only the mutants no earlier run has tested (a stopped run, or one whose tests changed)",
+    )  # fmt: skip
+    parser.add_argument(
         "--only", action="append", default=[], metavar="PATTERN",
         help="test only the mutants whose names match (fnmatch, e.g. '*x_build_sample__*'; repeatable)",
     )  # fmt: skip
@@ -245,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.report:
         for module in modules:
-            statuses(module)  # keep what the last run found: mutmut forgets it when the tests changed
+            known = statuses(module)  # keep what the last run found: mutmut forgets it when the tests changed
             names = list(summary(module, equivalent)["survivors"]) if args.retest else []
-            if args.retest and not names:
+            resumed = args.resume and bool(known)  # a module never run is run whole
+            if resumed:
+                names += sorted(name for name, status in known.items() if status in UNTESTED)
+            if (args.retest or resumed) and not names:
                 continue
             if args.only:
-                names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in args.only)] if args.retest else args.only
+                chosen = args.retest or resumed
+                names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in args.only)] if chosen else args.only
             if run(module, test_map[module], args.max_children, names):
                 failed.append(module)
     rows = [summary(module, equivalent) for module in modules]
