@@ -328,3 +328,28 @@ def test_a_plus_projection_missing_a_block_tensor_names_it(checkpoint_files):
     with pytest.raises(CheckpointError) as error:
         _infer_config(state, "plus.bin")
     assert str(error.value) == "plus.bin: image_proj lacks layers.0.0.to_q.weight"
+
+
+def test_an_unrecognised_projection_shows_its_first_eight_keys_sorted():
+    from mipadapter.checkpoint import infer_h94_config
+
+    state = {f"image_proj.k{index}": torch.zeros(1) for index in range(9, 0, -1)}
+    with pytest.raises(CheckpointError) as error:
+        infer_h94_config(state)
+    assert str(error.value) == (
+        "unrecognised image_proj layout (keys ['k1', 'k2', 'k3', 'k4', 'k5', 'k6', 'k7', 'k8']): neither basic "
+        "nor plus IP-Adapter"
+    )
+
+
+def test_a_nested_checkpoint_of_other_groups_names_them_sorted():
+    from mipadapter.checkpoint.convert import flatten_nested
+
+    with pytest.raises(CheckpointError) as error:
+        flatten_nested({"ip_adapter": {}, "state_dict": {}, "image_proj": {}})
+    assert str(error.value) == (
+        "an IP-Adapter checkpoint holds exactly ['image_proj', 'ip_adapter'], found ['image_proj', 'ip_adapter', "
+        "'state_dict']"
+    )
+    with pytest.raises(CheckpointError, match=r"found list$"):
+        flatten_nested([])

@@ -354,7 +354,12 @@ class Payload:
         return (_record, ("code ran while unpickling",))
 
 
-def test_bin_files_never_unpickle_code(checkpoint_files, shared_unet, tmp_path):
+@pytest.mark.parametrize("environment", [{}, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}])
+def test_bin_files_never_unpickle_code(environment, checkpoint_files, shared_unet, tmp_path, monkeypatch):
+    """Not even where the environment asks torch to unpickle fully: that variable only changes a
+    ``torch.load`` that does not say ``weights_only=True`` itself."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
     files = checkpoint_files("sd15")
     state = copy.deepcopy(files.states["basic"])
     state["ip_adapter"]["1.to_k_ip.weight"] = Payload()

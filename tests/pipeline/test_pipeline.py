@@ -741,3 +741,25 @@ def test_the_plus_negative_is_made_on_the_encoders_device_and_dtype():
     torch.testing.assert_close(half.float(), reference, atol=0.1, rtol=0.1)
     meta = unconditional_features(encoder.to("meta", torch.float32), processor, True, like)
     assert meta.device.type == "meta" and meta.shape == reference.shape
+
+
+def test_photos_are_encoded_as_rgb_on_the_encoders_device_whatever_their_mode():
+    """A grey or RGBA photo reaches the encoder as RGB even when its processor would not convert it
+    (``do_convert_rgb=False``), and the pixels go where the encoder is (the meta device standing in
+    for a GPU)."""
+    from PIL import Image
+
+    from mipadapter.pipeline.encoding import encode_photos
+
+    encoder, processor = TINY_SDXL.basic_image_encoder.build()
+    processor.do_convert_rgb = False
+    colour = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    grey, rgba = colour.convert("L"), colour.convert("RGBA")
+    with torch.no_grad():
+        as_grey = encode_photos(encoder, processor, [grey], False)
+        as_rgb = encode_photos(encoder, processor, [grey.convert("RGB")], False)
+        torch.testing.assert_close(as_grey, as_rgb, rtol=0, atol=0)
+        torch.testing.assert_close(encode_photos(encoder, processor, [rgba], False),
+                                   encode_photos(encoder, processor, [colour], False), rtol=0, atol=0)  # fmt: skip
+        meta = encode_photos(encoder.to("meta"), processor, [colour, grey], True)
+    assert meta.device.type == "meta" and meta.shape[0] == 2
