@@ -353,3 +353,21 @@ def test_a_nested_checkpoint_of_other_groups_names_them_sorted():
     )
     with pytest.raises(CheckpointError, match=r"found list$"):
         flatten_nested([])
+
+
+def test_unreadable_bin_files_name_torchs_error_type_and_first_line(tmp_path):
+    from mipadapter.checkpoint.io import _torch_load
+
+    torch.save({"a": torch.zeros(3)}, tmp_path / "good.bin")
+    whole = (tmp_path / "good.bin").read_bytes()
+    cases = {
+        "empty.bin": (b"", "(EOFError: EOFError)"),
+        "cut.bin": (whole[: len(whole) // 2], "(RuntimeError: PytorchStreamReader failed reading zip archive: "),
+        "garbage.bin": (b"not a zip, not a pickle", "(Unsupported operand 110)"),
+    }
+    for name, (data, words) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError) as error:
+            _torch_load(path)
+        assert str(error.value).startswith(f"{path} is not a readable PyTorch checkpoint {words}"), error.value

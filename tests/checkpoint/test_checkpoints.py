@@ -297,8 +297,9 @@ def test_strict_loading_names_the_key_and_loses_nothing(problem, checkpoint_file
     # loading into a live adapter fails before any weight is touched
     adapter = load_adapter(files.basic_bin, unet)
     snapshot = copy.deepcopy(adapter.state_dict())
-    with pytest.raises(CheckpointError, match=pattern):
-        load_state(adapter, AdapterFile("h94", state, None), str(path))
+    with pytest.raises(CheckpointError, match=pattern) as error:
+        load_state(adapter, AdapterFile("h94", state, None), "a live load of bad.safetensors")
+    assert str(error.value).startswith("a live load of bad.safetensors does not fit this adapter — ")
     assert_same_state(adapter.state_dict(), snapshot)
 
 
