@@ -287,3 +287,46 @@ def test_a_layout_without_config_inference_refuses_a_file_without_a_config(share
     finally:
         layouts.unregister(TOY)
     assert str(refused.value) == f"{path}: a toy file carries its adapter config, and this one has none"
+
+
+def test_a_layout_without_a_home_says_a_different_pipeline(shared_unet, tmp_path):
+    from mipadapter.testing.flux import tiny_flux_pipeline
+
+    layouts.register(
+        layouts.Layout(TOY, description="a toy checkpoint", recognise=_claims_toy),
+        layouts.KeyTable(TOY, "unet", _toy_rules, _toy_config),
+        layouts.SaveFormat(TOY, TOY, _toy_check),
+    )
+    try:
+        path = save_adapter(_random_adapter(shared_unet("sd15"), 1, torch.float32), tmp_path / "a.safetensors", TOY)
+        transformer = tiny_flux_pipeline().transformer
+        with pytest.raises(CheckpointError) as refused:
+            check_adapter_file(path, transformer)
+    finally:
+        layouts.unregister(TOY)
+    assert str(refused.value) == (
+        f"{path} is a toy checkpoint file, which does not fit FluxTransformer2DModel: load it onto a different "
+        "pipeline"
+    )
+
+
+def test_a_key_table_that_leaves_a_parameter_out_cannot_load_it_silently(shared_unet, tmp_path):
+    """A layout's rules missing one of the adapter's parameters (a programming error in a new layout) make
+    loading fail, not leave that parameter as it was initialised."""
+    unet = shared_unet("sd15")
+
+    def partial_rules(adapter) -> list[KeyRule]:
+        return [rule for rule in _toy_rules(adapter) if rule.modules[0] != "image_proj.norm.bias"]
+
+    layouts.register(
+        layouts.Layout(TOY, description="a toy checkpoint", recognise=_claims_toy),
+        layouts.KeyTable(TOY, "unet", partial_rules, _toy_config),
+        layouts.SaveFormat(TOY, TOY, _toy_check),
+    )
+    try:
+        path = save_adapter(_random_adapter(unet, 1, torch.float32), tmp_path / "a.safetensors", TOY)
+        assert _toy_key("image_proj.norm.bias") not in read_file(path).state
+        with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"image_proj\.norm\.bias\""):
+            load_adapter(path, unet)
+    finally:
+        layouts.unregister(TOY)
