@@ -371,3 +371,20 @@ def test_unreadable_bin_files_name_torchs_error_type_and_first_line(tmp_path):
         with pytest.raises(CheckpointError) as error:
             _torch_load(path)
         assert str(error.value).startswith(f"{path} is not a readable PyTorch checkpoint {words}"), error.value
+
+
+def test_our_file_of_a_flux_adapter_is_refused_on_a_unet_naming_the_file(shared_unet, tmp_path):
+    from mipadapter.checkpoint import check_adapter_file, save_adapter
+    from mipadapter.config import AdapterConfig
+    from mipadapter.modeling import MIPAdapter
+    from mipadapter.testing.flux import tiny_flux_pipeline
+
+    transformer = tiny_flux_pipeline().transformer
+    config = AdapterConfig("basic", 20, transformer.config.joint_attention_dim, 4, architecture="flux")
+    path = save_adapter(MIPAdapter.for_model(transformer, config), tmp_path / "flux.safetensors")
+    with pytest.raises(CheckpointError) as error:
+        check_adapter_file(path, shared_unet("sd15"))
+    assert str(error.value) == (
+        f"{path}: this is a flux adapter but the model is a UNet2DConditionModel (unet): use an adapter made for "
+        "this base model"
+    )
