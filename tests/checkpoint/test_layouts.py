@@ -330,3 +330,32 @@ def test_a_key_table_that_leaves_a_parameter_out_cannot_load_it_silently(shared_
             load_adapter(path, unet)
     finally:
         layouts.unregister(TOY)
+
+
+def test_an_unknown_layout_name_lists_the_registered_ones():
+    with pytest.raises(ValueError) as error:
+        layouts.layout_named("onnx")
+    assert str(error.value) == f"unknown checkpoint layout 'onnx'; the layouts are {sorted(layouts._LAYOUTS)}"
+    assert "xlabs" in str(error.value) and "h94" in str(error.value)
+
+
+@pytest.mark.parametrize("home", ["toy-friendly", None])
+def test_writing_a_model_a_layout_has_no_table_for_says_where_its_files_go(home, shared_unet, tmp_path):
+    from mipadapter.testing.flux import tiny_flux_pipeline
+
+    layouts.register(
+        layouts.Layout(TOY, description="a toy checkpoint", home=home, recognise=_claims_toy),
+        layouts.KeyTable(TOY, "unet", _toy_rules, _toy_config),
+        layouts.SaveFormat(TOY, TOY, _toy_check),
+    )
+    try:
+        transformer = tiny_flux_pipeline().transformer
+        config = AdapterConfig("basic", 20, transformer.config.joint_attention_dim, 4, architecture="flux")
+        with pytest.raises(CheckpointError) as error:
+            save_adapter(MIPAdapter.for_model(transformer, config), tmp_path / "flux.safetensors", TOY)
+    finally:
+        layouts.unregister(TOY)
+    assert str(error.value) == (
+        f"a toy checkpoint file does not fit a flux adapter: load it onto a {home or 'different'} pipeline"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -197,10 +197,7 @@ def check_adapter_file(
             skeleton = MIPAdapter(config, layers)
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    try:
-        rules = _rules(skeleton, loaded.layout)
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from None
+    rules = _rules(skeleton, loaded.layout)  # the layout fits the architecture: misfit said so above
     module_shapes = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     convert.check_keys(str(path), loaded.state, convert.external_shapes(rules, module_shapes))
     return AdapterFile(loaded.layout, loaded.state, config)
