@@ -388,3 +388,21 @@ def test_our_file_of_a_flux_adapter_is_refused_on_a_unet_naming_the_file(shared_
         f"{path}: this is a flux adapter but the model is a UNet2DConditionModel (unet): use an adapter made for "
         "this base model"
     )
+
+
+def test_weights_that_are_not_floating_point_tensors_are_named_with_their_type():
+    from mipadapter.checkpoint.io import check_weights
+
+    good = torch.zeros(2)
+    with pytest.raises(CheckpointError) as error:
+        check_weights("a.bin", {"b": good, "a": [1.0, 2.0], "c": "x"})
+    assert str(error.value) == "a.bin: a is a list, not a tensor"
+    with pytest.raises(CheckpointError) as error:
+        check_weights("a.bin", {"b": good, "w": torch.zeros(2, dtype=torch.int8)})
+    assert str(error.value) == (
+        "a.bin: tensor w is int8; adapter weights are floating point (float32, float16, bfloat16)"
+    )
+    with pytest.raises(CheckpointError) as error:
+        check_weights("a.bin", {"z": torch.tensor([1.0, float("nan")]), "y": torch.tensor([float("inf")])})
+    assert str(error.value) == "a.bin: tensor y holds NaN or infinite values (the first such key)"
+    check_weights("a.bin", {"b": good, "h": torch.ones(3, dtype=torch.bfloat16)})
