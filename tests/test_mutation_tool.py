@@ -42,3 +42,15 @@ def test_a_result_is_kept_until_its_function_changes(tool):
     third = tool.merge_history(second, {"m.x_f__mutmut_1": "not checked", "m.x_g__mutmut_1": "not checked"},
                                {"m.x_f": "ccc", "m.x_g": "bbb"})  # fmt: skip
     assert third == {"m.x_g__mutmut_1": {"status": "timeout", "hash": "bbb"}}
+
+
+def test_every_listed_equivalent_mutant_is_in_the_docs_with_its_reason(tool):
+    """tools/equivalent_mutants.toml (the tool's list) and docs/testing.md (the reader's) say the same."""
+    root = TOOL.parents[1]
+    listed = tool.tomllib.loads((root / "tools" / "equivalent_mutants.toml").read_text(encoding="utf-8"))
+    docs = (root / "docs" / "testing.md").read_text(encoding="utf-8").replace("`", "")
+    missing = [
+        name for name, why in listed.items()
+        if f"- {name.rsplit('.', 1)[1]}: {why}" not in docs or f"\n{name.rsplit('.', 1)[0]}:\n" not in docs
+    ]  # fmt: skip
+    assert missing == []
