@@ -304,3 +304,18 @@ def test_per_block_scales_of_the_wrong_form_are_refused(mip, photo, scale, messa
     with pytest.raises(ValueError) as error:
         run(mip, [Subject("dog", photo(1), scale=scale)])
     assert str(error.value) == message
+
+
+def test_names_without_a_sequence_length_are_encoded_at_the_pipelines_default_512():
+    """T5 runs without an attention mask, so the padding length changes every row: a name encoded
+    without the call's length gets FluxPipeline's default (512), not some other length."""
+    from mipadapter.pipeline.encoding import encode_names, max_sequence_length
+
+    pipe = tiny_flux_pipeline()
+    assert max_sequence_length(pipe) == 512 and max_sequence_length(pipe, 77) == 77
+    with torch.no_grad():
+        default, mask = encode_names(pipe, ["cat", "red hat"], "cpu")
+        at_512, _ = encode_names(pipe, ["cat", "red hat"], "cpu", sequence_length=512)
+        at_64, _ = encode_names(pipe, ["cat", "red hat"], "cpu", sequence_length=64)
+    torch.testing.assert_close(default, at_512, rtol=0, atol=0)
+    assert mask.sum(-1).tolist()[0] >= 1 and not torch.allclose(default, at_64)
