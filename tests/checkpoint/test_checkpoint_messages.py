@@ -406,3 +406,16 @@ def test_weights_that_are_not_floating_point_tensors_are_named_with_their_type()
         check_weights("a.bin", {"z": torch.tensor([1.0, float("nan")]), "y": torch.tensor([float("inf")])})
     assert str(error.value) == "a.bin: tensor y holds NaN or infinite values (the first such key)"
     check_weights("a.bin", {"b": good, "h": torch.ones(3, dtype=torch.bfloat16)})
+
+
+def test_infer_config_lists_every_absent_size_tensor_and_names_checkpoint_by_default():
+    from mipadapter.checkpoint.xlabs import infer_config
+
+    state = _small_xlabs_state()
+    del state["ip_adapter_proj_model.norm.weight"], state["ip_adapter_proj_model.proj.weight"]
+    with pytest.raises(CheckpointError) as error:
+        infer_config(state)
+    assert str(error.value) == (
+        "checkpoint lacks ip_adapter_proj_model.proj.weight, ip_adapter_proj_model.norm.weight: cannot tell the "
+        "adapter's sizes"
+    )
