@@ -763,3 +763,20 @@ def test_photos_are_encoded_as_rgb_on_the_encoders_device_whatever_their_mode():
                                    encode_photos(encoder, processor, [colour], False), rtol=0, atol=0)  # fmt: skip
         meta = encode_photos(encoder.to("meta"), processor, [colour, grey], True)
     assert meta.device.type == "meta" and meta.shape[0] == 2
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_names_run_each_text_encoder_once_without_an_unconditional_pass(arch):
+    """encode_names asks diffusers' encode_prompt for the names alone (no classifier-free guidance): each
+    text encoder runs once per call, never again for an unconditional prompt nobody reads (SDXL checkpoints
+    that do not zero the empty prompt would encode it)."""
+    pipe = BUILDERS[arch]()
+    if arch == "sdxl":
+        pipe.register_to_config(force_zeros_for_empty_prompt=False)
+    calls = []
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+    for encoder in encoders:
+        encoder.register_forward_pre_hook(lambda module, args, kwargs: calls.append(module), with_kwargs=True)
+    with torch.no_grad():
+        encode_names(pipe, ["cat", "dog"], "cpu")
+    assert [id(m) for m in calls] == [id(e) for e in encoders]
