@@ -5,6 +5,7 @@ by the generic code without editing it."""
 from __future__ import annotations
 
 import ast
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -289,21 +290,28 @@ def test_a_layout_without_config_inference_refuses_a_file_without_a_config(share
     assert str(refused.value) == f"{path}: a toy file carries its adapter config, and this one has none"
 
 
-def test_a_layout_without_a_home_says_a_different_pipeline(shared_unet, tmp_path):
-    from mipadapter.testing.flux import tiny_flux_pipeline
-
+@contextlib.contextmanager
+def _toy_registered(rules=_toy_rules, *, home=None):
+    """The toy layout registered for one test (its rules and home as given), then removed."""
     layouts.register(
-        layouts.Layout(TOY, description="a toy checkpoint", recognise=_claims_toy),
-        layouts.KeyTable(TOY, "unet", _toy_rules, _toy_config),
+        layouts.Layout(TOY, description="a toy checkpoint", home=home, recognise=_claims_toy),
+        layouts.KeyTable(TOY, "unet", rules, _toy_config),
         layouts.SaveFormat(TOY, TOY, _toy_check),
     )
     try:
+        yield
+    finally:
+        layouts.unregister(TOY)
+
+
+def test_a_layout_without_a_home_says_a_different_pipeline(shared_unet, tmp_path):
+    from mipadapter.testing.flux import tiny_flux_pipeline
+
+    with _toy_registered():
         path = save_adapter(_random_adapter(shared_unet("sd15"), 1, torch.float32), tmp_path / "a.safetensors", TOY)
         transformer = tiny_flux_pipeline().transformer
         with pytest.raises(CheckpointError) as refused:
             check_adapter_file(path, transformer)
-    finally:
-        layouts.unregister(TOY)
     assert str(refused.value) == (
         f"{path} is a toy checkpoint file, which does not fit FluxTransformer2DModel: load it onto a different "
         "pipeline"
@@ -318,18 +326,11 @@ def test_a_key_table_that_leaves_a_parameter_out_cannot_load_it_silently(shared_
     def partial_rules(adapter) -> list[KeyRule]:
         return [rule for rule in _toy_rules(adapter) if rule.modules[0] != "image_proj.norm.bias"]
 
-    layouts.register(
-        layouts.Layout(TOY, description="a toy checkpoint", recognise=_claims_toy),
-        layouts.KeyTable(TOY, "unet", partial_rules, _toy_config),
-        layouts.SaveFormat(TOY, TOY, _toy_check),
-    )
-    try:
+    with _toy_registered(partial_rules):
         path = save_adapter(_random_adapter(unet, 1, torch.float32), tmp_path / "a.safetensors", TOY)
         assert _toy_key("image_proj.norm.bias") not in read_file(path).state
         with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"image_proj\.norm\.bias\""):
             load_adapter(path, unet)
-    finally:
-        layouts.unregister(TOY)
 
 
 def test_an_unknown_layout_name_lists_the_registered_ones():
@@ -343,18 +344,11 @@ def test_an_unknown_layout_name_lists_the_registered_ones():
 def test_writing_a_model_a_layout_has_no_table_for_says_where_its_files_go(home, shared_unet, tmp_path):
     from mipadapter.testing.flux import tiny_flux_pipeline
 
-    layouts.register(
-        layouts.Layout(TOY, description="a toy checkpoint", home=home, recognise=_claims_toy),
-        layouts.KeyTable(TOY, "unet", _toy_rules, _toy_config),
-        layouts.SaveFormat(TOY, TOY, _toy_check),
-    )
-    try:
+    with _toy_registered(home=home):
         transformer = tiny_flux_pipeline().transformer
         config = AdapterConfig("basic", 20, transformer.config.joint_attention_dim, 4, architecture="flux")
         with pytest.raises(CheckpointError) as error:
             save_adapter(MIPAdapter.for_model(transformer, config), tmp_path / "flux.safetensors", TOY)
-    finally:
-        layouts.unregister(TOY)
     assert str(error.value) == (
         f"a toy checkpoint file does not fit a flux adapter: load it onto a {home or 'different'} pipeline"
     )
