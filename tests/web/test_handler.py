@@ -3,6 +3,7 @@ every problem a person can make shown as a message next to the subject (or reque
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,16 +19,18 @@ from mipadapter.testing.mip import tiny_mip_pipeline
 from mipadapter.web.handler import (
     GenerateRequest,
     Limits,
+    SlotRegion,
     SubjectForm,
     adapter_choices,
     default_guidance,
     generate,
     model_family,
     page_number,
+    painted_digest,
     painted_mask,
     parse_box,
     read_photo,
-    region_to_clear,
+    settle_region,
     slot_color,
 )
 
@@ -136,18 +139,57 @@ def test_parse_box():
         parse_box(["8", "0", "sixteen", "32"])
 
 
-def test_a_subject_keeps_one_region_the_one_changed_last():
-    painted = {"layers": [np.full((8, 8, 4), 255, np.uint8)]}
-    untouched = {"layers": [np.zeros((8, 8, 4), np.uint8)]}
-    box, half_typed = ["0", "0", "32", "32"], ["4", "", "", ""]
-    assert region_to_clear(box, painted, "painted") == "box"  # painting clears a box
-    assert region_to_clear(half_typed, painted, "box") == "painted"  # typing clears the painting
-    assert region_to_clear(box, untouched, "box") is None and region_to_clear(box, None, "painted") is None
-    assert region_to_clear(["", " ", None, ""], painted, "painted") is None
-    bomb = {"layers": [np.zeros((3000, 3000), np.uint8)]}  # unreadable here: the preview says why
-    assert region_to_clear(box, bomb, "painted", max_painted_pixels=1000) is None
-    with pytest.raises(ValueError, match="changed must be"):
-        region_to_clear(box, painted, "name")
+def painting(shape: tuple[int, int], seed: int) -> dict:
+    """An editor value with one random stroke-like layer of ``shape`` (RGBA, alpha painted)."""
+    alpha = (np.random.default_rng(seed).random(shape) > 0.6).astype(np.uint8) * 255
+    return {"layers": [np.dstack([np.zeros((*shape, 3), np.uint8), alpha])]}
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (6, 10)])
+def test_a_subject_keeps_one_region_the_one_changed_last(shape):
+    stroke, other = painting(shape, 1), painting(shape, 2)
+    box, half_typed = ("0", "0", "32", "32"), ("4", "", "", "")
+    painted = SlotRegion(name="cat", painted=stroke, digest=painted_digest(stroke))
+
+    typed, cleared = settle_region(painted, box=half_typed)  # typing clears the painting, which is kept aside
+    assert cleared == "painted"
+    assert typed == SlotRegion(name="cat", box=half_typed, cleared=painted_digest(stroke))
+    boxed = SlotRegion(name="cat", box=box)
+    repainted, cleared = settle_region(boxed, painted=other)  # painting clears a box
+    assert cleared == "box"
+    assert repainted == SlotRegion(name="cat", painted=other, digest=painted_digest(other))
+
+    # an event carrying what is kept changes nothing, whatever it was fired by: both fields and the name
+    # come back as the page holds them
+    assert settle_region(repainted, name="cat", box=["", "", "", ""]) == (repainted, None)
+    assert settle_region(typed, name="cat", box=list(half_typed)) == (typed, None)
+    both = SlotRegion(name="cat", box=box, painted=stroke, digest=painted_digest(stroke))  # as a refresh may keep
+    assert settle_region(both, box=box, painted=stroke) == (both, None)
+
+    # the cleared painting arriving late (uploaded before it was cleared) is dropped, the box stays; any
+    # other painting is a new one and clears the box
+    late, cleared = settle_region(typed, painted={"layers": [stroke["layers"][0].copy()]})
+    assert (late, cleared) == (typed, None)
+    assert settle_region(typed, painted=other)[1] == "box"
+
+    # blank fields are no box; a blank or unreadable painting is no painting (the preview says why)
+    for blank in (["", " ", None, ""], None):
+        assert settle_region(painted, box=blank)[1] is None
+    untouched = {"layers": [np.zeros((*shape, 4), np.uint8)]}
+    assert settle_region(boxed, painted=untouched) == (replace(boxed, painted=untouched), None)
+    bomb = {"layers": [np.zeros((3000, 3000), np.uint8)]}
+    unreadable, cleared = settle_region(boxed, painted=bomb, max_painted_pixels=1000)
+    assert cleared is None and unreadable.painted is bomb and unreadable.box == box
+    assert settle_region(boxed, name=None) == (replace(boxed, name=""), None)  # a field Gradio sent as None
+
+
+def test_a_paintings_digest_tells_paintings_apart_and_not_their_encodings():
+    stroke = painting((8, 8), 1)
+    assert painted_digest(stroke) == painted_digest({"layers": [stroke["layers"][0][..., 3]]})  # alpha alone
+    assert painted_digest(stroke) != painted_digest(painting((8, 8), 2))
+    flat = np.full((8, 8), 255, np.uint8)
+    assert painted_digest({"layers": [flat]}) != painted_digest({"layers": [np.full((4, 16), 255, np.uint8)]})
+    assert painted_digest(None) is painted_digest({"layers": [np.zeros((8, 8), np.uint8)]}) is None
 
 
 def test_page_numbers_are_made_exact_for_the_checks():

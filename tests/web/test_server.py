@@ -124,13 +124,14 @@ def test_the_region_editor_keeps_layers_undecoded_and_bounded(need, bomb, decode
     from gradio.components.image_editor import AcceptBlobs, EditorData
     from gradio.data_classes import FileData
 
-    from mipadapter.web.editor import MAX_LAYER_BYTES, MAX_LAYERS, MAX_PENDING, region_editor
+    from mipadapter.web.editor import MAX_LAYER_BYTES, MAX_LAYERS, MAX_PENDING, pending_layers, region_editor
 
-    editor = region_editor(render=False)
+    editor = region_editor(elem_id="bounded-editor", render=False)
     assert editor.get_config()["server_fns"] == ["accept_blobs"]  # the page still sends its layers ahead
+    pending_layers(editor).clear()
 
-    def send(payload_id: str, kind: str, index, data: bytes) -> None:
-        editor.accept_blobs(
+    def send(payload_id: str, kind: str, index, data: bytes, to=editor) -> None:
+        to.accept_blobs(
             AcceptBlobs(
                 data={"type": kind, "index": index, "file": b"", "id": payload_id}, files=[("f.png", data)]
             )
@@ -145,7 +146,7 @@ def test_the_region_editor_keeps_layers_undecoded_and_bounded(need, bomb, decode
     value = editor.preprocess(EditorData(id="page-1"))
     assert value == {"background": None, "layers": [bomb], "composite": None}
     assert value["layers"][0] is bomb and decoded == []  # handed on as sent, nothing decoded
-    assert editor.blob_storage == {}  # taken by its event
+    assert pending_layers(editor) == {}  # taken by its event
     upload = FileData(path="/uploads/layer.png", orig_name="layer.png")
     assert editor.preprocess(EditorData(layers=[upload])) == {
         "background": None,
@@ -154,37 +155,136 @@ def test_the_region_editor_keeps_layers_undecoded_and_bounded(need, bomb, decode
     }
     for index in range(MAX_PENDING + 5):  # pages that never send their event: the oldest are dropped
         send(f"page-{index}", "layer", "0", b"png")
-    assert list(editor.blob_storage) == [f"page-{index}" for index in range(5, MAX_PENDING + 5)]
+    assert list(pending_layers(editor)) == [f"page-{index}" for index in range(5, MAX_PENDING + 5)]
+
+
+def test_a_region_editor_rebuilt_by_gradio_stays_one_and_other_editors_stay_gradios(need, bomb, decoded):
+    """Gradio rebuilds a page's copy of a component from its constructor arguments when an event lists it
+    as an output and leaves it as it is: the rebuilt editor must still keep layers undecoded and bounded,
+    and find those sent to the one before it. (Methods set on the instance were lost that way: the page's
+    editor then decoded every layer.) Any other ImageEditor keeps Gradio's own behaviour."""
+    need("gradio")
+    import gradio as gr
+    from gradio.components.image_editor import AcceptBlobs, EditorData
+
+    from mipadapter.web.editor import MAX_LAYERS, pending_layers, region_editor
+
+    editor = region_editor(elem_id="rebuilt-editor", elem_classes="region-editor", render=False)
+    pending_layers(editor).clear()
+    layer = {"type": "layer", "index": "0", "file": b"", "id": "before"}
+    editor.accept_blobs(AcceptBlobs(data=layer, files=[("f.png", bomb)]))
+    rebuilt = type(editor)(**{**editor.constructor_args, "render": False})
+    assert rebuilt is not editor and "region-editor" in rebuilt.elem_classes
+    assert rebuilt.preprocess(EditorData(id="before")) == {"background": None, "layers": [bomb], "composite": None}
+    rebuilt.accept_blobs(AcceptBlobs(data={**layer, "index": str(MAX_LAYERS)}, files=[("f.png", bomb)]))
+    assert pending_layers(rebuilt) == {} and decoded == []
+
+    plain = gr.ImageEditor(elem_id="plain-editor", render=False)
+    plain.accept_blobs(AcceptBlobs(data={**layer, "index": str(MAX_LAYERS)}, files=[("f.png", png_bomb(8, 8))]))
+    assert len(plain.blob_storage["before"].layers) == MAX_LAYERS + 1  # Gradio's own: kept at any index
+    assert "plain-editor" not in pending_layers.__globals__["_pending"]
+
+
+class Page:
+    """The page's region events as Gradio's own processing runs them for one page (one session state):
+    ``fields`` (names, box fields, width, height) and ``paint`` (one slot's editor, its layer sent ahead
+    as the page does); each returns what it set, by elem_id (the region summary as ``summary``),
+    leaving out what it left as it was."""
+
+    def __init__(self, app):
+        from gradio.state_holder import SessionState
+
+        self.app, self.state, self.sent = app, SessionState(app), 0
+        fns = [fn for fn in app.fns.values() if fn.name in ("on_fields_change", "on_painted_change")]
+        self.fields_fn = next(fn for fn in fns if fn.name == "on_fields_change")
+        self.paint_fns = {fn.inputs[-1].elem_id: fn for fn in fns if fn.name == "on_painted_change"}
+        self.slots = len(self.paint_fns)
+
+    def run(self, fn, inputs) -> dict:
+        output = asyncio.run(self.app.process_api(fn, inputs, state=self.state, request=None))
+        named = {}
+        for block, value in zip(fn.outputs, output["data"], strict=True):
+            if value != {"__type__": "update"} and block.elem_id is not None:
+                named["summary" if block.elem_id == "region-summary" else block.elem_id] = value
+        return named
+
+    def fields(self, boxes: dict[int, tuple], names=("cat", "backpack"), size=(64, 64)) -> dict:
+        """Two slots shown (the page's start; the count and panels' states are the session's own)."""
+        inputs = [None, None, *size] + [None] * self.slots
+        for index in range(self.slots):
+            inputs += [names[index] if index < len(names) else "", *boxes.get(index, ("", "", "", ""))]
+        return self.run(self.fields_fn, inputs)
+
+    def paint(self, slot: int, layer: bytes, size=(64, 64)) -> dict:
+        """A stroke on slot ``slot``'s editor: its layer (PNG) sent ahead under a new id, then the event."""
+        from gradio.components.image_editor import AcceptBlobs
+
+        fn = self.paint_fns[f"subject-{slot}-painted"]
+        self.sent += 1
+        data = {"type": "layer", "index": "0", "file": b"", "id": f"event-{self.sent}"}
+        editor = self.state[fn.inputs[-1]._id]  # the session's own copy, as Gradio's route finds it
+        editor.accept_blobs(AcceptBlobs(data=data, files=[("layer.png", layer)]))
+        return self.run(fn, [None, None, *size, {"id": f"event-{self.sent}"}])
+
+
+def stroke_png(row: int, side: int = 64) -> bytes:
+    """A horizontal stroke across a transparent ``side``² layer, 8 pixels thick around ``row``."""
+    alpha = np.zeros((side, side), np.uint8)
+    alpha[row - 4 : row + 4, 8 : side - 8] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([np.zeros((side, side, 3), np.uint8), alpha]), "RGBA").save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def test_the_preview_refuses_a_painted_bomb_through_gradios_own_processing(need, pipe, bomb, decoded):
     need("gradio")
-    from gradio.components.image_editor import AcceptBlobs
-    from gradio.events import EventData
-
     import mipadapter.web.app as web
 
-    app = web.build_app(pipe)
-    fn = next(fn for fn in app.fns.values() if fn.name == "on_region_change")
-    # count, width, height, each slot's panel state, then (name, x0, y0, x1, y1, painted) per slot
-    slots = (len(fn.inputs) - 3) // 7
-    editor = fn.inputs[3 + slots + 5]
-    editor.accept_blobs(
-        AcceptBlobs(data={"type": "layer", "index": "0", "file": b"", "id": "p"}, files=[("l.png", bomb)])
-    )
-    inputs = [2, 64, 64] + [True] * slots + ["cat", None, None, None, None, {"id": "p"}]
-    inputs += ["", None, None, None, None, None] * (slots - 1)
+    page = Page(web.build_app(pipe))
+    page.fields({}, names=("cat",))
     tracemalloc.start()
     try:
-        event = EventData(editor, {})  # the page sends its event's data: here a stroke on the editor
-        output = asyncio.run(app.process_api(fn, inputs, request=None, event_data=event))
+        output = page.paint(0, bomb)  # a stroke on the editor, its layer a bomb
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    summary = output["data"][1]
-    assert summary == f"**1** 'cat': painted region not drawn ({BOMB_MESSAGE})"
+    assert output["summary"].startswith(f"**1** 'cat': painted region not drawn ({BOMB_MESSAGE})")
     assert peak < 40 * 2**20, peak
     assert all(width * height <= Limits.max_painted_pixels for width, height in decoded), decoded
+
+
+def test_the_preview_follows_what_changed_whatever_the_events_target_or_order(need, pipe):
+    """The events of a page whose typed box never reached the preview (a browser test, on a loaded
+    machine): Gradio re-runs an event that fired while the previous one ran with that one's target, and a
+    stroke exported before it was cleared can arrive after the box that cleared it. What changed is told
+    by comparing with what the page sent before, so the preview ends on what the page shows. (Deciding by
+    the event's target, as before, ends this sequence with the old stroke back and the box emptied.)"""
+    need("gradio")
+    import mipadapter.web.app as web
+    from mipadapter.web.handler import BOX_CLEARED, PAINT_CLEARED
+
+    page = Page(web.build_app(pipe))
+    fields = [f"subject-1-{field}" for field in ("x0", "y0", "x1", "y1")]
+    assert page.fields({1: ("0", "0", "32", "32")})["summary"].endswith("'backpack': box (0, 0, 32, 32)")
+    painted = page.paint(1, stroke_png(20))  # painting where a box is typed: the box makes way
+    assert [painted.pop(field) for field in fields] == [""] * 4
+    assert painted.pop("subject-1-region-note") == web.plain(BOX_CLEARED)
+    assert "'backpack': painted region (" in painted["summary"]
+    again = page.fields({})  # the box fields' own change events, as emptied: nothing more changes
+    assert again.keys() == painted.keys() and again["summary"] == painted["summary"]
+
+    typed = page.fields({1: ("8", "", "", "")})  # typing a box where a region is painted: the painting goes
+    assert (typed.pop("subject-1-painted"), typed.pop("subject-1-region-note")) == (None, web.plain(PAINT_CLEARED))
+    assert typed.keys() == {"region-preview", "summary"} and "painted region" not in typed["summary"]
+    late = page.paint(1, stroke_png(20))  # the cleared stroke, exported before it was cleared, arrives late
+    assert late.keys() == {"region-preview", "summary"} and "painted region" not in late["summary"]
+    done = page.fields({1: ("8", "8", "40", "40")})
+    assert done.keys() == {"region-preview", "summary"} and done["summary"].endswith("'backpack': box (8, 8, 40, 40)")
+
+    repainted = page.paint(1, stroke_png(44))  # a new stroke is not the cleared one: the box makes way
+    assert [repainted.pop(field) for field in fields] == [""] * 4 and "painted region (" in repainted["summary"]
+    both = page.paint(0, stroke_png(30))["summary"]  # another slot's stroke leaves this one as it is
+    assert "'cat': painted region (" in both and "'backpack': painted region (" in both
 
 
 # --------------------------------------------------------------------------------------- the server
@@ -359,9 +459,11 @@ def test_an_uploaded_photo_is_served_only_to_the_session_that_uploaded_it(served
 def test_the_preview_runs_in_the_queue_and_not_beside_it(served):
     url, app, _ = served
     by_name = {fn.name: fn for fn in app.fns.values()}
-    preview = by_name["on_region_change"]
-    assert preview.queue and preview.concurrency_limit == 1 and preview.concurrency_id == "preview"
-    inputs = [2, 64, 64] + ["cat", None, None, None, None, None] * 4
+    previews = [fn for fn in by_name.values() if fn.concurrency_id == "preview"]
+    preview = by_name["on_fields_change"]
+    assert {fn.name for fn in previews} >= {"on_fields_change", "on_painted_change", "on_slots_change"}
+    assert all(fn.queue and fn.concurrency_limit == 1 for fn in previews)
+    inputs = [None, 2, 64, 64] + [True] * 4 + ["cat", None, None, None, None] * 4
     response = client(url).post(
         "/gradio_api/run/predict", json={"data": inputs, "fn_index": preview._id, "session_hash": "s"}
     )

@@ -35,6 +35,7 @@ from mipadapter.web.handler import (  # noqa: E402
     PAINT_CLEARED,
     GenerateRequest,
     Limits,
+    SlotRegion,
     SubjectForm,
     adapter_choices,
     adapter_scale,
@@ -49,7 +50,7 @@ from mipadapter.web.handler import (  # noqa: E402
     page_number,
     paint_stretched,
     painted_mask,
-    region_to_clear,
+    settle_region,
     slot_color,
     takes_true_cfg,
 )
@@ -661,8 +662,12 @@ def build_app(
             api_name="generate",
         ).then(None, js=QUEUE_DONE_JS, queue=False, show_progress="hidden", api_visibility="private")
 
-        region_inputs = [count, width, height, *(slot.region_open for slot in slots)]
-        region_inputs += [c for slot in slots for c in (slot.name, *slot.box, slot.painted)]
+        # what each slot's preview shows and the size it was drawn for, kept per page (``SlotRegion``):
+        # the page's events carry only what they watch (no event but a stroke exports a canvas), and
+        # what changed is told by comparing with it, not by the event's target (see ``SlotRegion``)
+        regions = gr.State(
+            {"size": preview_size(side, side, side, limits)[0], "slots": [SlotRegion()] * len(slots)}
+        )
 
         def canvas_follows(slot: _Slot, painted, size: tuple[int, int]) -> dict:
             """The slot's canvas at the aspect ratio of an output of ``size`` (width, height), what is
@@ -678,64 +683,104 @@ def build_app(
                 return {}
             return {slot.painted: slot.canvas(size, mask), slot.region_note: plain(paint_stretched(*size))}
 
-        def on_region_change(event: gr.EventData, shown, out_width, out_height, *opened_and_fields):
-            """Redraw the preview; a box typed where a region is painted (or the reverse) clears the other;
-            a new width or height gives every open panel's canvas the output's aspect ratio, a painting
-            stretched along (a folded one takes it when opened: ``on_region_open``)."""
-            opened, fields = opened_and_fields[: len(slots)], opened_and_fields[len(slots) :]
-            per_slot = len(fields) // len(slots)
-            outputs, forms = {}, []
-            target = getattr(event.target, "elem_id", None)
-            size, refused = preview_size(out_width, out_height, side, limits)
-            resized = refused is None and target in (width.elem_id, height.elem_id)
-            for index, slot in enumerate(slots):
-                name, *box, painted = fields[index * per_slot : (index + 1) * per_slot]
-                if index >= shown:
-                    continue
-                if resized and opened[index]:
-                    outputs.update(canvas_follows(slot, painted, size))
-                changed = (  # by elem_id: the target Gradio passes is a copy of the component, not it
-                    "painted"
-                    if target == slot.painted.elem_id
-                    else "box"
-                    if target in (field.elem_id for field in slot.box)
-                    else None
-                )
-                clear = changed and region_to_clear(box, painted, changed, limits.max_painted_pixels)
-                if clear == "box":
-                    outputs.update({field: "" for field in slot.box})
-                    outputs[slot.region_note] = plain(BOX_CLEARED)
-                    box = [""] * 4
-                elif clear == "painted":
-                    # None, not a blank canvas: a set value comes back once with the old layers, and
-                    # would clear the box being typed, whose change clears the painting again, …
-                    outputs[slot.painted] = painted = None
-                    outputs[slot.region_note] = plain(PAINT_CLEARED)
-                # otherwise the note stays: clearing a field changes it too, and the note would flash
-                forms.append(SubjectForm(name=name or "", box=box, painted=painted))
-            drawn = region_preview(forms, *size, max_painted_pixels=limits.max_painted_pixels)
-            summary = drawn.summary if refused is None else f"{plain(refused)}  \n{drawn.summary}"
-            return {preview: drawn.image, preview_summary: summary, **outputs}
+        def settle(kept: list[SlotRegion], index: int, outputs: dict, **changes) -> None:
+            """Slot ``index`` after an event carrying ``changes`` (``settle_region``); a cleared box or
+            painting is cleared on the page too, with a note (otherwise the note stays: clearing a field
+            changes it too, and the note would flash)."""
+            slot = slots[index]
+            kept[index], cleared = settle_region(
+                kept[index], max_painted_pixels=limits.max_painted_pixels, **changes
+            )
+            if cleared == "box":
+                outputs.update({field: "" for field in slot.box})
+                outputs[slot.region_note] = plain(BOX_CLEARED)
+            elif cleared == "painted":
+                # None, not a blank canvas: a set value comes back once with the old layers
+                outputs[slot.painted] = None
+                outputs[slot.region_note] = plain(PAINT_CLEARED)
 
-        # what every change of the subjects' slots (adding, removing, an example) runs after itself; in
-        # the queue, one at a time (it decodes painted layers), never beside it through the REST routes
-        refresh_preview = dict(
-            fn=on_region_change,
-            inputs=region_inputs,
-            outputs=[preview, preview_summary]
-            + [c for slot in slots for c in (*slot.box, slot.painted, slot.region_note)],
+        def drawn(kept: list[SlotRegion], shown: int, out_width, out_height) -> dict:
+            """The preview and its summary of the first ``shown`` slots as kept."""
+            size, refused = preview_size(out_width, out_height, side, limits)
+            forms = [
+                SubjectForm(name=region.name, box=list(region.box), painted=region.painted)
+                for region in kept[:shown]
+            ]
+            drawing = region_preview(forms, *size, max_painted_pixels=limits.max_painted_pixels)
+            summary = drawing.summary if refused is None else f"{plain(refused)}  \n{drawing.summary}"
+            return {preview: drawing.image, preview_summary: summary}
+
+        def on_fields_change(page, shown, out_width, out_height, *opened_and_fields):
+            """A name, box field, width or height changed: redraw the preview; a box typed where a region
+            is painted clears the painting; a new width or height gives every open panel's canvas the
+            output's aspect ratio, a painting stretched along (a folded one takes it when opened:
+            ``on_region_open``)."""
+            opened, fields = opened_and_fields[: len(slots)], opened_and_fields[len(slots) :]
+            kept, outputs = list(page["slots"]), {}
+            size, refused = preview_size(out_width, out_height, side, limits)
+            resized = refused is None and size != page["size"]
+            for index in range(min(shown, len(slots))):
+                name, *box = fields[index * 5 : (index + 1) * 5]
+                if resized and opened[index]:
+                    outputs.update(canvas_follows(slots[index], kept[index].painted, size))
+                settle(kept, index, outputs, name=name, box=box)
+            page = {"size": size if refused is None else page["size"], "slots": kept}
+            return {regions: page, **drawn(kept, shown, out_width, out_height), **outputs}
+
+        def on_slots_change(page, shown, out_width, out_height):
+            """After the slots themselves changed (one added or removed, an example loaded): redraw the
+            preview. The fields they set bring ``regions`` up to date through their own change events:
+            the example button once wrote ``regions`` itself, and the page then sent uploads in a loop (a
+            browser test; the cause lies in Gradio's page and was not found)."""
+            return drawn(page["slots"], shown, out_width, out_height)
+
+        preview_outputs = [regions, preview, preview_summary]
+        in_preview_queue = dict(  # in the queue, one at a time (it decodes painted layers), never beside it
             queue=True,
             concurrency_limit=1,
             concurrency_id="preview",
             show_progress="hidden",
             api_visibility="private",
         )
-        region_triggers = [width.change, height.change] + [
-            trigger
-            for slot in slots
-            for trigger in (slot.name.change, *(number.change for number in slot.box), slot.painted.change)
-        ]
-        gr.on(region_triggers, **refresh_preview, trigger_mode="always_last")
+        gr.on(
+            [width.change, height.change]
+            + [t for slot in slots for t in (slot.name.change, *(f.change for f in slot.box))],
+            on_fields_change,
+            inputs=[regions, count, width, height, *(slot.region_open for slot in slots)]
+            + [c for slot in slots for c in (slot.name, *slot.box)],
+            outputs=preview_outputs
+            + [c for slot in slots for c in (*slot.box, slot.painted, slot.region_note)],
+            trigger_mode="always_last",
+            **in_preview_queue,
+        )
+        for index, slot in enumerate(slots):
+
+            def on_painted_change(page, shown, out_width, out_height, painted, index=index):
+                """Slot ``index``'s painting changed: redraw the preview; a painting where a box is typed
+                clears the box."""
+                kept, outputs = list(page["slots"]), {}
+                if index < shown:
+                    settle(kept, index, outputs, painted=painted)
+                return {
+                    regions: {**page, "slots": kept},
+                    **drawn(kept, shown, out_width, out_height),
+                    **outputs,
+                }
+
+            slot.painted.change(
+                on_painted_change,
+                inputs=[regions, count, width, height, slot.painted],
+                outputs=preview_outputs + [*slot.box, slot.region_note],
+                trigger_mode="always_last",
+                **in_preview_queue,
+            )
+        # what every change of the subjects' slots (adding, removing, an example) runs after itself
+        refresh_preview = dict(
+            fn=on_slots_change,
+            inputs=[regions, count, width, height],  # no canvas: what the slots hold is kept in ``regions``
+            outputs=[preview, preview_summary],
+            **in_preview_queue,
+        )
 
         for slot in slots:
 
@@ -750,13 +795,11 @@ def build_app(
                 on_region_open,
                 inputs=[width, height, slot.painted],
                 outputs=[slot.painted, slot.region_note, slot.region_open],
-                queue=True,
-                concurrency_limit=1,
-                concurrency_id="preview",
-                show_progress="hidden",
-                api_visibility="private",
+                **in_preview_queue,
             )
-            slot.region.collapse(lambda: False, outputs=slot.region_open, queue=False, api_visibility="private")
+            slot.region.collapse(
+                lambda: False, outputs=slot.region_open, queue=False, api_visibility="private"
+            )
 
         def keeps_to_its_scale(slider, check, note):
             """A number typed into ``slider`` off its scale is replaced by the nearest one on it (what the

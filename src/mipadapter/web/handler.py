@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -327,28 +327,84 @@ def paint_stretched(width: int, height: int) -> str:
     return f"The painted region was stretched to the new {width}×{height} size: check that it lies where you want it."
 
 
-def region_to_clear(
-    box: Sequence[Any] | None,
-    painted: Any,
-    changed: str,
-    max_painted_pixels: int | None = Limits.max_painted_pixels,
-) -> str | None:
-    """Which of a slot's two ways of giving a region must make way after the person changed one of them
-    (``changed``: ``"box"`` or ``"painted"``): the other one, when both are now set; None otherwise.
+BOX_FIELDS_BLANK = ("", "", "", "")
 
-    A subject has a box or a painted region, never both: the page clears the older one (with a note)
-    rather than refuse the request. A box counts as set when any of its fields holds something (even
-    half-typed); a painted layer that cannot be read clears nothing (the preview says why)."""
-    if changed not in ("box", "painted"):
-        raise ValueError(f"changed must be 'box' or 'painted', got {changed!r}")
-    typed = any(str(value).strip() for value in (box or ()) if value is not None)
+
+@dataclass(frozen=True)
+class SlotRegion:
+    """One subject slot's region as the page's preview last drew it, kept on the server per page.
+
+    The page's change events do not say reliably what changed: Gradio runs an event that fired while
+    the previous one ran again afterwards with fresh values but the first event's target, and an event
+    whose values include a painted canvas exports and uploads it first, so it can reach the server
+    after a later one. Comparing what an event carries with what is kept here tells what changed,
+    whatever the event's target or arrival order (``settle_region``).
+
+    painted: the editor's value as it arrived (its layers undecoded); digest: ``painted_digest`` of it
+    (None: nothing painted, or unreadable); cleared: the digest of the painting the page was last told
+    to clear, so that the same painting arriving late is not taken for a new stroke."""
+
+    name: str = ""
+    box: tuple[str, ...] = BOX_FIELDS_BLANK
+    painted: Any = None
+    digest: str | None = None
+    cleared: str | None = None
+
+
+def painted_digest(painted: Any, max_painted_pixels: int | None = Limits.max_painted_pixels) -> str | None:
+    """A short fingerprint of what is painted (its mask's shape and values); None when nothing is painted
+    or the painting cannot be read (it then takes the place of no region: the preview says why)."""
+    import hashlib
+
     try:
-        painted_set = painted_mask(painted, max_painted_pixels) is not None
+        mask = painted_mask(painted, max_painted_pixels)
     except ValueError:
-        painted_set = False
-    if not (typed and painted_set):
         return None
-    return "painted" if changed == "box" else "box"
+    if mask is None:
+        return None
+    return hashlib.sha256(repr(mask.shape).encode() + np.ascontiguousarray(mask).tobytes()).hexdigest()[:16]
+
+
+_KEEP = object()
+
+
+def settle_region(
+    kept: SlotRegion,
+    *,
+    name: Any = _KEEP,
+    box: Any = _KEEP,
+    painted: Any = _KEEP,
+    max_painted_pixels: int | None = Limits.max_painted_pixels,
+) -> tuple[SlotRegion, str | None]:
+    """What a slot holds after an event that carries its ``name``, ``box`` (four fields) and/or
+    ``painted`` (each left out: as ``kept``; None: blank), and which way of giving its region was cleared (``"box"``,
+    ``"painted"`` or None).
+
+    A subject has a box or a painted region, never both: when an event leaves both set, the one that
+    changed (against ``kept``) stays and the other is cleared. A box counts as set when any field holds
+    something (even half-typed); an unreadable painting counts as none. A painting equal to the one
+    last cleared is that painting arriving late, not a new one: it is dropped."""
+    name = kept.name if name is _KEEP else (name or "")
+    box = (
+        kept.box
+        if box is _KEEP
+        else tuple("" if value is None else str(value) for value in box or BOX_FIELDS_BLANK)
+    )
+    digest = kept.digest
+    if painted is _KEEP:
+        painted = kept.painted
+    else:
+        digest = painted_digest(painted, max_painted_pixels)
+        if digest is not None and digest == kept.cleared:
+            painted, digest = None, None
+    settled = SlotRegion(name=name, box=box, painted=painted, digest=digest, cleared=kept.cleared)
+    if digest is None or not any(value.strip() for value in box):
+        return settled, None
+    if box != kept.box:  # typed last: the painting makes way
+        return replace(settled, painted=None, digest=None, cleared=digest), "painted"
+    if digest != kept.digest:  # painted last: the box makes way
+        return replace(settled, box=BOX_FIELDS_BLANK), "box"
+    return settled, None
 
 
 def _layer_array(layer: Any, max_pixels: int | None) -> np.ndarray:
