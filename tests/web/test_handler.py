@@ -177,9 +177,10 @@ def test_a_subject_keeps_one_region_the_one_changed_last(shape):
         assert settle_region(painted, box=blank)[1] is None
     untouched = {"layers": [np.zeros((*shape, 4), np.uint8)]}
     assert settle_region(boxed, painted=untouched) == (replace(boxed, painted=untouched), None)
-    bomb = {"layers": [np.zeros((3000, 3000), np.uint8)]}
-    unreadable, cleared = settle_region(boxed, painted=bomb, max_painted_pixels=1000)
-    assert cleared is None and unreadable.painted is bomb and unreadable.box == box
+    big = {"layers": [np.full((40, 40), 255, np.uint8)]}  # painted, but past this server's pixel limit
+    unreadable, cleared = settle_region(boxed, painted=big, max_painted_pixels=1000)
+    assert cleared is None and unreadable.painted is big and unreadable.box == box
+    assert settle_region(boxed, painted=big, max_painted_pixels=1600)[1] == "box"  # at the limit: read
     assert settle_region(boxed, name=None) == (replace(boxed, name=""), None)  # a field Gradio sent as None
 
 
@@ -190,6 +191,8 @@ def test_a_paintings_digest_tells_paintings_apart_and_not_their_encodings():
     flat = np.full((8, 8), 255, np.uint8)
     assert painted_digest({"layers": [flat]}) != painted_digest({"layers": [np.full((4, 16), 255, np.uint8)]})
     assert painted_digest(None) is painted_digest({"layers": [np.zeros((8, 8), np.uint8)]}) is None
+    assert painted_digest({"layers": [flat]}, max_painted_pixels=63) is None  # unreadable here
+    assert painted_digest({"layers": [flat]}, max_painted_pixels=64) == painted_digest({"layers": [flat]})
 
 
 def test_page_numbers_are_made_exact_for_the_checks():

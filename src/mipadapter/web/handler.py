@@ -362,7 +362,7 @@ def painted_digest(painted: Any, max_painted_pixels: int | None = Limits.max_pai
         return None
     if mask is None:
         return None
-    return hashlib.sha256(repr(mask.shape).encode() + np.ascontiguousarray(mask).tobytes()).hexdigest()[:16]
+    return hashlib.sha256(repr(mask.shape).encode() + np.ascontiguousarray(mask).tobytes()).hexdigest()
 
 
 _KEEP = object()
