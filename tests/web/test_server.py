@@ -227,6 +227,23 @@ class Page:
         return self.run(fn, [None, None, *size, {"id": f"event-{self.sent}"}])
 
 
+def test_a_removed_subjects_region_is_gone_when_its_slot_comes_back(need, pipe):
+    """Removing the last subject empties its fields while its slot is hidden; adding a subject shows the
+    slot again. What the preview keeps of it must be the emptied fields, not the box it had (the preview
+    once kept only shown slots up to date, and drew the removed subject's box again)."""
+    need("gradio")
+    import mipadapter.web.app as web
+
+    page = Page(web.build_app(pipe))
+    by_name = {fn.name: fn for fn in page.app.fns.values()}
+    assert page.fields({1: ("0", "0", "32", "32")})["summary"].endswith("'backpack': box (0, 0, 32, 32)")
+    page.run(by_name["on_remove"], [None, 0.5])
+    assert "**2**" not in page.fields({}, names=("cat", ""))["summary"]  # the emptied fields' events
+    page.run(by_name["on_add"], [None])
+    summary = page.run(by_name["on_slots_change"], [None, None, 64, 64])["summary"]
+    assert summary == "**1** 'cat': anywhere its name is relevant (no region)"  # an empty slot has no line
+
+
 def stroke_png(row: int, side: int = 64) -> bytes:
     """A horizontal stroke across a transparent ``side``² layer, 8 pixels thick around ``row``."""
     alpha = np.zeros((side, side), np.uint8)

@@ -719,9 +719,9 @@ def build_app(
             kept, outputs = list(page["slots"]), {}
             size, refused = preview_size(out_width, out_height, side, limits)
             resized = refused is None and size != page["size"]
-            for index in range(min(shown, len(slots))):
+            for index in range(len(slots)):  # hidden ones too: a removed slot's emptied fields are kept
                 name, *box = fields[index * 5 : (index + 1) * 5]
-                if resized and opened[index]:
+                if resized and opened[index] and index < shown:
                     outputs.update(canvas_follows(slots[index], kept[index].painted, size))
                 settle(kept, index, outputs, name=name, box=box)
             page = {"size": size if refused is None else page["size"], "slots": kept}
@@ -759,8 +759,7 @@ def build_app(
                 """Slot ``index``'s painting changed: redraw the preview; a painting where a box is typed
                 clears the box."""
                 kept, outputs = list(page["slots"]), {}
-                if index < shown:
-                    settle(kept, index, outputs, painted=painted)
+                settle(kept, index, outputs, painted=painted)
                 return {
                     regions: {**page, "slots": kept},
                     **drawn(kept, shown, out_width, out_height),
