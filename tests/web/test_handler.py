@@ -738,3 +738,31 @@ def test_with_an_adapter_lacking_a_text_weight_the_page_leaves_the_rule_to_the_c
     assert "rule 'official' weighs each subject by its adapter's text weight, which the adapter of 'cat' has not" in (
         refused.status + "".join(refused.subject_errors.values())
     )
+
+
+def test_problems_join_their_messages_and_count_the_subjects_they_name():
+    """Several messages at one subject, or for the whole request, are joined by one space; the status
+    says "messages" from two subjects on (a mutation run found the joins and the plural untested)."""
+    from mipadapter.web.handler import _Problems
+
+    problems = _Problems()
+    problems.add(1, "first.")
+    problems.add(1, "second.")
+    problems.add(None, "The prompt is empty.")
+    problems.add(None, "The seed is too large.")
+    problems.add(0, "only.")
+    result = problems.result()
+    assert result.subject_errors == {0: "only.", 1: "first. second."}
+    assert result.error == "The prompt is empty. The seed is too large."
+    assert result.status == "Not generated. The prompt is empty. The seed is too large. See the messages at subject 1, 2."
+    one = _Problems()
+    one.add(2, "alone.")
+    assert one.result().status == "Not generated. See the message at subject 3." and one.result().error is None
+
+
+def test_a_pipeline_without_named_adapters_starts_subjects_at_its_adapters_scale():
+    """A pipeline-like object without ``adapters`` (the page takes any with ``adapter``) is not refused."""
+    from mipadapter.web.handler import adapter_scale
+
+    duck = SimpleNamespace(adapter=SimpleNamespace(config=SimpleNamespace(default_scale=0.35)))
+    assert adapter_scale(duck, "face") == adapter_scale(duck, None) == 0.35
