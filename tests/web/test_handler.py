@@ -766,3 +766,25 @@ def test_a_pipeline_without_named_adapters_starts_subjects_at_its_adapters_scale
 
     duck = SimpleNamespace(adapter=SimpleNamespace(config=SimpleNamespace(default_scale=0.35)))
     assert adapter_scale(duck, "face") == adapter_scale(duck, None) == 0.35
+
+
+def test_without_its_own_default_the_guidance_is_the_wrapped_pipelines_call_default():
+    """The fallback of ``default_guidance`` for a pipeline without ``default_guidance_scale`` (or with
+    None): the wrapped pipeline's ``__call__`` default, None where it has none (the tiny pipelines all set
+    their own, so a mutation run found this path untested)."""
+
+    class Defaulted:
+        def __call__(self, prompt=None, guidance_scale=6.5): ...
+
+    class Required:
+        def __call__(self, prompt, guidance_scale): ...
+
+    class Without:
+        def __call__(self, prompt=None): ...
+
+    assert default_guidance(SimpleNamespace(pipe=Defaulted())) == 6.5
+    assert default_guidance(SimpleNamespace(pipe=Defaulted(), default_guidance_scale=None)) == 6.5
+    own = default_guidance(SimpleNamespace(pipe=Defaulted(), default_guidance_scale=2))
+    assert own == 2.0 and type(own) is float  # the page's number field shows it as given
+    assert default_guidance(SimpleNamespace(pipe=Required())) is None
+    assert default_guidance(SimpleNamespace(pipe=Without())) is None
