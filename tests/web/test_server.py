@@ -167,7 +167,8 @@ def test_a_region_editor_rebuilt_by_gradio_stays_one_and_other_editors_stay_grad
     import gradio as gr
     from gradio.components.image_editor import AcceptBlobs, EditorData
 
-    from mipadapter.web.editor import MAX_LAYERS, pending_layers, region_editor
+    import mipadapter.web.editor as editor_module
+    from mipadapter.web.editor import MAX_LAYERS, is_region_editor, pending_layers, region_editor
 
     editor = region_editor(elem_id="rebuilt-editor", elem_classes="region-editor", render=False)
     pending_layers(editor).clear()
@@ -182,7 +183,7 @@ def test_a_region_editor_rebuilt_by_gradio_stays_one_and_other_editors_stay_grad
     plain = gr.ImageEditor(elem_id="plain-editor", render=False)
     plain.accept_blobs(AcceptBlobs(data={**layer, "index": str(MAX_LAYERS)}, files=[("f.png", png_bomb(8, 8))]))
     assert len(plain.blob_storage["before"].layers) == MAX_LAYERS + 1  # Gradio's own: kept at any index
-    assert "plain-editor" not in pending_layers.__globals__["_pending"]
+    assert not is_region_editor(plain) and "plain-editor" not in editor_module._pending  # nothing kept here
 
 
 class Page:

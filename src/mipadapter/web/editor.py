@@ -44,14 +44,17 @@ def region_editor(*, elem_id: str, **kwargs) -> gr.ImageEditor:
     layers) whose value reaches the handler as ``{"background": None, "layers": [PNG bytes or file path,
     …], "composite": None}``, nothing decoded."""
     _install()
-    classes = kwargs.pop("elem_classes", None) or []
-    classes = [classes] if isinstance(classes, str) else list(classes)
+    classes = _as_list(kwargs.pop("elem_classes", None))
     return gr.ImageEditor(elem_id=elem_id, elem_classes=[*classes, REGION_EDITOR_CLASS], **kwargs)
 
 
 def is_region_editor(editor: gr.ImageEditor) -> bool:
-    classes = editor.elem_classes or []
-    return REGION_EDITOR_CLASS in ([classes] if isinstance(classes, str) else classes) and bool(editor.elem_id)
+    return REGION_EDITOR_CLASS in _as_list(editor.elem_classes) and bool(editor.elem_id)
+
+
+def _as_list(classes: list[str] | str | None) -> list[str]:
+    """``elem_classes`` as Gradio takes it (one name, several, or None) → a list."""
+    return [classes] if isinstance(classes, str) else list(classes or [])
 
 
 def pending_layers(editor: gr.ImageEditor) -> OrderedDict[str, EditorDataBlobs]:

@@ -352,8 +352,9 @@ class SlotRegion:
 
 
 def painted_digest(painted: Any, max_painted_pixels: int | None = Limits.max_painted_pixels) -> str | None:
-    """A short fingerprint of what is painted (its mask's shape and values); None when nothing is painted
-    or the painting cannot be read (it then takes the place of no region: the preview says why)."""
+    """A fingerprint of what is painted (its mask's shape and values, not how its layers were encoded);
+    None when nothing is painted or the painting cannot be read (it then counts as no region: the
+    preview says why)."""
     import hashlib
 
     try:
@@ -377,8 +378,8 @@ def settle_region(
     max_painted_pixels: int | None = Limits.max_painted_pixels,
 ) -> tuple[SlotRegion, str | None]:
     """What a slot holds after an event that carries its ``name``, ``box`` (four fields) and/or
-    ``painted`` (each left out: as ``kept``; None: blank), and which way of giving its region was cleared (``"box"``,
-    ``"painted"`` or None).
+    ``painted`` (each left out: as ``kept``; None: blank), and which way of giving its region was
+    cleared (``"box"``, ``"painted"`` or None).
 
     A subject has a box or a painted region, never both: when an event leaves both set, the one that
     changed (against ``kept``) stays and the other is cleared. A box counts as set when any field holds
