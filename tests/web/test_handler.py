@@ -460,6 +460,10 @@ def test_written_images_carry_a_recipe_naming_every_subject(pipe, tmp_path):
     result = generate(recording, request(*forms, **options), models=TINY_MODELS, output_dir=tmp_path)
     assert result.ok, result.status
     assert len(result.images) == 2 and all(Path(path).parent.parent == tmp_path for path in result.images)
+    # one new run-* folder per generation; the files named by seed and image number, counted from 1
+    (folder,) = {Path(path).parent for path in result.images}
+    assert folder.name.startswith("run-") and list(tmp_path.iterdir()) == [folder]
+    assert [Path(path).name for path in result.images] == ["mipadapter-seed11-1.png", "mipadapter-seed11-2.png"]
     for index, path in enumerate(result.images):
         recipe = read_recipe(path)
         assert (recipe["image_index"], recipe["num_images"], recipe["seed"]) == (index, 2, 11)
@@ -788,3 +792,115 @@ def test_without_its_own_default_the_guidance_is_the_wrapped_pipelines_call_defa
     assert own == 2.0 and type(own) is float  # the page's number field shows it as given
     assert default_guidance(SimpleNamespace(pipe=Required())) is None
     assert default_guidance(SimpleNamespace(pipe=Without())) is None
+
+
+def _slider_reference(value, minimum, maximum, step):
+    """The slider's positions listed one by one; the one nearest the number clamped to the scale."""
+    import math
+
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return minimum
+    if not math.isfinite(number):
+        return minimum
+    number = min(max(number, minimum), maximum)
+    positions, k = [], 0
+    while minimum + k * step <= maximum + 1e-9:
+        positions.append(minimum + k * step)
+        k += 1
+    return min(positions, key=lambda position: abs(position - number))
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [(64, 2048, 64), (1, 100, 1), (0.0, 2.0, 0.05), (-1.0, 1.0, 0.3), (16, 1000, 48), (0.5, 7.0, 2.0)],
+)
+def test_on_slider_is_the_nearest_position_on_the_scale(scale):
+    """Guards the number a field typed off its slider's scale is set to (the page shows it with the
+    CLI's message): the nearest of the slider's positions, listed one by one, to the number clamped to
+    the scale's ends; a scale whose end is off its steps (16 to 1000 by 48) never goes past that end;
+    a whole number comes back as an int (the field shows 640, not 640.0)."""
+    from mipadapter.web.handler import on_slider
+
+    minimum, maximum, step = scale
+    rng = np.random.default_rng(int(step * 1000))
+    span = maximum - minimum
+    values = list(rng.uniform(minimum - span, maximum + span, 300)) + [minimum, maximum, maximum + step / 3]
+    for value in values:
+        got, want = on_slider(value, minimum, maximum, step), _slider_reference(value, minimum, maximum, step)
+        assert got == pytest.approx(want, abs=1e-9), (value, got, want)
+        assert minimum <= got <= maximum
+        assert isinstance(got, int) == float(got).is_integer(), (value, got)
+    assert on_slider(str(values[0]), minimum, maximum, step) == on_slider(values[0], minimum, maximum, step)
+
+
+@pytest.mark.parametrize("value", [None, "wide", float("nan"), float("inf"), float("-inf"), 10**400, [3]])
+def test_on_slider_sets_what_is_no_number_to_the_minimum(value):
+    """Guards on_slider's fallback: text, None, NaN, an infinity or an int too large for a float is set
+    to the slider's minimum (an int when whole), not to its maximum or to 0."""
+    from mipadapter.web.handler import on_slider
+
+    assert on_slider(value, 64, 2048, 64) == 64 and type(on_slider(value, 64, 2048, 64)) is int
+    assert on_slider(value, 0.25, 2.0, 0.05) == 0.25
+
+
+@pytest.mark.parametrize(
+    ("size", "limit", "shown"),
+    [
+        (2**20, 2**20 - 1, "1.0 MB; the limit is 1024.0 kB"),  # a MB from 2**20 bytes on, kB below
+        (3 * 2**20 + 2**19, 3 * 2**20, "3.5 MB; the limit is 3.0 MB"),
+        (1537, 1536, "1.5 kB; the limit is 1.5 kB"),
+        (700, 512, "0.7 kB; the limit is 0.5 kB"),
+    ],
+)
+def test_an_upload_over_the_byte_limit_is_refused_with_both_sizes(tmp_path, size, limit, shown):
+    """Guards check_upload_size's boundary (the limit itself is accepted, one byte more refused) and
+    how its message writes sizes: MB (2**20 bytes) from one MB on, kB (2**10) below, one decimal."""
+    from mipadapter.web.handler import check_upload_size
+
+    photo = tmp_path / "big.jpg"
+    with open(photo, "wb") as file:
+        file.truncate(size)
+    with pytest.raises(ValueError) as refused:
+        check_upload_size(str(photo), Limits(max_upload_bytes=limit))
+    assert str(refused.value) == f"big.jpg is {shown}"
+    assert check_upload_size(SimpleNamespace(path=str(photo)), Limits(max_upload_bytes=size)) == "big.jpg"
+    assert photo.stat().st_size == size  # nothing written or removed
+
+
+def test_a_library_error_goes_to_the_subject_it_names_the_longest_name_first():
+    """Guards _owner_of, which puts a library error next to the subject it quotes: a name quoted inside a
+    longer one ("a" in "the 'a' team") goes to the longer name's slot, whatever the slots' order; a
+    message quoting no subject, or a name unquoted, belongs to no slot."""
+    from mipadapter.web.handler import _owner_of
+
+    longer = "the 'a' team"
+    message = f"The region of subject {longer!r} is empty."
+    assert _owner_of(message, {0: "a", 1: longer}) == 1
+    assert _owner_of(message, {3: longer, 0: "a"}) == 3
+    assert _owner_of("subject 'a' has no photo", {0: "a", 1: longer}) == 0
+    assert _owner_of("subject a has no photo", {0: "a"}) is None
+    assert _owner_of("nothing", {}) is None and _owner_of("nothing", {2: "cat"}) is None
+
+
+class Unreported(Recording):
+    """A pipeline whose output reports no settings: the recipe is left with what the page asked for."""
+
+    def __call__(self, prompt, subjects, **kwargs):
+        output = super().__call__(prompt, subjects, **kwargs)
+        output.settings = {}
+        return output
+
+
+def test_a_pipeline_reporting_no_settings_is_recorded_from_the_request(pipe, tmp_path):
+    """Guards what the handler itself gives the recipe (our pipeline reports its settings, which take
+    precedence, so a mutation run found these unused): the prompt, a non-default region mode and each
+    subject's asked strength (the other's none: the adapter's default)."""
+    forms = [SubjectForm("cat", [CAT], strength=0.35, box=[0, 0, 32, 64]), SubjectForm("backpack", [BACKPACK])]
+    result = generate(Unreported(pipe), request(*forms, seed=4, region_mode="multiply"), models=TINY_MODELS)
+    assert result.ok and result.settings == {}, result.status
+    recipe = result.recipe
+    assert (recipe["prompt"], recipe["region_mode"], recipe["seed"]) == (PROMPT, "multiply", 4)
+    assert [subject["scale"] for subject in recipe["subjects"]] == [0.35, pipe.adapter.config.default_scale]
+    assert type(recipe["subjects"][0]["scale"]) is float
