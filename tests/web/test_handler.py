@@ -940,3 +940,20 @@ def test_a_painted_layer_silences_pillows_bomb_warning_and_no_other(monkeypatch)
     with pytest.warns(UserWarning, match="Invalid APNG"):
         mask = painted_mask({"layers": [invalid_apng]}, max_pixels=1000)
     assert mask.shape == (20, 20) and mask.min() == 1.0
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "missing file", "bytearray of text"])
+def test_a_painted_layer_that_is_no_image_is_refused_in_one_line(tmp_path, kind):
+    """Guards _layer_array's refusal of a layer Pillow cannot read (not an image, cut short, a file gone):
+    one line of ours, not Pillow's own error, so the page shows it next to the subject."""
+    whole = _png_bytes(Image.new("L", (20, 20), 255))
+    layer = {
+        "text": b"not a png",
+        "truncated": whole[: len(whole) - 30],
+        "missing file": str(tmp_path / "gone.png"),
+        "bytearray of text": bytearray(b"GIF89a?"),
+    }[kind]
+    with pytest.raises(ValueError) as refused:
+        painted_mask({"layers": [layer]})
+    assert str(refused.value) == "a painted layer is not a readable image"
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__
