@@ -957,3 +957,17 @@ def test_a_painted_layer_that_is_no_image_is_refused_in_one_line(tmp_path, kind)
         painted_mask({"layers": [layer]})
     assert str(refused.value) == "a painted layer is not a readable image"
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
+
+
+def test_a_pil_layer_is_read_by_its_alpha_else_its_luminance():
+    """Guards _layer_array's branch for a PIL image: its alpha where it has one (a white LA layer that is
+    fully transparent is nothing painted), else Pillow's luminance (pure red is 76 of 255), as for the
+    same layer given as PNG bytes; read as a plain array it would be the channels' maximum instead."""
+    red = Image.new("RGB", (12, 10), (255, 0, 0))
+    for layer in (red, _png_bytes(red)):
+        mask = painted_mask({"layers": [layer]})
+        assert mask.shape == (10, 12) and np.allclose(mask, 76 / 255), np.unique(mask)
+    clear = Image.new("LA", (12, 10), (255, 0))
+    assert painted_mask({"layers": [clear]}) is None and painted_mask({"layers": [_png_bytes(clear)]}) is None
+    half = Image.new("LA", (12, 10), (255, 128))
+    assert np.allclose(painted_mask(half), 128 / 255)
