@@ -29,6 +29,24 @@ def random_photo(seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each training run is its own process in real use, and accelerate keeps one state per process
+    (one mixed precision: a second ``Accelerator`` asking another is refused). Each test starts and
+    ends with that state reset, so no test depends on which ran before it (mutmut runs a mutant's
+    tests sorted by name, not in file order)."""
+    import sys
+
+    def reset():
+        state = sys.modules.get("accelerate.state")  # never imported here for tests that do not train
+        if state is not None:
+            state.AcceleratorState._reset_state(reset_partial_state=True)
+
+    reset()
+    yield
+    reset()
+
+
 @pytest.fixture
 def photo():
     """``photo(seed)`` → a random PIL photo."""

@@ -54,3 +54,18 @@ def test_every_listed_equivalent_mutant_is_in_the_docs_with_its_reason(tool):
         if f"- {name.rsplit('.', 1)[1]}: {why}" not in docs or f"\n{name.rsplit('.', 1)[0]}:\n" not in docs
     ]  # fmt: skip
     assert missing == []
+
+
+def test_tests_that_pass_only_in_file_order_are_found_before_a_run(tool, tmp_path):
+    """Guards the check before each module's run: mutmut runs a mutant's tests sorted by node id, so a
+    test that passes only after another (accelerate's one precision per process did this) counted every
+    mutant of training/step.py as killed. Tests that pass in any order are let through."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_order.py").write_text(
+        "seen = []\n\n\ndef test_z_sets_up():\n    seen.append(1)\n\n\ndef test_a_needs_it():\n    assert seen\n"
+    )
+    (tmp_path / "tests" / "test_free.py").write_text("def test_b():\n    pass\n\n\ndef test_a():\n    pass\n")
+    found = tool.order_dependence(["tests/test_order.py"], cwd=tmp_path, pytest_args=["-p", "no:cacheprovider"])
+    assert found is not None and "test_a_needs_it" in found and "1 failed" in found
+    assert tool.order_dependence(["tests/test_free.py"], cwd=tmp_path, pytest_args=["-p", "no:cacheprovider"]) is None
+    assert "no tests" in tool.order_dependence(["tests/missing.py"], cwd=tmp_path, pytest_args=[])

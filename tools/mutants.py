@@ -98,6 +98,22 @@ def prepare(module: str, tests: list[str]) -> Path:
     return folder
 
 
+def order_dependence(tests: list[str], cwd: Path = ROOT, pytest_args: list[str] | None = None) -> str | None:
+    """The end of pytest's output when ``tests`` fail run one by one sorted by node id (as mutmut runs a
+    mutant's tests, not in file order); None when they pass so. A test that passes only after another
+    would make mutmut count every mutant reaching it as killed, whatever the mutant does."""
+    if pytest_args is None:
+        pytest_args = load_project()["tool"]["mutmut"]["pytest_add_cli_args"]
+    env = {**os.environ, "PYTHONPATH": "src", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *pytest_args]
+    listed = subprocess.run([*base, "--collect-only", *tests], cwd=cwd, env=env, capture_output=True, text=True)
+    ids = sorted({line.strip() for line in listed.stdout.splitlines() if "::" in line})
+    if listed.returncode or not ids:
+        return (listed.stdout + listed.stderr)[-2000:] or "no tests collected"
+    ran = subprocess.run([*base, "-x", *ids], cwd=cwd, env=env, capture_output=True, text=True)
+    return None if ran.returncode == 0 else (ran.stdout + ran.stderr)[-2000:]
+
+
 def run(module: str, tests: list[str], max_children: int, names: list[str]) -> int:
     folder = prepare(module, tests)
     env = {
@@ -260,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.only:
                 chosen = args.retest or resumed
                 names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in args.only)] if chosen else args.only
+            print(f"== {module}: its tests sorted by name, as mutmut runs them", flush=True)
+            dependence = order_dependence(test_map[module])
+            if dependence is not None:
+                print(f"   they fail so (every mutant would count as killed); not run:\n{dependence}")
+                failed.append(module)
+                continue
             if run(module, test_map[module], args.max_children, names):
                 failed.append(module)
     rows = [summary(module, equivalent) for module in modules]

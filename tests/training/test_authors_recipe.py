@@ -482,14 +482,8 @@ def _train(tiny_run, out, data=None, **optim):
 def test_the_frozen_unet_stays_float32_under_autocast_by_default(
     tiny_run, tmp_path, unet_precision, expected
 ):
-    from accelerate.state import AcceleratorState
-
-    try:  # bf16 autocast runs on CPUs; accelerate keeps one precision per process, so reset it after
-        result, seen = _train(
-            tiny_run, tmp_path / "run", mixed_precision="bf16", unet_precision=unet_precision
-        )
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    # bf16 autocast runs on CPUs (accelerate's one precision per process is reset around each test)
+    result, seen = _train(tiny_run, tmp_path / "run", mixed_precision="bf16", unet_precision=unet_precision)
     assert result.finished and seen["unet"] == expected
     from mipadapter.checkpoint import read_file
 

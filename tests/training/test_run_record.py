@@ -31,16 +31,6 @@ def data(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each CLI call is its own process in real use: accelerate's process-wide state starts over."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def write_config(folder, data, **optim):
     optim = {"batch_size": 2, "max_steps": 2, "learning_rate": 1e-3, "mixed_precision": "no", **optim}
     config = {
