@@ -971,3 +971,62 @@ def test_a_pil_layer_is_read_by_its_alpha_else_its_luminance():
     assert painted_mask({"layers": [clear]}) is None and painted_mask({"layers": [_png_bytes(clear)]}) is None
     half = Image.new("LA", (12, 10), (255, 128))
     assert np.allclose(painted_mask(half), 128 / 255)
+
+
+def test_an_array_layer_is_read_by_its_alpha_else_its_brightest_channel():
+    """Guards _layer_array's branch for arrays (the editor's RGBA layers as numpy): an [H, W, 4] layer by
+    its alpha, an [H, W, 3] one by its brightest channel, [H, W] as it is, on a layer whose height,
+    width and channel count all differ (5 wide, so no axis can stand in for another); any other shape
+    is refused in one line naming it."""
+    rng = np.random.default_rng(4)
+    rgba = rng.integers(0, 256, size=(3, 5, 4), dtype=np.uint8)
+    assert np.array_equal(painted_mask({"layers": [rgba]}), rgba[..., 3].astype(np.float32) / 255.0)
+    rgb = rng.integers(1, 256, size=(3, 5, 3), dtype=np.uint8)
+    assert np.array_equal(painted_mask(rgb), rgb.max(axis=-1).astype(np.float32) / 255.0)
+    plain = rng.random((6, 5)).astype(np.float32)
+    assert np.allclose(painted_mask(plain), plain)  # already in [0, 1]: not divided by 255
+    for shape in [(2, 3, 4, 5), (7,)]:
+        with pytest.raises(ValueError) as refused:
+            painted_mask({"layers": [np.ones(shape, dtype=np.uint8)]})
+        assert str(refused.value) == f"a painted region must be an image, got an array of shape {shape}"
+
+
+def test_a_layer_over_the_pixel_limit_names_the_limit_in_megapixels():
+    """Guards the limit's unit in _check_layer_pixels' line (pixels / 10**6, shown to six digits), with
+    a limit whose sixth digit a slightly wrong divisor would change; the layer is checked, not copied."""
+    layer = np.zeros((2500, 4000), dtype=np.uint8)
+    with pytest.raises(ValueError) as refused:
+        painted_mask({"layers": [layer]}, max_pixels=9_999_990)
+    assert str(refused.value) == "a painted layer is 4000×2500 pixels; the limit is 9.99999 megapixels"
+    assert painted_mask({"layers": [layer]}, max_pixels=10_000_000) is None  # at the limit: read (blank)
+
+
+def test_a_slot_is_blank_only_when_nothing_in_it_was_touched():
+    """Guards is_blank, which decides which slots the handler skips: box fields holding only spaces or
+    nothing are blank; one typed box value, a name or a painted stroke is not; a painting that cannot be
+    read, or is over the given pixel limit even when blank, is something (its slot reports it)."""
+    from mipadapter.web.handler import is_blank
+
+    stroke = np.zeros((20, 20), dtype=np.uint8)
+    stroke[5:9, 5:9] = 255
+    blank_png = _png_bytes(Image.new("L", (20, 20), 0))
+    assert is_blank(SubjectForm()) and is_blank(SubjectForm(name="  ", box=["", " ", None, ""]))
+    assert not is_blank(SubjectForm(box=[None, None, "8", None])) and not is_blank(SubjectForm(name="cat"))
+    assert not is_blank(SubjectForm(painted={"layers": [stroke]}), max_painted_pixels=1000)
+    assert is_blank(SubjectForm(painted={"layers": [blank_png]}), max_painted_pixels=1000)
+    assert not is_blank(SubjectForm(painted={"layers": [blank_png]}), max_painted_pixels=100)  # too large
+    assert is_blank(SubjectForm(painted={"layers": [blank_png]}), max_painted_pixels=None)
+    assert not is_blank(SubjectForm(painted={"layers": [b"not a png"]}))
+
+
+def test_a_mask_image_is_the_mask_clipped_to_0_1_in_eight_bits():
+    """Guards mask_image's clip: a mask value past either end is its end (uint8 would wrap it: 1.5 to
+    126, -0.5 to 129), values in between rounded to the nearest of 256 levels."""
+    from mipadapter.web.handler import mask_image
+
+    mask = np.array([[-0.5, 0.0, 0.5, 1.0, 1.5, 2.5], [0.2, 0.4, 0.6, 0.8, -3.0, 0.999]], dtype=np.float32)
+    image = mask_image(mask)
+    assert image.mode == "L" and image.size == (6, 2)
+    expected = np.rint(np.clip(mask, 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(image), expected) and expected[0].tolist() == [0, 0, 128, 255, 255, 255]
+    assert mask_image(None) is None
