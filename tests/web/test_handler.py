@@ -1030,3 +1030,20 @@ def test_a_mask_image_is_the_mask_clipped_to_0_1_in_eight_bits():
     expected = np.rint(np.clip(mask, 0, 1) * 255).astype(np.uint8)
     assert np.array_equal(np.asarray(image), expected) and expected[0].tolist() == [0, 0, 128, 255, 255, 255]
     assert mask_image(None) is None
+
+
+def test_the_file_behind_an_upload_is_its_path_else_its_name():
+    """Guards photo_path: gradio's file object by its ``.path`` (the server's copy) before its ``.name``,
+    an object with only ``.name`` (a tempfile) by that, a plain path as it is; only a PIL image (it has a
+    size *and* converts) has no file — an object with just a ``size`` is still a file. A ``Path`` is
+    the file it names (it has a ``.name`` too, its last part: read as gradio's object, it named a file
+    in the working folder, and a photo given as a Path was "missing")."""
+    from mipadapter.web.handler import check_upload_size, photo_path
+
+    assert photo_path(SimpleNamespace(path="/uploads/a1/cat.jpg", name="cat.jpg")) == Path("/uploads/a1/cat.jpg")
+    assert photo_path(SimpleNamespace(path=None, name="/tmp/x/dog.png")) == Path("/tmp/x/dog.png")
+    assert photo_path(SimpleNamespace(name="/tmp/x/dog.png")) == Path("/tmp/x/dog.png")
+    assert photo_path(SimpleNamespace(size=120, path="/uploads/b2/bag.jpg")) == Path("/uploads/b2/bag.jpg")
+    assert photo_path(CAT) == photo_path(Path(CAT)) == Path(CAT)
+    assert check_upload_size(Path(CAT), Limits()) == "cat.jpg"
+    assert photo_path(Image.new("RGB", (2, 2))) is None

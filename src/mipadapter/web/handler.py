@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -249,6 +250,8 @@ def _bytes(count: int) -> str:
 def photo_path(item: Any) -> Path | None:
     """The file behind an uploaded photo (a path, or an object with ``.path``/``.name``); None for a
     PIL image."""
+    if isinstance(item, (str, os.PathLike)):  # a Path has a .name too: its last part, not the file
+        return Path(item)
     if hasattr(item, "size") and hasattr(item, "convert"):
         return None
     return Path(getattr(item, "path", None) or getattr(item, "name", None) or item)
