@@ -171,11 +171,13 @@ class Capturing:
 
 
 def captured_loss(
-    tmp_path, arch: str, prediction_type: str, weight_dtype=torch.float32, projection: str = "basic", **options
-):
+    tmp_path, arch: str, prediction_type: str, weight_dtype=torch.float32, projection: str = "basic", device=None,
+    **options,
+):  # fmt: skip
     """One training_loss on a real 2-sample batch of a tiny ``arch`` model with ``prediction_type``
-    (everything but the VAE in ``weight_dtype``) and a ``basic`` or ``plus`` adapter; returns (loss, the
-    Capturing model, the scheduler, the batch, the VAE)."""
+    (everything but the VAE in ``weight_dtype``) and a ``basic`` or ``plus`` adapter, models and batch on
+    ``device`` (None: where they are built, the CPU); returns (loss, the Capturing model, the scheduler,
+    the batch, the VAE)."""
     spec, build = (TINY_SDXL, tiny_sdxl_pipeline) if arch == "sdxl" else (TINY_SD15, tiny_sd15_pipeline)
     write_authors_layout(tmp_path / "data", 2)
     encoder, _ = spec.basic_image_encoder.build()
@@ -200,9 +202,16 @@ def captured_loss(
         components.vae, TextConditioner(components.text_encoders, arch), components.image_encoder,
         scheduler, uses_hidden_states=config.uses_hidden_states, weight_dtype=weight_dtype,
     )  # fmt: skip
+    if device is not None:
+        for module in (adapter, components.vae, components.unet, components.image_encoder, *components.text_encoders):
+            module.to(device)
+        batch = batch.to(device)
     adapter.attach(components.unet)
     try:
-        model = Capturing(AdapterUNet(components.unet, adapter, "official"))
+        unet = AdapterUNet(components.unet, adapter, "official")
+        if device == "meta":  # the routing reads its masks' values, which meta tensors do not have
+            unet = lambda noisy, *args: torch.zeros_like(noisy)  # noqa: E731
+        model = Capturing(unet)
         with torch.no_grad():
             loss = training_loss(model, frozen, batch, torch.Generator().manual_seed(7), **options)
     finally:
@@ -283,3 +292,17 @@ def test_a_plus_adapter_is_fed_the_encoders_hidden_states(tmp_path):
     torch.testing.assert_close(features, encode_images(encoder, batch.references, True))
     assert features.shape[-1] == encoder.config.hidden_size
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_every_tensor_of_a_step_is_made_where_the_batch_is(tmp_path, arch):
+    """Guards training_loss's devices: the noise, its offset, the timesteps and SDXL's time ids are moved
+    to the batch's device (the generator draws on the CPU). The meta device stands in for a GPU: a
+    tensor left on the CPU meets meta tensors and the step fails or reaches the model on the CPU, where
+    on one CPU nothing would show. The encoders run on meta; the UNet is a stand-in returning zeros
+    (routing reads mask values, which meta tensors do not hold)."""
+    loss, model, _, batch, _ = captured_loss(tmp_path, arch, "epsilon", device="meta", noise_offset=0.1)
+    assert batch.pixel_values.device.type == "meta"
+    assert loss.device.type == model.noisy.device.type == model.timesteps.device.type == "meta"
+    if arch == "sdxl":
+        assert {value.device.type for value in model.args[1].values()} == {"meta"}
