@@ -306,3 +306,36 @@ def test_every_tensor_of_a_step_is_made_where_the_batch_is(tmp_path, arch):
     assert loss.device.type == model.noisy.device.type == model.timesteps.device.type == "meta"
     if arch == "sdxl":
         assert {value.device.type for value in model.args[1].values()} == {"meta"}
+
+
+@pytest.mark.parametrize(("n", "views"), [(2, None), (3, 1), (2, 3)])
+def test_the_training_conditioning_gives_each_view_its_subject_and_share(n, views, monkeypatch):
+    """Guards subject_conditioning (a padded batch → the processors' conditioning): each of a subject's
+    views is its own condition owned by that subject with a 1/views share (one view by default); the
+    latent size, rule and padding mask are passed on as given (a non-square size, a padded subject).
+    Owner and share are made on the image tokens' device: meta stands in for a GPU, with the
+    conditioning's own checks (which read owner's values, absent on meta) replaced by a record."""
+    from types import SimpleNamespace
+
+    from mipadapter.config import MergeRule
+    from mipadapter.training import step
+    from mipadapter.training.step import subject_conditioning
+
+    b, m, c = 2, 3, 8
+    k = views or 1
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, -1] = False  # the second sample has one subject fewer
+    names, name_mask = torch.randn(b, n, m, c), torch.ones(b, n, m, dtype=torch.bool)
+    options = {} if views is None else {"views": views}
+    tokens = torch.randn(b, n * k, 4, c)
+    cond = subject_conditioning(tokens, mask, names, name_mask, "paper", False, (6, 10), **options)
+    assert cond.owner.tolist() == [s for s in range(n) for _ in range(k)]
+    assert torch.equal(cond.share, torch.full((n * k,), 1.0 / k)) and torch.equal(cond.scales, mask.float())
+    assert cond.latent_size == (6, 10) and cond.rule is MergeRule.PAPER and cond.use_text_weight is False
+    assert cond.present is mask and cond.image_tokens is tokens and cond.name_embeds is names
+    monkeypatch.setattr(step, "SubjectConditioning", SimpleNamespace)
+    on_meta = subject_conditioning(tokens.to("meta"), mask, names, name_mask, "paper", False, (6, 10), **options)
+    assert on_meta.owner.device.type == on_meta.share.device.type == "meta"
+    monkeypatch.undo()
+    full = subject_conditioning(tokens, torch.ones(b, n, dtype=torch.bool), names, name_mask, "official", True, (8, 8), **options)
+    assert full.present is None and full.use_text_weight is True  # nothing padded: no mask to apply
