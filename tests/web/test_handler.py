@@ -1047,3 +1047,17 @@ def test_the_file_behind_an_upload_is_its_path_else_its_name():
     assert photo_path(CAT) == photo_path(Path(CAT)) == Path(CAT)
     assert check_upload_size(Path(CAT), Limits()) == "cat.jpg"
     assert photo_path(Image.new("RGB", (2, 2))) is None
+
+
+def test_an_upload_gone_from_disk_and_a_pil_photo_are_named_in_their_messages(tmp_path):
+    """Guards the names in two refusals: an upload whose file is gone is named by its file name, and a
+    photo given as a PIL image (no file) is "a photo"; nothing is written either way."""
+    from mipadapter.web.handler import check_upload_size
+
+    with pytest.raises(ValueError) as gone:
+        check_upload_size(SimpleNamespace(path=str(tmp_path / "a1" / "cat.jpg")), Limits())
+    assert str(gone.value) == "cat.jpg could not be read (the upload is missing)"
+    with pytest.raises(ValueError) as large:
+        read_photo(Image.new("RGB", (300, 200)), Limits(max_photo_pixels=50_000))
+    assert str(large.value) == "a photo is 300×200 pixels; the limit is 0.05 megapixels"  # not rounded to 0
+    assert list(tmp_path.iterdir()) == []

@@ -293,7 +293,7 @@ def read_photo(item: Any, limits: Limits):
             raise ValueError(f"{label} is not a readable image (JPEG, PNG, WebP …)") from None
     if width * height > limits.max_photo_pixels:
         raise ValueError(
-            f"{label} is {width}×{height} pixels; the limit is {limits.max_photo_pixels / 1e6:.0f} megapixels"
+            f"{label} is {width}×{height} pixels; the limit is {limits.max_photo_pixels / 1e6:g} megapixels"
         )
     if path is None:
         return upright(image).convert("RGB")
