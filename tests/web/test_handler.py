@@ -1061,3 +1061,49 @@ def test_an_upload_gone_from_disk_and_a_pil_photo_are_named_in_their_messages(tm
         read_photo(Image.new("RGB", (300, 200)), Limits(max_photo_pixels=50_000))
     assert str(large.value) == "a photo is 300×200 pixels; the limit is 0.05 megapixels"  # not rounded to 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_photo_at_the_pixel_limit_is_read_upright_in_rgb_and_one_more_pixel_is_refused():
+    """Guards read_photo's own limit (the server's, which replaces photos' 50 MP default): a photo of
+    exactly the limit is read (in RGB, whatever its mode), one pixel more is refused with the limit in
+    megapixels to six digits; and a photo over the 50 MP default but within a larger server limit is
+    read whole, by the header check and the decode both."""
+    for mode in ("L", "RGBA", "P"):
+        photo = read_photo(Image.new(mode, (300, 200)), Limits(max_photo_pixels=60_000))
+        assert photo.mode == "RGB" and photo.size == (300, 200)
+    with pytest.raises(ValueError) as refused:
+        read_photo(Image.new("L", (4000, 2500)), Limits(max_photo_pixels=9_999_990))
+    assert str(refused.value) == "a photo is 4000×2500 pixels; the limit is 9.99999 megapixels"
+    with pytest.raises(ValueError) as refused:
+        read_photo(Image.new("L", (301, 200)), Limits(max_photo_pixels=60_000))
+    assert str(refused.value) == "a photo is 301×200 pixels; the limit is 0.06 megapixels"
+
+
+def test_a_photo_over_the_default_50_mp_is_read_under_a_larger_server_limit(tmp_path):
+    """Guards read_photo passing no default limit to photos' header check and decode (both would refuse
+    past 50 MP): the server's own limit alone decides. A blank 7100×7100 greyscale PNG (50.4 MP)."""
+    path = tmp_path / "wide.png"
+    Image.new("L", (7100, 7100)).save(path, optimize=False, compress_level=1)
+    photo = read_photo(str(path), Limits(max_photo_pixels=60_000_000, max_upload_bytes=2**30))
+    assert photo.size == (7100, 7100) and photo.mode == "RGB"
+
+
+def test_a_photo_whose_header_reads_but_whose_data_is_cut_short_is_refused_as_damaged(tmp_path):
+    """Guards read_photo's second refusal: the header gives a size within the limit, the decode fails."""
+    whole = _png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError) as refused:
+        read_photo(str(cut), Limits())
+    assert str(refused.value) == "cut.png is not a readable image (the file is damaged)"
+    assert cut.read_bytes() == whole[: len(whole) // 2]
+
+
+@pytest.mark.parametrize("box", [["0", " ", "10", "10"], [0, None, 10, 10], ["1", "2", "3"], ["", "", "", "4"]])
+def test_a_box_with_some_fields_blank_asks_for_all_four(box):
+    """Guards parse_box's partial-box line, word for word, for a blank (spaces too) or missing field and
+    for three fields, rather than the numbers message ``float("")`` would give."""
+    with pytest.raises(ValueError) as refused:
+        parse_box(box)
+    assert str(refused.value) == "fill in all four box fields x0, y0, x1, y1 (or leave all four blank)"
+    assert parse_box(["", " ", None, ""]) is None and parse_box(["1", " 2 ", 3, 4.5]) == (1.0, 2.0, 3.0, 4.5)
