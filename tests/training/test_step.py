@@ -327,10 +327,11 @@ def test_the_training_conditioning_gives_each_view_its_subject_and_share(n, view
     mask[1, -1] = False  # the second sample has one subject fewer
     names, name_mask = torch.randn(b, n, m, c), torch.ones(b, n, m, dtype=torch.bool)
     options = {} if views is None else {"views": views}
-    tokens = torch.randn(b, n * k, 4, c)
+    tokens = torch.randn(b, n * k, 4, c, dtype=torch.float64)  # not the default dtype: scales follow it
     cond = subject_conditioning(tokens, mask, names, name_mask, "paper", False, (6, 10), **options)
     assert cond.owner.tolist() == [s for s in range(n) for _ in range(k)]
-    assert torch.equal(cond.share, torch.full((n * k,), 1.0 / k)) and torch.equal(cond.scales, mask.float())
+    assert torch.equal(cond.share, torch.full((n * k,), 1.0 / k, dtype=torch.float64))
+    assert cond.scales.dtype == cond.share.dtype == torch.float64 and torch.equal(cond.scales, mask.double())
     assert cond.latent_size == (6, 10) and cond.rule is MergeRule.PAPER and cond.use_text_weight is False
     assert cond.present is mask and cond.image_tokens is tokens and cond.name_embeds is names
     monkeypatch.setattr(step, "SubjectConditioning", SimpleNamespace)
