@@ -1107,3 +1107,38 @@ def test_a_box_with_some_fields_blank_asks_for_all_four(box):
         parse_box(box)
     assert str(refused.value) == "fill in all four box fields x0, y0, x1, y1 (or leave all four blank)"
     assert parse_box(["", " ", None, ""]) is None and parse_box(["1", " 2 ", 3, 4.5]) == (1.0, 2.0, 3.0, 4.5)
+
+
+def test_painted_layers_are_scaled_to_0_1_skipping_empty_layers_and_must_share_a_size():
+    """Guards painted_mask's reading of its layers: 8-bit ones (any value above 1, a faint stroke of 2
+    too) are divided by 255, float ones already in [0, 1] (a 1.0 included) are not; a missing layer
+    (None) is skipped, not the end of the list; the union is clipped to [0, 1] (a float layer's -0.5
+    and 300); layers of two sizes are refused in one line."""
+    faint = np.zeros((4, 6), dtype=np.uint8)
+    faint[1, 2] = 2
+    assert np.allclose(painted_mask({"layers": [faint]}), faint / 255.0)
+    exact = np.zeros((4, 6), dtype=np.float32)
+    exact[0, 0], exact[3, 5] = 1.0, 0.25
+    assert np.array_equal(painted_mask({"layers": [exact]}), exact)
+    assert np.array_equal(painted_mask({"layers": [None, exact, None]}), exact)
+    signed = np.array([[-0.5, 0.5, 0.0]], dtype=np.float32)
+    assert painted_mask({"layers": [signed]}).tolist() == [[0.0, 0.5, 0.0]]
+    bright = np.array([[300.0, 0.0, 51.0]], dtype=np.float32)
+    assert np.allclose(painted_mask({"layers": [bright]}), [[1.0, 0.0, 0.2]])
+    with pytest.raises(ValueError) as refused:
+        painted_mask({"layers": [faint, np.ones((6, 4), dtype=np.uint8) * 255]})
+    assert str(refused.value) == "the painted layers have different sizes"
+
+
+def test_a_box_of_infinite_numbers_is_refused_by_name():
+    with pytest.raises(ValueError) as refused:
+        parse_box(["0", "0", "inf", "10"])
+    assert str(refused.value) == "the box fields must be finite numbers, got ['0', '0', 'inf', '10']"
+
+
+def test_a_pipeline_without_adapter_names_offers_the_default_adapter():
+    """Guards adapter_choices' fallback for a pipeline object without ``adapter_names`` (or with none)."""
+    from mipadapter.config import DEFAULT_ADAPTER
+
+    assert adapter_choices(SimpleNamespace()) == adapter_choices(SimpleNamespace(adapter_names=[])) == [DEFAULT_ADAPTER]
+    assert adapter_choices(SimpleNamespace(adapter_names=("default", "face"))) == ["default", "face"]
