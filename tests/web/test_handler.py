@@ -216,7 +216,10 @@ ERRORS = [
         {},
         {},
         1,
-        "subject 'dog' does not occur in the prompt",
+        (
+            "subject 'dog' does not occur in the prompt 'a cat wearing a backpack in Boston': write the name as it"
+            " appears in the prompt (the match is on whole tokens, so 'cat' does not match 'cats') (text encoder 1)."
+        ),
     ),
     (
         "unreadable upload",
@@ -224,7 +227,7 @@ ERRORS = [
         {},
         {},
         1,
-        "holiday.jpg is not a readable image",
+        "Photo of subject 'backpack': holiday.jpg is not a readable image (JPEG, PNG, WebP …).",
     ),
     (
         "too many subjects",
@@ -232,7 +235,7 @@ ERRORS = [
         {},
         {"max_subjects": 2},
         None,
-        "Too many subjects: 3 given, this server takes at most 2 (remove subject 3)",
+        "Too many subjects: 3 given, this server takes at most 2 (remove subject 3).",
     ),
     (
         "empty name",
@@ -240,7 +243,7 @@ ERRORS = [
         {},
         {},
         1,
-        "Give this subject a name",
+        "Give this subject a name: the words the prompt uses for it (e.g. 'cat').",
     ),
     (
         "no photo",
@@ -248,7 +251,7 @@ ERRORS = [
         {},
         {},
         1,
-        "Upload at least one photo of subject 'backpack'",
+        "Upload at least one photo of subject 'backpack'.",
     ),
     (
         "upload too large",
@@ -256,7 +259,7 @@ ERRORS = [
         {},
         {"max_upload_bytes": 1000},
         0,
-        "cat.jpg is 5.8 kB; the limit is 1.0 kB",
+        "Photo of subject 'cat': cat.jpg is 5.8 kB; the limit is 1.0 kB.",
     ),
     (
         "photo with too many pixels",
@@ -264,7 +267,7 @@ ERRORS = [
         {},
         {"max_photo_pixels": 100},
         0,
-        "cat.jpg is 128×128 pixels",
+        "Photo of subject 'cat': cat.jpg is 128×128 pixels; the limit is 0.0001 megapixels.",
     ),
     (
         "too many photos",
@@ -272,7 +275,7 @@ ERRORS = [
         {},
         {"max_photos": 2},
         0,
-        "Too many photos of subject 'cat': at most 2, got 3",
+        "Too many photos of subject 'cat': at most 2, got 3.",
     ),
     (
         "the same name twice",
@@ -280,7 +283,7 @@ ERRORS = [
         {},
         {},
         1,
-        "Another subject is already called 'cat'",
+        "Another subject is already called 'cat': give each its own name.",
     ),
     (
         "half a box",
@@ -288,7 +291,7 @@ ERRORS = [
         {},
         {},
         1,
-        "fill in all four box fields",
+        "Region of subject 'backpack': fill in all four box fields x0, y0, x1, y1 (or leave all four blank).",
     ),
     (
         "box outside the image (the library's check)",
@@ -296,7 +299,7 @@ ERRORS = [
         {},
         {},
         1,
-        "subject 'backpack': box (0.0, 0.0, 500.0, 8.0) must satisfy",
+        "subject 'backpack': box (0.0, 0.0, 500.0, 8.0) must satisfy 0 ≤ x0 < x1 ≤ 64 and 0 ≤ y0 < y1 ≤ 64.",
     ),
     (
         "box and painted region",
@@ -304,9 +307,11 @@ ERRORS = [
         {},
         {},
         1,
-        "give a box or a painted region, not both",
+        "Region of subject 'backpack': give a box or a painted region, not both.",
     ),
-    ("no prompt", lambda tmp: two_subjects(), {"prompt": "  "}, {}, None, "Write a prompt"),
+    ("no prompt", lambda tmp: two_subjects(), {"prompt": "  "}, {}, None, "Write a prompt that names each subject."),
+    ("a prompt field sent as None", lambda tmp: two_subjects(), {"prompt": None}, {}, None,
+     "Write a prompt that names each subject."),
     # issue 20: numbers typed into the page's fields, refused with the CLI's messages before the model runs
     (
         "width typed past the slider",
@@ -324,7 +329,8 @@ ERRORS = [
         None,
         f"The seed must be an integer between 0 and {2**64 - 1}, got {10**20}.",
     ),
-    ("a blank step count", lambda tmp: two_subjects(), {"steps": None}, {}, None, "got None."),
+    ("a blank step count", lambda tmp: two_subjects(), {"steps": None}, {}, None,
+     "Steps must be an integer between 1 and 100, got None."),
     (
         "a fractional image count",
         lambda tmp: two_subjects(),
@@ -333,23 +339,33 @@ ERRORS = [
         None,
         "Images must be an integer between 1 and 4, got 1.5.",
     ),
-    ("no subject", lambda tmp: [SubjectForm(), SubjectForm()], {}, {}, None, "Add at least one subject"),
+    ("no subject", lambda tmp: [SubjectForm(), SubjectForm()], {}, {}, None,
+     "Add at least one subject: a name and one or more photos."),
     (
         "size off the grid",
         lambda tmp: two_subjects(),
         {"width": 72},
         {},
         None,
-        "The width must be a multiple of 16 between 32 and 96 pixels, got 72",
+        "The width must be a multiple of 16 between 32 and 96 pixels, got 72.",
     ),
-    ("unknown rule", lambda tmp: two_subjects(), {"rule": "loud"}, {}, None, "unknown merge rule 'loud'"),
+    ("height off the grid", lambda tmp: two_subjects(), {"height": 40}, {}, None,
+     "The height must be a multiple of 16 between 32 and 96 pixels, got 40."),
+    ("both sides off the grid", lambda tmp: two_subjects(), {"width": 20, "height": 100}, {}, None,
+     "The width must be a multiple of 16 between 32 and 96 pixels, got 20. "
+     "The height must be a multiple of 16 between 32 and 96 pixels, got 100."),
+    # two whole sides, each within the server's limit, whose product is not (its own limit)
+    ("too many output pixels", lambda tmp: two_subjects(), {"width": 96, "height": 80}, {"max_output_pixels": 6000},
+     None, "the output size 96×80 is 0.0 MP, above the limit of 0.0 MP."),
+    ("unknown rule", lambda tmp: two_subjects(), {"rule": "loud"}, {}, None,
+     "unknown merge rule 'loud'; choose one of uniform, paper, official."),
     (
         "guidance out of range",
         lambda tmp: two_subjects(),
         {"guidance": -1.0},
         {},
         None,
-        "Guidance must be a finite number between 0 and 30, got -1.0",
+        "Guidance must be a finite number between 0 and 30, got -1.0.",
     ),
     # issue 18: the numbers go through mipadapter.limits, the checks (and messages) generate uses
     (
@@ -378,7 +394,7 @@ ERRORS = [
         {"region_mode": "swap"},
         {},
         None,
-        "The region mode must be one of 'replace', 'multiply', got 'swap'",
+        "The region mode must be one of 'replace', 'multiply', got 'swap'.",
     ),
 ]
 
@@ -393,7 +409,7 @@ def test_each_problem_is_shown_next_to_its_cause(pipe, tmp_path, subjects, optio
     result = generate(recording, request(*subjects(tmp_path), **options), Limits.for_pipeline(pipe, **limits))
     assert not result.ok and result.images == [] and result.maps == []
     shown = result.error if slot is None else result.subject_errors.get(slot)
-    assert shown is not None and message in shown, (result.error, result.subject_errors)
+    assert shown == message, (result.error, result.subject_errors)  # the whole line, word for word
     assert result.status.startswith("Not generated.")
     if slot is not None:
         assert f"subject {slot + 1}" in result.status
@@ -1142,3 +1158,13 @@ def test_a_pipeline_without_adapter_names_offers_the_default_adapter():
 
     assert adapter_choices(SimpleNamespace()) == adapter_choices(SimpleNamespace(adapter_names=[])) == [DEFAULT_ADAPTER]
     assert adapter_choices(SimpleNamespace(adapter_names=("default", "face"))) == ["default", "face"]
+
+
+@pytest.mark.parametrize(("width", "height", "size"), [(96, 32, (96, 32)), (None, 48, (64, 48)), (32, None, (32, 64))])
+def test_each_side_is_the_one_asked_or_the_models_native_side(pipe, width, height, size):
+    """Guards generate's sizes: a side left blank (None) is the model's native side (64 for the tiny
+    SDXL), the other as asked, on images that are not square."""
+    result = generate(pipe, request(*two_subjects(), width=width, height=height, steps=1))
+    assert result.ok, result.status
+    assert result.images[0].size == size and all(overlay.size == size for overlay, _ in result.maps)
+    assert f"of {size[0]}×{size[1]} in 1 step" in result.status
