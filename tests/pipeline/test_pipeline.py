@@ -780,3 +780,59 @@ def test_names_run_each_text_encoder_once_without_an_unconditional_pass(arch):
     with torch.no_grad():
         encode_names(pipe, ["cat", "dog"], "cpu")
     assert [id(m) for m in calls] == [id(e) for e in encoders]
+
+
+def test_the_name_window_is_the_smallest_multiple_holding_the_longest_name():
+    """Guards name_window against a plain ceiling, for windows of 1 to 8 rows (the compiled fast path
+    pads every call to it, and its tests are outside the mutation runs); None keeps the longest name's
+    length; a window under one row is refused by value."""
+    import math
+
+    from mipadapter.pipeline.encoding import name_window
+
+    for longest in range(1, 21):
+        assert name_window(longest, None) == longest
+        for window in range(1, 9):
+            rows = name_window(longest, window)
+            assert rows == math.ceil(longest / window) * window and type(rows) is int, (longest, window)
+    for window in (0, -2):
+        with pytest.raises(ValueError) as refused:
+            name_window(3, window)
+        assert str(refused.value) == f"the name window must be a positive number of tokens, got {window}"
+
+
+def test_names_padded_to_a_window_keep_their_rows_and_zero_the_rest():
+    """encode_names with ``window``: the rows are the window's multiple, each name's own rows as without
+    it, every further row zero and masked out."""
+    pipe = tiny_sdxl_pipeline()
+    names = ["wooden pot", "cat", ""]
+    tight, tight_mask = encode_names(pipe, names, "cpu")
+    padded, mask = encode_names(pipe, names, "cpu", window=3)
+    assert padded.shape[1] == mask.shape[1] == 3 and tight.shape[1] == 2
+    assert mask.tolist() == [[True, True, False], [True, False, False], [True, False, False]]
+    torch.testing.assert_close(padded[:, :2], tight)
+    assert torch.count_nonzero(padded[:, 2]) == 0
+
+
+def test_names_are_encoded_on_the_device_asked_for():
+    """Guards encode_names passing its device to the text encoding: the meta device stands in for a GPU
+    (diffusers would otherwise encode on the pipeline's execution device, here the CPU)."""
+    pipe = tiny_sdxl_pipeline()
+    embeds, mask = encode_names(pipe, ["cat", "red hat"], "meta")
+    assert embeds.device.type == mask.device.type == "meta" and embeds.shape[:2] == mask.shape == (2, 2)
+
+
+def test_tokenizers_splitting_a_name_differently_are_refused_by_name():
+    """Guards name_lengths' line when the text encoders' tokenizers disagree on a name's token count."""
+    from types import SimpleNamespace
+
+    from mipadapter.pipeline.encoding import name_lengths
+
+    def tokenizer(per_word):
+        return lambda text, add_special_tokens: {"input_ids": [0] * (per_word * len(text.split()))}
+
+    pipe = SimpleNamespace(tokenizer=tokenizer(1), tokenizer_2=tokenizer(2))
+    assert name_lengths(SimpleNamespace(tokenizer=tokenizer(2)), ["red hat", ""]) == [4, 1]
+    with pytest.raises(SubjectAlignmentError) as refused:
+        name_lengths(pipe, ["cat", "red hat"])
+    assert str(refused.value) == "the text encoders split subject 'cat' into different token counts [1, 2]"
