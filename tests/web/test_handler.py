@@ -1168,3 +1168,26 @@ def test_each_side_is_the_one_asked_or_the_models_native_side(pipe, width, heigh
     assert result.ok, result.status
     assert result.images[0].size == size and all(overlay.size == size for overlay, _ in result.maps)
     assert f"of {size[0]}×{size[1]} in 1 step" in result.status
+
+
+def test_the_subject_limit_counts_filled_slots_and_names_the_ones_to_remove(pipe):
+    """Guards the subject limit: as many filled slots as the limit run (blank slots between them do not
+    count); past it, the slots to remove are named by their numbers on the page, counted after the blank
+    ones, in one line."""
+    limits = Limits.for_pipeline(pipe, max_subjects=2)
+    forms = [SubjectForm("cat", [CAT]), SubjectForm(), SubjectForm("backpack", [BACKPACK])]
+    assert generate(pipe, request(*forms, steps=1), limits).ok
+    more = [*forms, SubjectForm("Boston", [CAT]), SubjectForm("wearing", [CAT])]
+    result = generate(pipe, request(*more, steps=1), limits)
+    assert result.error == "Too many subjects: 4 given, this server takes at most 2 (remove subjects 4, 5)."
+
+
+def test_a_blank_painting_over_the_servers_pixel_limit_is_not_an_empty_slot(pipe):
+    """Guards generate asking is_blank with the server's own painted-pixel limit: a slot holding only a
+    painting larger than that limit (blank or not) is reported, not skipped as untouched."""
+    painted = {"layers": [_png_bytes(Image.new("L", (20, 20), 0))]}
+    forms = [*two_subjects(), SubjectForm(painted=painted)]
+    result = generate(pipe, request(*forms, steps=1), Limits.for_pipeline(pipe, max_painted_pixels=100))
+    assert not result.ok and result.images == []
+    assert "a painted layer is 20×20 pixels; the limit is 0.0001 megapixels" in result.subject_errors[2]
+    assert generate(pipe, request(*forms, steps=1), Limits.for_pipeline(pipe)).ok  # within it: blank, skipped

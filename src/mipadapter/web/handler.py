@@ -625,11 +625,11 @@ def generate(
     if not filled:
         problems.add(None, "Add at least one subject: a name and one or more photos.")
     if len(filled) > limits.max_subjects:
-        extra = ", ".join(str(slot + 1) for slot, _ in filled[limits.max_subjects :])
+        extra = [str(slot + 1) for slot, _ in filled[limits.max_subjects :]]
         problems.add(
             None,
             f"Too many subjects: {len(filled)} given, this server takes at most {limits.max_subjects} "
-            f"(remove subject {extra}).",
+            f"(remove subject{'s' if len(extra) > 1 else ''} {', '.join(extra)}).",
         )
 
     choices = adapter_choices(pipe)
