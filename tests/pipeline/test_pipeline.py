@@ -836,3 +836,17 @@ def test_tokenizers_splitting_a_name_differently_are_refused_by_name():
     with pytest.raises(SubjectAlignmentError) as refused:
         name_lengths(pipe, ["cat", "red hat"])
     assert str(refused.value) == "the text encoders split subject 'cat' into different token counts [1, 2]"
+
+
+def test_a_name_fills_the_text_encoder_to_its_last_row_and_one_token_more_is_refused():
+    """Guards encode_names' fit check at its boundary: after CLIP's start token, a name of 76 tokens
+    fills the 77 rows and is encoded; 77 tokens (or 76 padded to a window of 8: 80 rows) do not fit and
+    are refused in one line naming the count."""
+    pipe = tiny_sdxl_pipeline()
+    embeds, mask = encode_names(pipe, ["a " * 76, "cat"], "cpu")
+    assert embeds.shape[1] == 76 and mask.sum(dim=1).tolist() == [76, 1]
+    for names, window in ((["a " * 77], None), (["a " * 76], 8)):
+        with pytest.raises(SubjectAlignmentError) as refused:
+            encode_names(pipe, names, "cpu", window=window)
+        rows = 77 if window is None else 76
+        assert str(refused.value) == f"subject names of {rows} tokens do not fit the text encoder's 77 tokens"
