@@ -1191,3 +1191,32 @@ def test_a_blank_painting_over_the_servers_pixel_limit_is_not_an_empty_slot(pipe
     assert not result.ok and result.images == []
     assert "a painted layer is 20×20 pixels; the limit is 0.0001 megapixels" in result.subject_errors[2]
     assert generate(pipe, request(*forms, steps=1), Limits.for_pipeline(pipe)).ok  # within it: blank, skipped
+
+
+def test_a_nameless_subject_is_named_by_its_slot_number_in_every_message(pipe):
+    """Guards the label of a subject without a name (None or spaces): "subject 3" for the page's third
+    slot, in each message about it, beside the message asking for a name."""
+    forms = [*two_subjects(), SubjectForm(name=None, box=["0", "0", "8", "8"]), SubjectForm(" ", [CAT], strength=9.0)]
+    result = generate(pipe, request(*forms, steps=1))
+    assert result.subject_errors == {
+        2: "Give this subject a name: the words the prompt uses for it (e.g. 'cat'). "
+        "Upload at least one photo of subject 3.",
+        3: "Give this subject a name: the words the prompt uses for it (e.g. 'cat'). "
+        "The strength of subject 4 must be a finite number between 0 and 1.5, got 9.0.",
+    }
+
+
+def test_the_servers_own_photo_and_strength_limits_apply_at_their_boundaries(pipe):
+    """Guards generate passing the server's limits on: as many photos as its ``max_photos`` run, and a
+    strength within the library's 1.5 but over the server's ``max_scale`` is refused with its limit."""
+    limits = Limits.for_pipeline(pipe, max_photos=2, max_scale=1.0)
+    assert generate(pipe, request(SubjectForm("cat", [CAT, CAT], strength=1.0), steps=1), limits).ok
+    result = generate(pipe, request(SubjectForm("cat", [CAT], strength=1.2), steps=1), limits)
+    assert result.subject_errors == {0: "The strength of subject 'cat' must be a finite number between 0 and 1, got 1.2."}
+
+
+def test_an_adapter_name_is_read_without_its_surrounding_spaces(pipe):
+    recording = Recording(pipe)
+    result = generate(recording, request(SubjectForm("cat", [CAT], adapter=" default "), steps=1))
+    assert result.ok, result.status
+    assert recording.calls[0][1][0].adapter is None  # the default adapter, named as such: the plain call
