@@ -319,3 +319,20 @@ def test_names_without_a_sequence_length_are_encoded_at_the_pipelines_default_51
         at_64, _ = encode_names(pipe, ["cat", "red hat"], "cpu", sequence_length=64)
     torch.testing.assert_close(default, at_512, rtol=0, atol=0)
     assert mask.sum(-1).tolist()[0] >= 1 and not torch.allclose(default, at_64)
+
+
+def test_names_are_tokenized_by_t5_on_flux_and_by_every_clip_tokenizer_elsewhere():
+    """Guards tokenizers_of, which decides whose token counts align the subjects' names: FLUX's T5 alone
+    (its CLIP tokenizer feeds only the pooled vector), SDXL's two CLIP tokenizers in order, SD1.5's one,
+    and a pipeline holding only a second tokenizer (None or absent first) that one."""
+    from types import SimpleNamespace
+
+    from mipadapter.pipeline.encoding import tokenizers_of
+
+    flux = tiny_flux_pipeline()
+    assert tokenizers_of(flux) == [flux.tokenizer_2] and flux.tokenizer is not None
+    first, second = object(), object()
+    assert tokenizers_of(SimpleNamespace(tokenizer=first, tokenizer_2=second)) == [first, second]
+    assert tokenizers_of(SimpleNamespace(tokenizer=first)) == [first]
+    assert tokenizers_of(SimpleNamespace(tokenizer=None, tokenizer_2=second)) == [second]
+    assert tokenizers_of(SimpleNamespace(tokenizer_2=second)) == [second]
