@@ -550,7 +550,7 @@ def test_numbers_out_of_range_are_refused_before_the_model_runs_with_the_clis_wo
     page.locator("#numbers-note").get_by_text(message).wait_for()
     assert page.input_value("#width input[type=number]") == "96"
     page.click("#generate")
-    wait_for_status(page, "Generated 1 image of 96×64 in 1 steps (seed 3,")
+    wait_for_status(page, "Generated 1 image of 96×64 in 1 step (seed 3,")
     assert server_errors == []  # the preview's refresh too
     page.fill("#subject-0-name textarea, #subject-0-name input", "**cat**")  # Markdown's bold, as text
     page.click("#generate")

@@ -1167,7 +1167,7 @@ def test_each_side_is_the_one_asked_or_the_models_native_side(pipe, width, heigh
     result = generate(pipe, request(*two_subjects(), width=width, height=height, steps=1))
     assert result.ok, result.status
     assert result.images[0].size == size and all(overlay.size == size for overlay, _ in result.maps)
-    assert f"of {size[0]}×{size[1]} in 1 step" in result.status
+    assert f"of {size[0]}×{size[1]} in 1 step (" in result.status
 
 
 def test_the_subject_limit_counts_filled_slots_and_names_the_ones_to_remove(pipe):
@@ -1220,3 +1220,41 @@ def test_an_adapter_name_is_read_without_its_surrounding_spaces(pipe):
     result = generate(recording, request(SubjectForm("cat", [CAT], adapter=" default "), steps=1))
     assert result.ok, result.status
     assert recording.calls[0][1][0].adapter is None  # the default adapter, named as such: the plain call
+
+
+class Raising(Recording):
+    """A pipeline whose call fails with ``message`` (as the library's own checks fail, with ValueError)."""
+
+    def __init__(self, pipe, message: str) -> None:
+        super().__init__(pipe)
+        self.message = message
+
+    def __call__(self, prompt, subjects, **kwargs):
+        raise ValueError(self.message)
+
+
+def test_a_pipeline_error_goes_to_the_subject_it_names_with_one_full_stop():
+    """Guards how generate shows the pipeline's own refusals: one naming a subject at that subject's
+    slot, ended by a full stop; one naming none as the request's error, as written (it has its own)."""
+    pipe = tiny_mip_pipeline("sdxl", "basic", text_weight=True)
+    named = generate(Raising(pipe, "subject 'backpack' has no room in its box"), request(*two_subjects(), steps=1))
+    assert named.subject_errors == {1: "subject 'backpack' has no room in its box."} and named.error is None
+    general = generate(Raising(pipe, "The scheduler refused the timesteps."), request(*two_subjects(), steps=1))
+    assert general.error == "The scheduler refused the timesteps." and general.subject_errors == {}
+    assert general.status == "Not generated. The scheduler refused the timesteps."
+
+
+class Bare(Recording):
+    """A pipeline whose output carries its images and routing maps only: no settings, no warnings."""
+
+    def __call__(self, prompt, subjects, **kwargs):
+        output = super().__call__(prompt, subjects, **kwargs)
+        return SimpleNamespace(images=output.images, relevance=output.relevance)
+
+
+def test_an_output_without_settings_or_warnings_is_shown_with_the_asked_values(pipe):
+    """A pipeline output without ``settings`` and ``warnings`` (a wrapped or older pipeline): the status
+    names the rule asked for and no guidance, in steps counted in the singular for one."""
+    result = generate(Bare(pipe), request(*two_subjects(), seed=9, steps=1, rule="paper"))
+    assert result.ok and result.settings == {} and result.subject_warnings == {}
+    assert result.status == "Generated 1 image of 64×64 in 1 step (seed 9, rule paper) with 'cat', 'backpack'."

@@ -756,7 +756,7 @@ def generate(
         for s in subjects
     ]
     status = (
-        f"Generated {count} image{'s' if count > 1 else ''} of {width}×{height} in {total} steps "
+        f"Generated {count} image{'s' if count > 1 else ''} of {width}×{height} in {total} step{'s' if total > 1 else ''} "
         f"(seed {int(request.seed)}, rule {settings.get('rule') or (rule or pipe.adapter.config.default_rule).value}"
         + (f", guidance {settings['guidance_scale']:g}" if settings.get("guidance_scale") is not None else "")
         + ") with "
