@@ -1258,3 +1258,19 @@ def test_an_output_without_settings_or_warnings_is_shown_with_the_asked_values(p
     result = generate(Bare(pipe), request(*two_subjects(), seed=9, steps=1, rule="paper"))
     assert result.ok and result.settings == {} and result.subject_warnings == {}
     assert result.status == "Generated 1 image of 64×64 in 1 step (seed 9, rule paper) with 'cat', 'backpack'."
+
+
+def test_the_status_line_says_what_ran_word_for_word(pipe):
+    """Guards the success status: images counted in the plural from two, the steps, the seed, the rule
+    and guidance the pipeline reports, each subject with its kind of region; an adapter is named only
+    when the server holds several (the tiny pipeline holds one)."""
+    forms = [SubjectForm("cat", [CAT], box=[0, 0, 32, 64]), SubjectForm("backpack", [BACKPACK], painted=right_half_painted())]
+    two = generate(pipe, request(*forms, seed=3, num_images=2, guidance=4.5, rule="paper"))
+    assert two.status == (
+        "Generated 2 images of 64×64 in 2 steps (seed 3, rule paper, guidance 4.5) with 'cat' (box), "
+        "'backpack' (painted region)."
+    )
+    one = generate(pipe, request(SubjectForm("cat", [CAT]), seed=8, steps=1))
+    assert one.status == (
+        f"Generated 1 image of 64×64 in 1 step (seed 8, rule official, guidance {default_guidance(pipe):g}) with 'cat'."
+    )
