@@ -542,3 +542,42 @@ def test_a_segment_low_in_a_portrait_image_is_cut_whole():
     square = segment_square(image, mask, (10, 10, 50, 110))
     assert square.shape == (100, 100, 3)
     np.testing.assert_array_equal(square[:, 30:70], image[10:110, 10:50])
+
+
+def test_a_wide_segment_is_centred_vertically_on_white():
+    """segment_square for a box wider than tall: the segment sits in the middle rows of its square, white
+    above and below it and where the mask is off (the portrait case above centres the columns)."""
+    image = np.random.default_rng(3).integers(0, 255, (60, 120, 3), dtype=np.uint8)
+    mask = np.ones((60, 120), dtype=bool)
+    mask[20, 30] = False
+    square = segment_square(image, mask, (10, 10, 110, 50))  # 100 wide, 40 tall
+    assert square.shape == (100, 100, 3)
+    expected = image[10:50, 10:110].copy()
+    expected[10, 20] = 255
+    np.testing.assert_array_equal(square[30:70], expected)
+    assert (square[:30] == 255).all() and (square[70:] == 255).all()
+
+
+@pytest.mark.parametrize(("side", "min_scale", "flip_prob"), [(37, 0.3, 0.5), (1, 0.1, 0.0), (2, 0.05, 1.0)])
+def test_each_view_is_a_random_square_crop_replayed_from_the_same_draws(side, min_scale, flip_prob):
+    """reference_views against a replay of its draws: the first view the whole square, each further one
+    a square crop of round(side·U(min_scale, 1)) pixels (at least one) at a random corner within the
+    square, each flipped on its own draw; on squares of 37, 2 and 1 pixels (where a crop of two pixels
+    would not fit)."""
+    from mipadapter.training.samples import finish_reference
+
+    square = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    settings = SampleSettings(64, 16, flip_prob=flip_prob, view_min_scale=min_scale)
+    views = reference_views(square, 5, min_scale, random.Random(11), settings)
+    replay, expected = random.Random(11), []
+    for view in range(5):
+        crop = square
+        if view > 0:
+            cut = max(1, round(side * replay.uniform(min_scale, 1.0)))
+            top, left = replay.randint(0, side - cut), replay.randint(0, side - cut)
+            crop = square[top : top + cut, left : left + cut]
+        flip = replay.random() < flip_prob
+        expected.append(finish_reference(crop, 16, flip, settings.mean, settings.std))
+    assert len(views) == 5
+    for got, want in zip(views, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -321,3 +321,31 @@ def test_the_per_sample_seed_is_pinned_and_distinct():
     assert sample_seed(2, 3, 5) == (2 * 1_000_003 + 3) * 10_000_019 + 5
     seeds = [sample_seed(s, e, i) for s in (0, 1, 7) for e in range(4) for i in range(50)]
     assert all(isinstance(seed, int) for seed in seeds) and len(set(seeds)) == len(seeds)
+
+
+def test_a_changed_or_undecodable_image_is_skipped_with_a_line_naming_it(authors_data):
+    """Guards _load_rgb's two refusals after the header check, word for word: an image whose size is not
+    the one indexed (both sizes, width first), and a JPEG whose header reads but whose data is cut
+    short (the decoder's reason, naming it as a training image)."""
+    import io
+    from pathlib import Path
+
+    records, _ = build_index(*authors_candidates(authors_data, None), RULES)
+    changed, cut = Path(records[0].image), Path(records[1].image)
+    Image.open(changed).resize((WIDTH * 2, HEIGHT + 3)).save(changed)
+    skipped = safe_build_sample(records[0], 0, 1, SETTINGS)
+    assert (skipped.reason, skipped.message) == (
+        "changed_since_index", f"{changed} is {WIDTH * 2}×{HEIGHT + 3} but was indexed as {WIDTH}×{HEIGHT}"
+    )
+    noise = np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    cut.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10])
+    skipped = safe_build_sample(records[1], 1, 1, SETTINGS)
+    assert skipped.reason == "unreadable_image", skipped
+    assert skipped.message.startswith(
+        f"{cut}: not a readable image (training image {str(cut)!r} cannot be decoded: image file is truncated"
+    ), skipped.message
+    Path(records[2].image).unlink()  # missing: named by the record's id
+    skipped = safe_build_sample(records[2], 2, 1, SETTINGS)
+    assert skipped.message == f"{records[2].id}: image {records[2].image} does not exist"
