@@ -69,3 +69,32 @@ def test_tests_that_pass_only_in_file_order_are_found_before_a_run(tool, tmp_pat
     assert found is not None and "test_a_needs_it" in found and "1 failed" in found
     assert tool.order_dependence(["tests/test_free.py"], cwd=tmp_path, pytest_args=["-p", "no:cacheprovider"]) is None
     assert "no tests" in tool.order_dependence(["tests/missing.py"], cwd=tmp_path, pytest_args=[])
+
+
+def test_kept_results_are_committed_per_function_and_read_back_without_a_run(tool, tmp_path, monkeypatch):
+    """The results kept across runs live in tools/mutant_results/ (committed): per function its hash,
+    its number of mutants and the numbers of the tested ones by status. On a machine where mutmut has
+    not run the module they are read back as they are, the never-tested mutants as not checked (what
+    --resume runs)."""
+    history = {
+        "m.x_f__mutmut_1": {"status": "killed", "hash": "aaa"},
+        "m.x_f__mutmut_3": {"status": "survived", "hash": "aaa"},
+        "m.x_f__mutmut_10": {"status": "killed", "hash": "aaa"},
+        "m.xǁCǁg__mutmut_2": {"status": "timeout", "hash": "bbb"},
+    }
+    found = {f"m.x_f__mutmut_{n}": "not checked" for n in range(1, 11)} | {"m.xǁCǁg__mutmut_1": "x", "m.xǁCǁg__mutmut_2": "x"}
+    packed = tool.pack(history, found)
+    assert packed == {
+        "m.x_f": {"hash": "aaa", "mutants": 10, "killed": [1, 10], "survived": [3]},
+        "m.xǁCǁg": {"hash": "bbb", "mutants": 2, "timeout": [2]},
+    }
+    kept, every = tool.unpack(packed)
+    assert kept == history and len(every) == 12
+    assert every["m.x_f__mutmut_2"] == "not checked" and every["m.x_f__mutmut_3"] == "survived"
+
+    monkeypatch.setattr(tool, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(tool, "WORK", tmp_path / "build")  # no mutmut folder: never run here
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "web.handler.json").write_text(tool.json.dumps(packed), encoding="utf-8")
+    assert tool.statuses("web/handler.py") == every
+    assert tool.summary("web/handler.py", {})["survivors"] == {"m.x_f__mutmut_3": "survived"}

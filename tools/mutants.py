@@ -7,8 +7,9 @@ src/mipadapter and the tests that exercise it; all of them when none is named), 
 folder, build/mutants/<module>/, with only that module mutated and only its tests selected; within those,
 each mutant runs only the tests that call the mutated function. The shared settings are pyproject's
 ``[tool.mutmut]``. Results are cached there (a rerun retests only the functions that changed), and kept
-in its history.json while the function a mutant changed stays the same: mutmut itself forgets every
-earlier result when the tests change.
+in tools/mutant_results/<module>.json (committed, so a run on another machine goes on from them) while
+the function a mutant changed stays the same: mutmut itself forgets every earlier result when the tests
+change.
 
 Afterwards one table row per module is printed, ready for docs/testing.md: mutants, tested (fewer when
 a run was stopped), killed (timeouts included), equivalent (tools/equivalent_mutants.toml, each with its
@@ -44,7 +45,8 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "mutants"
 EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.toml"
-HISTORY_FILE = "history.json"  # results kept across mutmut runs (statuses)
+HISTORY_FILE = "history.json"  # results kept across mutmut runs (statuses), before they were committed
+RESULTS = ROOT / "tools" / "mutant_results"  # the results kept, committed: <module slug>.json
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}  # the tests (or a limit) stopped it
 UNTESTED = {"not checked", "check was interrupted by user"}  # a run stopped before it reached them
 
@@ -178,15 +180,58 @@ def merge_history(
     return merged
 
 
+def pack(history: dict[str, dict[str, str]], found: dict[str, str]) -> dict:
+    """The kept results in the committed form: per function its hash, its number of mutants (``found``
+    holds them all, tested or not) and the numbers of its tested mutants by status."""
+    totals = Counter(function_of(name) for name in found)
+    packed: dict[str, dict] = {}
+    for name, entry in sorted(history.items()):
+        function, number = name.rsplit("__mutmut_", 1)
+        record = packed.setdefault(function, {"hash": entry["hash"], "mutants": totals[function]})
+        record.setdefault(entry["status"], []).append(int(number))
+    for record in packed.values():
+        for value in record.values():
+            if isinstance(value, list):
+                value.sort()
+    return packed
+
+
+def unpack(packed: dict) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """(name → {status, hash} of the tested mutants, name → status of every mutant, "not checked" for
+    those never tested) from the committed form."""
+    history, every = {}, {}
+    for function, record in packed.items():
+        for number in range(1, record["mutants"] + 1):
+            every[f"{function}__mutmut_{number}"] = "not checked"
+        for status, numbers in record.items():
+            if isinstance(numbers, list):
+                for number in numbers:
+                    name = f"{function}__mutmut_{number}"
+                    history[name] = {"status": status, "hash": record["hash"]}
+                    every[name] = status
+    return history, every
+
+
 def statuses(module: str) -> dict[str, str]:
     """Mutant name → status: mutmut's latest where it tested the mutant, else the one kept from an earlier
-    run of the same function (``history.json`` in the module's folder, updated here)."""
+    run of the same function (tools/mutant_results/<module>.json, committed, updated here). Where mutmut
+    has not run the module on this machine, the kept results as they are (a run checks their hashes)."""
     found, hashes = meta_results(module)
-    path = WORK / slug(module) / HISTORY_FILE
-    history = json.loads(path.read_text()) if path.is_file() else {}
+    path = RESULTS / f"{slug(module)}.json"
+    legacy = WORK / slug(module) / HISTORY_FILE
+    if path.is_file():
+        history, every = unpack(json.loads(path.read_text(encoding="utf-8")))
+    else:
+        history = json.loads(legacy.read_text()) if legacy.is_file() else {}
+        every = {name: entry["status"] for name, entry in history.items()}
+    if not found:
+        return every
     history = merge_history(history, found, hashes)
-    if found:
-        path.write_text(json.dumps(history, indent=0, sort_keys=True) + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(pack(history, found), indent=1, sort_keys=True) + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
     return {name: history[name]["status"] if name in history else status for name, status in found.items()}
 
 
