@@ -1274,3 +1274,25 @@ def test_the_status_line_says_what_ran_word_for_word(pipe):
     assert one.status == (
         f"Generated 1 image of 64×64 in 1 step (seed 8, rule official, guidance {default_guidance(pipe):g}) with 'cat'."
     )
+
+
+class Warning3(Recording):
+    """A pipeline whose output carries three warnings: two about its first subject, one about its second."""
+
+    def __call__(self, prompt, subjects, **kwargs):
+        output = super().__call__(prompt, subjects, **kwargs)
+        output.warnings = [SimpleNamespace(index=index, message=text) for index, text in
+                           ((1, "Second, first."), (0, "First, first."), (1, "Second, second."))]  # fmt: skip
+        return output
+
+
+def test_the_pipelines_warnings_are_shown_at_each_subjects_slot_and_counted_in_the_status(pipe):
+    """Guards how generate places the pipeline's warnings: by the subject's index (a blank slot before it
+    shifts the slot), several at one subject joined by a space in their order, the status naming every
+    warned slot ("warnings", plural, from two); the pipeline's settings come back with the result."""
+    forms = [SubjectForm(), SubjectForm("cat", [CAT]), SubjectForm("backpack", [BACKPACK])]
+    result = generate(Warning3(pipe), request(*forms, seed=2, steps=1, guidance=4.5))
+    assert result.ok and result.subject_warnings == {1: "First, first.", 2: "Second, first. Second, second."}
+    assert result.status.endswith("with 'cat', 'backpack'. See the warnings at subject 2, 3.")
+    assert result.status.startswith("Generated 1 image of 64×64 in 1 step (seed 2, rule official, guidance 4.5)")
+    assert result.settings["guidance_scale"] == 4.5 and result.settings["num_inference_steps"] == 1
