@@ -51,12 +51,15 @@ def mixed():
     return unet, first, second, unet.get_submodule(layer), layer
 
 
-def conditioning(rule: str, text_weight: bool, seed: int = 0, **extra) -> SubjectConditioning:
-    """Three subjects, four conditions; each condition's tokens past its adapter's count are zero."""
+def conditioning(
+    rule: str, text_weight: bool, seed: int = 0, adapter_of=ADAPTER_OF, **extra
+) -> SubjectConditioning:
+    """Three subjects, four conditions on the adapters ``adapter_of`` names; each condition's tokens past
+    its adapter's count are zero."""
     g = torch.Generator().manual_seed(seed)
     t, cross = max(COUNTS), TINY_SD15.cross_attention_dim
     tokens = torch.randn(BATCH, len(OWNER), t, cross, generator=g)
-    for c, adapter in enumerate(ADAPTER_OF):
+    for c, adapter in enumerate(adapter_of):
         tokens[:, c, COUNTS[adapter] :] = 0.0
     lengths = torch.randint(1, NAME_TOKENS + 1, (BATCH, 3), generator=g)
     return SubjectConditioning(
@@ -69,7 +72,7 @@ def conditioning(rule: str, text_weight: bool, seed: int = 0, **extra) -> Subjec
         rule=rule,
         use_text_weight=text_weight,
         latent_size=LATENT,
-        adapter_of=torch.tensor(ADAPTER_OF),
+        adapter_of=torch.tensor(adapter_of),
         token_counts=COUNTS,
         **extra,
     )
@@ -109,7 +112,8 @@ def reference(attn, processors, hidden, text, cond: SubjectConditioning) -> np.n
             gates.append(f / f.mean() if cond.use_text_weight else np.ones(p))
         merged = z_text.copy()
         scales = np64(cond.scales[bi])
-        for cnd, (owner, adapter, share) in enumerate(zip(OWNER, ADAPTER_OF, SHARE, strict=True)):
+        adapters = cond.adapter_of.tolist()
+        for cnd, (owner, adapter, share) in enumerate(zip(OWNER, adapters, SHARE, strict=True)):
             proc = processors[adapter]
             real = np64(cond.image_tokens[bi, cnd, : COUNTS[adapter]])  # its own tokens, no padding
             k_ip, v_ip = real @ np64(proc.to_k_ip.weight).T, real @ np64(proc.to_v_ip.weight).T
@@ -144,6 +148,20 @@ def test_a_mixed_call_is_the_sum_of_each_condition_through_its_own_adapter(rule,
     swapped = first.prepare(conditioning(rule, text_weight), [first, first])
     with torch.no_grad():
         assert rel_err(attn(hidden, text, ip_hidden_states=swapped), expected) > 1e-3
+
+
+@pytest.mark.parametrize("adapter_of", [[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], ids=["one-on-A", "A-unused", "B-unused"])
+def test_a_mixed_call_with_an_adapter_holding_one_condition_or_none_is_the_same_sum(adapter_of, mixed):
+    """The sum of each condition through its own adapter when one adapter holds a single condition, or
+    none (loaded, given as a source, used by no subject of this call, before or after the used one).
+    Fails when an adapter with one condition is skipped, or an unused adapter ends the loop over them."""
+    unet, first, second, attn, layer = mixed
+    cond = first.prepare(conditioning("paper", False, seed=5, adapter_of=adapter_of), [first, second])
+    hidden, text = layer_inputs(attn, seed=6)
+    with torch.no_grad():
+        out = attn(hidden, text, ip_hidden_states=cond)
+    expected = reference(attn, [first.processor(layer), second.processor(layer)], hidden, text, cond)
+    assert rel_err(out, expected) <= 1e-5
 
 
 def test_official_gates_differ_per_adapter(mixed):

@@ -558,3 +558,24 @@ def test_image_attention_maps_match_the_loop(photos):
     maps = recorder.average()  # [b, n, H, W], each map peaking at 1
     assert maps.shape == (BATCH, n, *LATENT)
     np.testing.assert_allclose(maps.double().numpy().reshape(BATCH, n, -1), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("photos", ["one", "several"])
+def test_image_attention_maps_in_bfloat16_follow_the_float32_ones(photos):
+    """The image-attention maps of a layer and conditioning in bfloat16 (a half-precision run records
+    them too) are recorded, and close to the float32 maps of the same layer and inputs."""
+    maps = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        attn, _ = make_layer(seed=3)
+        attn.to(dtype)
+        recorder = RelevanceRecorder(LATENT, keep_last=BATCH)
+        cond = make_conditioning("uniform", False, photos=photos, seed=4, image_attention=recorder)
+        fields = fields_of(cond)
+        for key in ("image_tokens", "name_embeds", "scales"):
+            fields[key] = fields[key].to(dtype)
+        cond = SubjectConditioning(**fields)
+        hidden, text = inputs(seed=5, positions=LATENT[0] * LATENT[1])
+        with torch.no_grad():
+            run(attn, hidden.to(dtype), text.to(dtype), cond)
+        maps[dtype] = recorder.average().float()
+    torch.testing.assert_close(maps[torch.bfloat16], maps[torch.float32], atol=0.05, rtol=0.05)
