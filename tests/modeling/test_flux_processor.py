@@ -310,3 +310,42 @@ def test_a_bfloat16_transformer_gets_its_routed_term_in_bfloat16():
     assert [t.dtype for t in outputs[torch.bfloat16]] == [torch.bfloat16] * 3
     for low, full in zip(outputs[torch.bfloat16], outputs[torch.float32], strict=True):
         torch.testing.assert_close(low.float(), full, rtol=0.05, atol=0.05)
+
+
+def test_a_block_routes_with_its_own_layer_scales():
+    """A subject's per-block image scale (``layer_scales`` under the block's layer name) is what the block
+    uses: the routed term equals that of a conditioning whose plain scales are those, and differs from
+    the plain scales' own (guards the block's layer name reaching the image values)."""
+    from test_processor import fields_of
+
+    transformer = tiny_flux_pipeline().transformer  # its own: the layer names are read, nothing shared
+    adapter = tiny_flux_adapter(transformer, TINY_FLUX.image_encoder.projection_dim, seed=3)
+    adapter.attach(transformer)
+    block = transformer.transformer_blocks[0]
+    name = block.attn.processor.layer_name
+    grid = GRIDS["non_square"]
+    hidden, context, ids = block_inputs(grid, seed=2)
+    rotary = transformer.pos_embed(ids)
+    base = conditioning(2, "one", "uniform", grid, seed=7)
+    own = base.scales * torch.tensor([0.25, 1.75])
+    routed = {}
+    for label, changes in {"layer": {"layer_scales": {name: own}}, "plain": {"scales": own}, "base": {}}.items():
+        cond = SubjectConditioning(**(fields_of(base) | changes))
+        adapter.prepare(cond)
+        with torch.no_grad():
+            routed[label] = block.attn(hidden, context, image_rotary_emb=rotary, ip_hidden_states=cond)[2]
+    torch.testing.assert_close(routed["layer"], routed["plain"], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(routed["layer"], routed["base"], atol=1e-4)
+
+
+def test_the_names_rows_and_their_rotary_table_are_made_where_the_transformer_is():
+    """Guards name_rows' device: the rotary table of the names' positions is built on the rows' device
+    (the meta device standing in for a GPU; built on the CPU it would meet the GPU keys)."""
+    from mipadapter.modeling.flux import name_rows
+
+    transformer = tiny_flux_pipeline().transformer.to("meta")
+    cond = conditioning(2, "one", "uniform", GRIDS["square"], seed=1)
+    cond.name_embeds = cond.name_embeds.to("meta")
+    rows, (cos, sin) = name_rows(transformer, cond)
+    assert rows.device.type == cos.device.type == sin.device.type == "meta"
+    assert rows.shape[:3] == cond.name_embeds.shape[:3] and cos.shape[0] == cond.name_embeds.shape[2]
