@@ -234,3 +234,17 @@ def test_detaching_from_a_deleted_unet_is_refused_with_one_line():
     gc.collect()
     with pytest.raises(RuntimeError, match=r"^the UNet this adapter was attached to no longer exists$"):
         adapter.detach()
+
+
+def test_an_unattached_adapter_refuses_to_prepare_or_detach_in_one_line():
+    """Guards the two misuse lines of an adapter never attached (or detached already), word for word."""
+    unet = tiny_sd15_pipeline().unet
+    adapter = random_adapter(unet, "sd15")
+    with pytest.raises(RuntimeError) as refused:
+        adapter.prepare(object())  # refused before the conditioning is read
+    assert str(refused.value) == "attach the adapter to a UNet before preparing a conditioning"
+    adapter.attach(unet)
+    adapter.detach()
+    with pytest.raises(RuntimeError) as refused:
+        adapter.detach()
+    assert str(refused.value) == "this adapter is not attached"
