@@ -606,3 +606,19 @@ def test_without_conditioning_equals_attn_processor_2_0_on_every_attention_optio
         attn.set_processor(MIPAttnProcessor(channels, channels, text_weight=True))
         got = attn(hidden, temb=temb)
     assert torch.equal(got, expected)
+
+
+def test_a_layer_routes_with_its_own_layer_scales():
+    """A subject's per-layer image scale (``layer_scales`` under the processor's layer name) is what the
+    layer uses: the output equals that of a conditioning whose plain scales are those, and differs from
+    the plain scales' own (guards the layer name reaching the image values)."""
+    attn, _ = make_layer(seed=2)
+    hidden, text = inputs(seed=3)
+    base = make_conditioning("paper", True, seed=6)
+    own = base.scales * torch.tensor([0.2, 1.6, 0.9])
+    outputs = {}
+    for label, changes in {"layer": {"layer_scales": {"layer": own}}, "plain": {"scales": own}, "base": {}}.items():
+        with torch.no_grad():
+            outputs[label] = run(attn, hidden, text, SubjectConditioning(**(fields_of(base) | changes)))
+    torch.testing.assert_close(outputs["layer"], outputs["plain"], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(outputs["layer"], outputs["base"], atol=1e-4)
