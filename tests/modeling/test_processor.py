@@ -622,3 +622,13 @@ def test_a_layer_routes_with_its_own_layer_scales():
             outputs[label] = run(attn, hidden, text, SubjectConditioning(**(fields_of(base) | changes)))
     torch.testing.assert_close(outputs["layer"], outputs["plain"], rtol=1e-6, atol=1e-6)
     assert not torch.allclose(outputs["layer"], outputs["base"], atol=1e-4)
+
+
+def test_image_features_in_place_of_a_conditioning_are_refused_naming_the_processor():
+    """Guards the UNet processor's misuse line: ip_hidden_states that is not a SubjectConditioning (the
+    image embeddings diffusers' IP-Adapter takes there) is refused naming this processor and the type."""
+    attn, _ = make_layer(seed=1)
+    hidden, text = inputs(seed=2)
+    with pytest.raises(TypeError) as refused:
+        attn(hidden, text, ip_hidden_states=[torch.randn(BATCH, IMAGE_TOKENS, CROSS)])
+    assert str(refused.value) == "MIPAttnProcessor takes a SubjectConditioning as ip_hidden_states, got list"
