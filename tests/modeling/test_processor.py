@@ -632,3 +632,19 @@ def test_image_features_in_place_of_a_conditioning_are_refused_naming_the_proces
     with pytest.raises(TypeError) as refused:
         attn(hidden, text, ip_hidden_states=[torch.randn(BATCH, IMAGE_TOKENS, CROSS)])
     assert str(refused.value) == "MIPAttnProcessor takes a SubjectConditioning as ip_hidden_states, got list"
+
+
+def test_without_conditioning_a_mask_per_query_equals_attn_processor_2_0():
+    """An attention mask with a row per query ([b, queries, keys], not the UNet's single row): reshaped
+    per head as diffusers reshapes it (guards the view's inferred query axis)."""
+    torch.manual_seed(2)
+    attn = Attention(query_dim=HIDDEN, cross_attention_dim=CROSS, heads=HEADS, dim_head=HIDDEN // HEADS).eval()
+    hidden, text = inputs(seed=4)
+    mask = torch.zeros(BATCH, hidden.shape[1], TEXT_TOKENS)
+    mask[:, ::2, -2:] = -10000.0  # every other query is kept from the last two text tokens
+    attn.set_processor(AttnProcessor2_0())
+    with torch.no_grad():
+        expected = attn(hidden, text, attention_mask=mask)
+        attn.set_processor(MIPAttnProcessor(HIDDEN, CROSS, text_weight=True))
+        got = attn(hidden, text, attention_mask=mask)
+    assert torch.equal(got, expected)
