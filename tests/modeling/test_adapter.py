@@ -248,3 +248,22 @@ def test_an_unattached_adapter_refuses_to_prepare_or_detach_in_one_line():
     with pytest.raises(RuntimeError) as refused:
         adapter.detach()
     assert str(refused.value) == "this adapter is not attached"
+
+
+def test_project_names_the_shape_it_takes_and_casts_features_to_the_adapters_dtype():
+    """Guards MIPAdapter.project: features of the wrong rank are refused naming the shape the projection
+    takes ([k, D] basic); float32 features reach a bfloat16 adapter in its dtype, as its own bfloat16
+    features would (diffusers' basic projection casts them itself, the Plus resampler does not)."""
+    unet = tiny_sd15_pipeline().unet
+    basic = random_adapter(unet, "sd15")
+    dim = basic.config.image_embed_dim
+    with pytest.raises(ValueError) as refused:
+        basic.project(torch.randn(2, 3, dim))
+    assert str(refused.value) == f"basic projection takes features shaped [k, D] with D = {dim}, got (2, 3, {dim})"
+    plus = MIPAdapter.for_unet(unet, AdapterConfig("plus", 24, TINY_SD15.cross_attention_dim, 4, True,
+                                                   resampler_dim=32, resampler_depth=1, resampler_heads=1))  # fmt: skip
+    for adapter, features in ((basic, torch.randn(2, dim)), (plus, torch.randn(2, 5, 24))):
+        adapter.to(torch.bfloat16)
+        tokens = adapter.project(features)
+        assert tokens.dtype == torch.bfloat16
+        assert torch.equal(tokens, adapter.project(features.bfloat16()))
