@@ -588,23 +588,28 @@ def test_image_attention_maps_in_bfloat16_follow_the_float32_ones(photos):
         {"rescale_output_factor": 2.0},
         {"residual_connection": True, "rescale_output_factor": 0.5, "norm_num_groups": 4},
         {"spatial_norm_dim": 6},
+        {"qk_norm": "layer_norm"},
+        {"cross_attention_dim": CROSS, "cross_attention_norm": "layer_norm"},
     ],
-    ids=["residual", "rescaled", "residual-rescaled-group-norm", "spatial-norm"],
+    ids=["residual", "rescaled", "residual-rescaled-group-norm", "spatial-norm", "qk-norm", "cross-norm"],
 )
 def test_without_conditioning_equals_attn_processor_2_0_on_every_attention_option(options):
     """The options of diffusers' Attention that no UNet of ours sets (a residual connection, an output
-    rescale, a group norm, a spatial norm fed ``temb``), on a 4-D input: the processor without
+    rescale, a group norm, a spatial norm fed ``temb``, query/key norms, a norm of the context), on a
+    4-D input: the processor without
     conditioning is still exactly AttnProcessor2_0 (guards the branches copied from it)."""
     torch.manual_seed(1)
     channels = 64  # a spatial norm's GroupNorm takes 32 groups
     attn = Attention(query_dim=channels, heads=HEADS, dim_head=channels // HEADS, **options).eval()
     hidden = torch.randn(BATCH, channels, *GRID)
     temb = torch.randn(BATCH, options["spatial_norm_dim"], *GRID) if "spatial_norm_dim" in options else None
+    cross = options.get("cross_attention_dim")
+    context = None if cross is None else torch.randn(BATCH, TEXT_TOKENS, cross)
     attn.set_processor(AttnProcessor2_0())
     with torch.no_grad():
-        expected = attn(hidden, temb=temb)
-        attn.set_processor(MIPAttnProcessor(channels, channels, text_weight=True))
-        got = attn(hidden, temb=temb)
+        expected = attn(hidden, context, temb=temb)
+        attn.set_processor(MIPAttnProcessor(channels, cross or channels, text_weight=True))
+        got = attn(hidden, context, temb=temb)
     assert torch.equal(got, expected)
 
 
