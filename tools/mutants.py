@@ -140,14 +140,13 @@ def run(module: str, tests: list[str], max_children: int, names: list[str]) -> i
 def meta_results(module: str) -> tuple[dict[str, str], dict[str, str]]:
     """(mutant name → mutmut's status, function name → its source hash), from the module folder's meta
     files (both empty when never run)."""
-    from mutmut.stats import status_by_exit_code
-
     found, hashes = {}, {}
     base = WORK / slug(module) / "mutants" / "src" / "mipadapter"
     target = base / module
     metas = [Path(str(target) + ".meta")] if module.endswith(".py") else sorted(target.rglob("*.py.meta"))
     for meta in metas:
         if meta.is_file():
+            from mutmut.stats import status_by_exit_code  # only where mutmut has run: --report needs none
             data = json.loads(meta.read_text())
             found.update({name: status_by_exit_code[code] for name, code in data["exit_code_by_key"].items()})
             prefix = meta.relative_to(base.parent).with_suffix("").with_suffix("").as_posix().replace("/", ".")
