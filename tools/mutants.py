@@ -45,7 +45,6 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "mutants"
 EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.toml"
-HISTORY_FILE = "history.json"  # results kept across mutmut runs (statuses), before they were committed
 RESULTS = ROOT / "tools" / "mutant_results"  # the results kept, committed: <module slug>.json
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}  # the tests (or a limit) stopped it
 UNTESTED = {"not checked", "check was interrupted by user"}  # a run stopped before it reached them
@@ -217,17 +216,14 @@ def statuses(module: str) -> dict[str, str]:
     has not run the module on this machine, the kept results as they are (a run checks their hashes)."""
     found, hashes = meta_results(module)
     path = RESULTS / f"{slug(module)}.json"
-    legacy = WORK / slug(module) / HISTORY_FILE
-    if path.is_file():
-        history, every = unpack(json.loads(path.read_text(encoding="utf-8")))
-    else:
-        history = json.loads(legacy.read_text()) if legacy.is_file() else {}
-        every = {name: entry["status"] for name, entry in history.items()}
+    history, every = unpack(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else ({}, {})
     if not found:
         return every
     history = merge_history(history, found, hashes)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(pack(history, found), indent=1, sort_keys=True) + "\n"
+    packed = pack(history, found)  # one line per function: a rerun's diff shows the functions it changed
+    lines = (f"{json.dumps(name)}: {json.dumps(packed[name], sort_keys=True)}" for name in sorted(packed))
+    text = "{\n" + ",\n".join(lines) + "\n}\n"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
