@@ -83,14 +83,17 @@ def test_kept_results_are_committed_per_function_and_read_back_without_a_run(too
         "m.xǁCǁg__mutmut_2": {"status": "timeout", "hash": "bbb"},
     }
     found = {f"m.x_f__mutmut_{n}": "not checked" for n in range(1, 11)} | {"m.xǁCǁg__mutmut_1": "x", "m.xǁCǁg__mutmut_2": "x"}
+    found |= {"m.x_h__mutmut_1": "not checked", "m.x_h__mutmut_2": "not checked"}  # a run stopped before h
     packed = tool.pack(history, found)
     assert packed == {
         "m.x_f": {"hash": "aaa", "mutants": 10, "killed": [1, 10], "survived": [3]},
         "m.xǁCǁg": {"hash": "bbb", "mutants": 2, "timeout": [2]},
+        "m.x_h": {"mutants": 2},  # kept, or a later --resume would never test h (it did so once)
     }
     kept, every = tool.unpack(packed)
-    assert kept == history and len(every) == 12
+    assert kept == history and len(every) == 14
     assert every["m.x_f__mutmut_2"] == "not checked" and every["m.x_f__mutmut_3"] == "survived"
+    assert every["m.x_h__mutmut_1"] == every["m.x_h__mutmut_2"] == "not checked"
 
     monkeypatch.setattr(tool, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(tool, "WORK", tmp_path / "build")  # no mutmut folder: never run here

@@ -182,10 +182,12 @@ def pack(history: dict[str, dict[str, str]], found: dict[str, str]) -> dict:
     """The kept results in the committed form: per function its hash, its number of mutants (``found``
     holds them all, tested or not) and the numbers of its tested mutants by status."""
     totals = Counter(function_of(name) for name in found)
-    packed: dict[str, dict] = {}
+    # a function none of whose mutants was tested is kept too: a later --resume must know it has them
+    packed: dict[str, dict] = {function: {"mutants": count} for function, count in totals.items()}
     for name, entry in sorted(history.items()):
         function, number = name.rsplit("__mutmut_", 1)
-        record = packed.setdefault(function, {"hash": entry["hash"], "mutants": totals[function]})
+        record = packed.setdefault(function, {"mutants": totals[function]})
+        record.setdefault("hash", entry["hash"])
         record.setdefault(entry["status"], []).append(int(number))
     for record in packed.values():
         for value in record.values():
