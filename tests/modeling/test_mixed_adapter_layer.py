@@ -249,6 +249,18 @@ def test_token_counts_and_adapter_of_that_do_not_fit_are_refused(counts, adapter
         SubjectConditioning(**fields)
 
 
+def test_the_token_mask_and_key_bias_mark_each_condition_s_padding():
+    """An adapter of one image token is allowed; each condition's tokens past its adapter's count are
+    padding: masked, and ``-inf`` in the key bias (0 on real tokens, token-major); no padding, no bias."""
+    cond = SubjectConditioning(**{**fields_of(conditioning("uniform", False)), "token_counts": (1, 16)})
+    real = torch.tensor([1, 16, 16, 1])  # ADAPTER_OF's adapters' counts
+    assert torch.equal(cond.token_mask, torch.arange(16)[None, :] < real[:, None])
+    bias = torch.zeros(16, len(OWNER)).masked_fill(~cond.token_mask.T, -math.inf).reshape(-1)
+    assert torch.equal(cond.key_bias, bias)
+    one_adapter = conditioning("uniform", False, adapter_of=[1, 1, 1, 1])  # only the 16-token adapter
+    assert one_adapter.key_bias is None and bool(one_adapter.token_mask.all())
+
+
 @pytest.mark.parametrize("sources", [1, 3])
 def test_a_wrong_number_of_sources_is_refused_before_anything_is_prepared(sources, mixed):
     unet, first, second, *_ = mixed

@@ -15,8 +15,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from mipadapter import ops
 from mipadapter.modeling import MIPAttnProcessor, SubjectConditioning
-from mipadapter.modeling.conditioning import RelevanceRecorder, layer_grid
+from mipadapter.modeling.conditioning import RelevanceRecorder, layer_grid, layer_grids
 
 HIDDEN, HEADS, CROSS, TEXT_TOKENS, IMAGE_TOKENS, NAME_TOKENS, BATCH = 16, 2, 12, 5, 4, 2, 2
 LATENT = (6, 10)  # UNet input; the layer under test runs at half resolution: 3x5 = 15 positions
@@ -425,6 +426,56 @@ def test_conditioning_checks_its_shapes():
         SubjectConditioning(
             **fields, regions=torch.ones(BATCH, 3, 4, 4), has_region=torch.ones(3, dtype=torch.bool)
         )
+
+
+@pytest.mark.parametrize(
+    "spoiled, detail",
+    [
+        ({"owner": torch.tensor([0, 1])}, "owner has shape (2,), expected (3,)"),
+        ({"share": torch.ones(2)}, "share has shape (2,), expected (3,)"),
+        ({"scales": torch.ones(1, 3)}, "scales has shape (1, 3), expected (2, 3)"),
+        (  # the mask then disagrees too: every bad field is named, in order
+            {"name_embeds": torch.zeros(BATCH, 2, NAME_TOKENS, CROSS)},
+            f"name_embeds has shape (2, 2), expected (2, 3); name_mask has shape (2, 3, {NAME_TOKENS}), "
+            f"expected (2, 2, {NAME_TOKENS})",
+        ),
+        ({"name_mask": torch.ones(BATCH, 3, 1, dtype=torch.bool)}, f"name_mask has shape (2, 3, 1), expected (2, 3, {NAME_TOKENS})"),
+        ({"present": torch.ones(BATCH, 2, dtype=torch.bool)}, "present has shape (2, 2), expected (2, 3)"),
+        (
+            {"layer_scales": {"up.0": torch.ones(BATCH, 3), "down.1": torch.ones(1, 3)}},
+            "layer_scales['down.1'] has shape (1, 3), expected (2, 3)",
+        ),
+        (
+            {"regions": torch.ones(BATCH, 2, *LATENT), "has_region": torch.ones(2, dtype=torch.bool)},
+            "regions has shape (2, 2), expected (2, 3); has_region has shape (2,), expected (3,)",
+        ),
+    ],
+)
+def test_each_inconsistent_field_is_named_with_its_shape_and_the_expected_one(spoiled, detail):
+    with pytest.raises(ValueError) as refused:
+        SubjectConditioning(**{**fields_of(make_conditioning("paper", False)), **spoiled})
+    assert str(refused.value) == f"inconsistent subject conditioning: {detail}"
+
+
+def test_owner_indices_outside_the_subjects_are_refused_with_them():
+    for owner in ([0, 1, 3], [-1, 0, 1]):
+        with pytest.raises(ValueError) as refused:
+            SubjectConditioning(**{**fields_of(make_conditioning("paper", False)), "owner": torch.tensor(owner)})
+        assert str(refused.value) == f"owner indices {owner} must lie in [0, 3)"
+
+
+def test_regions_given_with_a_new_latent_size_replace_the_kept_ones():
+    """``set_latent_size(size, regions)`` is how the pipeline hands over regions at the latents' size: they
+    replace the ones the conditioning was built with, on every grid."""
+    cond = make_conditioning("paper", False, region_mode="replace")
+    g = torch.Generator().manual_seed(3)
+    for size in [(4, 6), (5, 3)]:
+        regions = torch.rand(BATCH, 3, *size, generator=g)
+        cond.set_latent_size(size, regions)
+        assert cond.regions is regions and cond.latent_size == size
+        for h, w in layer_grids(size):
+            expected = ops.resize_regions(regions, (h, w)).index_select(1, cond.owner).transpose(1, 2)
+            torch.testing.assert_close(cond.regions_at(h * w), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
