@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from mipadapter import ops
 from mipadapter.modeling import MIPAttnProcessor, SubjectConditioning
-from mipadapter.modeling.conditioning import RelevanceRecorder, layer_grid, layer_grids
+from mipadapter.modeling.conditioning import RelevanceRecorder, ShareMeter, layer_grid, layer_grids
 
 HIDDEN, HEADS, CROSS, TEXT_TOKENS, IMAGE_TOKENS, NAME_TOKENS, BATCH = 16, 2, 12, 5, 4, 2, 2
 LATENT = (6, 10)  # UNet input; the layer under test runs at half resolution: 3x5 = 15 positions
@@ -82,18 +82,13 @@ def reference_layer(
     return out
 
 
-def route_one_row(attn, proc, cond: SubjectConditioning, bi: int, q: np.ndarray, z_text: np.ndarray):
-    heads, (p, c) = attn.heads, z_text.shape
-    d = c // heads
+def routing_one_row(attn, cond: SubjectConditioning, bi: int, q: np.ndarray) -> np.ndarray:
+    """[n, p]: what row ``bi`` routes each subject by: its relevance (ones under ``uniform``), the user's
+    regions applied."""
+    heads, p = attn.heads, q.shape[0]
+    d = q.shape[1] // heads
     n = cond.scales.shape[1]
-    rule = cond.rule.value
     wk = np64(attn.to_k.weight)
-    wk_ip, wv_ip = np64(proc.to_k_ip.weight), np64(proc.to_v_ip.weight)
-    # each condition's image attention [p, c]
-    z_img = []
-    for tokens in np64(cond.image_tokens[bi]):
-        k_ip, v_ip = tokens @ wk_ip.T, tokens @ wv_ip.T
-        z_img.append(np.concatenate([attend(q, k_ip, v_ip, hh, d) for hh in range(heads)], axis=1))
     # relevance A_i [p]: softmax over positions per name token and head, averaged
     relevance = np.zeros((n, p))
     names, mask = np64(cond.name_embeds[bi]), cond.name_mask[bi].numpy()
@@ -106,12 +101,27 @@ def route_one_row(attn, proc, cond: SubjectConditioning, bi: int, q: np.ndarray,
                     [float(np.dot(key[cols], q[pos, cols])) / math.sqrt(d) for pos in range(p)]
                 )
         relevance[i] /= len(rows) * heads
-    routing = np.ones((n, p)) if rule == "uniform" else relevance
+    routing = np.ones((n, p)) if cond.rule.value == "uniform" else relevance
     if cond.regions is not None:
         for i in range(n):
             if bool(cond.has_region[i]):
                 region = area_resize(np64(cond.regions[bi, i]), GRID)
                 routing[i] = region if cond.region_mode.value == "replace" else routing[i] * region
+    return routing
+
+
+def route_one_row(attn, proc, cond: SubjectConditioning, bi: int, q: np.ndarray, z_text: np.ndarray):
+    heads, (p, c) = attn.heads, z_text.shape
+    d = c // heads
+    n = cond.scales.shape[1]
+    rule = cond.rule.value
+    wk_ip, wv_ip = np64(proc.to_k_ip.weight), np64(proc.to_v_ip.weight)
+    # each condition's image attention [p, c]
+    z_img = []
+    for tokens in np64(cond.image_tokens[bi]):
+        k_ip, v_ip = tokens @ wk_ip.T, tokens @ wv_ip.T
+        z_img.append(np.concatenate([attend(q, k_ip, v_ip, hh, d) for hh in range(heads)], axis=1))
+    routing = routing_one_row(attn, cond, bi, q)
     gate = np.ones(p)
     if cond.use_text_weight:
         w = np64(proc.text_to_weight.weight)[0]
@@ -395,6 +405,35 @@ def test_no_gradient_flows_through_the_relevance_maps(rule, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("rule", ["paper", "official"])
+@pytest.mark.parametrize("region_mode", [None, "replace", "multiply"])
+def test_the_share_meter_gets_each_condition_s_share_of_every_position(rule, region_mode):
+    """A layer adds, per row and condition, the mean over positions of its subject's routing share
+    ``A_i / Σ_k A_k``; where every subject's region leaves a position out, each share there is 0, not
+    NaN (the top row of the grid here). Against the loop reference of the routing maps."""
+    attn, proc = make_layer(text_weight=False)
+    hidden, text = inputs(seed=5)
+    cond = make_conditioning(rule, False, region_mode=region_mode, photos="several", seed=2)
+    if region_mode is not None:  # every subject has a region, none on the grid's top row
+        regions = cond.regions.clone()
+        regions[..., : LATENT[0] // GRID[0], :] = 0.0
+        cond = SubjectConditioning(
+            **{**fields_of(cond), "regions": regions, "has_region": torch.ones(3, dtype=torch.bool)}
+        )
+    cond.share_meter = ShareMeter(BATCH, cond.num_conditions, torch.device("cpu"))
+    with torch.no_grad():
+        run(attn, hidden, text, cond)
+    wq = np64(attn.to_q.weight)
+    for bi in range(BATCH):
+        routing = routing_one_row(attn, cond, bi, np64(hidden[bi]) @ wq.T)  # [n, p]
+        total = routing.sum(axis=0)
+        shares = np.where(total > 0, routing / np.where(total > 0, total, 1.0), 0.0).mean(axis=1)  # [n]
+        if region_mode is not None:
+            assert (total[: GRID[1]] == 0).all() and (total[GRID[1] :] > 0).all()
+        expected = shares[cond.owner.numpy()]  # each condition: its subject's share
+        np.testing.assert_allclose(cond.share_meter.sums[bi].double().numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_processor_errors_are_explicit():
