@@ -8,7 +8,14 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from mipadapter.config import AdapterConfig
-from mipadapter.modeling import MIPAdapter, MIPAttnProcessor, build_image_projection, cross_attention_layers
+from mipadapter.modeling import (
+    MIPAdapter,
+    MIPAttnProcessor,
+    SubjectConditioning,
+    build_image_projection,
+    cross_attention_layers,
+)
+from mipadapter.modeling.conditioning import LayerInputs, RelevanceRecorder
 from mipadapter.testing import TINY_SD15, TINY_SDXL, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 BUILDERS = {"sdxl": tiny_sdxl_pipeline, "sd15": tiny_sd15_pipeline}
@@ -267,3 +274,54 @@ def test_project_names_the_shape_it_takes_and_casts_features_to_the_adapters_dty
         tokens = adapter.project(features)
         assert tokens.dtype == torch.bfloat16
         assert torch.equal(tokens, adapter.project(features.bfloat16()))
+
+
+def one_subject_conditioning(adapter: MIPAdapter, dtype=torch.float32, **extra) -> SubjectConditioning:
+    """One subject, one photo, two name tokens, on two batch rows, in ``dtype``."""
+    cross, tokens = adapter.config.cross_attention_dim, adapter.config.num_tokens
+    g = torch.Generator().manual_seed(4)
+    return SubjectConditioning(
+        image_tokens=torch.randn(2, 1, tokens, cross, generator=g).to(dtype),
+        owner=torch.tensor([0]),
+        share=torch.ones(1),
+        scales=torch.ones(2, 1),
+        name_embeds=torch.randn(2, 1, 2, cross, generator=g).to(dtype),
+        name_mask=torch.ones(2, 1, 2, dtype=torch.bool),
+        **({"rule": "paper", "use_text_weight": False} | extra),
+    )
+
+
+def test_preparing_for_a_deleted_unet_is_refused_with_one_line():
+    """Guards prepare's own line for an adapter whose UNet was deleted while it was attached: nothing is
+    prepared."""
+    import gc
+
+    unet = tiny_sd15_pipeline().unet
+    adapter = random_adapter(unet, "sd15")
+    adapter.attach(unet)
+    cond = one_subject_conditioning(adapter)
+    del unet
+    gc.collect()
+    with pytest.raises(RuntimeError) as refused:
+        adapter.prepare(cond)
+    assert str(refused.value) == "the UNet this adapter was attached to no longer exists"
+    assert cond.layer_inputs == {}
+
+
+@pytest.mark.parametrize("dtype, working", [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)])
+def test_the_layers_of_one_call_share_their_weight_matrices_in_the_working_dtype(dtype, working):
+    """``prepare`` makes the relevance and image-attention weight matrices once per head count and hands
+    the same tensors to every layer of that count, in the dtype the maps are computed in (at least
+    float32; float64 for a float64 model)."""
+    unet = tiny_sd15_pipeline().unet.to(dtype)
+    adapter = random_adapter(unet, "sd15").to(dtype)
+    adapter.attach(unet)
+    cond = one_subject_conditioning(adapter, dtype, image_attention=RelevanceRecorder((8, 8), keep_last=1))
+    adapter.prepare(cond)
+    first_of_heads: dict[int, LayerInputs] = {}
+    for layer in adapter.layer_specs:
+        inputs = cond.layer_inputs[layer.name]
+        first = first_of_heads.setdefault(unet.get_submodule(layer.name).heads, inputs)
+        assert inputs.name_weights is first.name_weights and inputs.image_weights is first.image_weights
+        assert inputs.name_weights.dtype == inputs.image_weights.dtype == working
+    assert len(first_of_heads) < len(adapter.layer_specs)  # some layers did share
