@@ -419,3 +419,80 @@ def test_infer_config_lists_every_absent_size_tensor_and_names_checkpoint_by_def
         "checkpoint lacks ip_adapter_proj_model.proj.weight, ip_adapter_proj_model.norm.weight: cannot tell the "
         "adapter's sizes"
     )
+
+
+def test_check_keys_joins_each_kind_of_problem_with_a_semicolon():
+    with pytest.raises(CheckpointError) as error:
+        check_keys("a.bin", {"k00": torch.zeros(1), "extra": torch.zeros(1)}, {"k00": (1,), "k01": (1,)})
+    assert str(error.value) == "a.bin does not fit this adapter — missing: k01; unexpected: extra"
+
+
+def test_weights_whose_sum_overflows_are_finite_all_the_same():
+    """The check sums first (fast) and only looks value by value when the sum is not finite: finite
+    values near the dtype's largest, whose sum overflows, are accepted; one infinity among them is not."""
+    from mipadapter.checkpoint.io import check_weights
+
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        big = torch.full((4,), torch.finfo(dtype).max / 2, dtype=dtype)
+        check_weights("a.bin", {"w": big})
+        big[2] = float("inf")
+        with pytest.raises(CheckpointError, match=r"^a\.bin: tensor w holds NaN or infinite values"):
+            check_weights("a.bin", {"w": big})
+
+
+def test_a_missing_checkpoint_file_is_named_exactly(tmp_path):
+    from mipadapter.checkpoint import read_file
+
+    path = tmp_path / "absent.safetensors"
+    with pytest.raises(FileNotFoundError) as error:
+        read_file(path)
+    assert str(error.value) == f"checkpoint {str(path)!r} not found"
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt", ".PTH"])
+def test_every_pickled_suffix_is_read_as_the_bin_file(checkpoint_files, tmp_path, suffix):
+    import shutil
+
+    from mipadapter.checkpoint import read_file
+
+    source = checkpoint_files("sd15").basic_bin
+    copy = tmp_path / f"adapter{suffix}"
+    shutil.copyfile(source, copy)
+    read, expected = read_file(copy), read_file(source)
+    assert read.layout == expected.layout and set(read.state) == set(expected.state)
+    assert all(torch.equal(read.state[key], expected.state[key]) for key in read.state)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_without_a_layout_for_unclaimed_files_a_file_no_layout_claims_is_named(tmp_path, monkeypatch, suffix):
+    """h94's layout reads every file no other layout claims; were it not registered (a plugin set-up),
+    such a file is refused naming it and the layouts there are."""
+    from safetensors.torch import save_file
+
+    from mipadapter.checkpoint import read_file
+
+    claiming = {name: layout for name, layout in layouts._LAYOUTS.items() if layout.recognise is not None}
+    assert claiming and len(claiming) < len(layouts._LAYOUTS)
+    monkeypatch.setattr(layouts, "_LAYOUTS", claiming)
+    path = tmp_path / f"odd{suffix}"
+    state = {"image_proj": {"proj.weight": torch.zeros(2)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(2)}}
+    if suffix == ".bin":
+        torch.save(state, path)
+    else:
+        save_file({f"{group}.{key}": value for group in state for key, value in state[group].items()}, str(path))
+    with pytest.raises(CheckpointError) as error:
+        read_file(path)
+    assert str(error.value) == f"{path} is in no known checkpoint layout (the layouts are {sorted(claiming)})"
+
+
+def test_a_checkpoint_file_with_a_nan_names_the_file_and_the_tensor(checkpoint_files, tmp_path):
+    from mipadapter.checkpoint import read_file
+
+    nested = torch.load(checkpoint_files("sd15").basic_bin, weights_only=True)
+    group, key = "ip_adapter", sorted(nested["ip_adapter"])[0]
+    nested[group][key] = torch.full_like(nested[group][key], float("nan"))
+    path = tmp_path / "nan.bin"
+    torch.save(nested, path)
+    with pytest.raises(CheckpointError) as error:
+        read_file(path)
+    assert str(error.value) == f"{path}: tensor {group}.{key} holds NaN or infinite values (the first such key)"
