@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -12,16 +13,21 @@ import pytest
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from test_photos import _png_header
 
 from mipadapter.fileio import current_umask
 from mipadapter.pipeline import Subject
 from mipadapter.recipe import (
+    MAX_EMBEDDED_MASK_PIXELS,
+    MAX_RECIPE_BYTES,
     RECIPE_VERSION,
     ModelRecord,
     RecipeError,
     RecipeSubject,
     build_recipe,
+    embedded_mask_bytes,
     file_sha256,
+    parse_recipe_json,
     read_recipe,
     recorded_region,
     verify_inputs,
@@ -211,6 +217,63 @@ def test_jpeg_without_our_comment_is_refused(tmp_path):
     Image.new("RGB", (8, 8)).save(path, comment=b"some camera")
     with pytest.raises(RecipeError, match=r"photo\.jpg' carries no mipadapter recipe"):
         read_recipe(path)
+
+
+def test_refusals_raised_while_the_file_is_open_are_not_wrapped_again(tmp_path):
+    """Guards the messages of a GIF and of a PNG over the default pixel limit (a header naming 8000×7000,
+    no pixels), word for word: each names the file once (they were wrapped in "cannot be read" and named
+    it three times)."""
+    gif = tmp_path / "plain.gif"
+    Image.new("RGB", (8, 8)).save(gif)
+    big = _png_header(tmp_path / "big.png", 8000, 7000)
+    expected = {
+        gif: f"{str(gif)!r} is a GIF image; recipes live in PNG and JPEG files",
+        big: f"the image {str(big)!r} is 8000×7000 (56.0 MP), above the 50 MP limit: downscale it, or raise the limit",
+    }
+    for path, message in expected.items():
+        with pytest.raises(RecipeError) as error:
+            read_recipe(path)
+        assert str(error.value) == message
+
+
+def test_recipe_json_up_to_the_byte_limit_is_read_and_one_byte_more_is_refused():
+    fits = '"' + "a" * (MAX_RECIPE_BYTES - 2) + '"'
+    assert parse_recipe_json(fits, "'x.png'") == "a" * (MAX_RECIPE_BYTES - 2)
+    with pytest.raises(RecipeError) as error:
+        parse_recipe_json(fits + " ", "'x.png'")
+    assert str(error.value) == (
+        f"'x.png': its mipadapter recipe is {MAX_RECIPE_BYTES + 1} bytes, above the {MAX_RECIPE_BYTES} byte limit"
+    )
+
+
+def test_recipe_json_nested_too_deeply_is_refused_in_one_line():
+    with pytest.raises(RecipeError) as error:
+        parse_recipe_json("[" * 100_000 + "]" * 100_000, "'x.png'")
+    assert str(error.value) == "'x.png': its mipadapter recipe is nested too deeply to be a recipe"
+
+
+def test_an_embedded_mask_must_be_strict_base64_of_an_image_within_its_limit(tmp_path):
+    """Base64 with stray characters is refused, not decoded around them; the mask's header is checked
+    against ``MAX_EMBEDDED_MASK_PIXELS`` (not the photos' larger default), and named as the embedded mask."""
+    import base64
+
+    mask = tmp_path / "mask.png"
+    Image.new("L", (8, 8), 255).save(mask)
+    encoded = base64.b64encode(mask.read_bytes()).decode()
+    assert embedded_mask_bytes({"png_base64": encoded}, "'x.png'") == mask.read_bytes()
+    with pytest.raises(RecipeError) as error:
+        embedded_mask_bytes({"png_base64": encoded[:8] + "!" + encoded[8:]}, "'x.png'")
+    assert str(error.value) == "'x.png': recipe field 'png_base64' is not base64 text"
+    side = math.isqrt(MAX_EMBEDDED_MASK_PIXELS) + 1  # just over the limit, far below the photos' 50 MP
+    over = base64.b64encode(_png_header(tmp_path / "over.png", side, side).read_bytes()).decode()
+    with pytest.raises(RecipeError) as error:
+        embedded_mask_bytes({"png_base64": over}, "'x.png'")
+    megapixels = side * side / 1e6
+    limit = MAX_EMBEDDED_MASK_PIXELS / 1e6
+    assert str(error.value) == (
+        f"'x.png': recipe field 'png_base64': the embedded mask is {side}×{side} ({megapixels:.1f} MP), above "
+        f"the {limit:.1f} MP limit: downscale it, or raise the limit"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- FLUX

@@ -528,8 +528,8 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
 
                 try:  # the pixels are decoded (a truncated file is refused): never a bomb
                     image_size(path, "the image", max_pixels=DEFAULT_MAX_PIXELS)
-                except PhotoError as error:
-                    raise RecipeError(f"{name!r}: {error}") from None
+                except PhotoError as error:  # it names the file
+                    raise RecipeError(str(error)) from None
                 image.load()  # text chunks after the image data are read only on load
                 text = image.text.get(PNG_KEY)
             elif image.format == "JPEG":
@@ -540,6 +540,8 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
                 )
             else:
                 raise RecipeError(f"{name!r} is a {image.format} image; recipes live in PNG and JPEG files")
+    except RecipeError:  # ours, whole: the ValueError clause below would wrap it in "cannot be read"
+        raise
     except UnidentifiedImageError:
         raise RecipeError(f"{name!r} is not an image file") from None
     except (OSError, UnicodeDecodeError) as error:
