@@ -193,6 +193,22 @@ def fill_subjects(page, prompt: str, steps: int = 2) -> None:
     set_number(page, "#steps", steps)
 
 
+def wait_for_summary(page, text: str, timeout_s: float = 90) -> None:
+    """Wait until the region summary shows ``text``: the preview queue is shared by the server's pages,
+    so on a loaded machine it may come late; if it never comes, fail saying what the summary and the
+    subjects' notes show instead (a lost event and a slow one then read differently)."""
+    try:
+        page.locator("#region-summary").get_by_text(text).wait_for(timeout=timeout_s * 1000)
+    except Exception:  # playwright's TimeoutError: fail with what the page shows
+        notes = page.evaluate(
+            "() => [...document.querySelectorAll('[id$=-region-note]')].map(e => e.id + ': ' + e.innerText)"
+        )
+        pytest.fail(
+            f"the region summary never showed {text!r} in {timeout_s:g} s; it shows "
+            f"{page.inner_text('#region-summary')!r}; notes {notes}"
+        )
+
+
 def wait_for_result(page, count: int = 2) -> None:
     """Wait until the routing maps are shown (the images gallery is filled in the same update)."""
     page.wait_for_function(f"document.querySelectorAll('#maps img').length >= {count}", timeout=60_000)
@@ -318,7 +334,7 @@ def test_a_box_typed_as_numbers_is_drawn_over_the_canvas_preview(browser, server
     page.fill("#subject-1-name textarea, #subject-1-name input", "teapot")
     open_region(page, 1)
     type_box(page, 1, (32, 0, 64, 32))
-    page.locator("#region-summary").get_by_text("box (32, 0, 64, 32)").wait_for()
+    wait_for_summary(page, "box (32, 0, 64, 32)")
     assert "'teapot'" in page.inner_text("#region-summary")
     preview = np.asarray(fetch_image(page, "#region-preview img")).astype(int)
     width, height = canvas_size(64, 64)
@@ -365,7 +381,7 @@ def test_a_starved_subject_shows_its_warning_at_its_own_slot(browser, server):
     fill_subjects(page, "a cat wearing a backpack in Boston")
     open_region(page, 1)
     type_box(page, 1, (0, 0, 8, 8))  # one latent cell
-    page.locator("#region-summary").get_by_text("box (0, 0, 8, 8)").wait_for()
+    wait_for_summary(page, "box (0, 0, 8, 8)")
     page.click("#generate")
     warning = page.locator("#subject-1-warning")
     warning.get_by_text("Warning").wait_for(timeout=60_000)
@@ -468,7 +484,7 @@ def test_a_painted_region_reaches_the_preview_and_photos_stay_with_their_page(br
     assert refused.value.code == 403
     open_region(page, 0)
     type_box(page, 0, (0, 0, 32, 32))
-    page.locator("#region-summary").get_by_text("box (0, 0, 32, 32)").wait_for()
+    wait_for_summary(page, "box (0, 0, 32, 32)")
     paint_stroke(page, 0)  # painting where a box is typed: the box makes way, with a note
     page.locator("#region-summary").get_by_text("painted region (").wait_for(timeout=90_000)
     assert "'cat': painted region (" in page.inner_text("#region-summary")
@@ -477,7 +493,7 @@ def test_a_painted_region_reaches_the_preview_and_photos_stay_with_their_page(br
     page.fill(box_field(0, "x0"), "8")  # typing a box where a region is painted: the painting makes way
     page.locator("#subject-0-region-note").get_by_text(PAINT_CLEARED, exact=True).wait_for()
     type_box(page, 0, (8, 8, 40, 40))
-    page.locator("#region-summary").get_by_text("box (8, 8, 40, 40)").wait_for()
+    wait_for_summary(page, "box (8, 8, 40, 40)")
     # a preview event queued with the editor's older value can redraw the summary once more: wait for the
     # summary the fields settle on
     page.wait_for_function(
