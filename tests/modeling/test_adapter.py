@@ -108,12 +108,14 @@ def test_attach_and_detach_guard_against_misuse():
     with pytest.raises(RuntimeError, match="not attached"):
         adapter.detach()
     adapter.attach(pipe.unet)
-    with pytest.raises(RuntimeError, match="already attached"):
+    with pytest.raises(RuntimeError) as refused:
         adapter.attach(pipe.unet)
+    assert str(refused.value) == "this adapter is already attached to a UNet; detach it first"
     adapter.detach()
     other = tiny_sd15_pipeline().unet
-    with pytest.raises(ValueError, match="different attention layers"):
+    with pytest.raises(ValueError) as refused:
         adapter.attach(other)
+    assert str(refused.value) == "this adapter was built for a model with different attention layers"
     with pytest.raises(ValueError, match="another base model"):
         MIPAdapter.for_unet(other, basic_config("sdxl"))  # 96-wide tokens for a 48-wide UNet
 
@@ -325,3 +327,53 @@ def test_the_layers_of_one_call_share_their_weight_matrices_in_the_working_dtype
         assert inputs.name_weights is first.name_weights and inputs.image_weights is first.image_weights
         assert inputs.name_weights.dtype == inputs.image_weights.dtype == working
     assert len(first_of_heads) < len(adapter.layer_specs)  # some layers did share
+
+
+def test_a_model_of_another_architecture_is_refused_naming_both():
+    from mipadapter.testing.flux import tiny_flux_pipeline
+
+    flux = AdapterConfig("basic", 20, TINY_SD15.cross_attention_dim, 4, architecture="flux")
+    with pytest.raises(ValueError) as refused:
+        MIPAdapter.for_model(tiny_sd15_pipeline().unet, flux)
+    assert str(refused.value) == (
+        "this is a flux adapter but the model is a UNet2DConditionModel (unet): use an adapter made for this "
+        "base model"
+    )
+    with pytest.raises(ValueError) as refused:  # FLUX's attention modules say nothing of cross-attention
+        cross_attention_layers(tiny_flux_pipeline().transformer)
+    assert str(refused.value) == "FluxTransformer2DModel has no cross-attention layers to attach an adapter to"
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_only_the_mid_block_layers_report_routed_shares(arch):
+    """The starved-subject diagnostic reads the mid block's layers (the lowest resolution); built by the
+    adapter itself, not by a shared fixture, so that a change in how it picks them reaches this test."""
+    adapter = random_adapter(BUILDERS[arch]().unet, arch)
+    flags = {layer.name: adapter.processor(layer.name).diagnose for layer in adapter.layer_specs}
+    assert flags == {name: name.startswith("mid_block.") for name in flags}
+    assert any(flags.values()) and not all(flags.values())
+
+
+def test_without_a_mid_block_every_layer_reports_and_a_flux_adapter_s_blocks_all_do():
+    from mipadapter.modeling.adapter import CrossAttentionLayer, diagnostic_layers
+    from mipadapter.testing.flux import tiny_flux_pipeline
+
+    layers = [CrossAttentionLayer(name, index, 8, 8) for index, name in enumerate(["down.a", "up.b"])]
+    assert diagnostic_layers(layers) == {"down.a", "up.b"}
+    transformer = tiny_flux_pipeline().transformer
+    config = AdapterConfig("basic", 20, transformer.config.joint_attention_dim, 4, architecture="flux")
+    adapter = MIPAdapter.for_model(transformer, config)
+    assert [processor.diagnose for processor in adapter.processors().values()] == [True] * len(adapter.layer_specs)
+
+
+def test_a_processor_s_defaults_are_no_text_weight_no_name_and_diagnosing():
+    processor = MIPAttnProcessor(16, 12)
+    assert (processor.hidden_size, processor.cross_attention_dim) == (16, 12)
+    assert (processor.text_to_weight, processor.layer_name, processor.diagnose) == (None, "", True)
+    assert processor.to_k_ip.bias is None and processor.to_v_ip.bias is None
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_plus_projection_has_the_configured_number_of_resampler_blocks(depth):
+    config = AdapterConfig("plus", 20, 48, 4, resampler_dim=32, resampler_depth=depth, resampler_heads=2)
+    assert len(build_image_projection(config).layers) == depth

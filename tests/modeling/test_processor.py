@@ -518,6 +518,32 @@ def test_regions_given_with_a_new_latent_size_replace_the_kept_ones():
 
 
 @pytest.mark.parametrize(
+    "latent, grids",
+    [
+        ((8, 8), [(8, 8), (4, 4), (2, 2), (1, 1)]),
+        ((5, 7), [(5, 7), (3, 4), (2, 2), (1, 1)]),
+        ((2, 4), [(2, 4), (1, 2), (1, 1)]),  # 1×2 still halves to 1×1
+        ((1, 1), [(1, 1)]),
+    ],
+)
+def test_layer_grids_halve_rounding_up_down_to_one_cell(latent, grids):
+    assert layer_grids(latent) == grids
+
+
+def test_a_padding_subject_has_no_region_on_any_grid():
+    """``present`` False (a padding subject of an uneven batch) zeroes its conditions' regions on every
+    grid, whatever region it was given."""
+    present = torch.tensor([[True, False, True], [True, True, False]])
+    cond = make_conditioning("paper", False, region_mode="replace", photos="several", present=present)
+    for h, w in layer_grids(LATENT):
+        regions = cond.regions_at(h * w)  # [b, p, N]
+        expected = ops.resize_regions(cond.regions, (h, w)).index_select(1, cond.owner).transpose(1, 2)
+        kept = present.index_select(1, cond.owner)[:, None, :]  # [b, 1, N]
+        torch.testing.assert_close(regions, expected * kept, rtol=0, atol=0)
+        assert bool((expected[~kept.expand_as(expected)] > 0).any())  # there was something to zero
+
+
+@pytest.mark.parametrize(
     "latent, positions, grid",
     [
         ((8, 8), 64, (8, 8)),
