@@ -287,6 +287,18 @@ def test_a_diagnosing_block_reports_its_shares_and_a_quiet_one_does_not(flux):
         assert torch.equal(a, b)
 
 
+def test_a_text_perturbation_is_refused_on_a_flux_block(flux):
+    """FLUX adds the routed image term to its image stream itself: there is no text branch to perturb."""
+    transformer, adapter = flux
+    block = transformer.transformer_blocks[0]
+    hidden, context, ids = block_inputs((3, 5), seed=15)
+    cond = adapter.prepare(conditioning(2, "one", "paper", (3, 5), seed=15))
+    cond.text_perturbation = lambda base, relevance: base
+    with pytest.raises(ValueError) as refused, torch.no_grad():
+        block.attn(hidden, context, image_rotary_emb=transformer.pos_embed(ids), ip_hidden_states=cond)
+    assert str(refused.value) == f"layer {block.attn.processor.layer_name!r} has no text branch to perturb"
+
+
 def test_a_bfloat16_transformer_gets_its_routed_term_in_bfloat16():
     """A bfloat16 transformer and adapter run the conditioned block in bfloat16 end to end (the routing
     maps are made in float32, ``ops.working_dtype``): all three outputs are bfloat16 and agree with the

@@ -437,14 +437,76 @@ def test_the_share_meter_gets_each_condition_s_share_of_every_position(rule, reg
 
 
 def test_processor_errors_are_explicit():
+    """Each misuse of a layer is one line, word for word."""
     attn, proc = make_layer(text_weight=False)
     hidden, text = inputs()
-    with pytest.raises(TypeError, match="SubjectConditioning"):
-        attn(hidden, text, ip_hidden_states=torch.zeros(BATCH, 4, CROSS))
-    with pytest.raises(ValueError, match="text_to_weight"):
-        run(attn, hidden, text, make_conditioning("official", True))
-    with pytest.raises(ValueError, match="batch rows"):
-        run(attn, hidden[:1], text[:1], make_conditioning("official", False))
+    refusals = [
+        (
+            lambda: attn(hidden, text, ip_hidden_states=torch.zeros(BATCH, 4, CROSS)),
+            TypeError,
+            "MIPAttnProcessor takes a SubjectConditioning as ip_hidden_states, got Tensor",
+        ),
+        (
+            lambda: run(attn, hidden, text, make_conditioning("official", True)),
+            ValueError,
+            "use_text_weight is set but this adapter has no text_to_weight layers",
+        ),
+        (
+            lambda: run(attn, hidden[:1], text[:1], make_conditioning("official", False)),
+            ValueError,
+            f"subject conditioning was built for {BATCH} batch rows but the model runs 1 (check "
+            "classifier-free guidance and num_images_per_prompt)",
+        ),
+    ]
+    for call, kind, message in refusals:
+        with pytest.raises(kind) as refused:
+            call()
+        assert str(refused.value) == message
+
+
+def test_a_layer_given_image_projections_of_another_count_is_refused():
+    """``prepare`` with sources that do not match the conditioning's adapters (MIPAdapter.prepare checks
+    this first; a direct call of the layer's own is checked again)."""
+    attn, proc = make_layer(text_weight=False)
+    cond = make_conditioning("paper", False)
+    with pytest.raises(ValueError) as refused:
+        proc.prepare(attn, cond, sources=[proc, proc])
+    assert str(refused.value) == "the conditioning mixes 1 adapters but 2 were given"
+
+
+def test_a_4d_input_routes_and_records_as_its_flattened_form():
+    """A UNet layer may get [b, c, h, w]: the output is the 3-D call's reshaped back, and the maps are
+    recorded on the layer's own (h, w)."""
+    attn, proc = make_layer(text_weight=False)
+    hidden, text = inputs(seed=6)
+    four_d = hidden.transpose(1, 2).reshape(BATCH, HIDDEN, *GRID)
+    outputs, maps = {}, {}
+    for label, x in {"3d": hidden, "4d": four_d}.items():
+        cond = make_conditioning("paper", False, recorder=RelevanceRecorder(LATENT, keep_last=BATCH))
+        with torch.no_grad():
+            outputs[label] = run(attn, x, text, cond)
+        maps[label] = cond.recorder.average()
+    torch.testing.assert_close(outputs["4d"].reshape(BATCH, HIDDEN, -1).transpose(1, 2), outputs["3d"])
+    torch.testing.assert_close(maps["4d"], maps["3d"])
+
+
+@pytest.mark.parametrize("rule", ["paper", "official"])
+def test_a_bfloat16_layer_returns_bfloat16(rule):
+    """The merge's factors are computed in float32; the text branch scaled by them stays in the layer's
+    dtype (a float32 factor would promote the whole output)."""
+    attn, _ = make_layer(text_weight=True, seed=3)
+    attn.to(torch.bfloat16)
+    fields = fields_of(make_conditioning(rule, True, seed=4))
+    for key in ("image_tokens", "name_embeds", "scales"):
+        fields[key] = fields[key].to(torch.bfloat16)
+    hidden, text = inputs(seed=5)
+    with torch.no_grad():
+        out = run(attn, hidden.to(torch.bfloat16), text.to(torch.bfloat16), SubjectConditioning(**fields))
+    assert out.dtype == torch.bfloat16
+    attn.float()  # a float32 layer under autocast (mixed-precision training): the gate follows the text branch
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(attn, hidden, text, make_conditioning(rule, True, seed=4))
+    assert out.dtype == torch.bfloat16
 
 
 def test_conditioning_checks_its_shapes():

@@ -185,9 +185,8 @@ def route(
             raise ValueError("use_text_weight is set but this adapter has no text_to_weight layers")
         g = text_gate(gate(base, inputs.gate_weight), inputs.gate_columns)
     text_factor, weights, alpha = ops.merge_factors(cond.rule, routing, total, g, normalized=regions is None)
-    if text_factor is not None:
-        factor = text_factor if text_factor.dtype == base.dtype else text_factor.to(base.dtype)
-        base = base * factor[:, None, :, None]
+    if text_factor is not None:  # the gate g, computed from base itself: in base's dtype (autocast too)
+        base = base * text_factor[:, None, :, None]
     return ops.routed_attention(
         image_query,
         inputs.ip_keys,
