@@ -271,6 +271,9 @@ def test_project_names_the_shape_it_takes_and_casts_features_to_the_adapters_dty
     assert str(refused.value) == f"basic projection takes features shaped [k, D] with D = {dim}, got (2, 3, {dim})"
     plus = MIPAdapter.for_unet(unet, AdapterConfig("plus", 24, TINY_SD15.cross_attention_dim, 4, True,
                                                    resampler_dim=32, resampler_depth=1, resampler_heads=1))  # fmt: skip
+    with pytest.raises(ValueError) as refused:  # the right rank, a width other than the encoder's
+        plus.project(torch.randn(2, 5, 20))
+    assert str(refused.value) == "plus projection takes features shaped [k, L, D] with D = 24, got (2, 5, 20)"
     for adapter, features in ((basic, torch.randn(2, dim)), (plus, torch.randn(2, 5, 24))):
         adapter.to(torch.bfloat16)
         tokens = adapter.project(features)
