@@ -151,6 +151,39 @@ def test_paired_features_of_two_shapes_are_refused_naming_both():
         metrics.paired_cosine(np.ones((1, 3)), np.ones((2, 3)))
 
 
+def test_image_alignment_names_references_of_the_wrong_rank_or_none():
+    with pytest.raises(ValueError) as refused:
+        metrics.image_alignment(np.ones((2, 3)), np.ones(3))
+    assert str(refused.value) == "references must be [n, e], got shape (3,)"
+    with pytest.raises(ValueError) as refused:
+        metrics.image_alignment(np.ones((2, 3)), np.ones((0, 3)))
+    assert str(refused.value) == "image_alignment needs at least one reference feature"
+
+
+def test_features_as_tensors_of_any_dtype_or_with_gradients_score_in_float64():
+    """Encoders hand over torch tensors: bfloat16 ones (numpy has no bfloat16) and ones still attached to
+    a graph are read all the same; every input is scored in float64, as the same values given as float64
+    numpy arrays (a float32 array too)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    generated, references = torch.randn(3, 8, generator=g), torch.randn(4, 8, generator=g)
+    expected = metrics.image_alignment(generated.double().numpy(), references.double().numpy())
+    assert expected.dtype == np.float64
+    as_given = [
+        (generated.numpy().astype(np.float32), references.numpy().astype(np.float32)),
+        (generated.clone().requires_grad_(), references.clone().requires_grad_()),
+    ]
+    for a, b in as_given:
+        scored = metrics.image_alignment(a, b)
+        assert scored.dtype == np.float64
+        np.testing.assert_array_equal(scored, expected)
+    half = metrics.image_alignment(generated.bfloat16(), references.bfloat16())
+    exact = metrics.image_alignment(generated.bfloat16().double().numpy(), references.bfloat16().double().numpy())
+    assert half.dtype == np.float64
+    np.testing.assert_array_equal(half, exact)
+
+
 def test_clip_t_conventions_return_float64_whatever_the_input():
     for cosines in (np.array([0.25, -0.5], dtype=np.float32), [1, 0]):
         for convention in ("raw", "concept101"):
