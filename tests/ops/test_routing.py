@@ -596,6 +596,32 @@ def test_routed_attention_key_bias_keeps_each_condition_to_its_own_tokens(shape,
     assert rel_err(unbiased, np64(fast)) > 1e-2  # without the bias the padding is attended to
 
 
+def test_a_float32_key_bias_keeps_a_bfloat16_attention_in_bfloat16():
+    """The conditioning builds its key bias in float32; in a bfloat16 run it is cast to the logits' dtype
+    (left float32 it would promote the logits and the output); the result stays close to float32's."""
+    counts, t, p = [2, 5, 3], 5, 15
+    g = torch.Generator().manual_seed(35)
+    query = torch.randn(BATCH, HEADS, p, HEAD_DIM, generator=g)
+    keys = torch.randn(BATCH, len(counts), HEADS, t, HEAD_DIM, generator=g)
+    values = torch.randn(BATCH, len(counts), HEADS, t, HEAD_DIM, generator=g)
+    weights = torch.rand(BATCH, p, len(counts), generator=g) + 0.1
+    base = torch.randn(BATCH, HEADS, p, HEAD_DIM, generator=g)
+    inputs = (query, token_major(keys) / math.sqrt(HEAD_DIM), token_major(values), weights, base)
+    common = dict(num_conditions=len(counts), alpha=1.7, key_bias=padding_bias(counts, t))
+    full = ops.routed_attention(*inputs, **common)
+    half = ops.routed_attention(*(x.bfloat16() for x in inputs), **common)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, atol=0.05, rtol=0.05)
+
+
+def test_routed_attention_s_alpha_is_one_unless_given():
+    x = random_inputs(3, 3, 15, (6, 10), seed=34)
+    args = (x["query"], token_major(x["keys"]) / math.sqrt(HEAD_DIM), token_major(x["values"]))
+    weights = torch.rand(BATCH, 15, 3, generator=torch.Generator().manual_seed(2))
+    given = ops.routed_attention(*args, weights, x["text_out"], num_conditions=3, alpha=1.0)
+    assert torch.equal(ops.routed_attention(*args, weights, x["text_out"], num_conditions=3), given)
+
+
 def test_routed_attention_with_a_zero_key_bias_is_the_unbiased_attention():
     """A key bias of zeros (no condition padded) changes nothing, bit for bit."""
     x = random_inputs(3, 3, 15, (6, 10), seed=33)
