@@ -26,6 +26,7 @@ from mipadapter.recipe import (
     RecipeSubject,
     build_recipe,
     embedded_mask_bytes,
+    encode_recipe,
     file_sha256,
     parse_recipe_json,
     read_recipe,
@@ -217,6 +218,33 @@ def test_jpeg_without_our_comment_is_refused(tmp_path):
     Image.new("RGB", (8, 8)).save(path, comment=b"some camera")
     with pytest.raises(RecipeError, match=r"photo\.jpg' carries no mipadapter recipe"):
         read_recipe(path)
+
+
+def test_a_jpeg_with_no_comment_at_all_carries_no_recipe(tmp_path):
+    path = tmp_path / "bare.jpg"
+    Image.new("RGB", (8, 8)).save(path)
+    with pytest.raises(RecipeError) as error:
+        read_recipe(path)
+    assert str(error.value) == f"{str(path)!r} carries no mipadapter recipe (it was not written by mipadapter generate)"
+
+
+def test_a_truncated_image_cannot_be_read_naming_it(generated, tmp_path):
+    whole = write_image(generated[1].images[0], tmp_path / "whole.png", recipe_of(generated, None))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[:-40])
+    with pytest.raises(RecipeError) as error:
+        read_recipe(cut)
+    assert str(error.value).startswith(f"{str(cut)!r} cannot be read: ")
+
+
+def test_the_stored_recipe_keeps_its_fields_in_order_and_an_invalid_one_is_not_written(generated):
+    """The JSON in an image lists the fields as the recipe has them (a reader sees prompt and models
+    first), and a recipe that would not read back is refused as "the recipe to write"."""
+    good = recipe_of(generated, None)
+    assert list(json.loads(encode_recipe(good, 1))) == list({**good, "image_index": 1})
+    with pytest.raises(RecipeError) as error:
+        encode_recipe({**good, "steps": "thirty"}, 0)
+    assert str(error.value).startswith("the recipe to write: ")
 
 
 def test_refusals_raised_while_the_file_is_open_are_not_wrapped_again(tmp_path):

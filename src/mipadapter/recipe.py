@@ -533,8 +533,7 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
                 image.load()  # text chunks after the image data are read only on load
                 text = image.text.get(PNG_KEY)
             elif image.format == "JPEG":
-                comment = image.info.get("comment", b"")
-                comment = comment.encode("latin-1") if isinstance(comment, str) else comment
+                comment = image.info.get("comment", b"")  # bytes (Pillow ≥ 9.4)
                 text = (
                     comment[len(JPEG_PREFIX) :].decode("utf-8") if comment.startswith(JPEG_PREFIX) else None
                 )
