@@ -237,6 +237,18 @@ def test_a_truncated_image_cannot_be_read_naming_it(generated, tmp_path):
     assert str(error.value).startswith(f"{str(cut)!r} cannot be read: ")
 
 
+def test_a_text_chunk_past_pillows_limit_cannot_be_read_naming_the_file(tmp_path):
+    """A 3 KB PNG whose compressed recipe chunk inflates to 3 MB: Pillow refuses it with a ValueError,
+    reported as the file that cannot be read."""
+    info = PngInfo()
+    info.add_text("mipadapter", "a" * 3_000_000, zip=True)
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    with pytest.raises(RecipeError) as error:
+        read_recipe(path)
+    assert str(error.value).startswith(f"{str(path)!r} cannot be read: Decompressed data too large")
+
+
 def test_the_stored_recipe_keeps_its_fields_in_order_and_an_invalid_one_is_not_written(generated):
     """The JSON in an image lists the fields as the recipe has them (a reader sees prompt and models
     first), and a recipe that would not read back is refused as "the recipe to write"."""
