@@ -186,7 +186,7 @@ def pack(history: dict[str, dict[str, str]], found: dict[str, str]) -> dict:
     packed: dict[str, dict] = {function: {"mutants": count} for function, count in totals.items()}
     for name, entry in sorted(history.items()):
         function, number = name.rsplit("__mutmut_", 1)
-        record = packed.setdefault(function, {"mutants": totals[function]})
+        record = packed[function]  # merge_history keeps only mutants of functions found
         record.setdefault("hash", entry["hash"])
         record.setdefault(entry["status"], []).append(int(number))
     for record in packed.values():

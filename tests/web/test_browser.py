@@ -197,9 +197,11 @@ def wait_for_summary(page, text: str, timeout_s: float = 90) -> None:
     """Wait until the region summary shows ``text``: the preview queue is shared by the server's pages,
     so on a loaded machine it may come late; if it never comes, fail saying what the summary and the
     subjects' notes show instead (a lost event and a slow one then read differently)."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
     try:
         page.locator("#region-summary").get_by_text(text).wait_for(timeout=timeout_s * 1000)
-    except Exception:  # playwright's TimeoutError: fail with what the page shows
+    except PageTimeout:
         notes = page.evaluate(
             "() => [...document.querySelectorAll('[id$=-region-note]')].map(e => e.id + ': ' + e.innerText)"
         )
