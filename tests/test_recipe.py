@@ -21,6 +21,7 @@ from mipadapter.recipe import (
     MAX_EMBEDDED_MASK_PIXELS,
     MAX_RECIPE_BYTES,
     RECIPE_VERSION,
+    SETTINGS_KEYS,
     ModelRecord,
     RecipeError,
     RecipeSubject,
@@ -67,7 +68,7 @@ def generated():
 
 
 def recipe_of(generated, mask_region) -> dict:
-    pipe, output, call, _ = generated
+    pipe, output, _, _ = generated
     return build_recipe(
         pipe,
         output,
@@ -77,7 +78,6 @@ def recipe_of(generated, mask_region) -> dict:
             RecipeSubject("backpack", [BACKPACK], region=mask_region),
         ],
         models=MODELS,
-        call=call,
     )
 
 
@@ -169,6 +169,55 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(generated, tmp_p
     with pytest.raises(OSError, match="disk full"):
         write_image(Broken(), tmp_path / "out.png", recipe_of(generated, None))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_a_jpeg_is_written_in_rgb_at_quality_95(generated, tmp_path, mode):
+    """Guards the JPEG writer's codec settings: an image of any mode is written as RGB at quality 95,
+    pixel for pixel what Pillow writes with those settings. Fails on Pillow's default quality (75), and
+    on the image saved in its own mode (a greyscale JPEG; RGBA cannot be a JPEG at all)."""
+    _, output, _, mask = generated
+    image = output.images[0].convert(mode)
+    path = write_image(image, tmp_path / "out.jpg", recipe_of(generated, mask))
+    reference = tmp_path / "reference.jpg"
+    image.convert("RGB").save(reference, format="JPEG", quality=95)
+    with Image.open(path) as written, Image.open(reference) as expected:
+        assert written.mode == "RGB" and np.array_equal(np.asarray(written), np.asarray(expected))
+
+
+def test_a_recipe_fills_a_jpeg_comment_to_its_last_byte_and_no_further(generated, tmp_path):
+    """Guards the JPEG comment's limit at its boundary: a comment of exactly 65,511 bytes (what Pillow's
+    encoder can write, not the 65,533 a COM segment could hold: it failed there with "broken data
+    stream") is written and read back; one byte more is refused with a message naming the file and both
+    sizes, and nothing is written."""
+    from mipadapter.recipe import JPEG_COMMENT_LIMIT, JPEG_PREFIX
+
+    _, output, _, mask = generated
+    recipe = recipe_of(generated, mask)
+    overhead = len(JPEG_PREFIX + encode_recipe({**recipe, "prompt": "x"}, 0).encode("utf-8")) - 1
+    assert JPEG_COMMENT_LIMIT == 65511
+    fits = {**recipe, "prompt": "x" * (JPEG_COMMENT_LIMIT - overhead)}
+    path = write_image(output.images[0], tmp_path / "full.jpg", fits)
+    assert read_recipe(path) == fits
+    over = {**recipe, "prompt": "x" * (JPEG_COMMENT_LIMIT - overhead + 1)}
+    target = tmp_path / "over.jpg"
+    with pytest.raises(ValueError) as error:
+        write_image(output.images[0], target, over)
+    assert str(error.value) == (
+        f"{str(target)!r}: the recipe (65512 bytes) does not fit a JPEG comment (65511 bytes); write a .png"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.jpg"]
+
+
+def test_a_package_that_is_not_installed_is_recorded_as_null(monkeypatch):
+    """Guards the versions record of a missing package: null (JSON's none), not an empty string that reads
+    as a version."""
+    import torch
+
+    import mipadapter.recipe as recipe_module
+
+    monkeypatch.setattr(recipe_module, "VERSIONED_PACKAGES", ("torch", "mipadapter-no-such-package"))
+    assert recipe_module.package_versions() == {"torch": torch.__version__, "mipadapter-no-such-package": None}
 
 
 def _png_with_text(path: Path, text: str | None) -> Path:
@@ -339,7 +388,7 @@ def flux_generated():
 def test_a_flux_recipe_names_flux_and_records_true_guidance(flux_generated, tmp_path):
     pipe, output, call = flux_generated
     subjects = [RecipeSubject("dog", [DOG]), RecipeSubject("backpack", [BACKPACK], scale=0.5)]
-    recipe = build_recipe(pipe, output, seed=1, subjects=subjects, models=FLUX_MODELS, call=call)
+    recipe = build_recipe(pipe, output, seed=1, subjects=subjects, models=FLUX_MODELS)
     assert recipe["model_family"] == "FLUX" and recipe["models"]["tiny"] == "flux"
     assert recipe["true_cfg_scale"] == 2.5 and recipe["negative_prompt"] == "blurry"
     assert recipe["guidance"] == pipe.default_guidance_scale == 3.5
@@ -349,17 +398,31 @@ def test_a_flux_recipe_names_flux_and_records_true_guidance(flux_generated, tmp_
     assert read_recipe(path) == recipe
 
 
-def test_defaults_come_from_the_pipeline_when_the_output_has_no_settings(flux_generated, generated):
-    """Outputs without ``settings`` (an older pipeline) are completed from the pipeline's own defaults:
-    its default guidance and native size, FLUX's true CFG off."""
+def test_a_recipe_is_made_only_from_what_the_pipeline_reports(generated):
+    """Guards against a recipe recording a guess instead of what ran: an output whose settings lack a key
+    (an older or wrapped pipeline) is refused naming every missing key, and so are subjects other than
+    those the call ran with (another name, another order), since their scales and files would be
+    recorded against the wrong subject."""
     from types import SimpleNamespace
 
-    for pipe, expected in ((flux_generated[0], (3.5, 64, 1.0)), (generated[0], (5.0, 64, None))):
-        bare = SimpleNamespace(images=[None], settings={})
-        recipe = build_recipe(pipe, bare, seed=0, subjects=[RecipeSubject("dog", [DOG])], models=MODELS,
-                              call={"prompt": "a dog"})  # fmt: skip
-        assert (recipe["guidance"], recipe["height"], recipe.get("true_cfg_scale")) == expected
-        assert recipe["guidance"] == pipe.default_guidance_scale
+    pipe, output, _, _ = generated
+    subjects = [RecipeSubject("cat", [CAT], scale=0.5), RecipeSubject("backpack", [BACKPACK])]
+    partial = {k: v for k, v in output.settings.items() if k not in ("guidance_scale", "scheduler")}
+    for settings, missing in (({}, ", ".join(SETTINGS_KEYS)), (partial, "guidance_scale, scheduler")):
+        bare = SimpleNamespace(images=output.images, settings=settings)
+        with pytest.raises(ValueError) as error:
+            build_recipe(pipe, bare, seed=3, subjects=subjects, models=MODELS)
+        assert str(error.value) == (
+            f"a recipe records the settings the pipeline reports, and this output's settings lack {missing} "
+            "(a MIPAdapterPipeline output carries them all)"
+        )
+    for names in (["backpack", "cat"], ["cat"], ["cat", "bag"]):
+        others = [RecipeSubject(name, [CAT]) for name in names]
+        with pytest.raises(ValueError) as error:
+            build_recipe(pipe, output, seed=3, subjects=others, models=MODELS)
+        assert str(error.value) == (
+            f"the recipe's subjects {names} are not those the pipeline ran with, ['cat', 'backpack']"
+        )
 
 
 def test_unet_recipes_carry_their_family_and_no_true_guidance(generated):
@@ -425,17 +488,10 @@ def test_non_default_modes_are_recorded_and_round_trip(generated, tmp_path, mult
         RecipeSubject("cat", [CAT, BACKPACK], region=(0, 0, 32, 64)),
         RecipeSubject("backpack", [BACKPACK]),
     ]
-    recipe = build_recipe(pipe, output, seed=5, subjects=recorded, models=MODELS, call=call)
+    recipe = build_recipe(pipe, output, seed=5, subjects=recorded, models=MODELS)
     assert (recipe["multi_image"], recipe["region_mode"]) == (multi_image, region_mode)
     path = write_image(output.images[0], tmp_path / "modes.png", recipe)
     assert read_recipe(path) == recipe
-    # an output without settings (an older pipeline): the modes come from the call's keyword arguments
-    from types import SimpleNamespace
-
-    bare = SimpleNamespace(images=[None], settings={})
-    from_call = build_recipe(pipe, bare, seed=5, subjects=recorded, models=MODELS,
-                             call={**call, "region_mode": region_mode})  # fmt: skip
-    assert (from_call["multi_image"], from_call["region_mode"]) == (multi_image, region_mode)
 
 
 # ----------------------------------------------------------------------------------------------- adapters
@@ -462,13 +518,15 @@ def mixed(tmp_path_factory):
     )
     return build_recipe(
         pipe, output, seed=2, subjects=[RecipeSubject("man", [CAT], 0.4), RecipeSubject("cat", [BACKPACK])],
-        models=models, call=call,
+        models=models,
     )  # fmt: skip
 
 
 def test_a_mixed_call_records_each_subjects_adapter_and_every_adapter_file(mixed, tmp_path):
-    """Guards the recipe of a call that mixes adapters: which adapter encoded whom, each file's SHA-256."""
+    """Guards the recipe of a call that mixes adapters: which adapter encoded whom, each file's SHA-256
+    (and the region mode of a call without regions: "replace", the subjects' default)."""
     assert [s["adapter"] for s in mixed["subjects"]] == ["face", "default"]
+    assert mixed["region_mode"] == "replace" and all(s["region"] is None for s in mixed["subjects"])
     assert mixed["models"]["adapter_sha256"] == "cd" * 32
     assert mixed["models"]["adapters"] == [
         {"name": "face", "adapter": "/m/face.bin", "sha256": FACE_SHA, "image_encoder": "/m/image_encoder"}

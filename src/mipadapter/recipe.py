@@ -3,7 +3,7 @@
 This module is the ONE code path that builds, writes and reads it, for the CLI and the web page::
 
     recipe = build_recipe(pipe, output, seed=420, subjects=[RecipeSubject("cat", ["cat.jpg"])],
-                          models=ModelRecord(base_model=..., adapter=..., image_encoder=...), call=call_kwargs)
+                          models=ModelRecord(base_model=..., adapter=..., image_encoder=...))
     write_image(output.images[0], "out.png", recipe, image_index=0)   # atomic (fileio.atomic_write)
     recipe = read_recipe("out.png")                                     # validated; errors name the file
     verify_inputs(recipe, "out.png")                                    # photos / masks still the same?
@@ -34,7 +34,7 @@ Schema (``recipe_version`` 2; files from before it carry no ``recipe_version`` a
     rule            "official" | "paper" | "uniform"
     text_weight     bool             the learned text weight was used
     multi_image     "mean" | "each"
-    region_mode     "replace" | "multiply"
+    region_mode     "replace" | "multiply"   how the regions acted ("replace" when no subject has one)
     scheduler       str              the diffusers scheduler class
     subjects        [{name, photos: [{path, sha256} | {name, sha256}], scale, region, adapter?}]
                     photos: {name, sha256} for a photo uploaded to the web page (its file name; the
@@ -66,8 +66,8 @@ Layer 3, beside ``pipeline`` (it reads a pipeline and its output; CLI and web, l
 
 Photo and mask paths are absolute, so a rerun finds them from any folder; their SHA-256 tells a rerun
 that a file changed. Resolved values (guidance, size, negative prompt, per-subject scales, scheduler)
-come from ``MIPAdapterOutput.settings`` when the pipeline provides it, else are computed here the way the
-pipeline resolves them.
+come from ``MIPAdapterOutput.settings``, what the pipeline reports it resolved; an output without them
+cannot make a recipe.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mipadapter.config import ADAPTER_NAME, DEFAULT_ADAPTER, PRESETS
+from mipadapter.config import ADAPTER_NAME, DEFAULT_ADAPTER, PRESETS, RegionMode
 from mipadapter.fileio import atomic_write
 from mipadapter.limits import (
     DEFAULT_MAX_PIXELS,
@@ -98,7 +98,10 @@ from mipadapter.provenance import file_sha256, tokenizer_identity
 RECIPE_VERSION = 2
 PNG_KEY = "mipadapter"
 JPEG_PREFIX = b"mipadapter:"
-JPEG_COMMENT_LIMIT = 65533  # a COM segment's length field is 16 bits and counts itself
+# A COM segment holds up to 65,533 bytes, but Pillow's encoder writes the JPEG's headers through one
+# 64 KiB buffer (ImageFile.MAXBLOCK): SOI and the JFIF segment (20 bytes), the COM segment's own 4 bytes
+# and a spare byte leave 65,511 for the comment; one more fails as "broken data stream".
+JPEG_COMMENT_LIMIT = 65511
 JPEG_QUALITY = 95
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VERSIONED_PACKAGES = ("mipadapter", "torch", "diffusers", "transformers")
@@ -181,19 +184,6 @@ class ModelRecord:
         return record
 
 
-@dataclass(frozen=True)
-class _Defaults:
-    """What the pipeline does with arguments left out (used only when the output carries no settings)."""
-
-    guidance: float
-    height: int
-    width: int
-    rule: str
-    text_weight: bool
-    default_scale: float
-    negative_prompt: str | None = None
-
-
 def model_family(pipe) -> str:
     """The base model's family ("SDXL", "SD1.5", "FLUX" …), read from the class name of the wrapped
     diffusers pipeline (``pipe.pipe``; a diffusers pipeline itself is also accepted). An unknown class
@@ -260,114 +250,47 @@ def tokenizer_mismatch(recipe: Mapping[str, Any], base, source: str | os.PathLik
     )
 
 
-def _pipeline_defaults(pipe) -> _Defaults:
-    """The values ``MIPAdapterPipeline.__call__`` picks for arguments left out (mirrors it) in a call on
-    the default adapter; a mix's rule and text weight are ``pipeline.adapters.mixed_rule``'s, and a
-    recipe records them as they ran."""
-    base = pipe.pipe
-    unet = getattr(base, "unet", None)
-    sample_size = unet.config.sample_size if unet is not None else base.default_sample_size  # FLUX: no UNet
-    side = sample_size * base.vae_scale_factor
-    config = pipe.adapter.config
-    return _Defaults(
-        guidance=float(pipe.default_guidance_scale),
-        height=side,
-        width=side,
-        rule=config.default_rule.value,
-        text_weight=bool(config.text_weight),
-        default_scale=float(config.default_scale),
-        negative_prompt=getattr(pipe, "default_negative_prompt", None),
-    )
+SETTINGS_KEYS = (  # what every ``MIPAdapterPipeline`` call reports in ``output.settings``
+    "prompt", "negative_prompt", "negative_image", "guidance_scale", "num_inference_steps", "height", "width",
+    "num_images_per_prompt", "rule", "use_text_weight", "multi_image", "region_mode", "names", "scales",
+    "scheduler",
+)  # fmt: skip
+OPTIONAL_SETTINGS = ("adapters", "true_cfg_scale", "prompt_2", "max_sequence_length")  # only some calls
 
 
-def _value(value) -> Any:
-    """Enums → their value; everything else as is."""
-    return getattr(value, "value", value)
-
-
-def resolved_settings(pipe, output, call: Mapping[str, Any]) -> dict[str, Any]:
-    """The call's resolved settings: ``output.settings`` where the pipeline provides them, completed from
-    ``call`` (the keyword arguments given to the pipeline, ``prompt`` included) and the pipeline's defaults.
-
-    Keys: prompt, negative_prompt, guidance_scale, num_inference_steps, height, width,
-    num_images_per_prompt, rule, use_text_weight, multi_image, region_mode, scheduler, scales,
-    default_scale, negative_image, negative_prompt_embeds (whether the negative came as embeddings),
-    adapters (subject label → adapter name, when the pipeline holds several; else None), and
-    true_cfg_scale, prompt_2 and max_sequence_length on FLUX pipelines (None elsewhere).
-    """
+def resolved_settings(output) -> dict[str, Any]:
+    """The settings a ``MIPAdapterPipeline`` call reports it ran with (``output.settings``, described in
+    ``MIPAdapterOutput``), with None for the keys only some calls carry (``OPTIONAL_SETTINGS``) and
+    ``negative_prompt_embeds`` as a bool. A recipe records what the pipeline resolved, never a guess at
+    its defaults: an output lacking any of ``SETTINGS_KEYS`` is a ``ValueError`` naming them."""
     given = dict(getattr(output, "settings", None) or {})
-    defaults = _pipeline_defaults(pipe)
-
-    def pick(key: str, fallback):
-        if given.get(key) is not None:
-            return _value(given[key])
-        if call.get(key) is not None:
-            return _value(call[key])
-        return fallback
-
-    from mipadapter.pipeline.encoding import is_flux  # lazily: the CLI reads recipes before torch loads
-
-    true_cfg = pick("true_cfg_scale", None)
-    if true_cfg is None and is_flux(pipe.pipe):  # diffusers' default: off
-        true_cfg = 1.0
-    if "negative_prompt" in given:  # the pipeline says what it used ("" on FLUX with true CFG is one)
-        negative = given["negative_prompt"]
-    else:
-        negative = call.get("negative_prompt")
-        negative = defaults.negative_prompt if negative is None else (negative or None)  # "": none used
-    optional = {  # as the pipeline says them, else as the call gave them (None: not recorded)
-        key: _value(given[key]) if given.get(key) is not None else call.get(key)
-        for key in ("negative_image", "prompt_2", "max_sequence_length")
-    }
-    return {
-        **optional,
-        "negative_prompt_embeds": bool(given.get("negative_prompt_embeds")),
-        "prompt": pick("prompt", None),
-        "negative_prompt": negative,
-        "guidance_scale": float(pick("guidance_scale", defaults.guidance)),
-        "num_inference_steps": int(pick("num_inference_steps", 30)),
-        "height": int(pick("height", defaults.height)),
-        "width": int(pick("width", defaults.width)),
-        "num_images_per_prompt": int(pick("num_images_per_prompt", 1)),
-        "rule": str(pick("rule", defaults.rule)),
-        "use_text_weight": bool(pick("use_text_weight", defaults.text_weight)),
-        "multi_image": str(pick("multi_image", "mean")),
-        "region_mode": str(pick("region_mode", "replace")),
-        "scheduler": str(given.get("scheduler") or type(pipe.pipe.scheduler).__name__),
-        "scales": given.get("scales"),
-        "adapters": given.get("adapters"),
-        "default_scale": defaults.default_scale,
-        "true_cfg_scale": None if true_cfg is None else float(true_cfg),
-    }
+    missing = [key for key in SETTINGS_KEYS if key not in given]
+    if missing:
+        raise ValueError(
+            "a recipe records the settings the pipeline reports, and this output's settings lack "
+            + ", ".join(missing)
+            + " (a MIPAdapterPipeline output carries them all)"
+        )
+    optional = {key: given.get(key) for key in OPTIONAL_SETTINGS}
+    return {**given, **optional, "negative_prompt_embeds": bool(given.get("negative_prompt_embeds"))}
 
 
-def _resolved_scales(subjects: Sequence[RecipeSubject], settings: Mapping[str, Any]) -> list[Any]:
-    """Per-subject scales in subject order: the pipeline's resolved ones (by subject label: "dog",
-    "dog#2" for a repeated name), else the scale asked for or the adapter's default; per-layer scales (a
-    list or diffusers' dict form) as given."""
-    from mipadapter.alignment import subject_labels
-    from mipadapter.scales import is_layered
-
-    def plain(scale):
-        return scale if is_layered(scale) else float(scale)
-
-    recorded = settings.get("scales")
-    labels = subject_labels([subject.name for subject in subjects])
-    if isinstance(recorded, Mapping) and set(labels) <= set(recorded):
-        return [plain(recorded[label]) for label in labels]
-    return [settings["default_scale"] if s.scale is None else plain(s.scale) for s in subjects]
-
-
-def _subject_adapters(subjects: Sequence[RecipeSubject], settings: Mapping[str, Any]) -> list[str | None]:
-    """Each subject's adapter name, from the pipeline's ``settings["adapters"]`` (by subject label), or
-    None for every subject when the pipeline held one adapter (nothing to record)."""
+def _subject_entries(subjects: Sequence[RecipeSubject], settings: Mapping[str, Any]) -> list[tuple[Any, Any]]:
+    """(scale, adapter name or None) of each subject, in subject order, as the pipeline resolved them (by
+    subject label: "dog", "dog#2" for a repeated name); the adapter is None for every subject when the
+    pipeline held one adapter (nothing to record). ``ValueError`` when ``subjects`` are not the subjects
+    the call ran with, in its order."""
     from mipadapter.alignment import subject_labels
 
-    recorded = settings.get("adapters")
-    labels = subject_labels([subject.name for subject in subjects])
-    if not isinstance(recorded, Mapping):
-        return [None] * len(subjects)
-    return [str(recorded.get(label, DEFAULT_ADAPTER)) for label in labels]
+    names = [subject.name for subject in subjects]
+    if names != list(settings["names"]):
+        ran = list(settings["names"])
+        raise ValueError(f"the recipe's subjects {names} are not those the pipeline ran with, {ran}")
+    adapters = settings["adapters"]
+    return [
+        (settings["scales"][label], None if adapters is None else adapters[label])
+        for label in subject_labels(names)
+    ]
 
 
 def _region_record(region) -> Any:
@@ -392,7 +315,6 @@ def build_recipe(
     seed: int,
     subjects: Sequence[RecipeSubject],
     models: ModelRecord,
-    call: Mapping[str, Any],
     uploaded: bool = False,
 ) -> dict[str, Any]:
     """The recipe of one ``MIPAdapterPipeline`` call (shared by all its images; ``write_image`` adds the
@@ -400,17 +322,13 @@ def build_recipe(
 
     pipe: the ``MIPAdapterPipeline`` that ran; output: its ``MIPAdapterOutput``; seed: the seed of the CPU
     generator given to the call; subjects: the subjects in call order, with their files; models: what was
-    loaded; call: the keyword arguments given to the call, ``prompt`` included (used for what
-    ``output.settings`` does not say); uploaded: the photos were uploaded to the web page, recorded by
+    loaded; uploaded: the photos were uploaded to the web page, recorded by
     file name and SHA-256 (``upload_record``) instead of by path.
     """
-    settings = resolved_settings(pipe, output, call)
-    if settings["prompt"] is None:
-        raise ValueError("build_recipe needs the prompt (in output.settings or call['prompt'])")
+    settings = resolved_settings(output)
+    entries = _subject_entries(subjects, settings)
     from mipadapter.pipeline.encoding import denoiser
 
-    scales = _resolved_scales(subjects, settings)
-    adapters = _subject_adapters(subjects, settings)
     parameter = next(denoiser(pipe.pipe).parameters())
     recipe = {
         "recipe_version": RECIPE_VERSION,
@@ -433,7 +351,7 @@ def build_recipe(
         "rule": settings["rule"],
         "text_weight": settings["use_text_weight"],
         "multi_image": settings["multi_image"],
-        "region_mode": settings["region_mode"],
+        "region_mode": settings["region_mode"] or RegionMode.REPLACE.value,  # None: no subject has a region
         "scheduler": settings["scheduler"],
         "subjects": [
             {
@@ -443,7 +361,7 @@ def build_recipe(
                 "region": _region_record(subject.region),
                 **({} if adapter is None else {"adapter": adapter}),
             }
-            for subject, scale, adapter in zip(subjects, scales, adapters, strict=True)
+            for subject, (scale, adapter) in zip(subjects, entries, strict=True)
         ],
         "models": models.to_dict(),
         "model_family": model_family(pipe),
@@ -473,7 +391,7 @@ def write_image(image, path: str | os.PathLike, recipe: Mapping[str, Any], image
     return atomic_write(path, image_writer(image, path, recipe, image_index))
 
 
-def image_writer(image, path: str | os.PathLike, recipe: Mapping[str, Any], image_index: int = 0):
+def image_writer(image, path: str | os.PathLike, recipe: Mapping[str, Any], image_index: int):
     """The ``write(tmp)`` function ``write_image`` hands to ``fileio.atomic_write`` (the recipe validated
     and the format checked now): for writing several images all or none with ``fileio.atomic_write_all``."""
     path = Path(path)

@@ -343,8 +343,7 @@ def test_from_png_refuses_a_negative_given_as_embeddings(tmp_path, capsys, photo
     from mipadapter.cli.options import TINY_ADAPTER
 
     record = ModelRecord("tiny-flux (random)", TINY_ADAPTER, "tiny", tiny="flux")
-    recipe = build_recipe(mip, output, seed=0, subjects=[RecipeSubject("dog", [DOG])], models=record,
-                          call={"prompt": PROMPT, "true_cfg_scale": 2.0})  # fmt: skip
+    recipe = build_recipe(mip, output, seed=0, subjects=[RecipeSubject("dog", [DOG])], models=record)
     assert recipe["negative_prompt_embeds"] is True and recipe["negative_prompt"] is None
     image = tmp_path / "embeds.png"
     write_image(output.images[0], image, recipe)

@@ -1000,7 +1000,7 @@ def _check_rule_fits_adapters(plan: Plan, configs) -> None:
 
 
 def call_arguments(plan: Plan) -> dict[str, Any]:
-    """The pipeline call's settings (also what the recipe is built from); ``true_cfg_scale`` only on FLUX."""
+    """The pipeline call's keyword arguments from the plan; ``true_cfg_scale`` only on FLUX."""
     extra = {} if plan.true_cfg_scale is None else {"true_cfg_scale": plan.true_cfg_scale}
     for key in ("negative_image", "prompt_2", "max_sequence_length"):  # only when set (FLUX's only on FLUX)
         if getattr(plan, key) is not None:
@@ -1031,7 +1031,6 @@ def write_outputs(plan: Plan, output, pipe, record) -> None:
         seed=plan.seed,
         subjects=[RecipeSubject(s.name, s.photos, s.scale, s.region) for s in plan.subjects],
         models=record,
-        call={"prompt": plan.prompt, "region_mode": plan.region_mode, **call_arguments(plan)},
     )
     indices = range(len(output.images)) if plan.keep_index is None else [plan.keep_index]
     images = [output.images[index] for index in indices]

@@ -186,8 +186,9 @@ class GenerateResult:
     no share of it); error: a message about the request as a whole (the prompt, the size …); status:
     one line for the page; settings: the resolved call settings the pipeline reports (guidance and
     negative prompt actually used …), empty when it reports none; recipe: the generation's recipe
-    (``mipadapter.recipe``) when ``generate`` was given the models. images are PIL images, or the PNG
-    files written with the recipe when ``generate`` was given an output folder."""
+    (``mipadapter.recipe``) when ``generate`` was given the models, every photo has a file and the pipeline
+    reported its settings. images are PIL images, or the PNG files written with the recipe when
+    ``generate`` was given an output folder."""
 
     images: list = field(default_factory=list)
     recipe: dict | None = None
@@ -486,7 +487,7 @@ def mask_image(mask: np.ndarray | None):
     return Image.fromarray(np.uint8(np.rint(np.clip(mask, 0.0, 1.0) * 255)), mode="L")
 
 
-def _recipe(pipe, output, request, recipe_subjects, models, prompt: str, call: dict, modes: dict) -> dict:
+def _recipe(pipe, output, request, recipe_subjects, models) -> dict:
     """The generation's recipe (``mipadapter.recipe``, the one code path the CLI uses too), naming each
     photo by its file name and SHA-256."""
     from mipadapter.recipe import RecipeSubject, build_recipe
@@ -501,7 +502,6 @@ def _recipe(pipe, output, request, recipe_subjects, models, prompt: str, call: d
         seed=int(request.seed),
         subjects=subjects,
         models=models,
-        call={"prompt": prompt, "region_mode": modes["region mode"], **call},
         uploaded=True,  # by file name and SHA-256: the server's upload path is no one else's business
     )
 
@@ -712,7 +712,7 @@ def generate(
             progress(step + 1, total)
         return callback_kwargs
 
-    call = {  # the pipeline's keyword arguments that the recipe records
+    call = {  # the pipeline's keyword arguments (it reports them resolved in output.settings)
         "rule": rule,
         "multi_image": modes["multi-image mode"],
         "negative_prompt": request.negative_prompt,
@@ -767,8 +767,9 @@ def generate(
         slots = ", ".join(str(slot + 1) for slot in sorted(warnings))
         status += f" See the warning{'s' if len(warnings) > 1 else ''} at subject {slots}."
     recipe, images = None, list(output.images)
-    if models is not None and all(path is not None for _, paths, _, _ in recipe_subjects for path in paths):
-        recipe = _recipe(pipe, output, request, recipe_subjects, models, prompt, call, modes)
+    recordable = all(path is not None for _, paths, _, _ in recipe_subjects for path in paths)
+    if models is not None and settings and recordable:  # without the pipeline's settings, a recipe would guess
+        recipe = _recipe(pipe, output, request, recipe_subjects, models)
         if output_dir is not None:
             images = _write_images(output.images, recipe, Path(output_dir), int(request.seed))
     return GenerateResult(
