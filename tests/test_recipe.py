@@ -74,7 +74,7 @@ def recipe_of(generated, mask_region) -> dict:
         output,
         seed=3,
         subjects=[
-            RecipeSubject("cat", [CAT], scale=0.5, region=(0, 0, 32, 64)),
+            RecipeSubject("cat", [CAT], region=(0, 0, 32, 64)),
             RecipeSubject("backpack", [BACKPACK], region=mask_region),
         ],
         models=MODELS,
@@ -387,7 +387,7 @@ def flux_generated():
 
 def test_a_flux_recipe_names_flux_and_records_true_guidance(flux_generated, tmp_path):
     pipe, output, call = flux_generated
-    subjects = [RecipeSubject("dog", [DOG]), RecipeSubject("backpack", [BACKPACK], scale=0.5)]
+    subjects = [RecipeSubject("dog", [DOG]), RecipeSubject("backpack", [BACKPACK])]
     recipe = build_recipe(pipe, output, seed=1, subjects=subjects, models=FLUX_MODELS)
     assert recipe["model_family"] == "FLUX" and recipe["models"]["tiny"] == "flux"
     assert recipe["true_cfg_scale"] == 2.5 and recipe["negative_prompt"] == "blurry"
@@ -406,7 +406,7 @@ def test_a_recipe_is_made_only_from_what_the_pipeline_reports(generated):
     from types import SimpleNamespace
 
     pipe, output, _, _ = generated
-    subjects = [RecipeSubject("cat", [CAT], scale=0.5), RecipeSubject("backpack", [BACKPACK])]
+    subjects = [RecipeSubject("cat", [CAT]), RecipeSubject("backpack", [BACKPACK])]
     partial = {k: v for k, v in output.settings.items() if k not in ("guidance_scale", "scheduler")}
     for settings, missing in (({}, ", ".join(SETTINGS_KEYS)), (partial, "guidance_scale, scheduler")):
         bare = SimpleNamespace(images=output.images, settings=settings)
@@ -451,6 +451,74 @@ def test_optional_fields_may_be_absent_but_not_wrong(generated, tmp_path):
     for name, (recipe, message) in cases.items():
         with pytest.raises(RecipeError, match=message):
             read_recipe(_png_with_text(tmp_path / name, json.dumps(recipe)))
+
+
+def test_subject_fields_are_refused_unless_whole(generated, tmp_path):
+    """Guards the subject fields' validators: a photo record without its hash, with an extra key, with a
+    hash of 64 characters that are not lowercase hex ("X"), an uploaded photo's record without its hash,
+    and a null scale are each refused, naming the subject and the field. Fails when a record is accepted
+    for being a mapping (``or`` for ``and``), on a wider hex alphabet, and on a null scale let through."""
+    good = recipe_of(generated, None)
+    first, rest = good["subjects"][0], good["subjects"][1:]
+    photo = first["photos"][0]
+    bad = {
+        "nohash": ("photos", [{"path": photo["path"]}]),
+        "extra": ("photos", [{**photo, "size": 3}]),
+        "upper": ("photos", [{**photo, "sha256": "X" * 64}]),
+        "uploaded": ("photos", [{"name": "cat.jpg"}]),
+        "noscale": ("scale", None),
+    }
+    for label, (field, value) in bad.items():
+        recipe = {**good, "subjects": [{**first, field: value}, *rest]}
+        path = _png_with_text(tmp_path / f"{label}.png", json.dumps(recipe))
+        with pytest.raises(RecipeError) as error:
+            read_recipe(path)
+        assert str(error.value).startswith(f"{str(path)!r} subject #1: recipe field {field!r} must be "), label
+
+
+def test_regions_are_recorded_as_given(generated):
+    """Guards how ``build_recipe`` records each kind of region: a box as four floats, a mask without a
+    file as an optimized greyscale PNG (whatever the mask's mode: an RGB mask is stored as its L
+    conversion), and a box of another length refused word for word."""
+    import base64
+    import io
+
+    pipe, output, _, mask = generated
+    rgb = mask.convert("RGB")
+
+    def recorded(region):
+        subjects = [
+            RecipeSubject("cat", [CAT], region=(1, 2, 30, 60)),
+            RecipeSubject("backpack", [BACKPACK], region=region),
+        ]
+        return build_recipe(pipe, output, seed=3, subjects=subjects, models=MODELS)["subjects"]
+
+    cat, backpack = recorded(rgb)
+    assert cat["region"] == [1.0, 2.0, 30.0, 60.0] and all(type(v) is float for v in cat["region"])
+    expected = io.BytesIO()
+    rgb.convert("L").save(expected, format="PNG", optimize=True)
+    assert base64.b64decode(backpack["region"]["png_base64"]) == expected.getvalue()
+    with Image.open(io.BytesIO(expected.getvalue())) as stored:
+        assert stored.mode == "L"
+    with pytest.raises(ValueError) as error:
+        recorded((0, 0, 32))
+    assert str(error.value) == "a region box has 4 numbers x0, y0, x1, y1, got (0, 0, 32)"
+
+
+def test_a_negative_given_as_embeddings_is_recorded_only_when_the_pipeline_says_so(generated):
+    """Guards the ``negative_prompt_embeds`` flag: true in the recipe exactly when the pipeline reports
+    it (a recipe cannot hold the embeddings, and a rerun must know), absent otherwise; and an output
+    with no ``settings`` attribute at all is refused like one with empty settings."""
+    from types import SimpleNamespace
+
+    pipe, output, _, _ = generated
+    subjects = [RecipeSubject("cat", [CAT]), RecipeSubject("backpack", [BACKPACK])]
+    flagged = SimpleNamespace(images=output.images, settings={**output.settings, "negative_prompt_embeds": True})
+    recipe = build_recipe(pipe, flagged, seed=3, subjects=subjects, models=MODELS)
+    assert recipe["negative_prompt_embeds"] is True
+    assert "negative_prompt_embeds" not in build_recipe(pipe, output, seed=3, subjects=subjects, models=MODELS)
+    with pytest.raises(ValueError, match="this output's settings lack prompt, negative_prompt, "):
+        build_recipe(pipe, SimpleNamespace(images=output.images), seed=3, subjects=subjects, models=MODELS)
 
 
 @pytest.mark.parametrize(
@@ -517,7 +585,7 @@ def mixed(tmp_path_factory):
         adapters=(AdapterRecord("face", "/m/face.bin", FACE_SHA, "/m/image_encoder"),),
     )
     return build_recipe(
-        pipe, output, seed=2, subjects=[RecipeSubject("man", [CAT], 0.4), RecipeSubject("cat", [BACKPACK])],
+        pipe, output, seed=2, subjects=[RecipeSubject("man", [CAT]), RecipeSubject("cat", [BACKPACK])],
         models=models,
     )  # fmt: skip
 

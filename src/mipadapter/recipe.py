@@ -126,12 +126,12 @@ class RecipeError(ValueError):
 # ----------------------------------------------------------------------------------------------- building
 @dataclass(frozen=True)
 class RecipeSubject:
-    """A subject as the caller gave it: photo files, the scale asked for (None: the adapter's default),
-    and the region: a box ``(x0, y0, x1, y1)``, a mask file path, a PIL mask without a file, or None."""
+    """A subject's files as the caller gave them: its photo files and its region: a box
+    ``(x0, y0, x1, y1)``, a mask file path, a PIL mask without a file, or None. Its scale is not here:
+    the recipe records the one the pipeline reports it used."""
 
     name: str
     photos: Sequence[str | os.PathLike]
-    scale: float | list[float] | dict[str, Any] | None = None
     region: Any = None
 
 
@@ -298,7 +298,9 @@ def _region_record(region) -> Any:
         return None
     if isinstance(region, (str, os.PathLike)):
         return file_record(region)
-    if hasattr(region, "save") and hasattr(region, "convert"):  # a PIL mask without a file
+    from PIL import Image
+
+    if isinstance(region, Image.Image):  # a mask without a file
         buffer = io.BytesIO()
         region.convert("L").save(buffer, format="PNG", optimize=True)
         return {"png_base64": base64.b64encode(buffer.getvalue()).decode("ascii")}

@@ -1029,7 +1029,7 @@ def write_outputs(plan: Plan, output, pipe, record) -> None:
         pipe,
         output,
         seed=plan.seed,
-        subjects=[RecipeSubject(s.name, s.photos, s.scale, s.region) for s in plan.subjects],
+        subjects=[RecipeSubject(s.name, s.photos, s.region) for s in plan.subjects],
         models=record,
     )
     indices = range(len(output.images)) if plan.keep_index is None else [plan.keep_index]

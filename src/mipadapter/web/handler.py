@@ -492,10 +492,7 @@ def _recipe(pipe, output, request, recipe_subjects, models) -> dict:
     photo by its file name and SHA-256."""
     from mipadapter.recipe import RecipeSubject, build_recipe
 
-    subjects = [
-        RecipeSubject(name, paths, scale=None if strength is None else float(strength), region=region)
-        for name, paths, strength, region in recipe_subjects
-    ]
+    subjects = [RecipeSubject(name, paths, region=region) for name, paths, region in recipe_subjects]
     return build_recipe(
         pipe,
         output,
@@ -691,7 +688,7 @@ def generate(
                 )
             )
             slot_of_subject.append(slot)
-            recipe_subjects.append((name, [photo_path(upload) for upload in uploads], strength, region))
+            recipe_subjects.append((name, [photo_path(upload) for upload in uploads], region))
 
     if prompt:  # every missing name at once, each next to its subject
         tokenizers = tokenizers_of(pipe.pipe)
@@ -767,7 +764,7 @@ def generate(
         slots = ", ".join(str(slot + 1) for slot in sorted(warnings))
         status += f" See the warning{'s' if len(warnings) > 1 else ''} at subject {slots}."
     recipe, images = None, list(output.images)
-    recordable = all(path is not None for _, paths, _, _ in recipe_subjects for path in paths)
+    recordable = all(path is not None for _, paths, _ in recipe_subjects for path in paths)
     if models is not None and settings and recordable:  # without the pipeline's settings, a recipe would guess
         recipe = _recipe(pipe, output, request, recipe_subjects, models)
         if output_dir is not None:
