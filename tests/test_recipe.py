@@ -456,7 +456,8 @@ def test_optional_fields_may_be_absent_but_not_wrong(generated, tmp_path):
 def test_subject_fields_are_refused_unless_whole(generated, tmp_path):
     """Guards the subject fields' validators: a photo record without its hash, with an extra key, with a
     hash of 64 characters that are not lowercase hex ("X"), an uploaded photo's record without its hash,
-    and a null scale are each refused, naming the subject and the field. Fails when a record is accepted
+    an uploaded photo named with a Windows folder, and a null scale are each refused, naming the subject
+    and the field. Fails when a record is accepted
     for being a mapping (``or`` for ``and``), on a wider hex alphabet, and on a null scale let through."""
     good = recipe_of(generated, None)
     first, rest = good["subjects"][0], good["subjects"][1:]
@@ -466,6 +467,7 @@ def test_subject_fields_are_refused_unless_whole(generated, tmp_path):
         "extra": ("photos", [{**photo, "size": 3}]),
         "upper": ("photos", [{**photo, "sha256": "X" * 64}]),
         "uploaded": ("photos", [{"name": "cat.jpg"}]),
+        "backslash": ("photos", [{"name": "photos\\cat.jpg", "sha256": photo["sha256"]}]),
         "noscale": ("scale", None),
     }
     for label, (field, value) in bad.items():
@@ -474,6 +476,23 @@ def test_subject_fields_are_refused_unless_whole(generated, tmp_path):
         with pytest.raises(RecipeError) as error:
             read_recipe(path)
         assert str(error.value).startswith(f"{str(path)!r} subject #1: recipe field {field!r} must be "), label
+
+
+def test_tokenizer_records_are_names_and_hashes_of_1_to_64_characters(generated, tmp_path):
+    """Guards the ``tokenizers`` field's validator at its bounds: identities of 1 and 64 characters are
+    read back; an empty one, one of 65, a number, and a list instead of an object are refused."""
+    good = recipe_of(generated, None)
+    for identity in ("a", "f" * 64):
+        recipe = {**good, "tokenizers": {"tokenizer": identity, "tokenizer_2": "0" * 16}}
+        assert read_recipe(_png_with_text(tmp_path / f"ok{len(identity)}.png", json.dumps(recipe))) == recipe
+    for label, value in {"empty": {"tokenizer": ""}, "long": {"tokenizer": "f" * 65}, "number": {"tokenizer": 3},
+                         "list": ["tokenizer", "0" * 16]}.items():  # fmt: skip
+        path = _png_with_text(tmp_path / f"{label}.png", json.dumps({**good, "tokenizers": value}))
+        with pytest.raises(RecipeError) as error:
+            read_recipe(path)
+        assert str(error.value).startswith(
+            f"{str(path)!r}: recipe field 'tokenizers' must be an object of names and hashes (strings), got "
+        ), label
 
 
 def test_regions_are_recorded_as_given(generated):
