@@ -495,6 +495,25 @@ def test_tokenizer_records_are_names_and_hashes_of_1_to_64_characters(generated,
         ), label
 
 
+def test_a_new_recipe_records_the_tokenizers_and_is_validated_before_it_is_returned(generated):
+    """Guards two of ``build_recipe``'s own steps: the identity of each tokenizer the pipeline holds (a
+    rerun warns when they differ) is recorded under ``tokenizers``; and a recipe that would not read
+    back (here a guidance the pipeline reports as NaN) is refused at once, as "the new recipe"."""
+    from types import SimpleNamespace
+
+    from mipadapter.recipe import tokenizer_identities
+
+    pipe, output, _, _ = generated
+    subjects = [RecipeSubject("cat", [CAT]), RecipeSubject("backpack", [BACKPACK])]
+    recipe = build_recipe(pipe, output, seed=3, subjects=subjects, models=MODELS)
+    assert recipe["tokenizers"] == tokenizer_identities(pipe.pipe)
+    assert sorted(recipe["tokenizers"]) == ["tokenizer", "tokenizer_2"]  # SDXL's two
+    broken = SimpleNamespace(images=output.images, settings={**output.settings, "guidance_scale": float("nan")})
+    with pytest.raises(RecipeError) as error:
+        build_recipe(pipe, broken, seed=3, subjects=subjects, models=MODELS)
+    assert str(error.value).startswith("the new recipe: recipe field 'guidance' must be ")
+
+
 def test_regions_are_recorded_as_given(generated):
     """Guards how ``build_recipe`` records each kind of region: a box as four floats, a mask without a
     file as an optimized greyscale PNG (whatever the mask's mode: an RGB mask is stored as its L
