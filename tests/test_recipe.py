@@ -514,6 +514,32 @@ def test_a_new_recipe_records_the_tokenizers_and_is_validated_before_it_is_retur
     assert str(error.value).startswith("the new recipe: recipe field 'guidance' must be ")
 
 
+def test_the_recipe_structure_is_refused_word_for_word(generated):
+    """Guards ``validate_recipe``'s structural refusals, each message whole: not an object, another
+    version, an image index equal to the number of images (one below is read), a subject that is not an
+    object (numbered from 1), and regions that are not one of the recorded kinds (three numbers, an
+    embedded mask that is not text)."""
+    from mipadapter.recipe import validate_recipe
+
+    good = recipe_of(generated, None)
+    validate_recipe({**good, "image_index": good["num_images"] - 1}, "W")
+    cases = [
+        (["a", "list"], "W: the recipe is a list, not a JSON object"),
+        ({**good, "recipe_version": 1}, "W: recipe version 1, this mipadapter reads version 2"),
+        ({**good, "image_index": 2, "num_images": 2}, "W: image_index 2 is not below num_images 2"),
+        ({**good, "subjects": [good["subjects"][0], "backpack"]}, "W: subject #2 is not an object"),
+    ]
+    for recipe, message in cases:
+        with pytest.raises(RecipeError) as error:
+            validate_recipe(recipe, "W")
+        assert str(error.value) == message
+    for region in ([1, 2, 3], {"png_base64": 3}, "0,0,32,64"):
+        subjects = [{**good["subjects"][0], "region": region}, *good["subjects"][1:]]
+        with pytest.raises(RecipeError) as error:
+            validate_recipe({**good, "subjects": subjects}, "W")
+        assert str(error.value).startswith("W subject #1: recipe field 'region' must be null, [x0, y0, x1, y1], "), region
+
+
 def test_regions_are_recorded_as_given(generated):
     """Guards how ``build_recipe`` records each kind of region: a box as four floats, a mask without a
     file as an optimized greyscale PNG (whatever the mask's mode: an RGB mask is stored as its L
