@@ -517,8 +517,9 @@ def test_a_new_recipe_records_the_tokenizers_and_is_validated_before_it_is_retur
 def test_the_recipe_structure_is_refused_word_for_word(generated):
     """Guards ``validate_recipe``'s structural refusals, each message whole: not an object, another
     version, an image index equal to the number of images (one below is read), a subject that is not an
-    object (numbered from 1), and regions that are not one of the recorded kinds (three numbers, an
-    embedded mask that is not text)."""
+    object (numbered from 1), an embedded mask that is not an image (its header is read here, so a
+    recipe never reads back with a mask that cannot), and regions that are not one of the recorded kinds
+    (three numbers, an embedded mask that is not text)."""
     from mipadapter.recipe import validate_recipe
 
     good = recipe_of(generated, None)
@@ -533,6 +534,10 @@ def test_the_recipe_structure_is_refused_word_for_word(generated):
         with pytest.raises(RecipeError) as error:
             validate_recipe(recipe, "W")
         assert str(error.value) == message
+    embedded = [{**good["subjects"][0], "region": {"png_base64": "bm90IGEgcG5n"}}, *good["subjects"][1:]]
+    with pytest.raises(RecipeError) as error:  # the embedded mask's header is read: "not a png" is none
+        validate_recipe({**good, "subjects": embedded}, "W")
+    assert str(error.value).startswith("W subject #1: recipe field 'png_base64': the embedded mask ")
     for region in ([1, 2, 3], {"png_base64": 3}, "0,0,32,64"):
         subjects = [{**good["subjects"][0], "region": region}, *good["subjects"][1:]]
         with pytest.raises(RecipeError) as error:
