@@ -246,3 +246,103 @@ def test_condition_dropout_frequencies_follow_each_rate(tmp_path):
     for seed in range(20):
         sample = build_sample(record, 0, random.Random(seed), only_both)
         assert sample.caption == "" and sample.drop_image
+
+
+def _labels_and_record(root):
+    """An indexed authors-layout image (two subjects in one label map), its mask path and label map."""
+    write_authors_layout(root, 1)
+    records, _ = build_index(*authors_candidates(root, None), RULES)
+    record = records[0]
+    mask_path = type(root)(record.objects[0].mask)  # absolute in the authors' layout
+    return record, mask_path, np.array(Image.open(mask_path))
+
+
+def test_each_reference_is_cut_by_its_own_label_of_a_shared_label_map(tmp_path):
+    """Guards the label a subject's mask is read with: the other subject's label painted over the
+    background inside the first subject's box leaves its reference unchanged (those pixels are not its
+    own). Fails when every non-zero label counts as the subject (``mask_label`` dropped)."""
+    record, mask_path, labels = _labels_and_record(tmp_path)
+    first, second = record.objects[:2]
+    settings = SampleSettings(64, 32, flip_prob=0.0, random_crop=False, drop_text=0, drop_image=0, drop_both=0)
+    before = build_sample(record, 0, random.Random(0), settings).references[0]
+    x1, y1, x2, y2 = (int(v) for v in first.box)
+    inside = labels[y1:y2, x1:x2]
+    assert (inside == 0).any()  # background inside the box, to paint
+    inside[inside == 0] = second.mask_label
+    Image.fromarray(labels).save(mask_path)
+    after = build_sample(record, 0, random.Random(0), settings).references[0]
+    assert torch.equal(before, after)
+
+
+def test_an_emptied_mask_is_skipped_as_empty_with_a_line_naming_the_image_and_subject(tmp_path):
+    """Guards the empty-mask refusal at sample time (the mask changed after indexing): its reason is
+    ``EMPTY_MASK`` and its message names the image and the subject, word for word."""
+    from mipadapter.training.samples import safe_build_sample
+
+    record, mask_path, labels = _labels_and_record(tmp_path)
+    labels[labels == record.objects[0].mask_label] = 0
+    Image.fromarray(labels).save(mask_path)
+    skipped = safe_build_sample(record, 4, 1, SETTINGS)
+    assert skipped == SkippedSample(4, EMPTY_MASK, f"{record.id}: the mask of {record.objects[0].name!r} is empty")
+
+
+class _Fixed(random.Random):
+    """A generator whose ``random()`` always returns ``value`` (integers still come from the seed)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize(
+    ("draw", "outcome"), [(0.25, (False, "")), (0.5, (True, "")), (0.75, (False, None)), (0.2, (True, None))]
+)
+def test_condition_dropout_draws_at_each_boundary_fall_in_the_next_branch(tmp_path, draw, outcome):
+    """Guards the dropout branches' strict comparisons: with rates image 0.25, text 0.25 and both 0.25,
+    a draw of exactly 0.25 drops the text only, exactly 0.5 drops both, exactly 0.75 drops nothing, and
+    0.2 the image only (None: the caption is kept). Fails on ``<=`` in any of the three branches."""
+    write_authors_layout(tmp_path, 1)
+    records, _ = build_index(*authors_candidates(tmp_path, None), RULES)
+    settings = SampleSettings(16, 8, flip_prob=0.0, drop_image=0.25, drop_text=0.25, drop_both=0.25)
+    sample = build_sample(records[0], 0, _Fixed(draw), settings)
+    drop_image, caption = outcome
+    assert (sample.drop_image, sample.caption) == (drop_image, records[0].caption if caption is None else caption)
+
+
+def _tall_record(**fields):
+    from mipadapter.manifest import ImageRecord, ObjectRecord
+
+    objects = (ObjectRecord("cat", (10.0, 5.0, 20.0, 15.0), 0.9),)
+    return ImageRecord("tall", "tall.png", fields.pop("width"), fields.pop("height"), "a cat", objects, **fields)
+
+
+def test_the_authors_centre_square_and_its_offsets_on_an_odd_sized_image():
+    """Guards crop_and_subjects' arithmetic where no square holds the authors' crop region, on a 41×101
+    image at resolution 32: the centre square (left 0, top 30), the authors' offset
+    ((H − R) // 2, (W − R) // 2) = (34, 4) in integers, and with ``crop_coords="resized"`` the crop's
+    corner in the frame resized to R: (round(30·32/41), 0) = (23, 0)."""
+    from mipadapter.training.samples import crop_and_subjects
+
+    record = _tall_record(width=41, height=101, crop_region=(0.0, 0.0, 41.0, 101.0))
+    settings = SampleSettings(32, 16, crop="authors")
+    left, top, offset, subjects = crop_and_subjects(record, 41, 101, random.Random(0), settings)
+    assert (left, top, offset) == (0, 30, (34, 4)) and all(type(v) is int for v in offset)
+    assert [s.name for s in subjects] == ["cat"]
+    resized = SampleSettings(32, 16, crop="authors", crop_coords="resized")
+    assert crop_and_subjects(record, 41, 101, random.Random(0), resized)[2] == (23, 0)
+
+
+def test_a_random_subject_crop_moves_with_the_seed_and_a_fixed_one_is_centred():
+    """Guards that ``random_crop`` reaches the subject crop: on a 100×40 image whose subject box allows
+    lefts 0 to 10, twenty seeds give several lefts, all in range; without it the left is the middle, 5."""
+    from mipadapter.training.samples import crop_and_subjects
+
+    record = _tall_record(width=100, height=40)
+    moving = SampleSettings(32, 16, crop="subjects", random_crop=True)
+    lefts = {crop_and_subjects(record, 100, 40, random.Random(seed), moving)[0] for seed in range(20)}
+    assert len(lefts) > 1 and lefts <= set(range(11))
+    fixed = SampleSettings(32, 16, crop="subjects", random_crop=False)
+    assert crop_and_subjects(record, 100, 40, random.Random(0), fixed)[:2] == (5, 0)
