@@ -275,16 +275,15 @@ def resolved_settings(output) -> dict[str, Any]:
     return {**given, **optional, "negative_prompt_embeds": bool(given.get("negative_prompt_embeds"))}
 
 
-def _subject_entries(subjects: Sequence[RecipeSubject], settings: Mapping[str, Any]) -> list[tuple[Any, Any]]:
+def _subject_entries(subjects: Sequence[RecipeSubject], settings: Mapping[str, Any]) -> list[tuple]:
     """(scale, adapter name or None) of each subject, in subject order, as the pipeline resolved them (by
     subject label: "dog", "dog#2" for a repeated name); the adapter is None for every subject when the
     pipeline held one adapter (nothing to record). ``ValueError`` when ``subjects`` are not the subjects
     the call ran with, in its order."""
     from mipadapter.alignment import subject_labels
 
-    names = [subject.name for subject in subjects]
-    if names != list(settings["names"]):
-        ran = list(settings["names"])
+    names, ran = [subject.name for subject in subjects], list(settings["names"])
+    if names != ran:
         raise ValueError(f"the recipe's subjects {names} are not those the pipeline ran with, {ran}")
     adapters = settings["adapters"]
     return [
